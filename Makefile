@@ -1,0 +1,30 @@
+# Both targets create .venv on first use and install everything they need.
+# torch is pinned and installed first: on a CPU-only machine that takes the CPU build,
+# and nothing later pulls the multi-GB CUDA wheels.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: demo test test-slow install clean
+
+$(BIN)/opd: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(BIN)/opd
+
+install: $(BIN)/opd
+
+demo: install
+	$(BIN)/opd demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

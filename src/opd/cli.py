@@ -1,0 +1,150 @@
+"""The ``opd`` command: demo | train | eval | world."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .config import ConfigError
+    from .models import ModelLoadError, PairingError
+    from .prompts import PromptError
+    from .tasks import DataError
+    from .train import RunDirError, TrainingError
+
+    return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, TrainingError)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    summary = train(load_config(args.config, overrides))
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval_")}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import load_config
+    from .report import format_table
+    from .train import train
+
+    overrides = [f"run.output_dir={args.output_dir}", "run.overwrite=true"] + list(args.overrides)
+    summary = train(load_config(CONFIG_DIR / "demo.yaml", overrides))
+    print()
+    print(
+        format_table(
+            [
+                ("teacher", summary["teacher_accuracy"]),
+                ("student before", summary["student_accuracy_before"]),
+                (f"student after {summary['steps']} OPD steps", summary["student_accuracy_after"]),
+            ]
+        )
+    )
+    print(f"\nwall time {summary['wall_seconds']:.0f} s; summary, metrics and curves.png in {args.output_dir}/")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .config import load_config
+    from .evaluate import evaluate
+    from .models import eos_token_ids, load_model, load_tokenizer
+    from .rollout import HFSampler
+    from .train import autocast_factory, build_task, pick_device
+
+    # Only the task, sampling and eval sections matter here; method sft is named because it needs no teacher.
+    overrides = [f"task.name={args.task}", f"student.path={args.model}", f"eval.k={args.k}", "method.name=sft"]
+    overrides += list(args.overrides)
+    if args.data:
+        overrides.append(f"task.path={args.data}")
+    cfg = load_config(None, overrides)
+    device = pick_device(cfg.train.device)
+    tokenizer = load_tokenizer(args.model, "model")
+    model = load_model(args.model, "model", cfg.student.dtype, device=device)
+    sampler = HFSampler(model, tokenizer, eos_token_ids(model, tokenizer), autocast_factory(cfg, device))
+    task = build_task(cfg)
+    examples = task.eval_examples()[: cfg.eval.num_prompts]
+    results = evaluate(sampler, task, examples, cfg.sampling, cfg.eval.k, cfg.eval.temperature, cfg.eval.batch_size, cfg.run.seed)
+    print(json.dumps({"model": args.model, "task": args.task, "prompts": len(examples), **results}, indent=2))
+    return 0
+
+
+def cmd_world(args) -> int:
+    from .world import build_world, world_dir
+
+    directory = world_dir()
+    if args.action == "build" and (args.force or not (directory / "world.json").is_file()):
+        build_world(directory)
+    if args.action == "build" or (directory / "world.json").is_file():
+        print(directory)
+        return 0
+    print(f"{directory} (not built yet: run `opd world build`)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="distil the embedded teacher into the embedded student with OPD")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("overrides", nargs="*", help="key.path=value overrides of configs/demo.yaml")
+    demo.set_defaults(func=cmd_demo)
+
+    tr = sub.add_parser("train", help="train from a YAML config")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out accuracy of a model")
+    ev.add_argument("model", help="a HF checkpoint directory, or world:teacher / world:student")
+    ev.add_argument("--task", default="arithmetic", choices=["arithmetic", "math"])
+    ev.add_argument("--data", help="JSONL file (task math)")
+    ev.add_argument("--k", type=int, default=1, help="samples per prompt for avg@k / pass@k")
+    ev.add_argument("overrides", nargs="*", help="key.path=value overrides (task.*, eval.*, sampling.*)")
+    ev.set_defaults(func=cmd_eval)
+
+    world = sub.add_parser("world", help="build or locate the embedded teacher and student")
+    world.add_argument("action", choices=["build", "path"])
+    world.add_argument("--force", action="store_true", help="rebuild even if cached")
+    world.set_defaults(func=cmd_world)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + extra  # key=value overrides given after options
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore", module="transformers")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"opd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

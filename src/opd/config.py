@@ -1,0 +1,423 @@
+"""Typed configuration: dataclasses, YAML files, dotted command-line overrides, validation.
+
+A config is a tree of plain dataclasses. ``load_config(path, overrides)`` reads YAML, applies
+``key.path=value`` overrides (values parsed as YAML scalars), checks every key and type
+against the dataclasses and every value against its allowed range, and raises
+``ConfigError`` with one line naming the offending key (with the closest valid key
+suggested for a typo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # allow starting afresh in an output_dir that already holds a run
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["arithmetic", "math"] = "arithmetic"
+    # arithmetic
+    min_digits: int = 3
+    max_digits: int = 3
+    eval_seed: int = 12345
+    # math (JSONL file or datasets.save_to_disk directory)
+    path: str | None = None
+    eval_path: str | None = None
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    solution_field: str | None = "solution"
+    # both
+    eval_size: int = 256
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a local HF checkpoint directory, or world:teacher / world:student
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class PairingConfig:
+    allow_chat_template_mismatch: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    max_new_tokens: int = 64
+
+
+@dataclass
+class OPDConfig:
+    """Reverse-KL OPD (METHODS §1)."""
+
+    coef: float = 1.0
+    discount: float = 0.0  # γ: 0 = per-token advantage, 1 = full return
+
+
+@dataclass
+class GKDConfig:
+    """Generalised JSD over the full vocabulary (METHODS §2)."""
+
+    beta: float = 0.5
+    temperature: float = 0.9
+    lambda_onpolicy: float = 0.5
+    seq_kd: bool = False  # off-policy batches use teacher samples instead of reference solutions
+    chunk_size: int = 1024  # tokens per chunk of the streamed full-vocabulary loss
+
+
+@dataclass
+class SFTConfig:
+    """Cross-entropy on reference solutions or teacher samples (METHODS §8)."""
+
+    source: Literal["reference", "teacher"] = "reference"
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["opd", "gkd", "sft"] = "opd"
+    reduction: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    clip_eps: float | None = None  # PPO clip on the ratio; None = no clipping
+    is_correction_cap: float | None = None  # truncated sampler/trainer importance weight cap C
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+    max_consecutive_nonfinite: int = 5
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+
+
+@dataclass
+class EvalConfig:
+    every: int = 20  # steps; 0 = only before and after training
+    num_prompts: int = 256
+    batch_size: int = 256
+    k: int = 1  # samples per prompt for avg@k / pass@k (1 = greedy accuracy only)
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # None = sampling.max_new_tokens
+    teacher: bool = True  # also report the teacher's accuracy once
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only the final model
+    keep_last: int = 2
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress_bar: bool = True
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    config = from_dict(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is a value, not a section (in override {key})")
+        node = child
+    node[parts[-1]] = value
+
+
+def _all_keys(cls: type, prefix: str) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        hints = typing.get_type_hints(cls)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], full + "."))
+    return keys
+
+
+def _unknown_key_error(cls: type, prefix: str, name: str) -> ConfigError:
+    full = f"{prefix}{name}"
+    candidates = _all_keys(Config, "")
+    close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+    if not close:
+        local = [f.name for f in dataclasses.fields(cls)]
+        close = [f"{prefix}{c}" for c in difflib.get_close_matches(name, local, n=1, cutoff=0.5)]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{full}'{hint}")
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and value types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{prefix.rstrip('.')}' must be a section (a mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in names:
+            raise _unknown_key_error(cls, prefix, str(name))
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(err)
+        names = " or ".join(_type_name(o) for o in options if o is not type(None))
+        raise ConfigError(f"config key '{key}' must be {names}" + (" or null" if type(None) in options else "") + f", got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def validate(c: Config) -> None:
+    """Refuse impossible values and meaningless combinations, naming the key."""
+    t, s, m, e = c.train, c.sampling, c.method, c.eval
+    _require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
+    _require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    _require(
+        t.prompts_per_step % t.grad_accum == 0,
+        "train.grad_accum",
+        f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.grad_accum}",
+    )
+    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {t.grad_clip}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(all(0 <= b < 1 for b in t.betas), "train.betas", f"must lie in [0, 1), got {t.betas}")
+    _require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
+    _require(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1 or null, got {t.threads}")
+    _require(s.samples_per_prompt >= 1, "sampling.samples_per_prompt", f"must be >= 1, got {s.samples_per_prompt}")
+    _require(s.temperature >= 0, "sampling.temperature", f"must be >= 0, got {s.temperature}")
+    _require(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    _require(s.top_k >= 0, "sampling.top_k", f"must be >= 0, got {s.top_k}")
+    _require(s.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    _require(m.clip_eps is None or 0 < m.clip_eps < 1, "method.clip_eps", f"must be in (0, 1) or null, got {m.clip_eps}")
+    _require(
+        m.is_correction_cap is None or m.is_correction_cap >= 1,
+        "method.is_correction_cap",
+        f"must be >= 1 or null, got {m.is_correction_cap}",
+    )
+    _require(0 <= m.opd.discount <= 1, "method.opd.discount", f"must be in [0, 1], got {m.opd.discount}")
+    _require(0 <= m.gkd.beta <= 1, "method.gkd.beta", f"must be in [0, 1], got {m.gkd.beta}")
+    _require(m.gkd.temperature > 0, "method.gkd.temperature", f"must be > 0, got {m.gkd.temperature}")
+    _require(0 <= m.gkd.lambda_onpolicy <= 1, "method.gkd.lambda_onpolicy", f"must be in [0, 1], got {m.gkd.lambda_onpolicy}")
+    _require(m.gkd.chunk_size >= 1, "method.gkd.chunk_size", f"must be >= 1, got {m.gkd.chunk_size}")
+    _require(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
+    _require(e.num_prompts >= 1, "eval.num_prompts", f"must be >= 1, got {e.num_prompts}")
+    _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    _require(e.k >= 1, "eval.k", f"must be >= 1, got {e.k}")
+    _require(c.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {c.checkpoint.every}")
+    _require(c.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.checkpoint.keep_last}")
+    _require(c.student.path is not None, "student.path", "is required (a local HF checkpoint, or world:student)")
+    lora = c.student.lora
+    _require(lora.r >= 1, "student.lora.r", f"must be >= 1, got {lora.r}")
+    _require(0 <= lora.dropout < 1, "student.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    if c.task.name == "math":
+        _require(c.task.path is not None, "task.path", "is required for task.name=math (a JSONL file or a saved dataset)")
+    else:
+        _require(1 <= c.task.min_digits <= c.task.max_digits, "task.min_digits", "must be >= 1 and <= task.max_digits")
+    _require(c.task.eval_size >= 1, "task.eval_size", f"must be >= 1, got {c.task.eval_size}")
+    if needs_teacher(c):
+        _require(c.teacher.path is not None, "teacher.path", f"is required by method '{m.name}'")
+
+
+def needs_teacher(c: Config) -> bool:
+    """Whether the configured method scores with (or samples from) a separate teacher model."""
+    if c.method.name in ("opd", "gkd"):
+        return True
+    if c.method.name == "sft":
+        return c.method.sft.source == "teacher"
+    return False
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def redact(tree: Any) -> Any:
+    """Replace values of secret-looking keys (api_key, token, …) so saved configs hold no secrets."""
+    if isinstance(tree, dict):
+        return {
+            k: ("<redacted>" if any(w in k.lower() for w in SECRET_WORDS) and isinstance(v, str) and v else redact(v))
+            for k, v in tree.items()
+        }
+    if isinstance(tree, (list, tuple)):
+        return [redact(v) for v in tree]
+    return tree
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(redact(to_dict(config)), sort_keys=False))

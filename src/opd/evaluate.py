@@ -1,0 +1,47 @@
+"""Held-out evaluation: greedy accuracy, and avg@k / pass@k over k samples per prompt."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .config import SamplingConfig
+from .prompts import encode_prompt
+from .rollout import HFSampler
+from .tasks import Example, Task
+
+
+def evaluate(
+    sampler: HFSampler,
+    task: Task,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    k: int = 1,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``accuracy`` (greedy), ``mean_length``; with ``k > 1`` also ``avg@k`` and ``pass@k`` at ``temperature``."""
+    prompts = [encode_prompt(sampler.tokenizer, task.messages(e)) for e in examples]
+    greedy = replace(sampling, temperature=0.0)
+    correct, lengths = [], []
+    for start in range(0, len(prompts), batch_size):
+        rollouts = sampler.sample(prompts[start : start + batch_size], greedy)
+        batch = examples[start : start + batch_size]
+        correct += [task.reward(text, ex) for text, ex in zip(rollouts.texts, batch)]
+        lengths += rollouts.completion_lengths_B.tolist()
+    results = {"accuracy": sum(correct) / len(correct), "mean_length": sum(lengths) / len(lengths)}
+    if k > 1:
+        generator = torch.Generator(device=sampler.device).manual_seed(seed)
+        sampled = replace(sampling, temperature=temperature)
+        per_prompt = [[] for _ in examples]
+        flat = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            rollouts = sampler.sample([p for _, p in chunk], sampled, generator)
+            for (i, _), text in zip(chunk, rollouts.texts):
+                per_prompt[i].append(task.reward(text, examples[i]))
+        results[f"avg@{k}"] = sum(sum(s) / k for s in per_prompt) / len(per_prompt)
+        results[f"pass@{k}"] = sum(float(max(s) > 0) for s in per_prompt) / len(per_prompt)
+    return results

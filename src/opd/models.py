@@ -1,0 +1,152 @@
+"""Loading students, teachers and references; LoRA; the teacher/student pairing check."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .config import LoraConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be used; the message says which and why."""
+
+
+class PairingError(ValueError):
+    """Teacher and student cannot be trained together as configured."""
+
+
+def resolve_path(path: str, role: str) -> str:
+    """Turn a configured model path into a local directory, refusing anything that needs a download."""
+    if path.startswith("world:"):
+        from .world import world_model_path
+
+        return str(world_model_path(path.split(":", 1)[1]))
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{role}.path: '{path}' is a directory but holds no config.json (not a HF checkpoint)")
+        return str(local)
+    if local.exists():
+        raise ModelLoadError(f"{role}.path: '{path}' is a file; expected a HF checkpoint directory")
+    raise ModelLoadError(
+        f"{role}.path: no model at '{path}' (give a local HF checkpoint directory, or world:teacher / world:student)"
+    )
+
+
+def load_tokenizer(path: str, role: str = "student", trust_remote_code: bool = False):
+    directory = resolve_path(path, role)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left", trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - rewrap whatever transformers raises with the role named
+        raise ModelLoadError(f"{role}.path: cannot load a tokenizer from '{directory}': {err}") from err
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"{role}.path: tokenizer at '{directory}' has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+        log.warning("%s tokenizer has no pad token; using EOS (%r) for padding", role, tokenizer.eos_token)
+    return tokenizer
+
+
+def load_model(path: str, role: str, dtype: str = "float32", trust_remote_code: bool = False, device="cpu"):
+    directory = resolve_path(path, role)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{role}.path: cannot load a causal LM from '{directory}': {err}") from err
+    return model.to(device)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------- pairing check
+
+PAIRING_SAMPLE = [{"role": "user", "content": "What is 12+30? Think step by step."}]
+ROUND_TRIP_TEXT = "12+30=42, so the answer is \\boxed{42}."
+
+
+def check_pairing(student_tok, teacher_tok, student_model, teacher_model, full_vocab: bool, allow_template_mismatch: bool):
+    """Refuse a teacher whose token ids would not mean what the student's mean.
+
+    Checked: vocabulary (size and token→id map), EOS and pad ids, the chat template rendered
+    on a sample conversation, and a tokenise/detokenise round trip. Returns the list of
+    warnings issued (mismatches under which training stays meaningful).
+    """
+    problems, notes = [], []
+    s_vocab, t_vocab = student_model.config.vocab_size, teacher_model.config.vocab_size
+    if full_vocab and s_vocab != t_vocab:
+        problems.append(f"output vocabulary sizes differ (student {s_vocab}, teacher {t_vocab})")
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        problems.append(f"tokenizer vocabularies differ (student {len(student_tok)} tokens, teacher {len(teacher_tok)})")
+    if student_tok.eos_token_id != teacher_tok.eos_token_id:
+        problems.append(f"EOS ids differ (student {student_tok.eos_token_id}, teacher {teacher_tok.eos_token_id})")
+    if student_tok.pad_token_id != teacher_tok.pad_token_id:
+        notes.append(f"pad ids differ (student {student_tok.pad_token_id}, teacher {teacher_tok.pad_token_id}); padding is masked, so this is harmless")
+    s_ids = student_tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
+    t_ids = teacher_tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
+    if s_ids != t_ids:
+        problems.append("the two tokenizers split the same text into different ids")
+    if student_tok.decode(s_ids) != teacher_tok.decode(s_ids):
+        problems.append("the two tokenizers decode the same ids into different text")
+    s_template = _render(student_tok)
+    t_template = _render(teacher_tok)
+    if s_template != t_template:
+        message = (
+            "chat templates render differently "
+            f"(student {s_template!r}, teacher {t_template!r}); the teacher scores prompts in the student's format"
+        )
+        if allow_template_mismatch:
+            notes.append(message)
+        else:
+            problems.append(message + " (set pairing.allow_chat_template_mismatch=true if that is intended)")
+    if problems:
+        raise PairingError("teacher and student do not pair: " + "; ".join(problems))
+    for note in notes:
+        warnings.warn(f"teacher/student pairing: {note}", stacklevel=2)
+    return notes
+
+
+def _render(tokenizer) -> str | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return tokenizer.apply_chat_template(PAIRING_SAMPLE, tokenize=False, add_generation_prompt=True)

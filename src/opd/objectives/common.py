@@ -1,0 +1,77 @@
+"""The shared update rule most methods reduce to (METHODS.md, "The shared update rule").
+
+    loss = -(1/N) Σ_{i,t} m_{i,t} · ρ_{i,t} · A_{i,t},   ρ = exp(ℓ^θ - sg(ℓ^old))
+
+with optional PPO clipping ``-min(ρA, clip(ρ, 1-ε, 1+ε)A)``, an optional truncated
+importance weight ``sg(min(exp(ℓ^trainer - ℓ^sampler), C))`` and an optional discount
+``A_t ← Σ_{u≥t} γ^{u-t} A_u``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Reduction = Literal["token_mean", "seq_mean_token_mean"]
+
+
+def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: Reduction = "token_mean") -> torch.Tensor:
+    """Token-mean over all valid tokens, or the mean over sequences of each sequence's token-mean.
+
+    An all-masked batch gives 0 (not NaN), so a batch with no trainable token changes nothing.
+    """
+    mask_BT = mask_BT.to(values_BT.dtype)
+    if reduction == "token_mean":
+        return (values_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+    if reduction == "seq_mean_token_mean":
+        per_seq_B = (values_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)
+        has_tokens_B = (mask_BT.sum(-1) > 0).to(values_BT.dtype)
+        return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def discounted_cumsum(values_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``R_t = Σ_{u≥t} γ^{u-t} m_u v_u`` along each row (γ = 0 returns ``m·v``)."""
+    values_BT = values_BT * mask_BT
+    if gamma == 0:
+        return values_BT
+    out_BT = torch.zeros_like(values_BT)
+    running_B = torch.zeros_like(values_BT[:, 0])
+    for t in range(values_BT.shape[1] - 1, -1, -1):
+        running_B = values_BT[:, t] + gamma * running_B
+        out_BT[:, t] = running_B
+    return out_BT * mask_BT
+
+
+def truncated_importance_weights(trainer_logp_BT, sampler_logp_BT, cap: float) -> torch.Tensor:
+    """``sg(min(exp(ℓ^trainer - ℓ^sampler), C))``: corrects a sampler that differs numerically from the trainer."""
+    return torch.exp(trainer_logp_BT.detach() - sampler_logp_BT).clamp(max=cap)
+
+
+def policy_gradient_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip_eps: float | None = None,
+    reduction: Reduction = "token_mean",
+    weights_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The surrogate ``-mean(m · ρ · A)``, ``ρ = exp(ℓ^θ - sg(ℓ^old))``; advantages are treated as constants.
+
+    ``∇loss = -mean(m · ρ · A · ∇ℓ^θ)``: on-policy (ρ = 1) the REINFORCE gradient.
+    """
+    advantages_BT = advantages_BT.detach()
+    ratio_BT = torch.exp(logp_BT - old_logp_BT.detach())
+    objective_BT = ratio_BT * advantages_BT
+    metrics = {}
+    if clip_eps is not None:
+        clipped_BT = ratio_BT.clamp(1 - clip_eps, 1 + clip_eps) * advantages_BT
+        objective_BT = torch.minimum(objective_BT, clipped_BT)
+        was_clipped = ((ratio_BT - 1).abs() > clip_eps) & mask_BT.bool()
+        metrics["clip_fraction"] = float(was_clipped.sum() / mask_BT.sum().clamp(min=1))
+    if weights_BT is not None:
+        objective_BT = objective_BT * weights_BT.detach()
+    loss = -masked_mean(objective_BT, mask_BT, reduction)
+    return loss, metrics

@@ -1,0 +1,81 @@
+"""Forward passes over rollouts: completion hidden states and per-token log-probs.
+
+Logits are formed from hidden states one chunk of tokens at a time. With gradients on, each
+chunk is recomputed in the backward pass (activation checkpointing), so the live logits are
+``[chunk, V]`` rather than ``[B, C, V]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .rollout import Rollouts
+
+Projection = Callable[[torch.Tensor], torch.Tensor]  # hidden_NH -> logits_NV
+
+
+def completion_hidden_states(model: torch.nn.Module, rollouts: Rollouts) -> torch.Tensor:
+    """Final-layer hidden states ``[B, C, H]`` at the positions that predict each completion token."""
+    ids_BL, mask_BL = rollouts.input_ids_BL(), rollouts.attention_mask_BL()
+    position_ids_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+    decoder = model.get_decoder()
+    hidden_BLH = decoder(input_ids=ids_BL, attention_mask=mask_BL, position_ids=position_ids_BL).last_hidden_state
+    start = rollouts.prompt_length - 1
+    return hidden_BLH[:, start : start + rollouts.completion_ids_BC.shape[1]]
+
+
+def projection(model: torch.nn.Module) -> Projection:
+    """hidden → float32 logits through the model's output layer (with logit soft-capping if the model uses it)."""
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def project(hidden_NH: torch.Tensor) -> torch.Tensor:
+        logits_NV = head(hidden_NH.to(head.weight.dtype)).float()
+        if softcap:
+            logits_NV = torch.tanh(logits_NV / softcap) * softcap
+        return logits_NV
+
+    return project
+
+
+def _logp_and_entropy(hidden_NH, ids_N, project: Projection, temperature: float):
+    logp_NV = (project(hidden_NH) / temperature).log_softmax(-1)
+    logp_N = logp_NV.gather(-1, ids_N[:, None]).squeeze(-1)
+    entropy_N = -(logp_NV.exp() * logp_NV.clamp(min=torch.finfo(logp_NV.dtype).min)).sum(-1)
+    return logp_N, entropy_N
+
+
+def token_logprobs(
+    hidden_NH: torch.Tensor, ids_N: torch.Tensor, project: Projection, temperature: float = 1.0, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp_N, entropy_N)``: log π(id) and the full-vocabulary entropy at each position, chunk by chunk."""
+    logps, entropies = [], []
+    for start in range(0, hidden_NH.shape[0], chunk_size):
+        h, ids = hidden_NH[start : start + chunk_size], ids_N[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            logp, entropy = checkpoint(_logp_and_entropy, h, ids, project, temperature, use_reentrant=False)
+        else:
+            logp, entropy = _logp_and_entropy(h, ids, project, temperature)
+        logps.append(logp)
+        entropies.append(entropy)
+    if not logps:
+        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def rollout_logprobs(
+    model: torch.nn.Module, rollouts: Rollouts, temperature: float = 1.0, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp_BC, entropy_BC)`` of the completion tokens under ``model``; zero where there is no token."""
+    hidden_BCH = completion_hidden_states(model, rollouts)
+    mask_BC = rollouts.completion_mask_BC.bool()
+    logp_N, entropy_N = token_logprobs(
+        hidden_BCH[mask_BC], rollouts.completion_ids_BC[mask_BC], projection(model), temperature, chunk_size
+    )
+    logp_BC = torch.zeros(mask_BC.shape, dtype=torch.float32, device=mask_BC.device).masked_scatter(mask_BC, logp_N)
+    entropy_BC = torch.zeros_like(logp_BC).masked_scatter(mask_BC, entropy_N)
+    return logp_BC, entropy_BC

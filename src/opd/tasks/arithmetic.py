@@ -1,0 +1,108 @@
+"""The embedded reasoning task: multi-digit addition with a step-by-step scratchpad.
+
+A problem ``347+589`` has the reference solution ``7+9=16,4+8+1=13,3+5+1=9|936``: one step
+per column from the right, adding the carry, then ``|`` and the answer. The verifier is
+exact match on the text after the last ``|``; ``step_accuracy`` checks every step, which
+lets a programmatic judge grade a trajectory step by step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .base import Example
+
+ANSWER_SEPARATOR = "|"
+
+
+def scratchpad(a: int, b: int) -> str:
+    """The reference solution for ``a+b``: column steps right to left, then ``|sum``."""
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(digits_a), len(digits_b))):
+        x = int(digits_a[i]) if i < len(digits_a) else 0
+        y = int(digits_b[i]) if i < len(digits_b) else 0
+        total = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
+        carry = total // 10
+    return ",".join(steps) + ANSWER_SEPARATOR + str(a + b)
+
+
+def final_answer(completion: str) -> str | None:
+    """The text after the last answer separator, or None when there is none."""
+    if ANSWER_SEPARATOR not in completion:
+        return None
+    return completion.rsplit(ANSWER_SEPARATOR, 1)[1].strip()
+
+
+def step_accuracy(completion: str, a: int, b: int) -> float:
+    """Fraction of the reference's column steps (and the final answer) the completion gets right."""
+    reference = scratchpad(a, b)
+    ref_steps, ref_answer = reference.rsplit(ANSWER_SEPARATOR, 1)
+    ref_steps = ref_steps.split(",")
+    body, _, answer = completion.partition(ANSWER_SEPARATOR)
+    got_steps = body.split(",")
+    correct = sum(1 for i, step in enumerate(ref_steps) if i < len(got_steps) and got_steps[i] == step)
+    correct += int(answer.strip() == ref_answer and len(got_steps) == len(ref_steps))
+    return correct / (len(ref_steps) + 1)
+
+
+@dataclass
+class ArithmeticTask:
+    """Addition of numbers with ``min_digits``..``max_digits`` digits.
+
+    The held-out split is ``eval_size`` problems drawn with ``eval_seed``; training draws
+    reject those pairs, so held-out accuracy measures generalisation, not recall.
+    """
+
+    min_digits: int = 3
+    max_digits: int = 3
+    eval_size: int = 256
+    eval_seed: int = 12345
+    name: str = "arithmetic"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(
+                f"task.min_digits ({self.min_digits}) must be >= 1 and <= task.max_digits ({self.max_digits})"
+            )
+        self._eval = self._draw(self.eval_size, random.Random(self.eval_seed), exclude=frozenset())
+        self._eval_pairs = frozenset((e.meta["a"], e.meta["b"]) for e in self._eval)
+
+    def _number(self, rng: random.Random) -> int:
+        digits = rng.randint(self.min_digits, self.max_digits)
+        low = 0 if digits == 1 else 10 ** (digits - 1)
+        return rng.randint(low, 10**digits - 1)
+
+    def _draw(self, n: int, rng: random.Random, exclude: frozenset) -> list[Example]:
+        examples = []
+        while len(examples) < n:
+            a, b = self._number(rng), self._number(rng)
+            if (a, b) in exclude:
+                continue
+            examples.append(make_example(a, b))
+        return examples
+
+    def sample_train(self, n: int, rng: random.Random) -> list[Example]:
+        return self._draw(n, rng, exclude=self._eval_pairs)
+
+    def eval_examples(self) -> list[Example]:
+        return list(self._eval)
+
+    def reward(self, completion: str, example: Example) -> float:
+        return float(final_answer(completion) == example.answer)
+
+    def messages(self, example: Example) -> list[dict]:
+        return [{"role": "user", "content": example.prompt}]
+
+    def privileged_messages(self, example: Example) -> list[dict]:
+        # The reference solution rides in a system turn ahead of the problem.
+        return [
+            {"role": "system", "content": example.solution},
+            {"role": "user", "content": example.prompt},
+        ]
+
+
+def make_example(a: int, b: int) -> Example:
+    return Example(prompt=f"{a}+{b}", answer=str(a + b), solution=scratchpad(a, b), meta={"a": a, "b": b})

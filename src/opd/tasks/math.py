@@ -1,0 +1,144 @@
+"""A real-user task: math problems from JSONL (or a ``datasets`` dataset), graded by math-verify.
+
+Each row needs a problem and an answer; a worked solution is optional (it is the privileged
+context for self-distillation and the SFT target). Field names are configurable. The
+student is asked to reason step by step and put the final answer in ``\\boxed{}``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import Example
+
+STUDENT_INSTRUCTION = "Reason step by step, and put your final answer in \\boxed{}."
+TEACHER_INSTRUCTION = (
+    "Here is a reference solution:\n{solution}\n\n"
+    "Now give your own step-by-step reasoning that reaches the same answer. "
+    "Put your final answer in \\boxed{{}}."
+)
+
+
+class DataError(ValueError):
+    """A malformed data file; the message names the file, line and field."""
+
+
+def read_jsonl(path: str | Path, problem_field: str, answer_field: str, solution_field: str | None) -> list[Example]:
+    """Read ``path`` into Examples, refusing malformed rows with file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            examples.append(_row_to_example(row, f"{path}:{line_no}", problem_field, answer_field, solution_field))
+    if not examples:
+        raise DataError(f"{path}: contains no rows")
+    return examples
+
+
+def _row_to_example(row: dict, where: str, problem_field: str, answer_field: str, solution_field: str | None) -> Example:
+    fields = [(problem_field, True), (answer_field, True)] + ([(solution_field, False)] if solution_field else [])
+    values = {}
+    for name, required in fields:
+        value = row.get(name)
+        if value is None:
+            if required:
+                raise DataError(f"{where}: missing field '{name}' (row has: {', '.join(sorted(row)) or 'no fields'})")
+            continue
+        if isinstance(value, (int, float)) and name == answer_field:
+            value = str(value)
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+        if required and not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        values[name] = value
+    return Example(
+        prompt=values[problem_field],
+        answer=values[answer_field],
+        solution=values.get(solution_field) if solution_field else None,
+        meta={"source": where},
+    )
+
+
+def answer_is_correct(completion: str, answer: str) -> bool:
+    """math-verify equivalence of the completion's final answer with the reference answer."""
+    from math_verify import parse, verify
+
+    gold = parse(f"${answer}$") or parse(answer)
+    predicted = parse(completion)
+    return bool(gold and predicted and verify(gold, predicted))
+
+
+@dataclass
+class MathTask:
+    """Problems from ``path`` (JSONL, or a directory saved by ``datasets.save_to_disk``).
+
+    The held-out split is ``eval_path`` when given, else the last ``eval_size`` rows of a
+    seeded shuffle of ``path``.
+    """
+
+    path: str
+    eval_path: str | None = None
+    eval_size: int = 64
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    solution_field: str | None = "solution"
+    seed: int = 0
+    name: str = "math"
+
+    def __post_init__(self) -> None:
+        rows = self._load(self.path)
+        if self.eval_path:
+            self._train, self._eval = rows, self._load(self.eval_path)
+        else:
+            random.Random(self.seed).shuffle(rows)
+            if len(rows) < 2:
+                raise DataError(f"{self.path}: need at least 2 rows to hold some out for evaluation")
+            n_eval = min(self.eval_size, len(rows) // 2)
+            self._train, self._eval = rows[:-n_eval], rows[-n_eval:]
+
+    def _load(self, path: str) -> list[Example]:
+        if Path(path).is_dir():
+            return self._load_dataset(path)
+        return read_jsonl(path, self.problem_field, self.answer_field, self.solution_field)
+
+    def _load_dataset(self, path: str) -> list[Example]:
+        import datasets
+
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            data = data["train"]
+        return [
+            _row_to_example(row, f"{path}[{i}]", self.problem_field, self.answer_field, self.solution_field)
+            for i, row in enumerate(data)
+        ]
+
+    def sample_train(self, n: int, rng: random.Random) -> list[Example]:
+        return [self._train[rng.randrange(len(self._train))] for _ in range(n)]
+
+    def eval_examples(self) -> list[Example]:
+        return list(self._eval)
+
+    def reward(self, completion: str, example: Example) -> float:
+        return float(answer_is_correct(completion, example.answer))
+
+    def messages(self, example: Example) -> list[dict]:
+        return [{"role": "user", "content": f"{example.prompt}\n\n{STUDENT_INSTRUCTION}"}]
+
+    def privileged_messages(self, example: Example) -> list[dict]:
+        if example.solution is None:
+            raise DataError(f"{example.meta.get('source', 'a row')}: no reference solution for a privileged teacher")
+        instruction = TEACHER_INSTRUCTION.format(solution=example.solution)
+        return [{"role": "user", "content": f"{example.prompt}\n\n{instruction}"}]

@@ -1,0 +1,361 @@
+"""The one training loop: sample → score → loss → optimizer step; evaluate; checkpoint; resume.
+
+Every step draws its prompts and its sampling noise from generators seeded by
+``(run.seed, step)``, so a run resumed from a checkpoint replays exactly the steps an
+uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, needs_teacher, save_config, to_dict
+from .evaluate import evaluate
+from .methods import METHODS, Session, batch_metrics
+from .models import apply_lora, check_pairing, eos_token_ids, load_model, load_tokenizer
+from .rollout import HFSampler
+from .tasks import ArithmeticTask, MathTask, Task
+from .teachers import ModelTeacher
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class RunDirError(ValueError):
+    """The output directory holds a run that this one would overwrite."""
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def build_task(cfg: Config) -> Task:
+    t = cfg.task
+    if t.name == "arithmetic":
+        return ArithmeticTask(min_digits=t.min_digits, max_digits=t.max_digits, eval_size=t.eval_size, eval_seed=t.eval_seed)
+    return MathTask(
+        path=t.path,
+        eval_path=t.eval_path,
+        eval_size=t.eval_size,
+        problem_field=t.problem_field,
+        answer_field=t.answer_field,
+        solution_field=t.solution_field,
+        seed=cfg.run.seed,
+    )
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_factory(cfg: Config, device: torch.device):
+    precision = cfg.train.precision
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def build_session(cfg: Config) -> Session:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    task = build_task(cfg)
+    autocast = autocast_factory(cfg, device)
+    st = cfg.student
+    tokenizer = load_tokenizer(st.path, "student", st.trust_remote_code)
+    student = load_model(st.path, "student", st.dtype, st.trust_remote_code, device)
+    if st.lora.enabled:
+        student = apply_lora(student, st.lora)
+    student.train()
+    teacher = teacher_sampler = None
+    if needs_teacher(cfg):
+        te = cfg.teacher
+        teacher_tok = load_tokenizer(te.path, "teacher", te.trust_remote_code)
+        teacher_model = load_model(te.path, "teacher", te.dtype, te.trust_remote_code, device)
+        check_pairing(
+            tokenizer,
+            teacher_tok,
+            student,
+            teacher_model,
+            full_vocab=cfg.method.name == "gkd",
+            allow_template_mismatch=cfg.pairing.allow_chat_template_mismatch,
+        )
+        teacher = ModelTeacher(teacher_model, autocast)
+        teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
+    max_positions = getattr(student.config, "max_position_embeddings", None)
+    max_prompt = max_positions - cfg.sampling.max_new_tokens if max_positions else None
+    if max_prompt is not None and max_prompt < 1:
+        raise TrainingError(
+            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the student's "
+            f"{max_positions}-token context"
+        )
+    sampler = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer), autocast)
+    return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, autocast, device, max_prompt)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the student has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.schedule == "constant":
+            return 1.0
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def step_generators(seed: int, step: int, device: torch.device) -> tuple[random.Random, torch.Generator]:
+    """The data RNG and sampling generator of ``step``: a function of (seed, step) only."""
+    rng = random.Random(f"opd-data-{seed}-{step}")
+    generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63))
+    return rng, generator
+
+
+def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], bool]:
+    """One optimizer step over ``grad_accum`` micro-batches. Returns (metrics, applied)."""
+    cfg = s.cfg
+    method = METHODS[cfg.method.name]
+    rng, generator = step_generators(cfg.run.seed, step, s.device)
+    examples = s.task.sample_train(cfg.train.prompts_per_step, rng)
+    per_micro = len(examples) // cfg.train.grad_accum
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, float] = {}
+    finite = True
+    for i in range(cfg.train.grad_accum):
+        batch = method.data(s, examples[i * per_micro : (i + 1) * per_micro], rng, generator)
+        loss, metrics = method.loss(s, batch)
+        metrics.update(batch_metrics(s, batch), loss=float(loss.detach()))
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value / (1 if key == "completion_tokens" else cfg.train.grad_accum)
+        if not torch.isfinite(loss):
+            finite = False
+            break
+        (loss / cfg.train.grad_accum).backward()
+    params = [p for p in s.student.parameters() if p.requires_grad]
+    if finite:
+        clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        totals["grad_norm"] = float(grad_norm)
+        finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals, finite
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard): one row per training step or evaluation."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, keep_until_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        rows = read_metrics(self.path) if keep_until_step is not None else []
+        kept = [r for r in rows if r["step"] <= keep_until_step] if keep_until_step is not None else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(keep_until_step or 0) + 1)
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    run_dir = Path(cfg.run.output_dir)
+    resume_from = latest_checkpoint(run_dir) if cfg.run.resume else None
+    if cfg.run.resume and resume_from is None:
+        log.warning("run.resume=true but %s holds no checkpoint; starting from step 0", run_dir)
+    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if holds_run and resume_from is None and not cfg.run.resume:
+        if not cfg.run.overwrite:
+            raise RunDirError(
+                f"run.output_dir '{run_dir}' already holds a run; pass run.resume=true to continue it "
+                "or run.overwrite=true to replace it"
+            )
+        for name in ("checkpoints", "tensorboard", "final"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, resume_from
+
+
+def run_eval(s: Session, model_sampler: HFSampler, examples, step_seed: int) -> dict[str, float]:
+    e = s.cfg.eval
+    sampling = s.cfg.sampling
+    if e.max_new_tokens is not None:
+        from dataclasses import replace
+
+        sampling = replace(sampling, max_new_tokens=e.max_new_tokens)
+    return evaluate(model_sampler, s.task, examples, sampling, e.k, e.temperature, e.batch_size, step_seed)
+
+
+def train(cfg: Config) -> dict:
+    """Run ``cfg`` to completion; return (and write) the summary."""
+    started = time.time()
+    run_dir, resume_from = prepare_run_dir(cfg)
+    torch.manual_seed(cfg.run.seed)
+    s = build_session(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    optimizer, scheduler = build_optimizer(cfg, s.student)
+    state = {"nonfinite_skips": 0, "consecutive_nonfinite": 0, "generated_tokens": 0.0, "wall_seconds": 0.0}
+    start_step = 0
+    if resume_from is not None:
+        state.update(load_checkpoint(resume_from, s.student, optimizer, scheduler))
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    metrics_log = MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None)
+    eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
+
+    if resume_from is None:
+        if cfg.eval.teacher and s.teacher_sampler is not None:
+            state["teacher_eval"] = run_eval(s, s.teacher_sampler, eval_examples, cfg.run.seed)
+            metrics_log.write("teacher_eval", 0, state["teacher_eval"])
+        state["before_eval"] = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
+        metrics_log.write("eval", 0, state["before_eval"])
+
+    last_eval = state.get("before_eval", {})
+    bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps, disable=not cfg.log.progress_bar, desc=cfg.run.name, dynamic_ncols=True)
+    segment_start = time.time()
+    try:
+        for step in bar:
+            step_start = time.time()
+            metrics, applied = train_step(s, optimizer, step)
+            with warnings.catch_warnings():  # a skipped update still advances the schedule
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
+            if applied:
+                state["consecutive_nonfinite"] = 0
+            else:
+                state["nonfinite_skips"] += 1
+                state["consecutive_nonfinite"] += 1
+                log.warning("step %d: non-finite loss or gradient; update skipped", step + 1)
+                if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
+                    raise TrainingError(
+                        f"{state['consecutive_nonfinite']} steps in a row had a non-finite loss or gradient "
+                        f"(last at step {step + 1}); lower train.lr or check the teacher's outputs"
+                    )
+            state["generated_tokens"] += metrics.get("completion_tokens", 0.0) if metrics.get("reward") is not None else 0.0
+            metrics.update(lr=scheduler.get_last_lr()[0], step_seconds=time.time() - step_start, skipped=float(not applied), generated_tokens=state["generated_tokens"])
+            done = step + 1
+            metrics_log.write("train", done, metrics)
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
+                last_eval = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
+                metrics_log.write("eval", done, last_eval)
+            bar.set_postfix(_postfix(metrics, last_eval))
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+                state["wall_seconds"] += time.time() - segment_start
+                segment_start = time.time()
+                save_checkpoint(run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, cfg.checkpoint.keep_last)
+    finally:
+        bar.close()
+    state["wall_seconds"] += time.time() - segment_start
+    after = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
+    metrics_log.write("eval", cfg.train.steps, after)
+    metrics_log.close()
+    save_final_model(s, run_dir / "final")
+    summary = {
+        "method": cfg.method.name,
+        "task": cfg.task.name,
+        "teacher_accuracy": state.get("teacher_eval", {}).get("accuracy"),
+        "student_accuracy_before": state.get("before_eval", {}).get("accuracy"),
+        "student_accuracy_after": after["accuracy"],
+        "steps": cfg.train.steps,
+        "train_seconds": round(state["wall_seconds"], 2),
+        "wall_seconds": round(time.time() - started, 2),
+        "generated_tokens": state["generated_tokens"],
+        "nonfinite_skips": state["nonfinite_skips"],
+        "eval_before": state.get("before_eval"),
+        "eval_after": after,
+        "eval_teacher": state.get("teacher_eval"),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.log.plot:
+        from .report import plot_run
+
+        plot_run(run_dir)
+    return summary
+
+
+def _postfix(metrics: dict, last_eval: dict) -> dict:
+    shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+    if "kl" in metrics:
+        shown["kl"] = f"{metrics['kl']:.4f}"
+    if "reward" in metrics:
+        shown["reward"] = f"{metrics['reward']:.2f}"
+    if "accuracy" in last_eval:
+        shown["acc"] = f"{last_eval['accuracy']:.3f}"
+    return shown
+
+
+def save_final_model(s: Session, path: Path) -> None:
+    """A checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads: LoRA adapters merged into the weights."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = s.student
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(tmp / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    s.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)

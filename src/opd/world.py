@@ -1,0 +1,177 @@
+"""The embedded world: a character tokenizer and Llama teacher/student checkpoints, trained by opd's own SFT.
+
+``build_world`` writes, under one directory:
+
+    tokenizer/           the character tokenizer (also copied into each model directory)
+    teacher/, student/   ordinary HF checkpoints (AutoModelForCausalLM / AutoTokenizer load them)
+    world.json           the spec they were built from and their held-out accuracies
+
+The teacher (~2.7M parameters) is trained until it is nearly perfect on 3-digit addition;
+the student (~0.9M) gets a short SFT run that leaves it clearly short of the teacher, so
+distillation has something to do. The build is seeded and deterministic on a given machine
+and torch version; ``world_dir()`` caches it (``$OPD_WORLD_DIR`` or ``~/.cache/opd``) so it
+is trained once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .tokenizer import build_char_tokenizer
+
+log = logging.getLogger(__name__)
+
+WORLD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    teacher_shape: ModelShape = ModelShape(192, 6, 512, 6)
+    student_shape: ModelShape = ModelShape(128, 4, 384, 4)
+    teacher_steps: int = 300
+    student_steps: int = 70
+    batch_size: int = 64
+    teacher_lr: float = 1.5e-3
+    student_lr: float = 1.5e-3
+    warmup_steps: int = 20
+    digits: int = 3
+    max_positions: int = 128
+    seed: int = 0
+    threads: int | None = 2  # fixed so the build is reproducible bit for bit on one machine
+    extra: dict = field(default_factory=dict, hash=False)
+
+    def fingerprint(self) -> str:
+        text = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+DEFAULT_SPEC = WorldSpec()
+
+
+def world_dir(spec: WorldSpec = DEFAULT_SPEC) -> Path:
+    root = Path(os.environ.get("OPD_WORLD_DIR") or Path.home() / ".cache" / "opd")
+    return root / f"world-{spec.fingerprint()}"
+
+
+def world_model_path(name: str, spec: WorldSpec = DEFAULT_SPEC) -> Path:
+    """Directory of the world's ``teacher`` or ``student``, building the world first if it is missing."""
+    if name not in ("teacher", "student"):
+        raise ValueError(f"unknown world model '{name}' (world:teacher or world:student)")
+    directory = world_dir(spec)
+    if not (directory / "world.json").is_file():
+        log.warning("embedded world not found at %s; building it (a few minutes, once)", directory)
+        build_world(directory, spec)
+    return directory / name
+
+
+def model_config(shape: ModelShape, tokenizer, max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def init_model(directory: Path, shape: ModelShape, tokenizer, spec: WorldSpec, seed: int) -> Path:
+    """Save a freshly initialised model (and the tokenizer) as a HF checkpoint."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(model_config(shape, tokenizer, spec.max_positions))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def sft_config(init_path: Path, output_dir: Path, steps: int, lr: float, spec: WorldSpec, progress: bool):
+    from .config import load_config
+
+    overrides = {
+        "run.name": f"world-{output_dir.name}",
+        "run.output_dir": str(output_dir),
+        "run.seed": spec.seed,
+        "run.overwrite": True,
+        "task.min_digits": spec.digits,
+        "task.max_digits": spec.digits,
+        "student.path": str(init_path),
+        "method.name": "sft",
+        "train.steps": steps,
+        "train.prompts_per_step": spec.batch_size,
+        "train.lr": lr,
+        "train.warmup_steps": spec.warmup_steps,
+        "train.schedule": "cosine",
+        "train.min_lr_ratio": 0.1,
+        "train.precision": "fp32",
+        "train.threads": spec.threads,
+        "sampling.max_new_tokens": 40,
+        "eval.every": 0,
+        "eval.teacher": False,
+        "log.tensorboard": False,
+        "log.progress_bar": progress,
+        "log.plot": False,
+    }
+    return load_config(None, [f"{k}={v if v is not None else 'null'}" for k, v in overrides.items()])
+
+
+def build_world(directory: Path | None = None, spec: WorldSpec = DEFAULT_SPEC, progress: bool = True) -> Path:
+    """Train the world's teacher and student with opd's SFT and save them under ``directory``."""
+    from .train import train
+
+    directory = Path(directory or world_dir(spec))
+    work = directory.with_name(directory.name + f".building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    tokenizer = build_char_tokenizer()
+    tokenizer.save_pretrained(work / "tokenizer")
+    report = {"spec": asdict(spec), "fingerprint": spec.fingerprint()}
+    roles = [("teacher", spec.teacher_shape, spec.teacher_steps, spec.teacher_lr), ("student", spec.student_shape, spec.student_steps, spec.student_lr)]
+    for offset, (role, shape, steps, lr) in enumerate(roles):
+        init = init_model(work / f"{role}-init", shape, tokenizer, spec, spec.seed + offset)
+        summary = train(sft_config(init, work / f"{role}-sft", steps, lr, spec, progress))
+        (work / f"{role}-sft" / "final").rename(work / role)
+        shutil.rmtree(init)
+        report[role] = {"accuracy": summary["student_accuracy_after"], "sft_seconds": summary["wall_seconds"], "parameters": _count(work / role)}
+        log.info("world %s: %.1f%% held-out accuracy after %d SFT steps", role, 100 * report[role]["accuracy"], steps)
+    (work / "world.json").write_text(json.dumps(report, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    work.rename(directory)
+    return directory
+
+
+def _count(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        return sum(_prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny randomly initialised Llama models with the embedded tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from opd.config import load_config
+from opd.tokenizer import build_char_tokenizer
+from opd.world import ModelShape, WorldSpec, init_model
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+TINY = ModelShape(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2)
+TINY_SPEC = WorldSpec(teacher_shape=TINY, student_shape=TINY, max_positions=96)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """Paths of two different tiny random models sharing the char tokenizer: (teacher, student)."""
+    root = tmp_path_factory.mktemp("tiny")
+    teacher = init_model(root / "teacher", TINY, tokenizer, TINY_SPEC, seed=1)
+    student = init_model(root / "student", TINY, tokenizer, TINY_SPEC, seed=2)
+    return teacher, student
+
+
+def make_config(tmp_path, tiny_models, *overrides):
+    """A fast config on the tiny models; overrides as key=value strings."""
+    teacher, student = tiny_models
+    base = [
+        f"run.output_dir={tmp_path / 'run'}",
+        f"student.path={student}",
+        f"teacher.path={teacher}",
+        "train.steps=2",
+        "train.prompts_per_step=4",
+        "train.lr=1e-3",
+        "train.precision=fp32",
+        "sampling.samples_per_prompt=2",
+        "sampling.max_new_tokens=12",
+        "eval.every=0",
+        "eval.num_prompts=8",
+        "eval.teacher=false",
+        "log.progress_bar=false",
+        "log.tensorboard=false",
+        "log.plot=false",
+    ]
+    return load_config(None, base + list(overrides))

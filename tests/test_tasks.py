@@ -1,0 +1,96 @@
+import json
+import random
+
+import pytest
+
+from opd.tasks import ArithmeticTask, DataError, MathTask
+from opd.tasks.arithmetic import final_answer, scratchpad, step_accuracy
+
+
+def test_scratchpad_matches_column_addition():
+    assert scratchpad(347, 589) == "7+9=16,4+8+1=13,3+5+1=9|936"
+    assert scratchpad(5, 7) == "5+7=12|12"
+    assert scratchpad(905, 95) == "5+5=10,0+9+1=10,9+0+1=10|1000"
+
+
+def test_verifier_exact_match():
+    task = ArithmeticTask()
+    ex = task.eval_examples()[0]
+    assert task.reward(ex.solution, ex) == 1.0
+    assert task.reward(ex.solution[:-1] + "x", ex) == 0.0
+    assert task.reward("no separator", ex) == 0.0
+    assert final_answer("1+2=3|3") == "3"
+
+
+def test_step_accuracy_counts_correct_steps():
+    assert step_accuracy(scratchpad(347, 589), 347, 589) == 1.0
+    assert step_accuracy("7+9=16,4+8+1=13,3+5+1=8|836", 347, 589) == pytest.approx(2 / 4)
+    assert step_accuracy("", 347, 589) == 0.0
+
+
+def test_eval_split_is_held_out():
+    task = ArithmeticTask(eval_size=300)
+    held_out = {(e.meta["a"], e.meta["b"]) for e in task.eval_examples()}
+    train = task.sample_train(20000, random.Random(0))
+    assert not held_out & {(e.meta["a"], e.meta["b"]) for e in train}
+    assert all(100 <= e.meta["a"] <= 999 for e in train)
+
+
+def test_arithmetic_rejects_bad_digits():
+    with pytest.raises(ValueError, match="task.min_digits"):
+        ArithmeticTask(min_digits=4, max_digits=3)
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_math_task_reads_and_grades(tmp_path):
+    rows = [{"problem": f"What is {i}+{i}?", "solution": f"{i}+{i}={2 * i}", "answer": str(2 * i)} for i in range(10)]
+    rows.append({"problem": "Half of one?", "solution": "1/2", "answer": "\\frac{1}{2}"})
+    task = MathTask(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_size=4)
+    assert len(task.eval_examples()) == 4
+    ex = next(e for e in task.eval_examples() + task.sample_train(50, random.Random(0)) if e.answer == "\\frac{1}{2}")
+    assert task.reward("so the answer is \\boxed{0.5}", ex) == 1.0
+    assert task.reward("so the answer is \\boxed{1/3}", ex) == 0.0
+    assert task.reward("no boxed answer at all", ex) == 0.0
+    assert "\\boxed{}" in task.messages(ex)[0]["content"]
+    assert "1/2" in task.privileged_messages(ex)[0]["content"]
+
+
+def test_math_task_numeric_answer_accepted(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p", "answer": 42}, {"problem": "q", "answer": 7}])
+    task = MathTask(path=str(path), eval_size=1, solution_field=None)
+    assert {e.answer for e in task.eval_examples() + task._train} == {"42", "7"}
+
+
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ('{"problem": "p"', "d.jsonl:2: not valid JSON"),
+        ({"question": "p", "answer": "1"}, "d.jsonl:2: missing field 'problem' (row has: answer, question)"),
+        ({"problem": "p", "answer": ["1"]}, "d.jsonl:2: field 'answer' must be a string, got list"),
+        ({"problem": "  ", "answer": "1"}, "d.jsonl:2: field 'problem' is empty"),
+        ("[1, 2]", "d.jsonl:2: expected a JSON object, got list"),
+    ],
+)
+def test_math_task_malformed_row_names_file_line_field(tmp_path, bad_row, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p", "answer": "1"}, bad_row])
+    with pytest.raises(DataError) as err:
+        MathTask(path=str(path))
+    assert message in str(err.value)
+
+
+def test_math_task_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        MathTask(path=str(tmp_path / "missing.jsonl"))
+
+
+def test_math_task_from_saved_dataset(tmp_path):
+    import datasets
+
+    rows = {"problem": ["a", "b", "c"], "answer": ["1", "2", "3"], "solution": ["x", "y", "z"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    task = MathTask(path=str(tmp_path / "ds"), eval_size=1)
+    assert len(task.eval_examples()) == 1 and len(task._train) == 2

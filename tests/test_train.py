@@ -1,0 +1,139 @@
+"""The training loop end to end on tiny models: resume, non-finite steps, checkpoints, LoRA, logs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import opd.train as train_module
+from conftest import make_config
+from opd.train import RunDirError, TrainingError, train
+
+
+def final_weights(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def train_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("method", ["opd", "gkd"])
+def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_models, monkeypatch, method):
+    common = ["train.steps=4", "checkpoint.every=2", f"method.name={method}", "method.gkd.lambda_onpolicy=0.5", "train.schedule=cosine", "train.warmup_steps=1"]
+    whole = make_config(tmp_path / "a", tiny_models, *common)
+    train(whole)
+
+    interrupted = make_config(tmp_path / "b", tiny_models, *common)
+    real_step = train_module.train_step
+
+    def dies_at_step_3(session, optimizer, step):
+        if step == 2:  # the third step: after the checkpoint at step 2
+            raise KeyboardInterrupt
+        return real_step(session, optimizer, step)
+
+    monkeypatch.setattr(train_module, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted)
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    resumed = make_config(tmp_path / "b", tiny_models, *common, "run.resume=true")
+    summary = train(resumed)
+
+    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert train_rows(tmp_path / "a" / "run") == train_rows(tmp_path / "b" / "run")
+    assert summary["student_accuracy_before"] is not None  # carried over from the first segment
+    initial = load_file(str(tiny_models[1] / "model.safetensors"))
+    assert any(not torch.equal(a[n], initial[n]) for n in initial)  # training changed the weights
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tiny_models, monkeypatch):
+    from opd.teachers import ModelTeacher
+
+    real = ModelTeacher.token_logprobs
+    calls = {"n": 0}
+
+    def nan_on_first_call(self, rollouts, temperature=1.0):
+        calls["n"] += 1
+        out = real(self, rollouts, temperature)
+        return out * float("nan") if calls["n"] == 1 else out
+
+    monkeypatch.setattr(ModelTeacher, "token_logprobs", nan_on_first_call)
+    cfg = make_config(tmp_path, tiny_models, "train.steps=3")
+    summary = train(cfg)
+    assert summary["nonfinite_skips"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows if r["kind"] == "train"] == [1.0, 0.0, 0.0]
+
+
+def test_persistent_nonfinite_stops_with_a_message(tmp_path, tiny_models, monkeypatch):
+    from opd.teachers import ModelTeacher
+
+    monkeypatch.setattr(ModelTeacher, "token_logprobs", lambda self, r, temperature=1.0: torch.full(r.completion_ids_BC.shape, float("nan")))
+    cfg = make_config(tmp_path, tiny_models, "train.steps=10", "train.max_consecutive_nonfinite=3")
+    initial = load_file(str(tiny_models[1] / "model.safetensors"))
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss or gradient"):
+        train(cfg)
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_models):
+    train(make_config(tmp_path, tiny_models, "train.steps=1", "method.name=sft"))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match="already holds a run; pass run.resume=true .* or run.overwrite=true"):
+        train(make_config(tmp_path, tiny_models, "train.steps=1", "method.name=sft"))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_run_outputs_load_back_and_logs_exist(tmp_path, tiny_models):
+    cfg = make_config(
+        tmp_path, tiny_models, "train.steps=2", "checkpoint.every=1", "checkpoint.keep_last=1",
+        "log.tensorboard=true", "log.plot=true", "eval.every=1", "eval.k=2", "eval.teacher=true",
+    )
+    summary = train(cfg)
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]  # keep_last=1
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    assert model.config.vocab_size == len(tok)
+    assert (run / "curves.png").stat().st_size > 1000
+    assert any((run / "tensorboard").iterdir())
+    saved = (run / "config.yaml").read_text()
+    assert "steps: 2" in saved
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "steps", "wall_seconds"):
+        assert summary[key] is not None
+    assert set(summary["eval_after"]) == {"accuracy", "mean_length", "avg@2", "pass@2"}
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["kind"] == "eval"] == [0, 1, 2]
+
+
+def test_lora_run_saves_merged_model(tmp_path, tiny_models):
+    cfg = make_config(tmp_path, tiny_models, "student.lora.enabled=true", "student.lora.r=4", "train.lr=1e-2", "checkpoint.every=2")
+    train(cfg)
+    run = tmp_path / "run"
+    merged = AutoModelForCausalLM.from_pretrained(run / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[1])
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all("proj" in n for n in changed)  # LoRA touched the linear layers only
+    assert (run / "final" / "adapter" / "adapter_config.json").is_file()
+    trainable = load_file(str(run / "checkpoints" / "step-000002" / "trainable.safetensors"))
+    assert trainable and all("lora_" in k for k in trainable)
+
+
+def test_opd_reduces_teacher_student_kl(tmp_path, tiny_models):
+    """Behaviour: on-policy reverse-KL training moves the student towards the teacher."""
+    cfg = make_config(tmp_path, tiny_models, "train.steps=25", "train.lr=3e-3", "train.prompts_per_step=8", "sampling.samples_per_prompt=4")
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["kl"] for r in rows if r["kind"] == "train"]
+    first, last = sum(kl[:5]) / 5, sum(kl[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+
+def test_sft_on_teacher_samples_runs(tmp_path, tiny_models):
+    summary = train(make_config(tmp_path, tiny_models, "method.name=sft", "method.sft.source=teacher"))
+    assert summary["nonfinite_skips"] == 0 and summary["generated_tokens"] == 0

@@ -1,0 +1,32 @@
+"""The embedded world: tokenizer and checkpoints load back through the Auto classes."""
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import TINY_SPEC
+from opd.world import build_world
+
+
+def test_char_tokenizer_round_trip_and_chat_template(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "7+9=16,4+8+1=13|936 Hello, world!\n"
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and loaded.decode(ids) == text
+    prompt = loaded.apply_chat_template([{"role": "user", "content": "1+2"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<bos><|user|>1+2<|assistant|>"
+    assert loaded.padding_side == "left"
+    assert loaded(prompt, add_special_tokens=False)["input_ids"][:2] == [loaded.bos_token_id, loaded.convert_tokens_to_ids("<|user|>")]
+
+
+def test_build_world_is_deterministic_and_loadable(tmp_path):
+    from dataclasses import replace
+
+    spec = replace(TINY_SPEC, teacher_steps=2, student_steps=1, batch_size=4, warmup_steps=0)
+    first = build_world(tmp_path / "w1", spec, progress=False)
+    second = build_world(tmp_path / "w2", spec, progress=False)
+    for role in ("teacher", "student"):
+        assert (first / role / "model.safetensors").read_bytes() == (second / role / "model.safetensors").read_bytes()
+        model = AutoModelForCausalLM.from_pretrained(first / role)
+        tok = AutoTokenizer.from_pretrained(first / role)
+        assert model.config.eos_token_id == tok.eos_token_id
+    assert (first / "world.json").is_file() and not list(tmp_path.glob("*.building-*"))
