@@ -137,3 +137,32 @@ def test_opd_reduces_teacher_student_kl(tmp_path, tiny_models):
 def test_sft_on_teacher_samples_runs(tmp_path, tiny_models):
     summary = train(make_config(tmp_path, tiny_models, "method.name=sft", "method.sft.source=teacher"))
     assert summary["nonfinite_skips"] == 0 and summary["generated_tokens"] == 0
+
+
+def _math_jsonl(path, n=12):
+    import json as _json
+
+    rows = [{"problem": f"{i}+{i}?", "solution": f"{i}+{i}={2 * i}, so \\boxed{{{2 * i}}}", "answer": str(2 * i)} for i in range(n)]
+    path.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_math_task_trains_from_jsonl(tmp_path, tiny_models):
+    data = _math_jsonl(tmp_path / "math.jsonl")
+    cfg = make_config(tmp_path, tiny_models, "task.name=math", f"task.path={data}", "task.eval_size=4", "method.name=sft", "train.steps=2")
+    summary = train(cfg)
+    assert summary["task"] == "math" and summary["eval_after"]["accuracy"] >= 0
+
+
+def test_prompt_longer_than_context_is_named(tmp_path, tiny_models):
+    from opd.prompts import PromptError
+
+    data = _math_jsonl(tmp_path / "math.jsonl")
+    cfg = make_config(tmp_path, tiny_models, "task.name=math", f"task.path={data}", "method.name=opd", "sampling.max_new_tokens=60")
+    with pytest.raises(PromptError, match=r"math.jsonl:\d+: prompt of \d+ tokens is longer than the 36 the context leaves for it \(sampling.max_new_tokens=60\)"):
+        train(cfg)
+
+
+def test_bf16_autocast_step_is_finite(tmp_path, tiny_models):
+    summary = train(make_config(tmp_path, tiny_models, "train.precision=bf16", "train.steps=1"))
+    assert summary["nonfinite_skips"] == 0

@@ -23,7 +23,7 @@ from .objectives import (
     sft_loss,
     truncated_importance_weights,
 )
-from .prompts import encode_completion, encode_prompt
+from .prompts import PromptError, encode_completion, encode_prompt
 from .rollout import HFSampler, Rollouts, rollouts_from_completions
 from .scoring import completion_hidden_states, projection, rollout_logprobs
 from .tasks import Example, Task
@@ -57,7 +57,14 @@ class Batch:
 
 
 def _prompts(s: Session, examples: list[Example]) -> list[list[int]]:
-    return [encode_prompt(s.tokenizer, s.task.messages(e), s.max_prompt_tokens) for e in examples]
+    encoded = []
+    for e in examples:
+        try:
+            encoded.append(encode_prompt(s.tokenizer, s.task.messages(e), s.max_prompt_tokens))
+        except PromptError as err:
+            where = e.meta.get("source") or repr(e.prompt[:40])
+            raise PromptError(f"{where}: {err} (sampling.max_new_tokens={s.cfg.sampling.max_new_tokens})") from None
+    return encoded
 
 
 def student_samples(s: Session, examples: list[Example], generator: torch.Generator) -> Batch:
