@@ -113,14 +113,55 @@ class SFTConfig:
 
 
 @dataclass
+class OPDPlusConfig:
+    """Sampled-token f-divergence distillation, standard or unbiased (METHODS §5)."""
+
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "hellinger", "tv"] = "jsd"
+    unbiased: bool = True  # false = standard OPD advantage -f(u) (biased unless reverse KL)
+    discount: float = 0.0  # γ on the f terms: 0 per-token, 1 full return
+    log_ratio_clip: float | None = 6.0
+
+
+@dataclass
+class GOPDConfig:
+    """G-OPD / ExOPD reward scaling with a reference model (METHODS §4)."""
+
+    reward_scale: float = 1.25  # λ; 1 = OPD, > 1 = ExOPD
+    reference: str = "student_init"  # the student's initial weights, or a HF checkpoint path
+    discount: float = 0.0
+
+
+@dataclass
+class ReopoldConfig:
+    """REOPOLD relaxed OPD (METHODS §6)."""
+
+    mixture_lambda: float = 0.2
+    floor_form: Literal["log_lambda_over_one_minus_lambda", "log_of_lambda_ratio"] = "log_lambda_over_one_minus_lambda"
+    entropy_fraction: float = 0.2
+    switch_step: int | None = None  # None = half of train.steps
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO with a verifier reward (METHODS §8)."""
+
+    kl_coef: float = 0.0  # > 0 adds a k3 KL penalty to the student's initial weights
+    scale_by_std: bool = True
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["opd", "gkd", "sft"] = "opd"
+    name: Literal["opd", "gkd", "sft", "opd_plus", "gopd", "reopold", "grpo"] = "opd"
     reduction: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
     clip_eps: float | None = None  # PPO clip on the ratio; None = no clipping
     is_correction_cap: float | None = None  # truncated sampler/trainer importance weight cap C
     opd: OPDConfig = field(default_factory=OPDConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    opd_plus: OPDPlusConfig = field(default_factory=OPDPlusConfig)
+    gopd: GOPDConfig = field(default_factory=GOPDConfig)
+    reopold: ReopoldConfig = field(default_factory=ReopoldConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 @dataclass
@@ -369,6 +410,19 @@ def validate(c: Config) -> None:
     _require(m.gkd.temperature > 0, "method.gkd.temperature", f"must be > 0, got {m.gkd.temperature}")
     _require(0 <= m.gkd.lambda_onpolicy <= 1, "method.gkd.lambda_onpolicy", f"must be in [0, 1], got {m.gkd.lambda_onpolicy}")
     _require(m.gkd.chunk_size >= 1, "method.gkd.chunk_size", f"must be >= 1, got {m.gkd.chunk_size}")
+    _require(0 <= m.opd_plus.discount <= 1, "method.opd_plus.discount", f"must be in [0, 1], got {m.opd_plus.discount}")
+    _require(
+        m.opd_plus.log_ratio_clip is None or m.opd_plus.log_ratio_clip > 0,
+        "method.opd_plus.log_ratio_clip",
+        f"must be > 0 or null, got {m.opd_plus.log_ratio_clip}",
+    )
+    _require(m.gopd.reward_scale > 0, "method.gopd.reward_scale", f"must be > 0, got {m.gopd.reward_scale}")
+    _require(0 <= m.gopd.discount <= 1, "method.gopd.discount", f"must be in [0, 1], got {m.gopd.discount}")
+    _require(0 < m.reopold.mixture_lambda < 1, "method.reopold.mixture_lambda", f"must be in (0, 1), got {m.reopold.mixture_lambda}")
+    _require(0 < m.reopold.entropy_fraction <= 1, "method.reopold.entropy_fraction", f"must be in (0, 1], got {m.reopold.entropy_fraction}")
+    _require(m.grpo.kl_coef >= 0, "method.grpo.kl_coef", f"must be >= 0, got {m.grpo.kl_coef}")
+    if m.name == "grpo":
+        _require(s.samples_per_prompt >= 2, "sampling.samples_per_prompt", f"must be >= 2 for GRPO's group baseline, got {s.samples_per_prompt}")
     _require(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
     _require(e.num_prompts >= 1, "eval.num_prompts", f"must be >= 1, got {e.num_prompts}")
     _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
@@ -388,9 +442,16 @@ def validate(c: Config) -> None:
         _require(c.teacher.path is not None, "teacher.path", f"is required by method '{m.name}'")
 
 
+def needs_reference(c: Config) -> bool:
+    """Whether the configured method scores with a reference model (G-OPD with λ ≠ 1, GRPO's KL penalty)."""
+    if c.method.name == "gopd":
+        return c.method.gopd.reward_scale != 1.0
+    return c.method.name == "grpo" and c.method.grpo.kl_coef > 0
+
+
 def needs_teacher(c: Config) -> bool:
     """Whether the configured method scores with (or samples from) a separate teacher model."""
-    if c.method.name in ("opd", "gkd"):
+    if c.method.name in ("opd", "gkd", "opd_plus", "gopd", "reopold"):
         return True
     if c.method.name == "sft":
         return c.method.sft.source == "teacher"

@@ -16,7 +16,12 @@ import torch
 
 from .config import Config
 from .objectives import (
+    f_divergence_advantages,
     gkd_loss,
+    gopd_advantages,
+    group_advantages,
+    k3_kl,
+    reopold_rewards_and_mask,
     masked_mean,
     policy_gradient_loss,
     reverse_kl_advantages,
@@ -41,6 +46,7 @@ class Session:
     sampler: HFSampler
     teacher: ModelTeacher | None
     teacher_sampler: HFSampler | None
+    reference: ModelTeacher | None
     autocast: Callable[[], contextlib.AbstractContextManager]
     device: torch.device
     max_prompt_tokens: int | None = None
@@ -68,8 +74,10 @@ def _prompts(s: Session, examples: list[Example]) -> list[list[int]]:
 
 
 def student_samples(s: Session, examples: list[Example], generator: torch.Generator) -> Batch:
-    rows = [e for e in examples for _ in range(s.cfg.sampling.samples_per_prompt)]
+    k = s.cfg.sampling.samples_per_prompt
+    rows = [e for e in examples for _ in range(k)]
     rollouts = s.sampler.sample(_prompts(s, rows), s.cfg.sampling, generator)
+    rollouts.group_B = [i // k for i in range(len(rows))]  # rows of one prompt share a group
     return Batch(rollouts, rows, on_policy=True)
 
 
@@ -112,23 +120,81 @@ def _data_sft(s: Session, examples, rng: random.Random, generator) -> Batch:
 
 # ----------------------------------------------------------------------------- losses
 
+AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict]]
 
-def _loss_opd(s: Session, batch: Batch) -> tuple[torch.Tensor, dict]:
+
+def _sampled_token_loss(s: Session, batch: Batch, advantages: AdvantageFn) -> tuple[torch.Tensor, dict]:
+    """Teacher log-probs of the sampled tokens → per-token advantages → the shared surrogate.
+
+    ``advantages(student_logp_BC, teacher_logp_BC, entropy_BC, mask_BC)`` returns
+    ``(advantages_BC, mask_BC, metrics)``; the mask may narrow the loss mask (REOPOLD).
+    """
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
     teacher_logp_BC = s.teacher.token_logprobs(r)
     with s.autocast():
-        logp_BC, _ = rollout_logprobs(s.student, r)
-    advantages_BC = reverse_kl_advantages(logp_BC, teacher_logp_BC, mask_BC, m.opd.coef, m.opd.discount)
+        logp_BC, entropy_BC = rollout_logprobs(s.student, r)
+    advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC.detach(), mask_BC)
     weights = None
     if m.is_correction_cap is not None and r.sampler_logp_BC is not None:
         weights = truncated_importance_weights(logp_BC, r.sampler_logp_BC, m.is_correction_cap)
-    loss, metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, mask_BC, m.clip_eps, m.reduction, weights)
-    metrics["kl"] = float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC))
+    loss, pg_metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, train_mask_BC, m.clip_eps, m.reduction, weights)
+    metrics.update(pg_metrics, kl=float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC)))
     return loss, metrics
 
 
-def _loss_gkd(s: Session, batch: Batch) -> tuple[torch.Tensor, dict]:
+def _loss_opd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+    c = s.cfg.method.opd
+    return _sampled_token_loss(
+        s, batch, lambda lp, tlp, ent, mask: (reverse_kl_advantages(lp, tlp, mask, c.coef, c.discount), mask, {})
+    )
+
+
+def _loss_opd_plus(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+    c = s.cfg.method.opd_plus
+
+    def advantages(lp, tlp, ent, mask):
+        adv, metrics = f_divergence_advantages(lp, tlp, mask, c.divergence, c.unbiased, c.discount, c.log_ratio_clip)
+        return adv, mask, metrics
+
+    return _sampled_token_loss(s, batch, advantages)
+
+
+def _loss_gopd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+    c = s.cfg.method.gopd
+    ref_logp_BC = s.reference.token_logprobs(batch.rollouts) if s.reference is not None else None
+    return _sampled_token_loss(
+        s, batch, lambda lp, tlp, ent, mask: (gopd_advantages(lp, tlp, ref_logp_BC, mask, c.reward_scale, c.discount), mask, {})
+    )
+
+
+def _loss_reopold(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+    c = s.cfg.method.reopold
+    switch = c.switch_step if c.switch_step is not None else s.cfg.train.steps // 2
+
+    def advantages(lp, tlp, ent, mask):
+        return reopold_rewards_and_mask(lp, tlp, ent, mask, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)
+
+    return _sampled_token_loss(s, batch, advantages)
+
+
+def _loss_grpo(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+    m, r = s.cfg.method, batch.rollouts
+    mask_BC = r.loss_mask_BC.float()
+    rewards_B = torch.tensor([s.task.reward(t, e) for t, e in zip(r.texts, batch.examples)], device=mask_BC.device)
+    groups_B = torch.tensor(r.group_B, device=mask_BC.device)
+    advantages_BC = group_advantages(rewards_B, groups_B, scale=m.grpo.scale_by_std)[:, None].expand_as(mask_BC)
+    with s.autocast():
+        logp_BC, _ = rollout_logprobs(s.student, r)
+    loss, metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, mask_BC, m.clip_eps, m.reduction)
+    if s.reference is not None and m.grpo.kl_coef > 0:
+        kl = masked_mean(k3_kl(logp_BC, s.reference.token_logprobs(r)), mask_BC, m.reduction)
+        loss = loss + m.grpo.kl_coef * kl
+        metrics["kl_ref"] = float(kl.detach())
+    return loss, metrics
+
+
+def _loss_gkd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     g, r = s.cfg.method.gkd, batch.rollouts
     teacher_hidden = s.teacher.hidden_states(r)
     with s.autocast():
@@ -147,7 +213,7 @@ def _loss_gkd(s: Session, batch: Batch) -> tuple[torch.Tensor, dict]:
     return loss, {"jsd": float(loss.detach()), **(_sampled_kl(s, r) if batch.on_policy else {})}
 
 
-def _loss_sft(s: Session, batch: Batch) -> tuple[torch.Tensor, dict]:
+def _loss_sft(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     r = batch.rollouts
     with s.autocast():
         logp_BC, _ = rollout_logprobs(s.student, r)
@@ -167,13 +233,17 @@ def _sampled_kl(s: Session, r: Rollouts) -> dict:
 @dataclass(frozen=True)
 class Method:
     data: Callable[[Session, list[Example], random.Random, torch.Generator], Batch]
-    loss: Callable[[Session, Batch], tuple[torch.Tensor, dict]]
+    loss: Callable[[Session, Batch, int], tuple[torch.Tensor, dict]]
 
 
 METHODS: dict[str, Method] = {
     "opd": Method(_data_opd, _loss_opd),
     "gkd": Method(_data_gkd, _loss_gkd),
     "sft": Method(_data_sft, _loss_sft),
+    "opd_plus": Method(_data_opd, _loss_opd_plus),
+    "gopd": Method(_data_opd, _loss_gopd),
+    "reopold": Method(_data_opd, _loss_reopold),
+    "grpo": Method(_data_opd, _loss_grpo),
 }
 
 

@@ -36,3 +36,19 @@ class ModelTeacher:
         with self._autocast():
             hidden_BCH = completion_hidden_states(self.model, rollouts)
         return hidden_BCH
+
+
+class AdapterDisabledTeacher:
+    """The student's initial weights without a second copy: the LoRA student with its adapters switched off."""
+
+    def __init__(self, peft_model: torch.nn.Module, autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError("AdapterDisabledTeacher needs a peft model")
+        self.model = peft_model
+        self._autocast = autocast or contextlib.nullcontext
+
+    @torch.no_grad()
+    def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+        with self.model.disable_adapter(), self._autocast():
+            logp_BC, _ = rollout_logprobs(self.model, rollouts, temperature)
+        return logp_BC

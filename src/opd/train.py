@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, needs_teacher, save_config, to_dict
+from .config import Config, needs_reference, needs_teacher, save_config
 from .evaluate import evaluate
 from .methods import METHODS, Session, batch_metrics
 from .models import apply_lora, check_pairing, eos_token_ids, load_model, load_tokenizer
 from .rollout import HFSampler
 from .tasks import ArithmeticTask, MathTask, Task
-from .teachers import ModelTeacher
+from .teachers import AdapterDisabledTeacher, ModelTeacher
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def build_session(cfg: Config) -> Session:
         )
         teacher = ModelTeacher(teacher_model, autocast)
         teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
+    reference = build_reference(cfg, tokenizer, student, autocast, device) if needs_reference(cfg) else None
     max_positions = getattr(student.config, "max_position_embeddings", None)
     max_prompt = max_positions - cfg.sampling.max_new_tokens if max_positions else None
     if max_prompt is not None and max_prompt < 1:
@@ -121,7 +122,21 @@ def build_session(cfg: Config) -> Session:
             f"{max_positions}-token context"
         )
     sampler = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer), autocast)
-    return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, autocast, device, max_prompt)
+    return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt)
+
+
+def build_reference(cfg: Config, tokenizer, student, autocast, device):
+    """π_ref: the student's initial weights (LoRA: adapters disabled; else a frozen copy) or a given checkpoint."""
+    path = cfg.method.gopd.reference if cfg.method.name == "gopd" else "student_init"
+    st = cfg.student
+    if path == "student_init":
+        if st.lora.enabled:
+            return AdapterDisabledTeacher(student, autocast)
+        return ModelTeacher(load_model(st.path, "student", st.dtype, st.trust_remote_code, device), autocast)
+    ref_tok = load_tokenizer(path, "method.gopd.reference")
+    ref_model = load_model(path, "method.gopd.reference", st.dtype, st.trust_remote_code, device)
+    check_pairing(tokenizer, ref_tok, student, ref_model, False, cfg.pairing.allow_chat_template_mismatch)
+    return ModelTeacher(ref_model, autocast)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):
@@ -165,7 +180,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], bool
     finite = True
     for i in range(cfg.train.grad_accum):
         batch = method.data(s, examples[i * per_micro : (i + 1) * per_micro], rng, generator)
-        loss, metrics = method.loss(s, batch)
+        loss, metrics = method.loss(s, batch, step)
         metrics.update(batch_metrics(s, batch), loss=float(loss.detach()))
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value / (1 if key == "completion_tokens" else cfg.train.grad_accum)

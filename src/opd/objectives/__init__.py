@@ -3,11 +3,23 @@
 from .common import discounted_cumsum, masked_mean, policy_gradient_loss, truncated_importance_weights
 from .divergences import generalized_jsd, streamed_divergence
 from .gkd import gkd_loss
+from .gopd import gopd_advantages
+from .grpo import group_advantages, k3_kl
 from .opd import reverse_kl_advantages
+from .opd_plus import F_DIVERGENCES, f_divergence_advantages
+from .reopold import entropy_top_fraction_mask, reopold_rewards_and_mask, reward_floor
 from .sft import sft_loss
 
 __all__ = [
+    "F_DIVERGENCES",
     "discounted_cumsum",
+    "entropy_top_fraction_mask",
+    "f_divergence_advantages",
+    "gopd_advantages",
+    "group_advantages",
+    "k3_kl",
+    "reopold_rewards_and_mask",
+    "reward_floor",
     "generalized_jsd",
     "gkd_loss",
     "masked_mean",
