@@ -42,7 +42,7 @@ def test_impossible_value_names_key():
 
 
 def test_literal_choices_listed():
-    with pytest.raises(ConfigError, match="config key 'method.name' must be one of 'opd', 'gkd', 'sft', got 'dpo'"):
+    with pytest.raises(ConfigError, match="config key 'method.name' must be one of 'opd', 'gkd', 'sft', .*got 'dpo'"):
         load_config(None, ["student.path=x", "method.name=dpo"])
 
 
@@ -80,3 +80,24 @@ def test_saved_config_round_trips_and_redacts(tmp_path):
     from opd.config import redact
 
     assert redact({"judge": {"api_key": "sk-123", "url": "u"}}) == {"judge": {"api_key": "<redacted>", "url": "u"}}
+
+
+def test_base_config_is_overlaid(tmp_path):
+    (tmp_path / "base.yaml").write_text("student:\n  path: s\nmethod:\n  name: sft\ntrain:\n  steps: 3\n  lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  steps: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.steps, cfg.train.lr, cfg.method.name) == (9, 0.5, "sft")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="'base' chain loops back"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    import opd.cli
+
+    files = sorted(Path(opd.cli.CONFIG_DIR).rglob("*.yaml"))
+    assert len(files) >= 8
+    for path in files:
+        load_config(path)

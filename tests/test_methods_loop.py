@@ -13,7 +13,7 @@ from opd.config import LoraConfig
 from opd.prompts import encode_prompt
 from opd.rollout import HFSampler
 from opd.scoring import rollout_logprobs
-from opd.teachers import AdapterDisabledTeacher
+from opd.teachers import ModelTeacher
 from opd.train import train
 
 
@@ -61,7 +61,7 @@ def test_adapter_disabled_reference_is_the_initial_student(tiny_models, tokenize
     with torch.no_grad():
         base_logp, _ = rollout_logprobs(base, r)
         adapted_logp, _ = rollout_logprobs(lora, r)
-    reference_logp = AdapterDisabledTeacher(lora).token_logprobs(r)
+    reference_logp = ModelTeacher(lora, freeze=False, disable_adapters=True).token_logprobs(r)
     torch.testing.assert_close(reference_logp, base_logp)
     assert not torch.allclose(adapted_logp, base_logp)
 
@@ -71,3 +71,66 @@ def test_grpo_needs_a_group():
         from opd.config import load_config
 
         load_config(None, ["student.path=x", "method.name=grpo", "sampling.samples_per_prompt=1"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.opsd.loss=jsd"],
+        ["method.opsd.loss=sampled"],
+        ["method.opsd.teacher_weights=ema", "method.opsd.ema_decay=0.5"],
+        ["method.opsd.teacher_weights=current", "method.opsd.top_k=5"],
+        ["method.opsd.teacher_weights=fixed", "student.lora.enabled=true"],
+    ],
+    ids=["jsd_fixed", "sampled", "ema", "current_topk", "lora_fixed"],
+)
+def test_opsd_variants_run(tmp_path, tiny_models, overrides):
+    summary = train(make_config(tmp_path, tiny_models, "method.name=opsd", "teacher.path=null", *overrides))
+    assert summary["nonfinite_skips"] == 0
+    assert all(r["kl"] == r["kl"] for r in rows(tmp_path / "run"))
+
+
+def test_opsd_teacher_sees_the_reference_solution(tiny_models, tmp_path):
+    from opd.methods import Batch, privileged_view
+    from opd.train import build_session
+
+    s = build_session(make_config(tmp_path, tiny_models, "method.name=opsd", "teacher.path=null"))
+    example = s.task.eval_examples()[0]
+    r = s.sampler.sample([encode_prompt(s.tokenizer, s.task.messages(example))], s.cfg.sampling, torch.Generator().manual_seed(0))
+    view = privileged_view(s, Batch(r, [example], on_policy=True))
+    teacher_prompt = s.tokenizer.decode(view.prompt_ids_BP[0][view.prompt_mask_BP[0].bool()])
+    assert example.solution in teacher_prompt and example.prompt in teacher_prompt
+    assert torch.equal(view.completion_ids_BC, r.completion_ids_BC)
+
+
+def test_opsd_resume_with_ema_teacher_is_exact(tmp_path, tiny_models, monkeypatch):
+    import opd.train as train_module
+    from safetensors.torch import load_file
+
+    common = ["method.name=opsd", "teacher.path=null", "method.opsd.teacher_weights=ema", "method.opsd.ema_decay=0.5", "train.steps=4", "checkpoint.every=2"]
+    train(make_config(tmp_path / "a", tiny_models, *common))
+    real_step = train_module.train_step
+
+    def dies(session, optimizer, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(session, optimizer, step)
+
+    monkeypatch.setattr(train_module, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tmp_path / "b", tiny_models, *common))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    train(make_config(tmp_path / "b", tiny_models, *common, "run.resume=true"))
+    a = load_file(str(tmp_path / "a" / "run" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "b" / "run" / "checkpoints" / "step-000004" / "extra.safetensors").is_file()
+
+
+def test_opsd_refuses_a_separate_teacher_and_missing_privileged_context(tmp_path):
+    from opd.config import load_config
+
+    with pytest.raises(ConfigError, match="'teacher.path' must be null for opsd"):
+        load_config(None, ["student.path=s", "method.name=opsd", "teacher.path=t"])
+    with pytest.raises(ConfigError, match="'task.solution_field' must name the reference-solution field"):
+        load_config(None, ["student.path=s", "method.name=opsd", "task.name=math", "task.path=x.jsonl", "task.solution_field=null"])

@@ -152,3 +152,15 @@ def test_sft_loss_is_masked_nll():
     logp = torch.tensor([[-1.0, -3.0], [-2.0, -100.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     assert sft_loss(logp, mask).item() == 2.0
+
+
+def test_top_k_restriction():
+    from functools import partial
+
+    from opd.objectives.divergences import on_teacher_top_k
+
+    s, t = torch.randn(3, 9, dtype=torch.float64), torch.randn(3, 9, dtype=torch.float64)
+    jsd = partial(generalized_jsd, beta=0.5)
+    torch.testing.assert_close(on_teacher_top_k(s, t, jsd, k=9), jsd(s, t))
+    idx = t.topk(3, -1).indices
+    torch.testing.assert_close(on_teacher_top_k(s, t, jsd, k=3), jsd(s.gather(-1, idx), t.gather(-1, idx)))

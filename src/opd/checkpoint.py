@@ -6,6 +6,7 @@ Layout of ``<run>/checkpoints/step-000040/``:
     trainable.safetensors  the trainable parameters, by name (what resume loads)
     optimizer.safetensors  optimizer tensors;  optimizer.json  the rest of its state
     rng.safetensors        torch RNG states;   state.json  step, counters, scheduler, python RNG
+    extra.safetensors      state of stateful teachers (an EMA teacher's weights), when there is any
 
 Everything is written into a temporary sibling directory that is renamed into place, so a
 run killed mid-write leaves the previous checkpoint intact.
@@ -58,6 +59,7 @@ def save_checkpoint(
     scheduler,
     state: dict,
     keep_last: int,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,8 @@ def save_checkpoint(
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, tmp / "rng.safetensors")
+    if extra_tensors:
+        save_file(extra_tensors, tmp / "extra.safetensors")
     version, internal, gauss = random.getstate()
     full_state = dict(state, step=step, scheduler=scheduler.state_dict(), python_rng=[version, list(internal), gauss])
     (tmp / "state.json").write_text(json.dumps(full_state))
@@ -97,6 +101,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors saved beside the model (e.g. an EMA teacher); empty when there are none."""
+    extra = Path(path) / "extra.safetensors"
+    return load_file(extra) if extra.is_file() else {}
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:

@@ -150,8 +150,21 @@ class GRPOConfig:
 
 
 @dataclass
+class OPSDConfig:
+    """On-policy self-distillation with a privileged-context teacher (METHODS §3)."""
+
+    loss: Literal["jsd", "sampled"] = "jsd"  # full-vocabulary JSD_β, or the sampled-token advantage ℓ^T - ℓ^S
+    beta: float = 0.5
+    temperature: float | None = None  # logits divided by this before the loss; None = sampling.temperature
+    top_k: int | None = None  # restrict both distributions to the teacher's top-K tokens (paper option: 50)
+    teacher_weights: Literal["fixed", "ema", "current"] = "fixed"
+    ema_decay: float = 0.999
+    chunk_size: int = 1024
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["opd", "gkd", "sft", "opd_plus", "gopd", "reopold", "grpo"] = "opd"
+    name: Literal["opd", "gkd", "sft", "opd_plus", "gopd", "reopold", "grpo", "opsd"] = "opd"
     reduction: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
     clip_eps: float | None = None  # PPO clip on the ratio; None = no clipping
     is_correction_cap: float | None = None  # truncated sampler/trainer importance weight cap C
@@ -162,6 +175,7 @@ class MethodConfig:
     gopd: GOPDConfig = field(default_factory=GOPDConfig)
     reopold: ReopoldConfig = field(default_factory=ReopoldConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    opsd: OPSDConfig = field(default_factory=OPSDConfig)
 
 
 @dataclass
@@ -226,23 +240,39 @@ class Config:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     config = from_dict(Config, raw, prefix="")
     validate(config)
     return config
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a dict; a top-level ``base: other.yaml`` (relative to this file) is read first and overlaid."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    return deep_merge(read_yaml(base_path, seen + (path.resolve(),)), raw)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -421,6 +451,23 @@ def validate(c: Config) -> None:
     _require(0 < m.reopold.mixture_lambda < 1, "method.reopold.mixture_lambda", f"must be in (0, 1), got {m.reopold.mixture_lambda}")
     _require(0 < m.reopold.entropy_fraction <= 1, "method.reopold.entropy_fraction", f"must be in (0, 1], got {m.reopold.entropy_fraction}")
     _require(m.grpo.kl_coef >= 0, "method.grpo.kl_coef", f"must be >= 0, got {m.grpo.kl_coef}")
+    _require(0 <= m.opsd.beta <= 1, "method.opsd.beta", f"must be in [0, 1], got {m.opsd.beta}")
+    _require(m.opsd.temperature is None or m.opsd.temperature > 0, "method.opsd.temperature", "must be > 0 or null")
+    _require(m.opsd.top_k is None or m.opsd.top_k >= 1, "method.opsd.top_k", f"must be >= 1 or null, got {m.opsd.top_k}")
+    _require(0 < m.opsd.ema_decay < 1, "method.opsd.ema_decay", f"must be in (0, 1), got {m.opsd.ema_decay}")
+    _require(m.opsd.chunk_size >= 1, "method.opsd.chunk_size", f"must be >= 1, got {m.opsd.chunk_size}")
+    if m.name == "opsd":
+        _require(
+            c.teacher.path is None,
+            "teacher.path",
+            "must be null for opsd: the teacher is the student itself, conditioned on the reference solution",
+        )
+        if c.task.name == "math":
+            _require(
+                c.task.solution_field is not None,
+                "task.solution_field",
+                "must name the reference-solution field: opsd's teacher needs privileged context",
+            )
     if m.name == "grpo":
         _require(s.samples_per_prompt >= 2, "sampling.samples_per_prompt", f"must be >= 2 for GRPO's group baseline, got {s.samples_per_prompt}")
     _require(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")

@@ -29,7 +29,7 @@ from .objectives import (
     truncated_importance_weights,
 )
 from .prompts import PromptError, encode_completion, encode_prompt
-from .rollout import HFSampler, Rollouts, rollouts_from_completions
+from .rollout import HFSampler, Rollouts, left_pad, rollouts_from_completions
 from .scoring import completion_hidden_states, projection, rollout_logprobs
 from .tasks import Example, Task
 from .teachers import ModelTeacher
@@ -123,15 +123,18 @@ def _data_sft(s: Session, examples, rng: random.Random, generator) -> Batch:
 AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict]]
 
 
-def _sampled_token_loss(s: Session, batch: Batch, advantages: AdvantageFn) -> tuple[torch.Tensor, dict]:
+def _sampled_token_loss(
+    s: Session, batch: Batch, advantages: AdvantageFn, teacher_rollouts: Rollouts | None = None
+) -> tuple[torch.Tensor, dict]:
     """Teacher log-probs of the sampled tokens → per-token advantages → the shared surrogate.
 
     ``advantages(student_logp_BC, teacher_logp_BC, entropy_BC, mask_BC)`` returns
     ``(advantages_BC, mask_BC, metrics)``; the mask may narrow the loss mask (REOPOLD).
+    ``teacher_rollouts`` are the same completions behind the teacher's own prompts (OPSD).
     """
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
-    teacher_logp_BC = s.teacher.token_logprobs(r)
+    teacher_logp_BC = s.teacher.token_logprobs(teacher_rollouts if teacher_rollouts is not None else r)
     with s.autocast():
         logp_BC, entropy_BC = rollout_logprobs(s.student, r)
     advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC.detach(), mask_BC)
@@ -194,6 +197,32 @@ def _loss_grpo(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]
     return loss, metrics
 
 
+def privileged_view(s: Session, batch: Batch) -> Rollouts:
+    """The batch's completions behind each example's privileged prompt (problem + reference solution)."""
+    prompts = [encode_prompt(s.tokenizer, s.task.privileged_messages(e), s.max_prompt_tokens) for e in batch.examples]
+    ids_BP, mask_BP = left_pad(prompts, s.tokenizer.pad_token_id)
+    return batch.rollouts.with_prompts(ids_BP.to(s.device), mask_BP.to(s.device))
+
+
+def _loss_opsd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+    o, r = s.cfg.method.opsd, batch.rollouts
+    teacher_view = privileged_view(s, batch)
+    if o.loss == "sampled":  # A_n = ℓ^T_n - ℓ^S_n, the reverse-KL advantage with c = 1
+        return _sampled_token_loss(s, batch, lambda lp, tlp, ent, mask: (reverse_kl_advantages(lp, tlp, mask), mask, {}), teacher_view)
+    temperature = o.temperature if o.temperature is not None else s.cfg.sampling.temperature
+    teacher_hidden = s.teacher.hidden_states(teacher_view)
+    with s.autocast():
+        student_hidden = completion_hidden_states(s.student, r)
+    loss, _ = gkd_loss(
+        student_hidden, teacher_hidden, projection(s.student), s.teacher.project, r.loss_mask_BC,
+        o.beta, temperature, o.chunk_size, s.cfg.method.reduction, o.top_k,
+    )
+    with torch.no_grad(), s.autocast():
+        logp_BC, _ = rollout_logprobs(s.student, r)
+    kl = masked_mean(logp_BC - s.teacher.token_logprobs(teacher_view), r.loss_mask_BC.float())
+    return loss, {"jsd": float(loss.detach()), "kl": float(kl)}
+
+
 def _loss_gkd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     g, r = s.cfg.method.gkd, batch.rollouts
     teacher_hidden = s.teacher.hidden_states(r)
@@ -244,6 +273,7 @@ METHODS: dict[str, Method] = {
     "gopd": Method(_data_opd, _loss_gopd),
     "reopold": Method(_data_opd, _loss_reopold),
     "grpo": Method(_data_opd, _loss_grpo),
+    "opsd": Method(_data_opd, _loss_opsd),
 }
 
 

@@ -1,54 +1,85 @@
-"""Teachers turn rollouts into signals: per-token log-probs, or hidden states for streamed full distributions."""
+"""Teachers turn rollouts into signals: per-token log-probs, or hidden states for streamed full distributions.
+
+Kinds, all behind the same two methods:
+
+- ``ModelTeacher(model)``: a separate frozen HF model (a teacher, a reference, a frozen
+  copy of the student's initial weights).
+- ``ModelTeacher(student, freeze=False)``: the student's *current* weights, scored without
+  gradients (self-distillation with ``teacher_weights=current``).
+- ``ModelTeacher(peft_student, freeze=False, disable_adapters=True)``: the student's
+  initial weights without a second copy — the LoRA student with its adapters switched off.
+- ``EmaTeacher(student)``: an exponential moving average of the student's weights.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable
 
 import torch
 
-from .models import freeze
+from .models import freeze as freeze_model
 from .rollout import Rollouts
 from .scoring import completion_hidden_states, projection, rollout_logprobs
 
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
 
 class ModelTeacher:
-    """A separate local HF causal LM, frozen, run without autograd.
+    """A causal LM scored without autograd.
 
-    ``token_logprobs`` gives ``[B, C]`` log-probs of the student's tokens (no logits kept);
-    ``hidden_states`` + ``project`` let a full-vocabulary loss form teacher logits one chunk
-    of tokens at a time.
+    ``token_logprobs`` gives ``[B, C]`` log-probs of the rollouts' completion tokens (no
+    logits kept); ``hidden_states`` + ``project`` let a full-vocabulary loss form teacher
+    logits one chunk of tokens at a time.
     """
 
-    def __init__(self, model: torch.nn.Module, autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
-        self.model = freeze(model)
+    def __init__(self, model: torch.nn.Module, autocast: Autocast | None = None, freeze: bool = True, disable_adapters: bool = False):
+        if disable_adapters and not hasattr(model, "disable_adapter"):
+            raise TypeError("disable_adapters=True needs a peft model")
+        self.model = freeze_model(model) if freeze else model
         self.project = projection(self.model)
         self._autocast = autocast or contextlib.nullcontext
+        self._disable_adapters = disable_adapters
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def _scoring(self):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if self._disable_adapters:
+                stack.enter_context(self.model.disable_adapter())
+            stack.enter_context(self._autocast())
+            yield
+
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-        with self._autocast():
+        with self._scoring():
             logp_BC, _ = rollout_logprobs(self.model, rollouts, temperature)
         return logp_BC
 
-    @torch.no_grad()
     def hidden_states(self, rollouts: Rollouts) -> torch.Tensor:
-        with self._autocast():
-            hidden_BCH = completion_hidden_states(self.model, rollouts)
-        return hidden_BCH
+        with self._scoring():
+            return completion_hidden_states(self.model, rollouts)
 
 
-class AdapterDisabledTeacher:
-    """The student's initial weights without a second copy: the LoRA student with its adapters switched off."""
+class EmaTeacher(ModelTeacher):
+    """θ_T ← d·θ_T + (1-d)·θ after every applied optimizer step; starts at the student's initial weights."""
 
-    def __init__(self, peft_model: torch.nn.Module, autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
-        if not hasattr(peft_model, "disable_adapter"):
-            raise TypeError("AdapterDisabledTeacher needs a peft model")
-        self.model = peft_model
-        self._autocast = autocast or contextlib.nullcontext
+    def __init__(self, student: torch.nn.Module, decay: float, autocast: Autocast | None = None):
+        super().__init__(copy.deepcopy(student), autocast, freeze=True)
+        self.decay = decay
+        self._pairs = [
+            (p_ema, p) for (name, p_ema), (_, p) in zip(self.model.named_parameters(), student.named_parameters()) if p.requires_grad
+        ]
 
     @torch.no_grad()
-    def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-        with self.model.disable_adapter(), self._autocast():
-            logp_BC, _ = rollout_logprobs(self.model, rollouts, temperature)
-        return logp_BC
+    def update(self, student: torch.nn.Module) -> None:
+        for p_ema, p in self._pairs:
+            p_ema.lerp_(p.detach(), 1 - self.decay)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{i}": p.detach().cpu().contiguous() for i, (p, _) in enumerate(self._pairs)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, (p, _) in enumerate(self._pairs):
+                p.copy_(tensors[f"ema.{i}"])

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint
 from .config import Config, needs_reference, needs_teacher, save_config
 from .evaluate import evaluate
 from .methods import METHODS, Session, batch_metrics
 from .models import apply_lora, check_pairing, eos_token_ids, load_model, load_tokenizer
 from .rollout import HFSampler
 from .tasks import ArithmeticTask, MathTask, Task
-from .teachers import AdapterDisabledTeacher, ModelTeacher
+from .teachers import EmaTeacher, ModelTeacher
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def build_session(cfg: Config) -> Session:
         )
         teacher = ModelTeacher(teacher_model, autocast)
         teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
+    if cfg.method.name == "opsd":
+        teacher = self_teacher(cfg, student, autocast, device)
     reference = build_reference(cfg, tokenizer, student, autocast, device) if needs_reference(cfg) else None
     max_positions = getattr(student.config, "max_position_embeddings", None)
     max_prompt = max_positions - cfg.sampling.max_new_tokens if max_positions else None
@@ -125,14 +127,30 @@ def build_session(cfg: Config) -> Session:
     return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt)
 
 
+def initial_student(cfg: Config, student, autocast, device) -> ModelTeacher:
+    """The student's initial weights: with LoRA the student with adapters disabled, else a frozen copy."""
+    st = cfg.student
+    if st.lora.enabled:
+        return ModelTeacher(student, autocast, freeze=False, disable_adapters=True)
+    return ModelTeacher(load_model(st.path, "student", st.dtype, st.trust_remote_code, device), autocast)
+
+
+def self_teacher(cfg: Config, student, autocast, device) -> ModelTeacher:
+    """OPSD's teacher: the student itself with fixed (initial), EMA or current weights."""
+    o = cfg.method.opsd
+    if o.teacher_weights == "fixed":
+        return initial_student(cfg, student, autocast, device)
+    if o.teacher_weights == "ema":
+        return EmaTeacher(student, o.ema_decay, autocast)
+    return ModelTeacher(student, autocast, freeze=False)
+
+
 def build_reference(cfg: Config, tokenizer, student, autocast, device):
-    """π_ref: the student's initial weights (LoRA: adapters disabled; else a frozen copy) or a given checkpoint."""
+    """π_ref: the student's initial weights or a given checkpoint (which must pair with the student)."""
     path = cfg.method.gopd.reference if cfg.method.name == "gopd" else "student_init"
     st = cfg.student
     if path == "student_init":
-        if st.lora.enabled:
-            return AdapterDisabledTeacher(student, autocast)
-        return ModelTeacher(load_model(st.path, "student", st.dtype, st.trust_remote_code, device), autocast)
+        return initial_student(cfg, student, autocast, device)
     ref_tok = load_tokenizer(path, "method.gopd.reference")
     ref_model = load_model(path, "method.gopd.reference", st.dtype, st.trust_remote_code, device)
     check_pairing(tokenizer, ref_tok, student, ref_model, False, cfg.pairing.allow_chat_template_mismatch)
@@ -196,6 +214,8 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], bool
         finite = bool(torch.isfinite(grad_norm))
     if finite:
         optimizer.step()
+        if isinstance(s.teacher, EmaTeacher):
+            s.teacher.update(s.student)
     optimizer.zero_grad(set_to_none=True)
     return totals, finite
 
@@ -276,6 +296,8 @@ def train(cfg: Config) -> dict:
     start_step = 0
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, s.student, optimizer, scheduler))
+        if isinstance(s.teacher, EmaTeacher):
+            s.teacher.load_state_tensors(load_extra_tensors(resume_from))
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
     metrics_log = MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None)
@@ -320,7 +342,7 @@ def train(cfg: Config) -> dict:
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
                 state["wall_seconds"] += time.time() - segment_start
                 segment_start = time.time()
-                save_checkpoint(run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, cfg.checkpoint.keep_last)
+                save_checkpoint(run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, cfg.checkpoint.keep_last, teacher_tensors(s))
     finally:
         bar.close()
     state["wall_seconds"] += time.time() - segment_start
@@ -349,6 +371,11 @@ def train(cfg: Config) -> dict:
 
         plot_run(run_dir)
     return summary
+
+
+def teacher_tensors(s: Session) -> dict | None:
+    """Teacher state that a checkpoint must carry for an exact resume (an EMA teacher's weights)."""
+    return s.teacher.state_tensors() if isinstance(s.teacher, EmaTeacher) else None
 
 
 def _postfix(metrics: dict, last_eval: dict) -> dict:

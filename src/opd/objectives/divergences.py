@@ -45,6 +45,12 @@ def generalized_jsd(
     return beta * _kl(logp_t_NV, log_m_NV) + (1 - beta) * _kl(logp_s_NV, log_m_NV)
 
 
+def on_teacher_top_k(student_logits_NV, teacher_logits_NV, divergence, k: int) -> torch.Tensor:
+    """``divergence`` restricted to the teacher's top-``k`` tokens at each position (both renormalised there)."""
+    index_NK = teacher_logits_NV.topk(min(k, teacher_logits_NV.shape[-1]), dim=-1).indices
+    return divergence(student_logits_NV.gather(-1, index_NK), teacher_logits_NV.gather(-1, index_NK))
+
+
 def _chunk_divergence(student_hidden, teacher_hidden, student_project, teacher_project, divergence):
     with torch.no_grad():
         teacher_logits = teacher_project(teacher_hidden)

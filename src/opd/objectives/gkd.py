@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .common import Reduction, masked_mean
-from .divergences import generalized_jsd, streamed_divergence
+from .divergences import generalized_jsd, on_teacher_top_k, streamed_divergence
 
 
 def gkd_loss(
@@ -27,15 +27,22 @@ def gkd_loss(
     temperature: float = 0.9,
     chunk_size: int = 1024,
     reduction: Reduction = "token_mean",
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, jsd_BT)``: the masked mean of the per-token generalised JSD, and the per-token values."""
+    """``(loss, jsd_BT)``: the masked mean of the per-token generalised JSD, and the per-token values.
+
+    ``top_k`` restricts both distributions to the teacher's K most likely tokens, renormalised.
+    """
+    divergence = partial(generalized_jsd, beta=beta, temperature=temperature)
+    if top_k is not None:
+        divergence = partial(on_teacher_top_k, divergence=divergence, k=top_k)
     valid_BT = mask_BT.bool()
     jsd_N = streamed_divergence(
         student_hidden_BTH[valid_BT],
         teacher_hidden_BTH[valid_BT],
         student_project,
         teacher_project,
-        partial(generalized_jsd, beta=beta, temperature=temperature),
+        divergence,
         chunk_size,
     )
     jsd_BT = torch.zeros(valid_BT.shape, dtype=jsd_N.dtype, device=jsd_N.device).masked_scatter(valid_BT, jsd_N)
