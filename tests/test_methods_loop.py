@@ -67,7 +67,7 @@ def test_adapter_disabled_reference_is_the_initial_student(tiny_models, tokenize
 
 
 def test_grpo_needs_a_group():
-    with pytest.raises(ConfigError, match="'sampling.samples_per_prompt' must be >= 2 for GRPO"):
+    with pytest.raises(ConfigError, match="'sampling.samples_per_prompt' must be >= 2 for grpo's group baseline"):
         from opd.config import load_config
 
         load_config(None, ["student.path=x", "method.name=grpo", "sampling.samples_per_prompt=1"])

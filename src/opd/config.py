@@ -163,8 +163,30 @@ class OPSDConfig:
 
 
 @dataclass
+class HTTPJudgeConfig:
+    url: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000
+    model: str = "judge"
+    api_key_env: str | None = None  # name of the environment variable holding the key (never the key)
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+
+
+@dataclass
+class OVDConfig:
+    """On-policy verbal distillation (METHODS §7)."""
+
+    judge: Literal["programmatic", "model", "http"] = "programmatic"
+    judge_path: str | None = None  # model judge checkpoint; None = teacher.path
+    threshold: float = 7.0  # θ: accept trajectories scoring ≥ θ
+    replacement: Literal["trajectory", "step", "none"] = "trajectory"
+    score_weight: float = 0.0  # w in r + w·score/9 (0: the score only filters)
+    http: HTTPJudgeConfig = field(default_factory=HTTPJudgeConfig)
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["opd", "gkd", "sft", "opd_plus", "gopd", "reopold", "grpo", "opsd"] = "opd"
+    name: Literal["opd", "gkd", "sft", "opd_plus", "gopd", "reopold", "grpo", "opsd", "ovd"] = "opd"
     reduction: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
     clip_eps: float | None = None  # PPO clip on the ratio; None = no clipping
     is_correction_cap: float | None = None  # truncated sampler/trainer importance weight cap C
@@ -176,6 +198,7 @@ class MethodConfig:
     reopold: ReopoldConfig = field(default_factory=ReopoldConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     opsd: OPSDConfig = field(default_factory=OPSDConfig)
+    ovd: OVDConfig = field(default_factory=OVDConfig)
 
 
 @dataclass
@@ -468,8 +491,26 @@ def validate(c: Config) -> None:
                 "task.solution_field",
                 "must name the reference-solution field: opsd's teacher needs privileged context",
             )
-    if m.name == "grpo":
-        _require(s.samples_per_prompt >= 2, "sampling.samples_per_prompt", f"must be >= 2 for GRPO's group baseline, got {s.samples_per_prompt}")
+    o = m.ovd
+    _require(0 <= o.threshold <= 9, "method.ovd.threshold", f"must be in [0, 9], got {o.threshold}")
+    _require(o.http.timeout > 0, "method.ovd.http.timeout", f"must be > 0, got {o.http.timeout}")
+    _require(o.http.retries >= 0, "method.ovd.http.retries", f"must be >= 0, got {o.http.retries}")
+    if m.name == "ovd":
+        if o.judge == "programmatic" or o.replacement == "step":
+            _require(
+                c.task.name == "arithmetic",
+                "method.ovd.judge" if o.judge == "programmatic" else "method.ovd.replacement",
+                "needs a task whose steps can be checked (arithmetic); use judge=model or judge=http "
+                "with replacement=trajectory",
+            )
+        if o.replacement == "step":
+            _require(o.judge == "programmatic", "method.ovd.replacement", "'step' needs per-step scores (judge=programmatic)")
+        if o.judge == "http":
+            _require(o.http.url is not None, "method.ovd.http.url", "is required for judge=http")
+        if o.judge == "model":
+            _require(o.judge_path is not None or c.teacher.path is not None, "method.ovd.judge_path", "is required for judge=model")
+    if m.name in ("grpo", "ovd"):
+        _require(s.samples_per_prompt >= 2, "sampling.samples_per_prompt", f"must be >= 2 for {m.name}'s group baseline, got {s.samples_per_prompt}")
     _require(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
     _require(e.num_prompts >= 1, "eval.num_prompts", f"must be >= 1, got {e.num_prompts}")
     _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
@@ -502,6 +543,8 @@ def needs_teacher(c: Config) -> bool:
         return True
     if c.method.name == "sft":
         return c.method.sft.source == "teacher"
+    if c.method.name == "ovd":
+        return c.method.ovd.replacement != "none"
     return False
 
 

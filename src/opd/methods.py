@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .config import Config
+from .objectives.ovd import ovd_rewards, plan_group
 from .objectives import (
     f_divergence_advantages,
     gkd_loss,
@@ -50,6 +51,7 @@ class Session:
     autocast: Callable[[], contextlib.AbstractContextManager]
     device: torch.device
     max_prompt_tokens: int | None = None
+    judge: object | None = None  # OVD's verbal judge
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Batch:
     rollouts: Rollouts
     examples: list[Example]  # one per row
     on_policy: bool
+    rewards: list[float] | None = None  # per-row rewards fixed by the data source (OVD); else the task's
+    info: dict[str, float] = field(default_factory=dict)  # data-source metrics (OVD acceptance, …)
 
 
 # ----------------------------------------------------------------------------- data sources
@@ -116,6 +120,44 @@ def _data_gkd(s: Session, examples, rng: random.Random, generator) -> Batch:
 
 def _data_sft(s: Session, examples, rng: random.Random, generator) -> Batch:
     return offline_data(s, examples, generator, use_teacher=s.cfg.method.sft.source == "teacher")
+
+
+def _data_ovd(s: Session, examples, rng: random.Random, generator) -> Batch:
+    """Student group → verbal scores → accept (score ≥ θ) or replace by a teacher demonstration."""
+    o = s.cfg.method.ovd
+    sampled = student_samples(s, examples, generator)
+    r = sampled.rollouts
+    scores = s.judge.score(sampled.examples, r.texts)
+    step_scores = [s.judge.step_scores(e, t) for e, t in zip(sampled.examples, r.texts)] if o.replacement == "step" else None
+    plan = plan_group(r.texts, scores, o.threshold, o.replacement, step_scores)
+    completions = [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)]
+    texts = list(r.texts)
+    prompts = _prompts(s, sampled.examples)
+    replace_rows = [i for i, member in enumerate(plan) if member.source != "student"]
+    if replace_rows:
+        prefixes = [s.tokenizer(texts[i][: plan[i].keep_prefix_chars], add_special_tokens=False)["input_ids"] for i in replace_rows]
+        demos = s.teacher_sampler.sample([prompts[i] + p for i, p in zip(replace_rows, prefixes)], s.cfg.sampling, generator)
+        for j, i in enumerate(replace_rows):
+            tail = demos.completion_ids_BC[j][demos.completion_mask_BC[j].bool()].tolist()
+            completions[i] = prefixes[j] + tail
+            texts[i] = texts[i][: plan[i].keep_prefix_chars] + demos.texts[j]
+    outcomes = [s.task.reward(t, e) for t, e in zip(texts, sampled.examples)]
+    final_scores = scores
+    if o.score_weight:
+        final_scores = [scores[i] if plan[i].source == "student" else None for i in range(len(plan))]
+        rescored = s.judge.score([sampled.examples[i] for i in replace_rows], [texts[i] for i in replace_rows]) if replace_rows else []
+        for i, value in zip(replace_rows, rescored):
+            final_scores[i] = value
+    rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id, texts).to(s.device)
+    rollouts.group_B = list(r.group_B)
+    student_rewards = [s.task.reward(t, e) for t, e in zip(r.texts, sampled.examples)]
+    info = {
+        "reward": sum(student_rewards) / len(student_rewards),
+        "judge_score": sum(scores) / len(scores),
+        "accepted_fraction": sum(m.source == "student" for m in plan) / len(plan),
+        "student_tokens": float(r.completion_mask_BC.sum()),
+    }
+    return Batch(rollouts, sampled.examples, on_policy=False, rewards=ovd_rewards(outcomes, final_scores, o.score_weight), info=info)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -184,7 +226,8 @@ def _loss_reopold(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, di
 def _loss_grpo(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
-    rewards_B = torch.tensor([s.task.reward(t, e) for t, e in zip(r.texts, batch.examples)], device=mask_BC.device)
+    rewards = batch.rewards if batch.rewards is not None else [s.task.reward(t, e) for t, e in zip(r.texts, batch.examples)]
+    rewards_B = torch.tensor(rewards, device=mask_BC.device)
     groups_B = torch.tensor(r.group_B, device=mask_BC.device)
     advantages_BC = group_advantages(rewards_B, groups_B, scale=m.grpo.scale_by_std)[:, None].expand_as(mask_BC)
     with s.autocast():
@@ -274,14 +317,16 @@ METHODS: dict[str, Method] = {
     "reopold": Method(_data_opd, _loss_reopold),
     "grpo": Method(_data_opd, _loss_grpo),
     "opsd": Method(_data_opd, _loss_opsd),
+    "ovd": Method(_data_ovd, _loss_grpo),
 }
 
 
 def batch_metrics(s: Session, batch: Batch) -> dict[str, float]:
-    """Reward (task accuracy) of on-policy samples and completion length."""
+    """Completion length, tokens the student generated, and the reward (task accuracy) of its own samples."""
     r = batch.rollouts
-    metrics = {"completion_tokens": float(r.completion_mask_BC.sum()), "mean_length": float(r.completion_lengths_B.float().mean())}
+    metrics = {"mean_length": float(r.completion_lengths_B.float().mean()), "student_tokens": 0.0}
     if batch.on_policy:
         rewards = [s.task.reward(text, ex) for text, ex in zip(r.texts, batch.examples)]
-        metrics["reward"] = sum(rewards) / len(rewards)
+        metrics.update(reward=sum(rewards) / len(rewards), student_tokens=float(r.completion_mask_BC.sum()))
+    metrics.update(batch.info)
     return metrics

@@ -24,7 +24,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, 
 from .config import Config, needs_reference, needs_teacher, save_config
 from .evaluate import evaluate
 from .methods import METHODS, Session, batch_metrics
-from .models import apply_lora, check_pairing, eos_token_ids, load_model, load_tokenizer
+from .judges import HTTPJudge, ModelJudge, ProgrammaticJudge
+from .models import apply_lora, check_pairing, eos_token_ids, freeze, load_model, load_tokenizer
 from .rollout import HFSampler
 from .tasks import ArithmeticTask, MathTask, Task
 from .teachers import EmaTeacher, ModelTeacher
@@ -124,7 +125,21 @@ def build_session(cfg: Config) -> Session:
             f"{max_positions}-token context"
         )
     sampler = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer), autocast)
-    return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt)
+    judge = build_judge(cfg, tokenizer, student, device) if cfg.method.name == "ovd" else None
+    return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge)
+
+
+def build_judge(cfg: Config, tokenizer, student, device):
+    """OVD's verbal judge: programmatic step checker, a local model (default the teacher), or an HTTP endpoint."""
+    o = cfg.method.ovd
+    if o.judge == "programmatic":
+        return ProgrammaticJudge()
+    if o.judge == "http":
+        h = o.http
+        return HTTPJudge(h.url, h.model, h.api_key_env, h.timeout, h.retries, h.backoff)
+    path = o.judge_path or cfg.teacher.path
+    judge_tok = load_tokenizer(path, "method.ovd.judge_path")
+    return ModelJudge(freeze(load_model(path, "method.ovd.judge_path", cfg.teacher.dtype, device=device)), judge_tok)
 
 
 def initial_student(cfg: Config, student, autocast, device) -> ModelTeacher:
@@ -201,7 +216,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], bool
         loss, metrics = method.loss(s, batch, step)
         metrics.update(batch_metrics(s, batch), loss=float(loss.detach()))
         for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + value / (1 if key == "completion_tokens" else cfg.train.grad_accum)
+            totals[key] = totals.get(key, 0.0) + value / (1 if key == "student_tokens" else cfg.train.grad_accum)
         if not torch.isfinite(loss):
             finite = False
             break
@@ -331,7 +346,7 @@ def train(cfg: Config) -> dict:
                         f"{state['consecutive_nonfinite']} steps in a row had a non-finite loss or gradient "
                         f"(last at step {step + 1}); lower train.lr or check the teacher's outputs"
                     )
-            state["generated_tokens"] += metrics.get("completion_tokens", 0.0) if metrics.get("reward") is not None else 0.0
+            state["generated_tokens"] += metrics.get("student_tokens", 0.0)
             metrics.update(lr=scheduler.get_last_lr()[0], step_seconds=time.time() - step_start, skipped=float(not applied), generated_tokens=state["generated_tokens"])
             done = step + 1
             metrics_log.write("train", done, metrics)

@@ -1,0 +1,156 @@
+"""Verbal judges: a score from 0 to 9 for a trajectory (and, where they can, for each step).
+
+- ``ProgrammaticJudge``: for tasks whose steps can be checked (the arithmetic scratchpad):
+  ``9 × fraction of correct steps``; per-step scores are 9 or 0.
+- ``ModelJudge``: a local causal LM; one forward pass over a judge prompt, and the score is
+  the expected digit ``Σ_d d · P(d)`` over the ten digit tokens (renormalised among them).
+- ``HTTPJudge``: an OpenAI-compatible chat endpoint whose reply contains ``Score: d``;
+  timeouts, bounded retries with exponential backoff, and a clear ``JudgeError`` when the
+  endpoint keeps failing or answering something without a score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from typing import Protocol, Sequence
+
+import torch
+
+from .prompts import encode_prompt
+from .rollout import left_pad
+from .tasks import Example
+from .tasks.arithmetic import ANSWER_SEPARATOR, scratchpad
+
+JUDGE_INSTRUCTION = (
+    "Rate the following solution from 0 (wrong) to 9 (fully correct). Reply with 'Score: d'.\n"
+    "Problem: {problem}\nSolution: {solution}"
+)
+SCORE_PATTERN = re.compile(r"Score:\s*([0-9])\b")
+
+
+class JudgeError(RuntimeError):
+    """A judge that cannot give a score; the message says what it answered."""
+
+
+class Judge(Protocol):
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
+        """A score in [0, 9] per completion."""
+
+
+class ProgrammaticJudge:
+    """Checks the arithmetic scratchpad step by step against the reference solution."""
+
+    def step_scores(self, example: Example, completion: str) -> list[float]:
+        reference = scratchpad(example.meta["a"], example.meta["b"])
+        ref_steps = reference.split(ANSWER_SEPARATOR)[0].split(",")
+        body, sep, answer = completion.partition(ANSWER_SEPARATOR)
+        got = body.split(",")
+        scores = [9.0 if i < len(got) and got[i] == step else 0.0 for i, step in enumerate(ref_steps)]
+        final_ok = bool(sep) and answer.strip() == example.answer and len(got) == len(ref_steps)
+        return scores + [9.0 if final_ok else 0.0]
+
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
+        return [sum(s) / len(s) for s in (self.step_scores(e, c) for e, c in zip(examples, completions))]
+
+
+class ModelJudge:
+    """Expected digit after a judge prompt, from one forward pass of a local causal LM."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, instruction: str = JUDGE_INSTRUCTION, batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.instruction = instruction
+        self.batch_size = batch_size
+        digit_ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+        if any(i is None or i == tokenizer.unk_token_id for i in digit_ids):
+            raise JudgeError("the judge's tokenizer has no single token for each digit 0-9")
+        self.digit_ids = torch.tensor(digit_ids)
+
+    def prompt_ids(self, example: Example, completion: str) -> list[int]:
+        text = self.instruction.format(problem=example.prompt, solution=completion)
+        return encode_prompt(self.tokenizer, [{"role": "user", "content": text}]) + self.tokenizer(
+            "Score: ", add_special_tokens=False
+        )["input_ids"]
+
+    @torch.no_grad()
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
+        prompts = [self.prompt_ids(e, c) for e, c in zip(examples, completions)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            ids_BP, mask_BP = left_pad(prompts[start : start + self.batch_size], self.tokenizer.pad_token_id)
+            ids_BP, mask_BP = ids_BP.to(device), mask_BP.to(device)
+            position_ids = (mask_BP.cumsum(-1) - 1).clamp(min=0)
+            logits_BV = self.model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=position_ids, logits_to_keep=1).logits[:, -1]
+            digit_probs = logits_BV.float()[:, self.digit_ids.to(device)].softmax(-1)
+            scores += (digit_probs * torch.arange(10, device=device)).sum(-1).tolist()
+        return scores
+
+
+class HTTPJudge:
+    """An OpenAI-compatible ``/v1/chat/completions`` judge whose reply contains ``Score: d``.
+
+    The API key is read from the environment variable ``api_key_env`` (never from a config
+    file). Each request has a timeout; a timeout, connection error, HTTP error or reply
+    without a score is retried up to ``retries`` times with exponential backoff, then
+    ``JudgeError`` names the last problem.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key_env: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        instruction: str = JUDGE_INSTRUCTION,
+    ):
+        self.url = url.rstrip("/") + "/v1/chat/completions" if not url.rstrip("/").endswith("/chat/completions") else url
+        self.model = model
+        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not self.api_key:
+            raise JudgeError(f"environment variable {api_key_env} (the judge's API key) is not set")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.instruction = instruction
+
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
+        return [self.score_one(e, c) for e, c in zip(examples, completions)]
+
+    def score_one(self, example: Example, completion: str) -> float:
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": self.instruction.format(problem=example.prompt, solution=completion)}],
+                "max_tokens": 16,
+                "temperature": 0,
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        problem = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = json.loads(response.read().decode())
+                reply = payload["choices"][0]["message"]["content"]
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                problem = f"request failed ({getattr(err, 'reason', err)})"
+                continue
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+                problem = "the response is not an OpenAI chat completion"
+                continue
+            match = SCORE_PATTERN.search(reply or "")
+            if match:
+                return float(match.group(1))
+            problem = f"the reply has no 'Score: d' ({(reply or '')[:80]!r})"
+        raise JudgeError(f"judge at {self.url} gave no score after {self.retries + 1} attempts: {problem}")

@@ -1,0 +1,157 @@
+"""OVD: acceptance and replacement on hand-built scores; the three judges; the method through the loop."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_config
+from opd.judges import HTTPJudge, JudgeError, ModelJudge, ProgrammaticJudge
+from opd.objectives.ovd import GroupMember, accept, first_rejected_step, ovd_rewards, plan_group
+from opd.tasks.arithmetic import make_example
+from opd.train import train
+
+
+def test_acceptance_threshold():
+    assert accept([9, 7, 6.99, 0], threshold=7) == [True, True, False, False]
+
+
+def test_trajectory_replacement_plan():
+    plan = plan_group(["a", "bb", "ccc"], [8.0, 3.0, 7.0], threshold=7, replacement="trajectory")
+    assert plan == [GroupMember("student", 1), GroupMember("teacher", 0), GroupMember("student", 3)]
+    assert plan_group(["a", "bb"], [0.0, 0.0], 7, "none") == [GroupMember("student", 1), GroupMember("student", 2)]
+
+
+def test_step_replacement_keeps_the_accepted_prefix():
+    texts = ["7+9=16,4+8+1=13,3+5+1=8|836", "7+9=15,4+8=12|125", "7+9=16,4+8+1=13,3+5+1=9|936"]
+    step_scores = [[9, 9, 0, 0], [0, 9, 0], [9, 9, 9, 9]]
+    plan = plan_group(texts, [4.5, 3.0, 9.0], 7, "step", step_scores)
+    assert plan[0] == GroupMember("student_prefix+teacher", len("7+9=16,4+8+1=13,"))
+    assert plan[1] == GroupMember("teacher", 0)  # the first step is already wrong
+    assert plan[2] == GroupMember("student", len(texts[2]))
+    assert first_rejected_step([9, 8, 7], 7) is None
+    with pytest.raises(ValueError, match="needs per-step scores"):
+        plan_group(["x"], [0.0], 7, "step")
+
+
+def test_score_weight_in_reward():
+    assert ovd_rewards([1.0, 0.0], [9.0, 4.5]) == [1.0, 0.0]
+    assert ovd_rewards([1.0, 0.0], [9.0, 4.5], score_weight=0.5) == [1.5, 0.25]
+
+
+def test_programmatic_judge_scores_steps():
+    example = make_example(347, 589)
+    judge = ProgrammaticJudge()
+    assert judge.score([example], ["7+9=16,4+8+1=13,3+5+1=9|936"]) == [9.0]
+    assert judge.step_scores(example, "7+9=16,4+8+1=13,3+5+1=8|836") == [9.0, 9.0, 0.0, 0.0]
+    assert judge.score([example], ["garbage"]) == [0.0]
+
+
+def test_model_judge_is_the_expected_digit(tiny_models, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[0])
+    judge = ModelJudge(model, tokenizer)
+    example = make_example(12, 34)
+    scores = judge.score([example, example], ["2+4=6,1+3=4|46", "nonsense"])
+    ids = torch.tensor([judge.prompt_ids(example, "2+4=6,1+3=4|46")])
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    digits = logits[[tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]].softmax(-1)
+    assert scores[0] == pytest.approx(float((digits * torch.arange(10)).sum()), abs=1e-5)
+    assert all(0 <= s <= 9 for s in scores) and scores[0] != scores[1]
+
+
+class JudgeServer:
+    """A real OpenAI-style endpoint on loopback whose behaviour the test chooses per request."""
+
+    def __init__(self, behaviours):
+        self.behaviours = list(behaviours)
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, self.headers.get("Authorization"), body))
+                kind = outer.behaviours.pop(0) if outer.behaviours else "ok"
+                if kind == "slow":
+                    time.sleep(0.5)
+                    kind = "ok"
+                if kind == "fail":
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                text = {"ok": "The steps are right. Score: 8", "garbage": "I like this answer a lot!"}[kind]
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_judge_survives_slow_failing_and_garbage_replies(monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    example = make_example(1, 2)
+    with JudgeServer(["slow", "fail", "garbage", "ok"]) as server:
+        judge = HTTPJudge(server.url, "m", api_key_env="JUDGE_KEY", timeout=0.2, retries=3, backoff=0.01)
+        assert judge.score([example], ["1+2=3|3"]) == [8.0]
+    assert len(server.requests) == 4
+    path, auth, body = server.requests[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and "1+2=3|3" in body["messages"][0]["content"]
+
+
+def test_http_judge_gives_a_clear_error_when_it_never_scores():
+    with JudgeServer(["garbage"] * 3) as server:
+        judge = HTTPJudge(server.url, "m", timeout=1.0, retries=2, backoff=0.01)
+        with pytest.raises(JudgeError, match=r"gave no score after 3 attempts: the reply has no 'Score: d' \('I like this answer"):
+            judge.score([make_example(1, 2)], ["x"])
+
+
+def test_http_judge_unreachable_and_missing_key(monkeypatch):
+    judge = HTTPJudge("http://127.0.0.1:9", "m", timeout=0.2, retries=1, backoff=0.01)
+    with pytest.raises(JudgeError, match="after 2 attempts: request failed"):
+        judge.score([make_example(1, 2)], ["x"])
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    with pytest.raises(JudgeError, match="environment variable NO_SUCH_KEY"):
+        HTTPJudge("http://127.0.0.1:9", "m", api_key_env="NO_SUCH_KEY")
+
+
+@pytest.mark.parametrize("replacement", ["trajectory", "step"])
+def test_ovd_runs_through_the_loop(tmp_path, tiny_models, replacement):
+    summary = train(make_config(tmp_path, tiny_models, "method.name=ovd", f"method.ovd.replacement={replacement}", "method.ovd.threshold=5"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert summary["nonfinite_skips"] == 0
+    assert all(r["accepted_fraction"] == 0.0 for r in train_rows)  # random students never score 5
+    assert summary["generated_tokens"] == sum(r["student_tokens"] for r in train_rows)
+
+
+def test_ovd_config_refusals():
+    from opd.config import ConfigError, load_config
+
+    base = ["student.path=s", "teacher.path=t", "method.name=ovd"]
+    with pytest.raises(ConfigError, match="'method.ovd.judge' needs a task whose steps can be checked"):
+        load_config(None, base + ["task.name=math", "task.path=x.jsonl"])
+    with pytest.raises(ConfigError, match="'method.ovd.http.url' is required for judge=http"):
+        load_config(None, base + ["method.ovd.judge=http"])
+    with pytest.raises(ConfigError, match="'method.ovd.replacement' 'step' needs per-step scores"):
+        load_config(None, base + ["method.ovd.judge=model", "method.ovd.replacement=step"])
