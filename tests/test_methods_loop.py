@@ -134,3 +134,42 @@ def test_opsd_refuses_a_separate_teacher_and_missing_privileged_context(tmp_path
         load_config(None, ["student.path=s", "method.name=opsd", "teacher.path=t"])
     with pytest.raises(ConfigError, match="'task.solution_field' must name the reference-solution field"):
         load_config(None, ["student.path=s", "method.name=opsd", "task.name=math", "task.path=x.jsonl", "task.solution_field=null"])
+
+
+def test_multi_teacher_routing_scores_each_row_with_its_teacher(tmp_path, tiny_models, tokenizer):
+    import json as _json
+
+    from opd.methods import student_samples
+    from opd.train import build_session
+
+    rows_ = [{"problem": f"{i}+{i}?", "answer": str(2 * i), "domain": "a" if i % 2 else "b"} for i in range(12)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(_json.dumps(r) for r in rows_) + "\n")
+    teacher, student = tiny_models
+    cfg = make_config(
+        tmp_path, tiny_models, "method.name=gopd", "method.gopd.reward_scale=1.25", "task.name=math", f"task.path={data}",
+        "task.teacher_field=domain", "task.solution_field=null", "teacher.path=null", f"teacher.routes={{a: {teacher}, b: {student}}}",
+    )
+    s = build_session(cfg)
+    batch = student_samples(s, s.task.sample_train(4, __import__("random").Random(0)), torch.Generator().manual_seed(0))
+    routed = s.teacher.token_logprobs(batch.rollouts)
+    models = {"a": AutoModelForCausalLM.from_pretrained(teacher), "b": AutoModelForCausalLM.from_pretrained(student)}
+    for i, route in enumerate(batch.rollouts.route_B):
+        with torch.no_grad():
+            expected, _ = rollout_logprobs(models[route], batch.rollouts.select([i]))
+        torch.testing.assert_close(routed[i : i + 1], expected)
+    assert set(batch.rollouts.route_B) == {"a", "b"}
+    summary = train(cfg)
+    assert summary["nonfinite_skips"] == 0
+
+
+def test_routing_refusals(tmp_path):
+    from opd.config import load_config
+    from opd.teachers import RoutedTeacher
+
+    with pytest.raises(ConfigError, match="'teacher.routes' works with the sampled-token methods"):
+        load_config(None, ["student.path=s", "method.name=gkd", "teacher.routes={a: x}"])
+    with pytest.raises(ConfigError, match="'task.teacher_field' must name the column"):
+        load_config(None, ["student.path=s", "method.name=opd", "task.name=math", "task.path=x", "teacher.routes={a: x}"])
+    with pytest.raises(ValueError, match="routes to teacher 'c' but teacher.routes has: a"):
+        RoutedTeacher({"a": None})._teacher("c")

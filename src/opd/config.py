@@ -47,6 +47,7 @@ class TaskConfig:
     problem_field: str = "problem"
     answer_field: str = "answer"
     solution_field: str | None = "solution"
+    teacher_field: str | None = None  # column naming each row's teacher route (teacher.routes)
     # both
     eval_size: int = 256
 
@@ -70,6 +71,13 @@ class ModelConfig:
 @dataclass
 class StudentConfig(ModelConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    # Multi-teacher routing (e.g. ExOPD merging domain experts): route name -> checkpoint path.
+    # Each example names its route (task.teacher_field); examples without one use teacher.path.
+    routes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -248,7 +256,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -391,6 +399,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
         return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_coerce(key_type, k, f"{key}.{k}"): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -527,7 +540,20 @@ def validate(c: Config) -> None:
         _require(1 <= c.task.min_digits <= c.task.max_digits, "task.min_digits", "must be >= 1 and <= task.max_digits")
     _require(c.task.eval_size >= 1, "task.eval_size", f"must be >= 1, got {c.task.eval_size}")
     if needs_teacher(c):
-        _require(c.teacher.path is not None, "teacher.path", f"is required by method '{m.name}'")
+        _require(
+            c.teacher.path is not None or bool(c.teacher.routes), "teacher.path", f"is required by method '{m.name}'"
+        )
+    if c.teacher.routes:
+        _require(
+            m.name in ROUTABLE_METHODS,
+            "teacher.routes",
+            f"works with the sampled-token methods ({', '.join(ROUTABLE_METHODS)}), not '{m.name}'",
+        )
+        if c.task.name == "math":
+            _require(c.task.teacher_field is not None, "task.teacher_field", "must name the column that routes each row to a teacher")
+
+
+ROUTABLE_METHODS = ("opd", "opd_plus", "gopd", "reopold")
 
 
 def needs_reference(c: Config) -> bool:

@@ -82,6 +82,7 @@ def student_samples(s: Session, examples: list[Example], generator: torch.Genera
     rows = [e for e in examples for _ in range(k)]
     rollouts = s.sampler.sample(_prompts(s, rows), s.cfg.sampling, generator)
     rollouts.group_B = [i // k for i in range(len(rows))]  # rows of one prompt share a group
+    rollouts.route_B = [e.meta.get("teacher") for e in rows]
     return Batch(rollouts, rows, on_policy=True)
 
 

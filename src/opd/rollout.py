@@ -29,6 +29,7 @@ class Rollouts:
     sampler_logp_BC: torch.Tensor | None = None  # log-prob of each token under the sampling distribution
     texts: list[str] = field(default_factory=list)  # decoded completions, special tokens stripped
     group_B: list[int] = field(default_factory=list)  # index of each row's example in the batch
+    route_B: list[str | None] = field(default_factory=list)  # teacher route of each row (multi-teacher), if any
 
     @property
     def batch_size(self) -> int:
@@ -51,6 +52,22 @@ class Rollouts:
     def with_prompts(self, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor) -> "Rollouts":
         """The same completions behind other prompts (e.g. a teacher's privileged prompt)."""
         return replace(self, prompt_ids_BP=prompt_ids_BP, prompt_mask_BP=prompt_mask_BP)
+
+    def select(self, rows: Sequence[int]) -> "Rollouts":
+        """The given rows, in that order (texts, groups and routes follow)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.completion_ids_BC.device)
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return Rollouts(
+            prompt_ids_BP=pick(self.prompt_ids_BP),
+            prompt_mask_BP=pick(self.prompt_mask_BP),
+            completion_ids_BC=pick(self.completion_ids_BC),
+            completion_mask_BC=pick(self.completion_mask_BC),
+            loss_mask_BC=pick(self.loss_mask_BC),
+            sampler_logp_BC=pick(self.sampler_logp_BC),
+            texts=[self.texts[i] for i in rows] if self.texts else [],
+            group_B=[self.group_B[i] for i in rows] if self.group_B else [],
+            route_B=[self.route_B[i] for i in rows] if self.route_B else [],
+        )
 
     def to(self, device: torch.device | str) -> "Rollouts":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import time
 import warnings
@@ -28,7 +29,7 @@ from .judges import HTTPJudge, ModelJudge, ProgrammaticJudge
 from .models import apply_lora, check_pairing, eos_token_ids, freeze, load_model, load_tokenizer
 from .rollout import HFSampler
 from .tasks import ArithmeticTask, MathTask, Task
-from .teachers import EmaTeacher, ModelTeacher
+from .teachers import EmaTeacher, ModelTeacher, RoutedTeacher
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def build_task(cfg: Config) -> Task:
         problem_field=t.problem_field,
         answer_field=t.answer_field,
         solution_field=t.solution_field,
+        teacher_field=t.teacher_field,
         seed=cfg.run.seed,
     )
 
@@ -100,20 +102,16 @@ def build_session(cfg: Config) -> Session:
         student = apply_lora(student, st.lora)
     student.train()
     teacher = teacher_sampler = None
-    if needs_teacher(cfg):
-        te = cfg.teacher
-        teacher_tok = load_tokenizer(te.path, "teacher", te.trust_remote_code)
-        teacher_model = load_model(te.path, "teacher", te.dtype, te.trust_remote_code, device)
-        check_pairing(
-            tokenizer,
-            teacher_tok,
-            student,
-            teacher_model,
-            full_vocab=cfg.method.name == "gkd",
-            allow_template_mismatch=cfg.pairing.allow_chat_template_mismatch,
-        )
+    if needs_teacher(cfg) and cfg.teacher.path is not None:
+        teacher_model = load_paired(cfg, cfg.teacher.path, "teacher", tokenizer, student, device)
         teacher = ModelTeacher(teacher_model, autocast)
         teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
+    if cfg.teacher.routes:
+        routes = {
+            name: ModelTeacher(load_paired(cfg, path, f"teacher.routes.{name}", tokenizer, student, device), autocast)
+            for name, path in cfg.teacher.routes.items()
+        }
+        teacher = RoutedTeacher(routes, default=teacher)
     if cfg.method.name == "opsd":
         teacher = self_teacher(cfg, student, autocast, device)
     reference = build_reference(cfg, tokenizer, student, autocast, device) if needs_reference(cfg) else None
@@ -127,6 +125,22 @@ def build_session(cfg: Config) -> Session:
     sampler = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer), autocast)
     judge = build_judge(cfg, tokenizer, student, device) if cfg.method.name == "ovd" else None
     return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge)
+
+
+def load_paired(cfg: Config, path: str, role: str, tokenizer, student, device):
+    """Load a teacher-like model and refuse it unless it pairs with the student's tokenizer."""
+    te = cfg.teacher
+    other_tok = load_tokenizer(path, role, te.trust_remote_code)
+    model = load_model(path, role, te.dtype, te.trust_remote_code, device)
+    check_pairing(
+        tokenizer,
+        other_tok,
+        student,
+        model,
+        full_vocab=cfg.method.name == "gkd",
+        allow_template_mismatch=cfg.pairing.allow_chat_template_mismatch,
+    )
+    return model
 
 
 def build_judge(cfg: Config, tokenizer, student, device):
@@ -163,13 +177,9 @@ def self_teacher(cfg: Config, student, autocast, device) -> ModelTeacher:
 def build_reference(cfg: Config, tokenizer, student, autocast, device):
     """π_ref: the student's initial weights or a given checkpoint (which must pair with the student)."""
     path = cfg.method.gopd.reference if cfg.method.name == "gopd" else "student_init"
-    st = cfg.student
     if path == "student_init":
         return initial_student(cfg, student, autocast, device)
-    ref_tok = load_tokenizer(path, "method.gopd.reference")
-    ref_model = load_model(path, "method.gopd.reference", st.dtype, st.trust_remote_code, device)
-    check_pairing(tokenizer, ref_tok, student, ref_model, False, cfg.pairing.allow_chat_template_mismatch)
-    return ModelTeacher(ref_model, autocast)
+    return ModelTeacher(load_paired(cfg, path, "method.gopd.reference", tokenizer, student, device), autocast)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):
@@ -333,7 +343,7 @@ def train(cfg: Config) -> dict:
             step_start = time.time()
             metrics, applied = train_step(s, optimizer, step)
             with warnings.catch_warnings():  # a skipped update still advances the schedule
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
             if applied:
                 state["consecutive_nonfinite"] = 0

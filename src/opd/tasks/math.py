@@ -26,7 +26,9 @@ class DataError(ValueError):
     """A malformed data file; the message names the file, line and field."""
 
 
-def read_jsonl(path: str | Path, problem_field: str, answer_field: str, solution_field: str | None) -> list[Example]:
+def read_jsonl(
+    path: str | Path, problem_field: str, answer_field: str, solution_field: str | None, teacher_field: str | None = None
+) -> list[Example]:
     """Read ``path`` into Examples, refusing malformed rows with file, line and field."""
     path = Path(path)
     if not path.is_file():
@@ -42,14 +44,17 @@ def read_jsonl(path: str | Path, problem_field: str, answer_field: str, solution
                 raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            examples.append(_row_to_example(row, f"{path}:{line_no}", problem_field, answer_field, solution_field))
+            examples.append(_row_to_example(row, f"{path}:{line_no}", problem_field, answer_field, solution_field, teacher_field))
     if not examples:
         raise DataError(f"{path}: contains no rows")
     return examples
 
 
-def _row_to_example(row: dict, where: str, problem_field: str, answer_field: str, solution_field: str | None) -> Example:
+def _row_to_example(
+    row: dict, where: str, problem_field: str, answer_field: str, solution_field: str | None, teacher_field: str | None = None
+) -> Example:
     fields = [(problem_field, True), (answer_field, True)] + ([(solution_field, False)] if solution_field else [])
+    fields += [(teacher_field, True)] if teacher_field else []
     values = {}
     for name, required in fields:
         value = row.get(name)
@@ -68,7 +73,7 @@ def _row_to_example(row: dict, where: str, problem_field: str, answer_field: str
         prompt=values[problem_field],
         answer=values[answer_field],
         solution=values.get(solution_field) if solution_field else None,
-        meta={"source": where},
+        meta={"source": where, **({"teacher": values[teacher_field]} if teacher_field else {})},
     )
 
 
@@ -95,6 +100,7 @@ class MathTask:
     problem_field: str = "problem"
     answer_field: str = "answer"
     solution_field: str | None = "solution"
+    teacher_field: str | None = None
     seed: int = 0
     name: str = "math"
 
@@ -112,7 +118,7 @@ class MathTask:
     def _load(self, path: str) -> list[Example]:
         if Path(path).is_dir():
             return self._load_dataset(path)
-        return read_jsonl(path, self.problem_field, self.answer_field, self.solution_field)
+        return read_jsonl(path, self.problem_field, self.answer_field, self.solution_field, self.teacher_field)
 
     def _load_dataset(self, path: str) -> list[Example]:
         import datasets
@@ -121,7 +127,7 @@ class MathTask:
         if isinstance(data, datasets.DatasetDict):
             data = data["train"]
         return [
-            _row_to_example(row, f"{path}[{i}]", self.problem_field, self.answer_field, self.solution_field)
+            _row_to_example(row, f"{path}[{i}]", self.problem_field, self.answer_field, self.solution_field, self.teacher_field)
             for i, row in enumerate(data)
         ]
 
