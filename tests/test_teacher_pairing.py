@@ -73,13 +73,18 @@ def test_pairing_refuses_different_output_sizes_for_full_vocab(tiny_models, toke
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError) as err:
-        resolve_path(str(tmp_path / "nowhere"), "teacher")
+        resolve_path(str(tmp_path / "nowhere"), "teacher.path")
     assert str(err.value) == (
         f"teacher.path: no model at '{tmp_path / 'nowhere'}' "
-        "(give a local HF checkpoint directory, or world:teacher / world:student)"
+        "(give a local HF checkpoint directory, or world:teacher, world:student, world:teacher_base)"
     )
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="holds no config.json"):
-        load_model(str(tmp_path / "empty"), "student")
+        load_model(str(tmp_path / "empty"), "student.path")
     with pytest.raises(ModelLoadError, match="student.path: no model at 'Qwen/Qwen3-0.6B'"):
-        load_tokenizer("Qwen/Qwen3-0.6B", "student")
+        load_tokenizer("Qwen/Qwen3-0.6B", "student.path")
+
+
+def test_unknown_world_model_is_named():
+    with pytest.raises(ModelLoadError, match=r"teacher.path: unknown world model 'teachr' \(choose world:teacher, world:student, world:teacher_base\)"):
+        resolve_path("world:teachr", "teacher.path")

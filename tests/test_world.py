@@ -21,7 +21,7 @@ def test_char_tokenizer_round_trip_and_chat_template(tokenizer, tmp_path):
 def test_build_world_is_deterministic_and_loadable(tmp_path):
     from dataclasses import replace
 
-    spec = replace(TINY_SPEC, teacher_steps=2, student_steps=1, batch_size=4, warmup_steps=0)
+    spec = replace(TINY_SPEC, teacher_steps=3, student_steps=1, batch_size=4, warmup_steps=0, teacher_base_step=2)
     first = build_world(tmp_path / "w1", spec, progress=False)
     second = build_world(tmp_path / "w2", spec, progress=False)
     for role in ("teacher", "student"):
@@ -30,3 +30,7 @@ def test_build_world_is_deterministic_and_loadable(tmp_path):
         tok = AutoTokenizer.from_pretrained(first / role)
         assert model.config.eos_token_id == tok.eos_token_id
     assert (first / "world.json").is_file() and not list(tmp_path.glob("*.building-*"))
+    base = AutoModelForCausalLM.from_pretrained(first / "teacher_base").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(first / "teacher").state_dict()
+    assert any(not (base[k] == final[k]).all() for k in final)  # one more SFT step apart
+    assert not (first / "teacher-sft" / "checkpoints").exists()

@@ -67,8 +67,8 @@ def cmd_eval(args) -> int:
         overrides.append(f"task.path={args.data}")
     cfg = load_config(None, overrides)
     device = pick_device(cfg.train.device)
-    tokenizer = load_tokenizer(args.model, "model")
-    model = load_model(args.model, "model", cfg.student.dtype, device=device)
+    tokenizer = load_tokenizer(args.model, "MODEL")
+    model = load_model(args.model, "MODEL", cfg.student.dtype, device=device)
     sampler = HFSampler(model, tokenizer, eos_token_ids(model, tokenizer), autocast_factory(cfg, device))
     task = build_task(cfg)
     examples = task.eval_examples()[: cfg.eval.num_prompts]
@@ -78,15 +78,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_world(args) -> int:
-    from .world import build_world, world_dir
+    from .world import build_world, cache_dir, verify_world, world_dir
 
-    directory = world_dir()
-    if args.action == "build" and (args.force or not (directory / "world.json").is_file()):
-        build_world(directory)
-    if args.action == "build" or (directory / "world.json").is_file():
-        print(directory)
+    if args.action == "path":
+        directory = world_dir()
+        print(directory if (directory / "world.json").is_file() else f"{directory} (not built yet: run `opd world build`)")
         return 0
-    print(f"{directory} (not built yet: run `opd world build`)")
+    if args.action == "verify":
+        differing = verify_world(world_dir())
+        if differing:
+            print(f"rebuilt world differs from {world_dir()} in: {', '.join(differing)}")
+            return 1
+        print(f"rebuilt world is byte-identical to {world_dir()}")
+        return 0
+    directory = Path(args.output) if args.output else cache_dir()
+    if args.force or not (directory / "world.json").is_file():
+        build_world(directory)
+    print(directory)
     return 0
 
 
@@ -114,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="key.path=value overrides (task.*, eval.*, sampling.*)")
     ev.set_defaults(func=cmd_eval)
 
-    world = sub.add_parser("world", help="build or locate the embedded teacher and student")
-    world.add_argument("action", choices=["build", "path"])
-    world.add_argument("--force", action="store_true", help="rebuild even if cached")
+    world = sub.add_parser("world", help="build, verify or locate the embedded teacher and student")
+    world.add_argument("action", choices=["build", "verify", "path"])
+    world.add_argument("--output", help="build into this directory (default: $OPD_WORLD_DIR or ~/.cache/opd)")
+    world.add_argument("--force", action="store_true", help="rebuild even if already built there")
     world.set_defaults(func=cmd_world)
     return parser
 

@@ -1,8 +1,9 @@
 """Methods as declarative combinations: where a batch's completions come from, and which objective scores them.
 
 Each method is one entry in ``METHODS``: ``data`` picks the completions (the student's own
-samples, reference solutions, teacher samples) and ``loss`` turns them into
-``(loss, metrics)`` using the pure objectives. The training loop knows nothing else.
+samples, reference solutions, teacher samples, or OVD's accepted-or-replaced group) and
+``loss`` turns them into ``(loss, metrics)`` using the pure objectives in ``objectives/``.
+The training loop knows nothing else.
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ from typing import Callable
 import torch
 
 from .config import Config
-from .objectives.ovd import ovd_rewards, plan_group
 from .objectives import (
     f_divergence_advantages,
     gkd_loss,
     gopd_advantages,
     group_advantages,
     k3_kl,
-    reopold_rewards_and_mask,
     masked_mean,
     policy_gradient_loss,
+    reopold_rewards_and_mask,
     reverse_kl_advantages,
     sft_loss,
     truncated_importance_weights,
 )
+from .objectives.ovd import ovd_rewards, plan_group
 from .prompts import PromptError, encode_completion, encode_prompt
 from .rollout import HFSampler, Rollouts, left_pad, rollouts_from_completions
 from .scoring import completion_hidden_states, projection, rollout_logprobs
@@ -45,7 +46,7 @@ class Session:
     tokenizer: object
     student: torch.nn.Module
     sampler: HFSampler
-    teacher: ModelTeacher | None
+    teacher: ModelTeacher | None  # or EmaTeacher / RoutedTeacher: anything with token_logprobs
     teacher_sampler: HFSampler | None
     reference: ModelTeacher | None
     autocast: Callable[[], contextlib.AbstractContextManager]
@@ -66,11 +67,13 @@ class Batch:
 # ----------------------------------------------------------------------------- data sources
 
 
-def _prompts(s: Session, examples: list[Example]) -> list[list[int]]:
+def _prompts(s: Session, examples: list[Example], privileged: bool = False) -> list[list[int]]:
+    """Token ids of each example's prompt (the privileged one: problem + reference solution), naming any that fails."""
+    messages = s.task.privileged_messages if privileged else s.task.messages
     encoded = []
     for e in examples:
         try:
-            encoded.append(encode_prompt(s.tokenizer, s.task.messages(e), s.max_prompt_tokens))
+            encoded.append(encode_prompt(s.tokenizer, messages(e), s.max_prompt_tokens))
         except PromptError as err:
             where = e.meta.get("source") or repr(e.prompt[:40])
             raise PromptError(f"{where}: {err} (sampling.max_new_tokens={s.cfg.sampling.max_new_tokens})") from None
@@ -108,7 +111,7 @@ def offline_data(s: Session, examples: list[Example], generator: torch.Generator
     return teacher_samples(s, examples, generator) if use_teacher else reference_solutions(s, examples)
 
 
-def _data_opd(s: Session, examples, rng: random.Random, generator) -> Batch:
+def _data_on_policy(s: Session, examples, rng: random.Random, generator) -> Batch:
     return student_samples(s, examples, generator)
 
 
@@ -133,7 +136,7 @@ def _data_ovd(s: Session, examples, rng: random.Random, generator) -> Batch:
     plan = plan_group(r.texts, scores, o.threshold, o.replacement, step_scores)
     completions = [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)]
     texts = list(r.texts)
-    prompts = _prompts(s, sampled.examples)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(r.prompt_ids_BP, r.prompt_mask_BP)]
     replace_rows = [i for i, member in enumerate(plan) if member.source != "student"]
     if replace_rows:
         prefixes = [s.tokenizer(texts[i][: plan[i].keep_prefix_chars], add_special_tokens=False)["input_ids"] for i in replace_rows]
@@ -243,8 +246,7 @@ def _loss_grpo(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]
 
 def privileged_view(s: Session, batch: Batch) -> Rollouts:
     """The batch's completions behind each example's privileged prompt (problem + reference solution)."""
-    prompts = [encode_prompt(s.tokenizer, s.task.privileged_messages(e), s.max_prompt_tokens) for e in batch.examples]
-    ids_BP, mask_BP = left_pad(prompts, s.tokenizer.pad_token_id)
+    ids_BP, mask_BP = left_pad(_prompts(s, batch.examples, privileged=True), s.tokenizer.pad_token_id)
     return batch.rollouts.with_prompts(ids_BP.to(s.device), mask_BP.to(s.device))
 
 
@@ -310,14 +312,14 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "opd": Method(_data_opd, _loss_opd),
+    "opd": Method(_data_on_policy, _loss_opd),
     "gkd": Method(_data_gkd, _loss_gkd),
     "sft": Method(_data_sft, _loss_sft),
-    "opd_plus": Method(_data_opd, _loss_opd_plus),
-    "gopd": Method(_data_opd, _loss_gopd),
-    "reopold": Method(_data_opd, _loss_reopold),
-    "grpo": Method(_data_opd, _loss_grpo),
-    "opsd": Method(_data_opd, _loss_opsd),
+    "opd_plus": Method(_data_on_policy, _loss_opd_plus),
+    "gopd": Method(_data_on_policy, _loss_gopd),
+    "reopold": Method(_data_on_policy, _loss_reopold),
+    "grpo": Method(_data_on_policy, _loss_grpo),
+    "opsd": Method(_data_on_policy, _loss_opsd),
     "ovd": Method(_data_ovd, _loss_grpo),
 }
 

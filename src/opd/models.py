@@ -24,46 +24,49 @@ class PairingError(ValueError):
     """Teacher and student cannot be trained together as configured."""
 
 
-def resolve_path(path: str, role: str) -> str:
+def resolve_path(path: str, key: str) -> str:
     """Turn a configured model path into a local directory, refusing anything that needs a download."""
     if path.startswith("world:"):
         from .world import world_model_path
 
-        return str(world_model_path(path.split(":", 1)[1]))
+        try:
+            return str(world_model_path(path.split(":", 1)[1]))
+        except ValueError as err:
+            raise ModelLoadError(f"{key}: {err}") from None
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ModelLoadError(f"{role}.path: '{path}' is a directory but holds no config.json (not a HF checkpoint)")
+            raise ModelLoadError(f"{key}: '{path}' is a directory but holds no config.json (not a HF checkpoint)")
         return str(local)
     if local.exists():
-        raise ModelLoadError(f"{role}.path: '{path}' is a file; expected a HF checkpoint directory")
+        raise ModelLoadError(f"{key}: '{path}' is a file; expected a HF checkpoint directory")
     raise ModelLoadError(
-        f"{role}.path: no model at '{path}' (give a local HF checkpoint directory, or world:teacher / world:student)"
+        f"{key}: no model at '{path}' (give a local HF checkpoint directory, or world:teacher, world:student, world:teacher_base)"
     )
 
 
-def load_tokenizer(path: str, role: str = "student", trust_remote_code: bool = False):
-    directory = resolve_path(path, role)
+def load_tokenizer(path: str, key: str = "student.path", trust_remote_code: bool = False):
+    directory = resolve_path(path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left", trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - rewrap whatever transformers raises with the role named
-        raise ModelLoadError(f"{role}.path: cannot load a tokenizer from '{directory}': {err}") from err
+    except Exception as err:  # noqa: BLE001 - rewrap whatever transformers raises, naming the key
+        raise ModelLoadError(f"{key}: cannot load a tokenizer from '{directory}': {err}") from err
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ModelLoadError(f"{role}.path: tokenizer at '{directory}' has neither a pad nor an EOS token")
+            raise ModelLoadError(f"{key}: tokenizer at '{directory}' has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
-        log.warning("%s tokenizer has no pad token; using EOS (%r) for padding", role, tokenizer.eos_token)
+        log.warning("%s: tokenizer has no pad token; using EOS (%r) for padding", key, tokenizer.eos_token)
     return tokenizer
 
 
-def load_model(path: str, role: str, dtype: str = "float32", trust_remote_code: bool = False, device="cpu"):
-    directory = resolve_path(path, role)
+def load_model(path: str, key: str, dtype: str = "float32", trust_remote_code: bool = False, device="cpu"):
+    directory = resolve_path(path, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
         )
     except Exception as err:  # noqa: BLE001
-        raise ModelLoadError(f"{role}.path: cannot load a causal LM from '{directory}': {err}") from err
+        raise ModelLoadError(f"{key}: cannot load a causal LM from '{directory}': {err}") from err
     return model.to(device)
 
 

@@ -96,14 +96,14 @@ def build_session(cfg: Config) -> Session:
     task = build_task(cfg)
     autocast = autocast_factory(cfg, device)
     st = cfg.student
-    tokenizer = load_tokenizer(st.path, "student", st.trust_remote_code)
-    student = load_model(st.path, "student", st.dtype, st.trust_remote_code, device)
+    tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
+    student = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device)
     if st.lora.enabled:
         student = apply_lora(student, st.lora)
     student.train()
     teacher = teacher_sampler = None
     if needs_teacher(cfg) and cfg.teacher.path is not None:
-        teacher_model = load_paired(cfg, cfg.teacher.path, "teacher", tokenizer, student, device)
+        teacher_model = load_paired(cfg, cfg.teacher.path, "teacher.path", tokenizer, student, device)
         teacher = ModelTeacher(teacher_model, autocast)
         teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
     if cfg.teacher.routes:
@@ -127,11 +127,11 @@ def build_session(cfg: Config) -> Session:
     return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge)
 
 
-def load_paired(cfg: Config, path: str, role: str, tokenizer, student, device):
+def load_paired(cfg: Config, path: str, key: str, tokenizer, student, device):
     """Load a teacher-like model and refuse it unless it pairs with the student's tokenizer."""
     te = cfg.teacher
-    other_tok = load_tokenizer(path, role, te.trust_remote_code)
-    model = load_model(path, role, te.dtype, te.trust_remote_code, device)
+    other_tok = load_tokenizer(path, key, te.trust_remote_code)
+    model = load_model(path, key, te.dtype, te.trust_remote_code, device)
     check_pairing(
         tokenizer,
         other_tok,
@@ -161,7 +161,7 @@ def initial_student(cfg: Config, student, autocast, device) -> ModelTeacher:
     st = cfg.student
     if st.lora.enabled:
         return ModelTeacher(student, autocast, freeze=False, disable_adapters=True)
-    return ModelTeacher(load_model(st.path, "student", st.dtype, st.trust_remote_code, device), autocast)
+    return ModelTeacher(load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device), autocast)
 
 
 def self_teacher(cfg: Config, student, autocast, device) -> ModelTeacher:

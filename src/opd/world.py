@@ -4,13 +4,17 @@
 
     tokenizer/           the character tokenizer (also copied into each model directory)
     teacher/, student/   ordinary HF checkpoints (AutoModelForCausalLM / AutoTokenizer load them)
+    teacher_base/        the teacher part-way through its SFT: the "base before the teacher's final
+                         training", the reference for G-OPD reward correction
     world.json           the spec they were built from and their held-out accuracies
 
 The teacher (~2.7M parameters) is trained until it is nearly perfect on 3-digit addition;
 the student (~0.9M) gets a short SFT run that leaves it clearly short of the teacher, so
-distillation has something to do. The build is seeded and deterministic on a given machine
-and torch version; ``world_dir()`` caches it (``$OPD_WORLD_DIR`` or ``~/.cache/opd``) so it
-is trained once.
+distillation has something to do. The build is seeded and uses a fixed thread count: on
+one machine and torch version it reproduces byte for byte. The package ships the result
+(``opd/assets/world``), so nothing is trained at run time; ``opd world build`` regenerates
+it into ``$OPD_WORLD_DIR`` or ``~/.cache/opd`` and ``opd world verify`` compares a fresh
+build with the shipped files.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class WorldSpec:
     max_positions: int = 128
     seed: int = 0
     threads: int | None = 2  # fixed so the build is reproducible bit for bit on one machine
+    teacher_base_step: int = 300  # the teacher's SFT checkpoint kept as "teacher_base" (its pre-final-training base)
     extra: dict = field(default_factory=dict, hash=False)
 
     def fingerprint(self) -> str:
@@ -66,15 +71,36 @@ class WorldSpec:
 DEFAULT_SPEC = WorldSpec()
 
 
-def world_dir(spec: WorldSpec = DEFAULT_SPEC) -> Path:
+SHIPPED_WORLD = Path(__file__).parent / "assets" / "world"
+
+
+def shipped_world(spec: WorldSpec = DEFAULT_SPEC) -> Path | None:
+    """The world shipped inside the package, when it was built from ``spec``."""
+    marker = SHIPPED_WORLD / "world.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == spec.fingerprint():
+        return SHIPPED_WORLD
+    return None
+
+
+def cache_dir(spec: WorldSpec = DEFAULT_SPEC) -> Path:
     root = Path(os.environ.get("OPD_WORLD_DIR") or Path.home() / ".cache" / "opd")
     return root / f"world-{spec.fingerprint()}"
 
 
+def world_dir(spec: WorldSpec = DEFAULT_SPEC) -> Path:
+    """Where the world is read from: ``$OPD_WORLD_DIR`` if set, else the shipped copy, else the user cache."""
+    if not os.environ.get("OPD_WORLD_DIR") and shipped_world(spec) is not None:
+        return SHIPPED_WORLD
+    return cache_dir(spec)
+
+
+WORLD_MODELS = ("teacher", "student", "teacher_base")
+
+
 def world_model_path(name: str, spec: WorldSpec = DEFAULT_SPEC) -> Path:
-    """Directory of the world's ``teacher`` or ``student``, building the world first if it is missing."""
-    if name not in ("teacher", "student"):
-        raise ValueError(f"unknown world model '{name}' (world:teacher or world:student)")
+    """Directory of the world's ``teacher``, ``student`` or ``teacher_base``, building the world first if it is missing."""
+    if name not in WORLD_MODELS:
+        raise ValueError(f"unknown world model '{name}' (choose world:{', world:'.join(WORLD_MODELS)})")
     directory = world_dir(spec)
     if not (directory / "world.json").is_file():
         log.warning("embedded world not found at %s; building it (a few minutes, once)", directory)
@@ -108,7 +134,7 @@ def init_model(directory: Path, shape: ModelShape, tokenizer, spec: WorldSpec, s
     return directory
 
 
-def sft_config(init_path: Path, output_dir: Path, steps: int, lr: float, spec: WorldSpec, progress: bool):
+def sft_config(init_path: Path, output_dir: Path, steps: int, lr: float, spec: WorldSpec, progress: bool, checkpoint_every: int = 0):
     from .config import load_config
 
     overrides = {
@@ -129,6 +155,8 @@ def sft_config(init_path: Path, output_dir: Path, steps: int, lr: float, spec: W
         "train.threads": spec.threads,
         "sampling.max_new_tokens": 40,
         "eval.every": 0,
+        "checkpoint.every": checkpoint_every,
+        "checkpoint.keep_last": 1,
         "eval.teacher": False,
         "log.tensorboard": False,
         "log.progress_bar": progress,
@@ -151,12 +179,18 @@ def build_world(directory: Path | None = None, spec: WorldSpec = DEFAULT_SPEC, p
     roles = [("teacher", spec.teacher_shape, spec.teacher_steps, spec.teacher_lr), ("student", spec.student_shape, spec.student_steps, spec.student_lr)]
     for offset, (role, shape, steps, lr) in enumerate(roles):
         init = init_model(work / f"{role}-init", shape, tokenizer, spec, spec.seed + offset)
-        summary = train(sft_config(init, work / f"{role}-sft", steps, lr, spec, progress))
+        keep_base = role == "teacher" and 0 < spec.teacher_base_step < steps
+        summary = train(sft_config(init, work / f"{role}-sft", steps, lr, spec, progress, spec.teacher_base_step if keep_base else 0))
         (work / f"{role}-sft" / "final").rename(work / role)
+        if keep_base:
+            base = work / f"{role}-sft" / "checkpoints" / f"step-{spec.teacher_base_step:06d}" / "model"
+            base.rename(work / "teacher_base")
+            report["teacher_base"] = {"sft_steps": spec.teacher_base_step}
+        shutil.rmtree(work / f"{role}-sft" / "checkpoints", ignore_errors=True)  # keep only the SFT logs
         shutil.rmtree(init)
         report[role] = {"accuracy": summary["student_accuracy_after"], "sft_seconds": summary["wall_seconds"], "parameters": _count(work / role)}
         log.info("world %s: %.1f%% held-out accuracy after %d SFT steps", role, 100 * report[role]["accuracy"], steps)
-    (work / "world.json").write_text(json.dumps(report, indent=2))
+    (work / "world.json").write_text(json.dumps(report, indent=2) + "\n")
     if directory.exists():
         shutil.rmtree(directory)
     work.rename(directory)
@@ -175,3 +209,22 @@ def _prod(shape) -> int:
     for d in shape:
         out *= d
     return out
+
+
+SHIPPED_FILES = ("tokenizer", "teacher", "student", "teacher_base")
+
+
+def verify_world(reference: Path, spec: WorldSpec = DEFAULT_SPEC, progress: bool = True) -> list[str]:
+    """Rebuild the world in a temporary directory; return the files that differ from ``reference``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = build_world(Path(tmp) / "world", spec, progress)
+        differing = []
+        for name in SHIPPED_FILES:
+            for path in sorted((fresh / name).rglob("*")):
+                if path.is_file():
+                    other = reference / path.relative_to(fresh)
+                    if not other.is_file() or other.read_bytes() != path.read_bytes():
+                        differing.append(str(path.relative_to(fresh)))
+        return differing
