@@ -92,7 +92,7 @@ def test_opsd_variants_run(tmp_path, tiny_models, overrides):
 
 def test_opsd_teacher_sees_the_reference_solution(tiny_models, tmp_path):
     from opd.methods import Batch, privileged_view
-    from opd.train import build_session
+    from opd.session import build_session
 
     s = build_session(make_config(tmp_path, tiny_models, "method.name=opsd", "teacher.path=null"))
     example = s.task.eval_examples()[0]
@@ -140,7 +140,7 @@ def test_multi_teacher_routing_scores_each_row_with_its_teacher(tmp_path, tiny_m
     import json as _json
 
     from opd.methods import student_samples
-    from opd.train import build_session
+    from opd.session import build_session
 
     rows_ = [{"problem": f"{i}+{i}?", "answer": str(2 * i), "domain": "a" if i % 2 else "b"} for i in range(12)]
     data = tmp_path / "d.jsonl"
@@ -173,3 +173,11 @@ def test_routing_refusals(tmp_path):
         load_config(None, ["student.path=s", "method.name=opd", "task.name=math", "task.path=x", "teacher.routes={a: x}"])
     with pytest.raises(ValueError, match="routes to teacher 'c' but teacher.routes has: a"):
         RoutedTeacher({"a": None})._teacher("c")
+
+
+def test_exopd_without_a_reference_is_refused():
+    from opd.config import load_config
+
+    with pytest.raises(ConfigError, match=r"'method.gopd.reference' is required when method.gopd.reward_scale != 1 \(got 1.25\)"):
+        load_config(None, ["student.path=s", "teacher.path=t", "method.name=gopd", "method.gopd.reference=null"])
+    assert load_config(None, ["student.path=s", "teacher.path=t", "method.name=gopd", "method.gopd.reward_scale=1.0", "method.gopd.reference=null"])

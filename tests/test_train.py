@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opd.train as train_module
 from conftest import make_config
-from opd.train import RunDirError, TrainingError, train
+from opd.session import TrainingError
+from opd.train import RunDirError, train
 
 
 def final_weights(run_dir):
@@ -166,3 +167,21 @@ def test_prompt_longer_than_context_is_named(tmp_path, tiny_models):
 def test_bf16_autocast_step_is_finite(tmp_path, tiny_models):
     summary = train(make_config(tmp_path, tiny_models, "train.precision=bf16", "train.steps=1"))
     assert summary["nonfinite_skips"] == 0
+
+
+def test_zero_gradient_step_does_not_move_the_weights(tmp_path, tiny_models, monkeypatch):
+    """A batch with no signal (all advantages zero) must not step Adam, which would drift on stale momentum."""
+    import opd.methods as methods
+
+    real = methods.METHODS["opd"]
+
+    def loss_zero_after_first_step(s, batch, step):
+        loss, metrics = real.loss(s, batch, step)
+        return (loss if step == 0 else 0.0 * loss), metrics
+
+    monkeypatch.setitem(methods.METHODS, "opd", methods.Method(real.data, loss_zero_after_first_step))
+    one = train(make_config(tmp_path / "one", tiny_models, "train.steps=1"))
+    three = train(make_config(tmp_path / "three", tiny_models, "train.steps=3"))
+    a, b = final_weights(tmp_path / "one" / "run"), final_weights(tmp_path / "three" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (one["no_signal_steps"], three["no_signal_steps"], three["nonfinite_skips"]) == (0, 2, 0)

@@ -17,7 +17,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .models import ModelLoadError, PairingError
     from .prompts import PromptError
     from .tasks import DataError
-    from .train import RunDirError, TrainingError
+    from .session import TrainingError
+    from .train import RunDirError
 
     return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, TrainingError)
 
@@ -58,7 +59,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .models import eos_token_ids, load_model, load_tokenizer
     from .rollout import HFSampler
-    from .train import autocast_factory, build_task, pick_device
+    from .session import autocast_factory, build_task, pick_device
 
     # Only the task, sampling and eval sections matter here; method sft is named because it needs no teacher.
     overrides = [f"task.name={args.task}", f"student.path={args.model}", f"eval.k={args.k}", "method.name=sft"]

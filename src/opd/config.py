@@ -135,7 +135,7 @@ class GOPDConfig:
     """G-OPD / ExOPD reward scaling with a reference model (METHODS §4)."""
 
     reward_scale: float = 1.25  # λ; 1 = OPD, > 1 = ExOPD
-    reference: str = "student_init"  # the student's initial weights, or a HF checkpoint path
+    reference: str | None = "student_init"  # the student's initial weights, or a HF checkpoint path
     discount: float = 0.0
 
 
@@ -484,6 +484,13 @@ def validate(c: Config) -> None:
     )
     _require(m.gopd.reward_scale > 0, "method.gopd.reward_scale", f"must be > 0, got {m.gopd.reward_scale}")
     _require(0 <= m.gopd.discount <= 1, "method.gopd.discount", f"must be in [0, 1], got {m.gopd.discount}")
+    if m.name == "gopd" and m.gopd.reward_scale != 1.0:
+        _require(
+            m.gopd.reference is not None,
+            "method.gopd.reference",
+            f"is required when method.gopd.reward_scale != 1 (got {m.gopd.reward_scale}): "
+            "use student_init or a checkpoint sharing the student's tokenizer",
+        )
     _require(0 < m.reopold.mixture_lambda < 1, "method.reopold.mixture_lambda", f"must be in (0, 1), got {m.reopold.mixture_lambda}")
     _require(0 < m.reopold.entropy_fraction <= 1, "method.reopold.entropy_fraction", f"must be in (0, 1], got {m.reopold.entropy_fraction}")
     _require(m.grpo.kl_coef >= 0, "method.grpo.kl_coef", f"must be >= 0, got {m.grpo.kl_coef}")

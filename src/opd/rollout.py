@@ -56,30 +56,22 @@ class Rollouts:
     def select(self, rows: Sequence[int]) -> "Rollouts":
         """The given rows, in that order (texts, groups and routes follow)."""
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.completion_ids_BC.device)
-        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
-        return Rollouts(
-            prompt_ids_BP=pick(self.prompt_ids_BP),
-            prompt_mask_BP=pick(self.prompt_mask_BP),
-            completion_ids_BC=pick(self.completion_ids_BC),
-            completion_mask_BC=pick(self.completion_mask_BC),
-            loss_mask_BC=pick(self.loss_mask_BC),
-            sampler_logp_BC=pick(self.sampler_logp_BC),
-            texts=[self.texts[i] for i in rows] if self.texts else [],
-            group_B=[self.group_B[i] for i in rows] if self.group_B else [],
-            route_B=[self.route_B[i] for i in rows] if self.route_B else [],
+        pick = lambda values: [values[i] for i in rows] if values else []  # noqa: E731
+        return replace(
+            self._map_tensors(lambda t: t.index_select(0, index)),
+            texts=pick(self.texts),
+            group_B=pick(self.group_B),
+            route_B=pick(self.route_B),
         )
 
     def to(self, device: torch.device | str) -> "Rollouts":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self,
-            prompt_ids_BP=move(self.prompt_ids_BP),
-            prompt_mask_BP=move(self.prompt_mask_BP),
-            completion_ids_BC=move(self.completion_ids_BC),
-            completion_mask_BC=move(self.completion_mask_BC),
-            loss_mask_BC=move(self.loss_mask_BC),
-            sampler_logp_BC=move(self.sampler_logp_BC),
-        )
+        return self._map_tensors(lambda t: t.to(device))
+
+    def _map_tensors(self, fn) -> "Rollouts":
+        return replace(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name)) for name in TENSOR_FIELDS})
+
+
+TENSOR_FIELDS = ("prompt_ids_BP", "prompt_mask_BP", "completion_ids_BC", "completion_mask_BC", "loss_mask_BC", "sampler_logp_BC")
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
