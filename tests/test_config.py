@@ -1,5 +1,4 @@
 import pytest
-import yaml
 
 from opd.config import ConfigError, load_config, save_config
 

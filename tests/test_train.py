@@ -77,7 +77,6 @@ def test_persistent_nonfinite_stops_with_a_message(tmp_path, tiny_models, monkey
 
     monkeypatch.setattr(ModelTeacher, "token_logprobs", lambda self, r, temperature=1.0: torch.full(r.completion_ids_BC.shape, float("nan")))
     cfg = make_config(tmp_path, tiny_models, "train.steps=10", "train.max_consecutive_nonfinite=3")
-    initial = load_file(str(tiny_models[1] / "model.safetensors"))
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss or gradient"):
         train(cfg)
 
