@@ -32,7 +32,7 @@ from .objectives import (
 from .objectives.ovd import ovd_rewards, plan_group
 from .prompts import PromptError, encode_completion, encode_prompt
 from .rollout import HFSampler, Rollouts, left_pad, rollouts_from_completions
-from .scoring import completion_hidden_states, projection, rollout_logprobs
+from .scoring import completion_hidden_states, projection, rollout_logprobs, token_logprobs
 from .tasks import Example, Task
 from .teachers import ModelTeacher
 
@@ -263,10 +263,7 @@ def _loss_opsd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]
         student_hidden, teacher_hidden, projection(s.student), s.teacher.project, r.loss_mask_BC,
         o.beta, temperature, o.chunk_size, s.cfg.method.reduction, o.top_k,
     )
-    with torch.no_grad(), s.autocast():
-        logp_BC, _ = rollout_logprobs(s.student, r)
-    kl = masked_mean(logp_BC - s.teacher.token_logprobs(teacher_view), r.loss_mask_BC.float())
-    return loss, {"jsd": float(loss.detach()), "kl": float(kl)}
+    return loss, {"jsd": float(loss.detach()), "kl": _sampled_kl(s, r, student_hidden, teacher_hidden)}
 
 
 def _loss_gkd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
@@ -285,7 +282,10 @@ def _loss_gkd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         g.chunk_size,
         s.cfg.method.reduction,
     )
-    return loss, {"jsd": float(loss.detach()), **(_sampled_kl(s, r) if batch.on_policy else {})}
+    metrics = {"jsd": float(loss.detach())}
+    if batch.on_policy:  # on other data ℓ^S - ℓ^T estimates nothing
+        metrics["kl"] = _sampled_kl(s, r, student_hidden, teacher_hidden)
+    return loss, metrics
 
 
 def _loss_sft(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
@@ -296,13 +296,14 @@ def _loss_sft(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     return loss, {}
 
 
-def _sampled_kl(s: Session, r: Rollouts) -> dict:
-    """The per-token reverse-KL estimate mean(ℓ^S - ℓ^T) on the batch's tokens (a diagnostic, no gradient)."""
-    if s.teacher is None:
-        return {}
-    with torch.no_grad(), s.autocast():
-        logp_BC, _ = rollout_logprobs(s.student, r)
-    return {"kl": float(masked_mean(logp_BC - s.teacher.token_logprobs(r), r.loss_mask_BC.float()))}
+def _sampled_kl(s: Session, r: Rollouts, student_hidden_BCH: torch.Tensor, teacher_hidden_BCH: torch.Tensor) -> float:
+    """The per-token reverse-KL estimate mean(ℓ^S - ℓ^T) on the sampled tokens, from hidden states already computed."""
+    valid = r.loss_mask_BC.bool()
+    ids_N = r.completion_ids_BC[valid]
+    with torch.no_grad():
+        student_logp_N, _ = token_logprobs(student_hidden_BCH.detach()[valid], ids_N, projection(s.student))
+        teacher_logp_N, _ = token_logprobs(teacher_hidden_BCH[valid], ids_N, s.teacher.project)
+    return float((student_logp_N - teacher_logp_N).mean()) if ids_N.numel() else 0.0
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -165,8 +166,6 @@ def run_eval(s: Session, model_sampler: HFSampler, examples, step_seed: int) -> 
     e = s.cfg.eval
     sampling = s.cfg.sampling
     if e.max_new_tokens is not None:
-        from dataclasses import replace
-
         sampling = replace(sampling, max_new_tokens=e.max_new_tokens)
     return evaluate(model_sampler, s.task, examples, sampling, e.k, e.temperature, e.batch_size, step_seed)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -201,14 +202,7 @@ def _count(path: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
-        return sum(_prod(handle.get_slice(k).get_shape()) for k in handle.keys())
-
-
-def _prod(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
+        return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
 
 
 SHIPPED_FILES = ("tokenizer", "teacher", "student", "teacher_base")
