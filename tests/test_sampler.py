@@ -41,10 +41,13 @@ def test_sampler_logprobs_match_a_full_forward(student, tokenizer):
     sampler = HFSampler(student, tokenizer)
     r = sampler.sample(prompts(tokenizer, ["1+2", "345+678", "12+3"]), SamplingConfig(max_new_tokens=12), torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logp_BC, entropy_BC = rollout_logprobs(student, r)
+        logp_BC, entropy_BC = rollout_logprobs(student, r, with_entropy=True)
+        assert rollout_logprobs(student, r)[1] is None  # entropy only on request
+        full = student(r.input_ids_BL(), attention_mask=r.attention_mask_BL()).logits[:, r.prompt_length - 1 : -1].log_softmax(-1)
     mask = r.completion_mask_BC.bool()
     torch.testing.assert_close(logp_BC[mask], r.sampler_logp_BC[mask], atol=1e-4, rtol=1e-4)
-    assert (entropy_BC[mask] > 0).all()
+    expected_entropy = -(full.exp() * full).sum(-1)
+    torch.testing.assert_close(entropy_BC[mask], expected_entropy[mask], atol=1e-4, rtol=1e-4)
 
 
 def test_same_generator_seed_same_samples(student, tokenizer):

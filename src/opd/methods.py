@@ -170,20 +170,21 @@ AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def _sampled_token_loss(
-    s: Session, batch: Batch, advantages: AdvantageFn, teacher_rollouts: Rollouts | None = None
+    s: Session, batch: Batch, advantages: AdvantageFn, teacher_rollouts: Rollouts | None = None, with_entropy: bool = False
 ) -> tuple[torch.Tensor, dict]:
     """Teacher log-probs of the sampled tokens → per-token advantages → the shared surrogate.
 
     ``advantages(student_logp_BC, teacher_logp_BC, entropy_BC, mask_BC)`` returns
     ``(advantages_BC, mask_BC, metrics)``; the mask may narrow the loss mask (REOPOLD).
-    ``teacher_rollouts`` are the same completions behind the teacher's own prompts (OPSD).
+    ``teacher_rollouts`` are the same completions behind the teacher's own prompts (OPSD);
+    the student's entropy is computed only ``with_entropy`` (None otherwise).
     """
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
     teacher_logp_BC = s.teacher.token_logprobs(teacher_rollouts if teacher_rollouts is not None else r)
     with s.autocast():
-        logp_BC, entropy_BC = rollout_logprobs(s.student, r)
-    advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC.detach(), mask_BC)
+        logp_BC, entropy_BC = rollout_logprobs(s.student, r, with_entropy=with_entropy)
+    advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC, mask_BC)
     weights = None
     if m.is_correction_cap is not None and r.sampler_logp_BC is not None:
         weights = truncated_importance_weights(logp_BC, r.sampler_logp_BC, m.is_correction_cap)
@@ -224,7 +225,7 @@ def _loss_reopold(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, di
     def advantages(lp, tlp, ent, mask):
         return reopold_rewards_and_mask(lp, tlp, ent, mask, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)
 
-    return _sampled_token_loss(s, batch, advantages)
+    return _sampled_token_loss(s, batch, advantages, with_entropy=True)
 
 
 def _loss_grpo(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:

@@ -41,41 +41,54 @@ def projection(model: torch.nn.Module) -> Projection:
     return project
 
 
-def _logp_and_entropy(hidden_NH, ids_N, project: Projection, temperature: float):
+def _chunk_logprobs(hidden_NH, ids_N, project: Projection, temperature: float):
     logp_NV = (project(hidden_NH) / temperature).log_softmax(-1)
-    logp_N = logp_NV.gather(-1, ids_N[:, None]).squeeze(-1)
-    entropy_N = -(logp_NV.exp() * logp_NV.clamp(min=torch.finfo(logp_NV.dtype).min)).sum(-1)
-    return logp_N, entropy_N
+    return logp_NV.gather(-1, ids_N[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def _chunk_entropy(hidden_NH, project: Projection, temperature: float):
+    logp_NV = (project(hidden_NH) / temperature).log_softmax(-1)
+    return -(logp_NV.exp() * logp_NV.clamp(min=torch.finfo(logp_NV.dtype).min)).sum(-1)
 
 
 def token_logprobs(
-    hidden_NH: torch.Tensor, ids_N: torch.Tensor, project: Projection, temperature: float = 1.0, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp_N, entropy_N)``: log π(id) and the full-vocabulary entropy at each position, chunk by chunk."""
+    hidden_NH: torch.Tensor,
+    ids_N: torch.Tensor,
+    project: Projection,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logp_N, entropy_N)``: log π(id) at each position, chunk by chunk, and (only when asked, without
+    gradient) the full-vocabulary entropy; ``entropy_N`` is None otherwise."""
     logps, entropies = [], []
     for start in range(0, hidden_NH.shape[0], chunk_size):
         h, ids = hidden_NH[start : start + chunk_size], ids_N[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            logp, entropy = checkpoint(_logp_and_entropy, h, ids, project, temperature, use_reentrant=False)
+            logps.append(checkpoint(_chunk_logprobs, h, ids, project, temperature, use_reentrant=False))
         else:
-            logp, entropy = _logp_and_entropy(h, ids, project, temperature)
-        logps.append(logp)
-        entropies.append(entropy)
-    if not logps:
-        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logps), torch.cat(entropies)
+            logps.append(_chunk_logprobs(h, ids, project, temperature))
+        if with_entropy:
+            entropies.append(_chunk_entropy(h, project, temperature))
+    empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+    logp_N = torch.cat(logps) if logps else empty
+    if not with_entropy:
+        return logp_N, None
+    return logp_N, torch.cat(entropies) if entropies else empty
 
 
 def rollout_logprobs(
-    model: torch.nn.Module, rollouts: Rollouts, temperature: float = 1.0, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp_BC, entropy_BC)`` of the completion tokens under ``model``; zero where there is no token."""
+    model: torch.nn.Module, rollouts: Rollouts, temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logp_BC, entropy_BC)`` of the completion tokens under ``model``, zero where there is no token;
+    ``entropy_BC`` (no gradient) only with ``with_entropy``, else None."""
     hidden_BCH = completion_hidden_states(model, rollouts)
     mask_BC = rollouts.completion_mask_BC.bool()
     logp_N, entropy_N = token_logprobs(
-        hidden_BCH[mask_BC], rollouts.completion_ids_BC[mask_BC], projection(model), temperature, chunk_size
+        hidden_BCH[mask_BC], rollouts.completion_ids_BC[mask_BC], projection(model), temperature, chunk_size, with_entropy
     )
     logp_BC = torch.zeros(mask_BC.shape, dtype=torch.float32, device=mask_BC.device).masked_scatter(mask_BC, logp_N)
-    entropy_BC = torch.zeros_like(logp_BC).masked_scatter(mask_BC, entropy_N)
-    return logp_BC, entropy_BC
+    if entropy_N is None:
+        return logp_BC, None
+    return logp_BC, torch.zeros_like(logp_BC).masked_scatter(mask_BC, entropy_N)
