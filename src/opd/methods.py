@@ -60,7 +60,7 @@ class Batch:
     rollouts: Rollouts
     examples: list[Example]  # one per row
     on_policy: bool
-    rewards: list[float] | None = None  # per-row rewards fixed by the data source (OVD); else the task's
+    rewards: list[float] | None = None  # per-row rewards: the task's for student samples, OVD's for its group
     info: dict[str, float] = field(default_factory=dict)  # data-source metrics (OVD acceptance, …)
 
 
@@ -86,7 +86,8 @@ def student_samples(s: Session, examples: list[Example], generator: torch.Genera
     rollouts = s.sampler.sample(_prompts(s, rows), s.cfg.sampling, generator)
     rollouts.group_B = [i // k for i in range(len(rows))]  # rows of one prompt share a group
     rollouts.route_B = [e.meta.get("teacher") for e in rows]
-    return Batch(rollouts, rows, on_policy=True)
+    rewards = [s.task.reward(text, e) for text, e in zip(rollouts.texts, rows)]
+    return Batch(rollouts, rows, on_policy=True, rewards=rewards)
 
 
 def teacher_samples(s: Session, examples: list[Example], generator: torch.Generator) -> Batch:
@@ -145,7 +146,9 @@ def _data_ovd(s: Session, examples, rng: random.Random, generator) -> Batch:
             tail = demos.completion_ids_BC[j][demos.completion_mask_BC[j].bool()].tolist()
             completions[i] = prefixes[j] + tail
             texts[i] = texts[i][: plan[i].keep_prefix_chars] + demos.texts[j]
-    outcomes = [s.task.reward(t, e) for t, e in zip(texts, sampled.examples)]
+    outcomes = list(sampled.rewards)  # kept samples keep their reward; replaced ones are graded anew
+    for i in replace_rows:
+        outcomes[i] = s.task.reward(texts[i], sampled.examples[i])
     final_scores = scores
     if o.score_weight:
         final_scores = [scores[i] if plan[i].source == "student" else None for i in range(len(plan))]
@@ -154,9 +157,8 @@ def _data_ovd(s: Session, examples, rng: random.Random, generator) -> Batch:
             final_scores[i] = value
     rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id, texts).to(s.device)
     rollouts.group_B = list(r.group_B)
-    student_rewards = [s.task.reward(t, e) for t, e in zip(r.texts, sampled.examples)]
     info = {
-        "reward": sum(student_rewards) / len(student_rewards),
+        "reward": sum(sampled.rewards) / len(sampled.rewards),
         "judge_score": sum(scores) / len(scores),
         "accepted_fraction": sum(m.source == "student" for m in plan) / len(plan),
         "student_tokens": float(r.completion_mask_BC.sum()),
@@ -231,8 +233,7 @@ def _loss_reopold(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, di
 def _loss_grpo(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
-    rewards = batch.rewards if batch.rewards is not None else [s.task.reward(t, e) for t, e in zip(r.texts, batch.examples)]
-    rewards_B = torch.tensor(rewards, device=mask_BC.device)
+    rewards_B = torch.tensor(batch.rewards, device=mask_BC.device)
     groups_B = torch.tensor(r.group_B, device=mask_BC.device)
     advantages_BC = group_advantages(rewards_B, groups_B, scale=m.grpo.scale_by_std)[:, None].expand_as(mask_BC)
     with s.autocast():
@@ -331,7 +332,6 @@ def batch_metrics(s: Session, batch: Batch) -> dict[str, float]:
     r = batch.rollouts
     metrics = {"mean_length": float(r.completion_lengths_B.float().mean()), "student_tokens": 0.0}
     if batch.on_policy:
-        rewards = [s.task.reward(text, ex) for text, ex in zip(r.texts, batch.examples)]
-        metrics.update(reward=sum(rewards) / len(rewards), student_tokens=float(r.completion_mask_BC.sum()))
+        metrics.update(reward=sum(batch.rewards) / len(batch.rewards), student_tokens=float(r.completion_mask_BC.sum()))
     metrics.update(batch.info)
     return metrics
