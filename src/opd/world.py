@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +62,6 @@ class WorldSpec:
     seed: int = 0
     threads: int | None = 2  # fixed so the build is reproducible bit for bit on one machine
     teacher_base_step: int = 300  # the teacher's SFT checkpoint kept as "teacher_base" (its pre-final-training base)
-    extra: dict = field(default_factory=dict, hash=False)
 
     def fingerprint(self) -> str:
         text = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
