@@ -110,7 +110,9 @@ class GKDConfig:
     temperature: float = 0.9
     lambda_onpolicy: float = 0.5
     seq_kd: bool = False  # off-policy batches use teacher samples instead of reference solutions
-    chunk_size: int = 1024  # tokens per chunk of the streamed full-vocabulary loss
+    top_k: int | None = None  # restrict both distributions to the teacher's top-K tokens
+    top_k_tail: bool = False  # with top_k: keep the rest of the mass as one extra class instead of renormalising
+    chunk_size: int | None = None  # token rows per chunk of the fused loss; None = about 2^25 logits per chunk
 
 
 @dataclass
@@ -165,9 +167,10 @@ class OPSDConfig:
     beta: float = 0.5
     temperature: float | None = None  # logits divided by this before the loss; None = sampling.temperature
     top_k: int | None = None  # restrict both distributions to the teacher's top-K tokens (paper option: 50)
+    top_k_tail: bool = False  # with top_k: keep the rest of the mass as one extra class instead of renormalising
     teacher_weights: Literal["fixed", "ema", "current"] = "fixed"
     ema_decay: float = 0.999
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # token rows per chunk of the fused loss; None = about 2^25 logits per chunk
 
 
 @dataclass
@@ -475,7 +478,9 @@ def validate(c: Config) -> None:
     _require(0 <= m.gkd.beta <= 1, "method.gkd.beta", f"must be in [0, 1], got {m.gkd.beta}")
     _require(m.gkd.temperature > 0, "method.gkd.temperature", f"must be > 0, got {m.gkd.temperature}")
     _require(0 <= m.gkd.lambda_onpolicy <= 1, "method.gkd.lambda_onpolicy", f"must be in [0, 1], got {m.gkd.lambda_onpolicy}")
-    _require(m.gkd.chunk_size >= 1, "method.gkd.chunk_size", f"must be >= 1, got {m.gkd.chunk_size}")
+    _require(m.gkd.chunk_size is None or m.gkd.chunk_size >= 1, "method.gkd.chunk_size", f"must be >= 1 or null, got {m.gkd.chunk_size}")
+    _require(m.gkd.top_k is None or m.gkd.top_k >= 1, "method.gkd.top_k", f"must be >= 1 or null, got {m.gkd.top_k}")
+    _require(not m.gkd.top_k_tail or m.gkd.top_k is not None, "method.gkd.top_k_tail", "needs method.gkd.top_k")
     _require(0 <= m.opd_plus.discount <= 1, "method.opd_plus.discount", f"must be in [0, 1], got {m.opd_plus.discount}")
     _require(
         m.opd_plus.log_ratio_clip is None or m.opd_plus.log_ratio_clip > 0,
@@ -498,7 +503,8 @@ def validate(c: Config) -> None:
     _require(m.opsd.temperature is None or m.opsd.temperature > 0, "method.opsd.temperature", "must be > 0 or null")
     _require(m.opsd.top_k is None or m.opsd.top_k >= 1, "method.opsd.top_k", f"must be >= 1 or null, got {m.opsd.top_k}")
     _require(0 < m.opsd.ema_decay < 1, "method.opsd.ema_decay", f"must be in (0, 1), got {m.opsd.ema_decay}")
-    _require(m.opsd.chunk_size >= 1, "method.opsd.chunk_size", f"must be >= 1, got {m.opsd.chunk_size}")
+    _require(m.opsd.chunk_size is None or m.opsd.chunk_size >= 1, "method.opsd.chunk_size", f"must be >= 1 or null, got {m.opsd.chunk_size}")
+    _require(not m.opsd.top_k_tail or m.opsd.top_k is not None, "method.opsd.top_k_tail", "needs method.opsd.top_k")
     if m.name == "opsd":
         _require(
             c.teacher.path is None,

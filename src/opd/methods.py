@@ -32,7 +32,7 @@ from .objectives import (
 from .objectives.ovd import ovd_rewards, plan_group
 from .prompts import PromptError, encode_completion, encode_prompt
 from .rollout import HFSampler, Rollouts, left_pad, rollouts_from_completions
-from .scoring import completion_hidden_states, projection, rollout_logprobs, token_logprobs
+from .scoring import completion_hidden_states, loss_head, projection, rollout_logprobs, token_logprobs
 from .tasks import Example, Task
 from .teachers import ModelTeacher
 
@@ -261,11 +261,12 @@ def _loss_opsd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]
     teacher_hidden = s.teacher.hidden_states(teacher_view)
     with s.autocast():
         student_hidden = completion_hidden_states(s.student, r)
-    loss, _ = gkd_loss(
-        student_hidden, teacher_hidden, projection(s.student), s.teacher.project, r.loss_mask_BC,
-        o.beta, temperature, o.chunk_size, s.cfg.method.reduction, o.top_k,
+    result = gkd_loss(
+        student_hidden, teacher_hidden, loss_head(s.student), s.teacher.project, r.loss_mask_BC,
+        o.beta, temperature, o.chunk_size, s.cfg.method.reduction, o.top_k, o.top_k_tail,
     )
-    return loss, {"jsd": float(loss.detach()), "kl": _sampled_kl(s, r, student_hidden, teacher_hidden)}
+    metrics = {"jsd": float(result.loss.detach()), "kl": _sampled_kl(s, r, student_hidden, teacher_hidden)}
+    return result.loss, _with_teacher_mass(metrics, result.teacher_mass)
 
 
 def _loss_gkd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
@@ -273,21 +274,19 @@ def _loss_gkd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     teacher_hidden = s.teacher.hidden_states(r)
     with s.autocast():
         student_hidden = completion_hidden_states(s.student, r)
-    loss, _ = gkd_loss(
-        student_hidden,
-        teacher_hidden,
-        projection(s.student),
-        s.teacher.project,
-        r.loss_mask_BC,
-        g.beta,
-        g.temperature,
-        g.chunk_size,
-        s.cfg.method.reduction,
+    result = gkd_loss(
+        student_hidden, teacher_hidden, loss_head(s.student), s.teacher.project, r.loss_mask_BC,
+        g.beta, g.temperature, g.chunk_size, s.cfg.method.reduction, g.top_k, g.top_k_tail,
     )
-    metrics = {"jsd": float(loss.detach())}
+    metrics = {"jsd": float(result.loss.detach())}
     if batch.on_policy:  # on other data ℓ^S - ℓ^T estimates nothing
         metrics["kl"] = _sampled_kl(s, r, student_hidden, teacher_hidden)
-    return loss, metrics
+    return result.loss, _with_teacher_mass(metrics, result.teacher_mass)
+
+
+def _with_teacher_mass(metrics: dict, mass: float | None) -> dict:
+    """Add ``teacher_topk_mass``: how much of the teacher's probability the top-k tokens cover."""
+    return metrics if mass is None else {**metrics, "teacher_topk_mass": mass}
 
 
 def _loss_sft(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:

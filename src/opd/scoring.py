@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .objectives.fused import OutputHead, output_head
 from .rollout import Rollouts
 
 Projection = Callable[[torch.Tensor], torch.Tensor]  # hidden_NH -> logits_NV
@@ -39,6 +40,11 @@ def projection(model: torch.nn.Module) -> Projection:
         return logits_NV
 
     return project
+
+
+def loss_head(model: torch.nn.Module) -> OutputHead | Projection:
+    """The output layer for the fused full-vocabulary loss, or a projection when it is not a plain linear layer."""
+    return output_head(model) or projection(model)
 
 
 def _chunk_logprobs(hidden_NH, ids_N, project: Projection, temperature: float):

@@ -16,19 +16,28 @@ import torch
 Reduction = Literal["token_mean", "seq_mean_token_mean"]
 
 
+def reduction_weights(mask_BT: torch.Tensor, reduction: Reduction = "token_mean", dtype=torch.float32) -> torch.Tensor:
+    """Per-token weights ``w`` with ``masked_mean(v, mask, reduction) = Σ w·v``.
+
+    ``token_mean``: ``m/Σm``. ``seq_mean_token_mean``: ``m_{b,t} / (|b| · #sequences with a token)``.
+    An all-masked batch gives all-zero weights, so it changes nothing (never NaN).
+    """
+    mask_BT = mask_BT.to(dtype)
+    if reduction == "token_mean":
+        return mask_BT / mask_BT.sum().clamp(min=1)
+    if reduction == "seq_mean_token_mean":
+        tokens_B = mask_BT.sum(-1, keepdim=True)
+        sequences = (tokens_B > 0).sum().clamp(min=1)
+        return mask_BT / tokens_B.clamp(min=1) / sequences
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
 def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: Reduction = "token_mean") -> torch.Tensor:
     """Token-mean over all valid tokens, or the mean over sequences of each sequence's token-mean.
 
     An all-masked batch gives 0 (not NaN), so a batch with no trainable token changes nothing.
     """
-    mask_BT = mask_BT.to(values_BT.dtype)
-    if reduction == "token_mean":
-        return (values_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
-    if reduction == "seq_mean_token_mean":
-        per_seq_B = (values_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)
-        has_tokens_B = (mask_BT.sum(-1) > 0).to(values_BT.dtype)
-        return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp(min=1)
-    raise ValueError(f"unknown reduction {reduction!r}")
+    return (values_BT * reduction_weights(mask_BT, reduction, values_BT.dtype)).sum()
 
 
 def discounted_cumsum(values_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -1,49 +1,74 @@
 """GKD: on-policy generalised-JSD distillation over the full vocabulary (Agarwal et al. 2024, arXiv 2306.13649).
 
-    L = (1/N) Σ_{i,t} m_{i,t} · D_β(P_T(·|s_{i,t}) ‖ P_S(·|s_{i,t}))     (see ``generalized_jsd``)
+    L = Σ_{i,t} w_{i,t} · D_β(P_T(·|s_{i,t}) ‖ P_S(·|s_{i,t}))     (see ``generalized_jsd``)
 
-The completions come from the student with probability λ_onpolicy, otherwise from the
-dataset (or the teacher, ``seq_kd``). Teacher and student logits are streamed in chunks.
+with ``w`` the reduction's weights (``m/Σm`` for the token mean). The completions come from
+the student with probability λ_onpolicy, otherwise from the dataset (or the teacher,
+``seq_kd``). OPSD's JSD loss is the same function with the privileged-context teacher.
+The loss is computed by the fused chunked divergence (``fused.py``) when the student's
+output layer is a plain linear layer, else by streaming checkpointed chunks.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from .common import Reduction, masked_mean
+from .common import Reduction, reduction_weights
 from .divergences import generalized_jsd, on_teacher_top_k, streamed_divergence
+from .fused import DenseTeacher, OutputHead, fused_divergence
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GKDLoss(NamedTuple):
+    loss: torch.Tensor
+    per_token_BT: torch.Tensor  # D_β at each position (0 where masked), no gradient with the fused path
+    teacher_mass: float | None  # mean teacher probability on the kept top-k tokens; None over the full vocabulary
 
 
 def gkd_loss(
     student_hidden_BTH: torch.Tensor,
     teacher_hidden_BTH: torch.Tensor,
-    student_project: Callable[[torch.Tensor], torch.Tensor],
-    teacher_project: Callable[[torch.Tensor], torch.Tensor],
+    student_head: OutputHead | Projection,
+    teacher_project: Projection,
     mask_BT: torch.Tensor,
     beta: float = 0.5,
     temperature: float = 0.9,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     reduction: Reduction = "token_mean",
     top_k: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, jsd_BT)``: the masked mean of the per-token generalised JSD, and the per-token values.
+    top_k_tail: bool = False,
+) -> GKDLoss:
+    """The reduced generalised JSD between student and teacher next-token distributions.
 
-    ``top_k`` restricts both distributions to the teacher's K most likely tokens, renormalised.
+    ``student_head``: an ``OutputHead`` (fused path) or any hidden → logits callable (checkpointed
+    path). ``top_k`` restricts both distributions to the teacher's K most likely tokens,
+    renormalised, or — ``top_k_tail`` — with the remaining mass as one extra class.
     """
-    divergence = partial(generalized_jsd, beta=beta, temperature=temperature)
-    if top_k is not None:
-        divergence = partial(on_teacher_top_k, divergence=divergence, k=top_k)
     valid_BT = mask_BT.bool()
-    jsd_N = streamed_divergence(
-        student_hidden_BTH[valid_BT],
-        teacher_hidden_BTH[valid_BT],
-        student_project,
-        teacher_project,
-        divergence,
-        chunk_size,
-    )
-    jsd_BT = torch.zeros(valid_BT.shape, dtype=jsd_N.dtype, device=jsd_N.device).masked_scatter(valid_BT, jsd_N)
-    return masked_mean(jsd_BT, mask_BT, reduction), jsd_BT
+    weight_N = reduction_weights(mask_BT, reduction, torch.promote_types(student_hidden_BTH.dtype, torch.float32))[valid_BT]
+    student_hidden_NH, teacher_hidden_NH = student_hidden_BTH[valid_BT], teacher_hidden_BTH[valid_BT]
+    mass = None
+    if isinstance(student_head, OutputHead):
+        result = fused_divergence(
+            student_hidden_NH, student_head, DenseTeacher.from_hidden(teacher_hidden_NH, teacher_project), weight_N,
+            beta, temperature, top_k, top_k_tail, chunk_size,
+        )
+        loss, values_N = result.loss, result.per_token_N
+        if result.teacher_mass_N is not None and result.teacher_mass_N.numel():
+            mass = float(result.teacher_mass_N.mean())
+    else:
+        if top_k_tail:
+            raise ValueError("the top-k tail bucket needs a plain linear output layer (fused path)")
+        divergence = partial(generalized_jsd, beta=beta, temperature=temperature)
+        if top_k is not None:
+            divergence = partial(on_teacher_top_k, divergence=divergence, k=top_k)
+        values_N = streamed_divergence(
+            student_hidden_NH, teacher_hidden_NH, student_head, teacher_project, divergence, chunk_size or 1024
+        )
+        loss = (values_N * weight_N.to(values_N.dtype)).sum()
+    per_token_BT = torch.zeros(valid_BT.shape, dtype=values_N.dtype, device=values_N.device)
+    return GKDLoss(loss, per_token_BT.masked_scatter(valid_BT, values_N.detach()), mass)
