@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install bench clean
 
 $(BIN)/opd: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# The benchmarks of BENCHMARKS.md, with the optional comparison libraries (TRL, Liger-Kernel). Takes about 30 min on 2 cores.
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python benchmarks/bench_loss.py
+	$(BIN)/python benchmarks/profile_step.py
+	$(BIN)/python benchmarks/bench_e2e_trl.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -109,6 +109,12 @@ def test_run_outputs_load_back_and_logs_exist(tmp_path, tiny_models):
     assert set(summary["eval_after"]) == {"accuracy", "mean_length", "avg@2", "pass@2"}
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["kind"] == "eval"] == [0, 1, 2]
+    # where the step time went: every phase of an OPD step is timed, and the shares add up to 1
+    assert set(summary["phase_seconds"]) == {"sample", "teacher", "student", "optimizer"}
+    assert abs(sum(summary["phase_shares"].values()) - 1) < 1e-3
+    train_row = next(r for r in evals if r["kind"] == "train")
+    assert train_row["time/sample"] > 0 and train_row["time/teacher"] > 0
+    assert sum(v for k, v in train_row.items() if k.startswith("time/")) <= train_row["step_seconds"]
 
 
 def test_lora_run_saves_merged_model(tmp_path, tiny_models):

@@ -30,6 +30,7 @@ from .objectives import (
     truncated_importance_weights,
 )
 from .objectives.ovd import ovd_rewards, plan_group
+from .profiling import PhaseTimer
 from .prompts import PromptError, encode_completion, encode_prompt
 from .rollout import HFSampler, Rollouts, left_pad, rollouts_from_completions
 from .scoring import completion_hidden_states, loss_head, projection, rollout_logprobs, token_logprobs
@@ -53,6 +54,7 @@ class Session:
     device: torch.device
     max_prompt_tokens: int | None = None
     judge: object | None = None  # OVD's verbal judge
+    timer: PhaseTimer = field(default_factory=PhaseTimer)  # seconds per phase of the current step
 
 
 @dataclass
@@ -132,8 +134,9 @@ def _data_ovd(s: Session, examples, rng: random.Random, generator) -> Batch:
     o = s.cfg.method.ovd
     sampled = student_samples(s, examples, generator)
     r = sampled.rollouts
-    scores = s.judge.score(sampled.examples, r.texts)
-    step_scores = [s.judge.step_scores(e, t) for e, t in zip(sampled.examples, r.texts)] if o.replacement == "step" else None
+    with s.timer.phase("judge"):
+        scores = s.judge.score(sampled.examples, r.texts)
+        step_scores = [s.judge.step_scores(e, t) for e, t in zip(sampled.examples, r.texts)] if o.replacement == "step" else None
     plan = plan_group(r.texts, scores, o.threshold, o.replacement, step_scores)
     completions = [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)]
     texts = list(r.texts)
@@ -152,7 +155,8 @@ def _data_ovd(s: Session, examples, rng: random.Random, generator) -> Batch:
     final_scores = scores
     if o.score_weight:
         final_scores = [scores[i] if plan[i].source == "student" else None for i in range(len(plan))]
-        rescored = s.judge.score([sampled.examples[i] for i in replace_rows], [texts[i] for i in replace_rows]) if replace_rows else []
+        with s.timer.phase("judge"):
+            rescored = s.judge.score([sampled.examples[i] for i in replace_rows], [texts[i] for i in replace_rows]) if replace_rows else []
         for i, value in zip(replace_rows, rescored):
             final_scores[i] = value
     rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id, texts).to(s.device)
@@ -183,7 +187,8 @@ def _sampled_token_loss(
     """
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
-    teacher_logp_BC = s.teacher.token_logprobs(teacher_rollouts if teacher_rollouts is not None else r)
+    with s.timer.phase("teacher"):
+        teacher_logp_BC = s.teacher.token_logprobs(teacher_rollouts if teacher_rollouts is not None else r)
     with s.autocast():
         logp_BC, entropy_BC = rollout_logprobs(s.student, r, with_entropy=with_entropy)
     advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC, mask_BC)
@@ -214,7 +219,8 @@ def _loss_opd_plus(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, d
 
 def _loss_gopd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     c = s.cfg.method.gopd
-    ref_logp_BC = s.reference.token_logprobs(batch.rollouts) if s.reference is not None else None
+    with s.timer.phase("teacher"):
+        ref_logp_BC = s.reference.token_logprobs(batch.rollouts) if s.reference is not None else None
     return _sampled_token_loss(
         s, batch, lambda lp, tlp, ent, mask: (gopd_advantages(lp, tlp, ref_logp_BC, mask, c.reward_scale, c.discount), mask, {})
     )
@@ -240,7 +246,9 @@ def _loss_grpo(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]
         logp_BC, _ = rollout_logprobs(s.student, r)
     loss, metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, mask_BC, m.clip_eps, m.reduction)
     if s.reference is not None and m.grpo.kl_coef > 0:
-        kl = masked_mean(k3_kl(logp_BC, s.reference.token_logprobs(r)), mask_BC, m.reduction)
+        with s.timer.phase("teacher"):
+            ref_logp_BC = s.reference.token_logprobs(r)
+        kl = masked_mean(k3_kl(logp_BC, ref_logp_BC), mask_BC, m.reduction)
         loss = loss + m.grpo.kl_coef * kl
         metrics["kl_ref"] = float(kl.detach())
     return loss, metrics
@@ -258,7 +266,8 @@ def _loss_opsd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]
     if o.loss == "sampled":  # A_n = ℓ^T_n - ℓ^S_n, the reverse-KL advantage with c = 1
         return _sampled_token_loss(s, batch, lambda lp, tlp, ent, mask: (reverse_kl_advantages(lp, tlp, mask), mask, {}), teacher_view)
     temperature = o.temperature if o.temperature is not None else s.cfg.sampling.temperature
-    teacher_hidden = s.teacher.hidden_states(teacher_view)
+    with s.timer.phase("teacher"):
+        teacher_hidden = s.teacher.hidden_states(teacher_view)
     with s.autocast():
         student_hidden = completion_hidden_states(s.student, r)
     result = gkd_loss(
@@ -271,7 +280,8 @@ def _loss_opsd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]
 
 def _loss_gkd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
     g, r = s.cfg.method.gkd, batch.rollouts
-    teacher_hidden = s.teacher.hidden_states(r)
+    with s.timer.phase("teacher"):
+        teacher_hidden = s.teacher.hidden_states(r)
     with s.autocast():
         student_hidden = completion_hidden_states(s.student, r)
     result = gkd_loss(

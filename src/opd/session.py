@@ -11,6 +11,7 @@ from .config import Config, needs_reference, needs_teacher
 from .judges import HTTPJudge, ModelJudge, ProgrammaticJudge
 from .methods import Session
 from .models import apply_lora, check_pairing, eos_token_ids, freeze, load_model, load_tokenizer
+from .profiling import PhaseTimer
 from .rollout import HFSampler
 from .tasks import ArithmeticTask, MathTask, Task
 from .teachers import EmaTeacher, ModelTeacher, RoutedTeacher
@@ -98,7 +99,7 @@ def build_session(cfg: Config) -> Session:
         )
     sampler = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer), autocast)
     judge = build_judge(cfg, teacher, device) if cfg.method.name == "ovd" else None
-    return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge)
+    return Session(cfg, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge, PhaseTimer(device))
 
 
 def load_paired(cfg: Config, path: str, key: str, tokenizer, student, device):

@@ -25,6 +25,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, 
 from .config import Config, save_config
 from .evaluate import evaluate
 from .methods import METHODS, Session, batch_metrics
+from .profiling import phase_shares
 from .rollout import HFSampler
 from .session import TrainingError, build_session
 from .teachers import EmaTeacher
@@ -84,27 +85,31 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     totals: dict[str, float] = {}
     finite = True
     for i in range(cfg.train.grad_accum):
-        batch = method.data(s, examples[i * per_micro : (i + 1) * per_micro], rng, generator)
-        loss, metrics = method.loss(s, batch, step)
+        with s.timer.phase("sample"):
+            batch = method.data(s, examples[i * per_micro : (i + 1) * per_micro], rng, generator)
+        with s.timer.phase("student"):
+            loss, metrics = method.loss(s, batch, step)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                (loss / cfg.train.grad_accum).backward()
         metrics.update(batch_metrics(s, batch), loss=float(loss.detach()))
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value / (1 if key == "student_tokens" else cfg.train.grad_accum)
-        if not torch.isfinite(loss):
-            finite = False
+        if not finite:
             break
-        (loss / cfg.train.grad_accum).backward()
-    params = [p for p in s.student.parameters() if p.requires_grad]
-    if finite:
-        clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        totals["grad_norm"] = float(grad_norm)
-        finite = bool(torch.isfinite(grad_norm))
-    status = "nonfinite" if not finite else "no_signal" if totals["grad_norm"] == 0 else "applied"
-    if status == "applied":
-        optimizer.step()
-        if isinstance(s.teacher, EmaTeacher):
-            s.teacher.update(s.student)
-    optimizer.zero_grad(set_to_none=True)
+    with s.timer.phase("optimizer"):
+        params = [p for p in s.student.parameters() if p.requires_grad]
+        if finite:
+            clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            totals["grad_norm"] = float(grad_norm)
+            finite = bool(torch.isfinite(grad_norm))
+        status = "nonfinite" if not finite else "no_signal" if totals["grad_norm"] == 0 else "applied"
+        if status == "applied":
+            optimizer.step()
+            if isinstance(s.teacher, EmaTeacher):
+                s.teacher.update(s.student)
+        optimizer.zero_grad(set_to_none=True)
     return totals, status
 
 
@@ -178,7 +183,7 @@ def train(cfg: Config) -> dict:
     s = build_session(cfg)
     save_config(cfg, run_dir / "config.yaml")
     optimizer, scheduler = build_optimizer(cfg, s.student)
-    state = {"nonfinite_skips": 0, "consecutive_nonfinite": 0, "no_signal_steps": 0, "generated_tokens": 0.0, "wall_seconds": 0.0}
+    state = {"nonfinite_skips": 0, "consecutive_nonfinite": 0, "no_signal_steps": 0, "generated_tokens": 0.0, "wall_seconds": 0.0, "phase_seconds": {}}
     start_step = 0
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, s.student, optimizer, scheduler))
@@ -220,6 +225,9 @@ def train(cfg: Config) -> dict:
                         f"(last at step {step + 1}); lower train.lr or check the teacher's outputs"
                     )
             state["generated_tokens"] += metrics.get("student_tokens", 0.0)
+            for phase, seconds in s.timer.pop().items():
+                metrics[f"time/{phase}"] = seconds
+                state["phase_seconds"][phase] = state["phase_seconds"].get(phase, 0.0) + seconds
             metrics.update(lr=scheduler.get_last_lr()[0], step_seconds=time.time() - step_start, skipped=float(status != "applied"), generated_tokens=state["generated_tokens"])
             done = step + 1
             metrics_log.write("train", done, metrics)
@@ -250,6 +258,8 @@ def train(cfg: Config) -> dict:
         "generated_tokens": state["generated_tokens"],
         "nonfinite_skips": state["nonfinite_skips"],
         "no_signal_steps": state["no_signal_steps"],
+        "phase_seconds": {k: round(v, 2) for k, v in state["phase_seconds"].items()},
+        "phase_shares": {k: round(v, 4) for k, v in phase_shares(state["phase_seconds"]).items()},
         "eval_before": state.get("before_eval"),
         "eval_after": after,
         "eval_teacher": state.get("teacher_eval"),

@@ -190,16 +190,13 @@ class _FusedDivergenceFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token, _grad_mass):
-        grad_hidden_NH, grad_weight_VH, grad_bias_V = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        return (
-            None if grad_hidden_NH is None else grad_hidden_NH * grad_loss.to(grad_hidden_NH.dtype),
-            None if grad_weight_VH is None else (grad_weight_VH * grad_loss).to(weight_dtype),
-            None if grad_bias_V is None else (grad_bias_V * grad_loss).to(bias_dtype),
-            None,
-            None,
-            None,
+        grads = ctx.saved_tensors
+        dtypes = (grads[0].dtype if grads[0] is not None else None, *ctx.param_dtypes)
+        unit = bool(grad_loss == 1)  # the usual case: hand the accumulated gradients over without a copy
+        hidden, weight, bias = (
+            None if g is None else (g if unit else g * grad_loss).to(dtype) for g, dtype in zip(grads, dtypes)
         )
+        return hidden, weight, bias, None, None, None
 
 
 def _chunk(logits_CV, teacher, start, stop, weight_C, spec: _Spec, want_grad: bool):

@@ -1,0 +1,48 @@
+"""Where a training step's time goes: wall-clock seconds per phase (sampling, teacher, student, optimizer, …).
+
+Phases nest: time spent in an inner phase (the teacher scoring inside the loss) is counted
+there and not in the enclosing one, so the phases of a step add up to the time they cover.
+On CUDA each boundary synchronises the device, so asynchronous kernels are charged to the
+phase that launched them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import torch
+
+
+class PhaseTimer:
+    def __init__(self, device: torch.device | None = None):
+        self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+        self._seconds: dict[str, float] = {}
+        self._open: list[list] = []  # [name, start, seconds spent in nested phases]
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        frame = [name, time.perf_counter(), 0.0]
+        self._open.append(frame)
+        try:
+            yield
+        finally:
+            self._sync()
+            self._open.pop()
+            elapsed = time.perf_counter() - frame[1]
+            self._seconds[name] = self._seconds.get(name, 0.0) + elapsed - frame[2]
+            if self._open:
+                self._open[-1][2] += elapsed
+
+    def pop(self) -> dict[str, float]:
+        """Seconds per phase since the last ``pop``, then reset."""
+        seconds, self._seconds = self._seconds, {}
+        return seconds
+
+
+def phase_shares(seconds: dict[str, float]) -> dict[str, float]:
+    """Each phase's fraction of the total."""
+    total = sum(seconds.values())
+    return {name: value / total for name, value in seconds.items()} if total > 0 else {}
