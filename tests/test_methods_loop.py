@@ -103,6 +103,31 @@ def test_opsd_teacher_sees_the_reference_solution(tiny_models, tmp_path):
     assert torch.equal(view.completion_ids_BC, r.completion_ids_BC)
 
 
+def test_sft_with_privileged_fraction_puts_chosen_rows_behind_the_privileged_prompt(tiny_models, tmp_path):
+    import random
+
+    from opd.methods import METHODS
+    from opd.session import build_session
+
+    s = build_session(make_config(tmp_path, tiny_models, "method.name=sft", "method.sft.privileged_fraction=0.5"))
+    examples = s.task.sample_train(32, random.Random(0))
+    batch = METHODS["sft"].data(s, examples, random.Random(1), torch.Generator())
+    r = batch.rollouts
+    prompts = [s.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(r.prompt_ids_BP, r.prompt_mask_BP)]
+    privileged = [e.solution in p for e, p in zip(examples, prompts)]
+    rng = random.Random(1)  # the data source draws one number per example from the step's data RNG
+    expected = [rng.random() < 0.5 for _ in examples]
+    assert privileged == expected and 0 < sum(privileged) < len(examples)
+    for e, p, ids, mask in zip(examples, prompts, r.completion_ids_BC, r.completion_mask_BC):
+        assert e.prompt in p
+        assert s.tokenizer.decode(ids[mask.bool()]).startswith(e.solution)  # the completion is the plain reply either way
+
+
+def test_sft_privileged_fraction_needs_reference_solutions(tmp_path):
+    with pytest.raises(ConfigError, match="method.sft.privileged_fraction: needs method.sft.source=reference"):
+        make_config(tmp_path, ("t", "s"), "method.name=sft", "method.sft.source=teacher", "method.sft.privileged_fraction=0.5")
+
+
 def test_opsd_resume_with_ema_teacher_is_exact(tmp_path, tiny_models, monkeypatch):
     import opd.train as train_module
     from safetensors.torch import load_file

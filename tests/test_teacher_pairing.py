@@ -76,7 +76,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         resolve_path(str(tmp_path / "nowhere"), "teacher.path")
     assert str(err.value) == (
         f"teacher.path: no model at '{tmp_path / 'nowhere'}' "
-        "(give a local HF checkpoint directory, or world:teacher, world:student, world:teacher_base)"
+        "(give a local HF checkpoint directory, or one of world:teacher, world:student, world:teacher_base, world:student_privileged)"
     )
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="holds no config.json"):
@@ -86,5 +86,5 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 
 def test_unknown_world_model_is_named():
-    with pytest.raises(ModelLoadError, match=r"teacher.path: unknown world model 'teachr' \(choose world:teacher, world:student, world:teacher_base\)"):
+    with pytest.raises(ModelLoadError, match=r"teacher.path: unknown world model 'teachr' \(choose world:teacher, world:student, world:teacher_base, world:student_privileged\)"):
         resolve_path("world:teachr", "teacher.path")

@@ -24,7 +24,7 @@ def test_build_world_is_deterministic_and_loadable(tmp_path):
     spec = replace(TINY_SPEC, teacher_steps=3, student_steps=1, batch_size=4, warmup_steps=0, teacher_base_step=2)
     first = build_world(tmp_path / "w1", spec, progress=False)
     second = build_world(tmp_path / "w2", spec, progress=False)
-    for role in ("teacher", "student"):
+    for role in ("teacher", "student", "student_privileged"):
         assert (first / role / "model.safetensors").read_bytes() == (second / role / "model.safetensors").read_bytes()
         model = AutoModelForCausalLM.from_pretrained(first / role)
         tok = AutoTokenizer.from_pretrained(first / role)
@@ -34,3 +34,7 @@ def test_build_world_is_deterministic_and_loadable(tmp_path):
     final = AutoModelForCausalLM.from_pretrained(first / "teacher").state_dict()
     assert any(not (base[k] == final[k]).all() for k in final)  # one more SFT step apart
     assert not (first / "teacher-sft" / "checkpoints").exists()
+    # student_privileged starts from the student's init and differs only by its privileged-prompt examples
+    student = AutoModelForCausalLM.from_pretrained(first / "student").state_dict()
+    privileged = AutoModelForCausalLM.from_pretrained(first / "student_privileged").state_dict()
+    assert any(not (student[k] == privileged[k]).all() for k in student)

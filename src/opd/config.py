@@ -120,6 +120,9 @@ class SFTConfig:
     """Cross-entropy on reference solutions or teacher samples (METHODS §8)."""
 
     source: Literal["reference", "teacher"] = "reference"
+    # fraction of reference-solution examples shown behind their privileged prompt (the task's problem + reference
+    # solution): teaches a model to use privileged context, so it can later be its own OPSD teacher
+    privileged_fraction: float = 0.0
 
 
 @dataclass
@@ -475,6 +478,11 @@ def validate(c: Config) -> None:
         f"must be >= 1 or null, got {m.is_correction_cap}",
     )
     _require(0 <= m.opd.discount <= 1, "method.opd.discount", f"must be in [0, 1], got {m.opd.discount}")
+    _require(0 <= m.sft.privileged_fraction <= 1, "method.sft.privileged_fraction", f"must be in [0, 1], got {m.sft.privileged_fraction}")
+    _require(
+        m.sft.privileged_fraction == 0 or m.sft.source == "reference",
+        "method.sft.privileged_fraction", "needs method.sft.source=reference (the privileged prompt holds the reference solution)",
+    )
     _require(0 <= m.gkd.beta <= 1, "method.gkd.beta", f"must be in [0, 1], got {m.gkd.beta}")
     _require(m.gkd.temperature > 0, "method.gkd.temperature", f"must be > 0, got {m.gkd.temperature}")
     _require(0 <= m.gkd.lambda_onpolicy <= 1, "method.gkd.lambda_onpolicy", f"must be in [0, 1], got {m.gkd.lambda_onpolicy}")

@@ -99,13 +99,16 @@ def teacher_samples(s: Session, examples: list[Example], generator: torch.Genera
     return Batch(rollouts, list(examples), on_policy=False)
 
 
-def reference_solutions(s: Session, examples: list[Example]) -> Batch:
+def reference_solutions(s: Session, examples: list[Example], privileged_B: list[bool] | None = None) -> Batch:
+    """The examples' reference solutions as completions; rows flagged in ``privileged_B`` sit behind the privileged prompt."""
     missing = [e for e in examples if e.solution is None]
     if missing:
         where = missing[0].meta.get("source", "an example")
         raise ValueError(f"{where}: no reference solution, which this method trains on (set task.solution_field)")
+    privileged_B = privileged_B or [False] * len(examples)
     completions = [encode_completion(s.tokenizer, s.task.messages(e), e.solution) for e in examples]
-    rollouts = rollouts_from_completions(_prompts(s, examples), completions, s.tokenizer.pad_token_id)
+    prompts = [_prompts(s, [e], privileged)[0] for e, privileged in zip(examples, privileged_B)]
+    rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id)
     rollouts.texts = [e.solution for e in examples]
     return Batch(rollouts.to(s.device), list(examples), on_policy=False)
 
@@ -126,7 +129,10 @@ def _data_gkd(s: Session, examples, rng: random.Random, generator) -> Batch:
 
 
 def _data_sft(s: Session, examples, rng: random.Random, generator) -> Batch:
-    return offline_data(s, examples, generator, use_teacher=s.cfg.method.sft.source == "teacher")
+    sft = s.cfg.method.sft
+    if sft.privileged_fraction > 0:
+        return reference_solutions(s, examples, [rng.random() < sft.privileged_fraction for _ in examples])
+    return offline_data(s, examples, generator, use_teacher=sft.source == "teacher")
 
 
 def _data_ovd(s: Session, examples, rng: random.Random, generator) -> Batch:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import LoraConfig
+from .world import WORLD_MODELS, world_model_path
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ class PairingError(ValueError):
 def resolve_path(path: str, key: str) -> str:
     """Turn a configured model path into a local directory, refusing anything that needs a download."""
     if path.startswith("world:"):
-        from .world import world_model_path
-
         try:
             return str(world_model_path(path.split(":", 1)[1]))
         except ValueError as err:
@@ -41,7 +40,7 @@ def resolve_path(path: str, key: str) -> str:
     if local.exists():
         raise ModelLoadError(f"{key}: '{path}' is a file; expected a HF checkpoint directory")
     raise ModelLoadError(
-        f"{key}: no model at '{path}' (give a local HF checkpoint directory, or world:teacher, world:student, world:teacher_base)"
+        f"{key}: no model at '{path}' (give a local HF checkpoint directory, or one of world:{', world:'.join(WORLD_MODELS)})"
     )
 
 

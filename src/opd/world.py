@@ -4,6 +4,8 @@
 
     tokenizer/           the character tokenizer (also copied into each model directory)
     teacher/, student/   ordinary HF checkpoints (AutoModelForCausalLM / AutoTokenizer load them)
+    student_privileged/  the student's init and SFT budget, half of its examples behind the privileged prompt
+                         (problem + reference solution): a student that can be its own OPSD teacher
     teacher_base/        the teacher part-way through its SFT: the "base before the teacher's final
                          training", the reference for G-OPD reward correction
     world.json           the spec they were built from and their held-out accuracies
@@ -62,6 +64,9 @@ class WorldSpec:
     seed: int = 0
     threads: int | None = 2  # fixed so the build is reproducible bit for bit on one machine
     teacher_base_step: int = 300  # the teacher's SFT checkpoint kept as "teacher_base" (its pre-final-training base)
+    # student_privileged: the student's init and SFT budget, with this fraction of examples shown behind their
+    # privileged prompt (problem + reference solution), so that it can be its own OPSD teacher
+    privileged_fraction: float = 0.5
 
     def fingerprint(self) -> str:
         text = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
@@ -94,11 +99,11 @@ def world_dir(spec: WorldSpec = DEFAULT_SPEC) -> Path:
     return cache_dir(spec)
 
 
-WORLD_MODELS = ("teacher", "student", "teacher_base")
+WORLD_MODELS = ("teacher", "student", "teacher_base", "student_privileged")
 
 
 def world_model_path(name: str, spec: WorldSpec = DEFAULT_SPEC) -> Path:
-    """Directory of the world's ``teacher``, ``student`` or ``teacher_base``, building the world first if it is missing."""
+    """Directory of one of the world's models (``WORLD_MODELS``), building the world first if it is missing."""
     if name not in WORLD_MODELS:
         raise ValueError(f"unknown world model '{name}' (choose world:{', world:'.join(WORLD_MODELS)})")
     directory = world_dir(spec)
@@ -134,7 +139,10 @@ def init_model(directory: Path, shape: ModelShape, tokenizer, spec: WorldSpec, s
     return directory
 
 
-def sft_config(init_path: Path, output_dir: Path, steps: int, lr: float, spec: WorldSpec, progress: bool, checkpoint_every: int = 0):
+def sft_config(
+    init_path: Path, output_dir: Path, steps: int, lr: float, spec: WorldSpec, progress: bool, checkpoint_every: int = 0,
+    privileged_fraction: float = 0.0,
+):
     from .config import load_config
 
     overrides = {
@@ -146,6 +154,7 @@ def sft_config(init_path: Path, output_dir: Path, steps: int, lr: float, spec: W
         "task.max_digits": spec.digits,
         "student.path": str(init_path),
         "method.name": "sft",
+        "method.sft.privileged_fraction": privileged_fraction,
         "train.steps": steps,
         "train.prompts_per_step": spec.batch_size,
         "train.lr": lr,
@@ -176,11 +185,17 @@ def build_world(directory: Path | None = None, spec: WorldSpec = DEFAULT_SPEC, p
     tokenizer = build_char_tokenizer()
     tokenizer.save_pretrained(work / "tokenizer")
     report = {"spec": asdict(spec), "fingerprint": spec.fingerprint()}
-    roles = [("teacher", spec.teacher_shape, spec.teacher_steps, spec.teacher_lr), ("student", spec.student_shape, spec.student_steps, spec.student_lr)]
-    for offset, (role, shape, steps, lr) in enumerate(roles):
-        init = init_model(work / f"{role}-init", shape, tokenizer, spec, spec.seed + offset)
+    # (name, shape, SFT steps, lr, init seed offset, fraction of privileged-prompt examples)
+    roles = [
+        ("teacher", spec.teacher_shape, spec.teacher_steps, spec.teacher_lr, 0, 0.0),
+        ("student", spec.student_shape, spec.student_steps, spec.student_lr, 1, 0.0),
+        ("student_privileged", spec.student_shape, spec.student_steps, spec.student_lr, 1, spec.privileged_fraction),
+    ]
+    for role, shape, steps, lr, seed_offset, privileged in roles:
+        init = init_model(work / f"{role}-init", shape, tokenizer, spec, spec.seed + seed_offset)
         keep_base = role == "teacher" and 0 < spec.teacher_base_step < steps
-        summary = train(sft_config(init, work / f"{role}-sft", steps, lr, spec, progress, spec.teacher_base_step if keep_base else 0))
+        checkpoint_every = spec.teacher_base_step if keep_base else 0
+        summary = train(sft_config(init, work / f"{role}-sft", steps, lr, spec, progress, checkpoint_every, privileged))
         (work / f"{role}-sft" / "final").rename(work / role)
         if keep_base:
             base = work / f"{role}-sft" / "checkpoints" / f"step-{spec.teacher_base_step:06d}" / "model"
@@ -204,7 +219,7 @@ def _count(path: Path) -> int:
         return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
 
 
-SHIPPED_FILES = ("tokenizer", "teacher", "student", "teacher_base")
+SHIPPED_FILES = ("tokenizer", "teacher", "student", "teacher_base", "student_privileged")
 
 
 def verify_world(reference: Path, spec: WorldSpec = DEFAULT_SPEC, progress: bool = True) -> list[str]:
