@@ -124,8 +124,8 @@ def test_sft_with_privileged_fraction_puts_chosen_rows_behind_the_privileged_pro
 
 
 def test_sft_privileged_fraction_needs_reference_solutions(tmp_path):
-    with pytest.raises(ConfigError, match="method.sft.privileged_fraction: needs method.sft.source=reference"):
-        make_config(tmp_path, ("t", "s"), "method.name=sft", "method.sft.source=teacher", "method.sft.privileged_fraction=0.5")
+    with pytest.raises(ConfigError, match="'method.sft.privileged_fraction' needs method.sft.source=reference"):
+        make_config(tmp_path, (tmp_path, tmp_path), "method.name=sft", "method.sft.source=teacher", "method.sft.privileged_fraction=0.5")
 
 
 def test_opsd_resume_with_ema_teacher_is_exact(tmp_path, tiny_models, monkeypatch):
