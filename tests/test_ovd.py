@@ -155,3 +155,25 @@ def test_ovd_config_refusals():
         load_config(None, base + ["method.ovd.judge=http"])
     with pytest.raises(ConfigError, match="'method.ovd.replacement' 'step' needs per-step scores"):
         load_config(None, base + ["method.ovd.judge=model", "method.ovd.replacement=step"])
+
+
+def test_failed_demonstrations_can_be_left_out_of_the_group(tmp_path, tiny_models):
+    """A random tiny teacher never solves a problem: with the option every replaced row leaves the loss and its group."""
+    import random
+
+    from opd.methods import METHODS
+    from opd.session import build_session
+
+    for drop in (False, True):
+        cfg = make_config(tmp_path, tiny_models, "method.name=ovd", "method.ovd.threshold=5", f"method.ovd.drop_failed_demonstrations={drop}")
+        s = build_session(cfg)
+        examples = s.task.sample_train(3, random.Random(0))
+        batch = METHODS["ovd"].data(s, examples, random.Random(0), torch.Generator().manual_seed(0))
+        r = batch.rollouts
+        assert batch.info["accepted_fraction"] == 0.0 and batch.info["demonstration_reward"] == 0.0
+        if drop:
+            assert batch.info["dropped_fraction"] == 1.0
+            assert r.loss_mask_BC.sum() == 0 and len(set(r.group_B)) == len(r.group_B)  # each its own group
+        else:
+            assert batch.info["dropped_fraction"] == 0.0
+            assert torch.equal(r.loss_mask_BC, r.completion_mask_BC) and len(set(r.group_B)) == len(examples)

@@ -195,6 +195,9 @@ class OVDConfig:
     threshold: float = 7.0  # θ: accept trajectories scoring ≥ θ
     replacement: Literal["trajectory", "step", "none"] = "trajectory"
     score_weight: float = 0.0  # w in r + w·score/9 (0: the score only filters)
+    # leave teacher demonstrations that fail the task's verifier out of the group (no loss, not in its mean/std)
+    # instead of training on them with a negative advantage
+    drop_failed_demonstrations: bool = False
     http: HTTPJudgeConfig = field(default_factory=HTTPJudgeConfig)
 
 

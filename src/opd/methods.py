@@ -167,12 +167,19 @@ def _data_ovd(s: Session, examples, rng: random.Random, generator) -> Batch:
             final_scores[i] = value
     rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id, texts).to(s.device)
     rollouts.group_B = list(r.group_B)
+    dropped = [i for i in replace_rows if o.drop_failed_demonstrations and outcomes[i] <= 0]
+    for i in dropped:  # a group of its own (zero advantage) with no trained tokens
+        rollouts.loss_mask_BC[i] = 0
+        rollouts.group_B[i] = -1 - i
     info = {
         "reward": sum(sampled.rewards) / len(sampled.rewards),
         "judge_score": sum(scores) / len(scores),
         "accepted_fraction": sum(m.source == "student" for m in plan) / len(plan),
         "student_tokens": float(r.completion_mask_BC.sum()),
+        "dropped_fraction": len(dropped) / len(plan),
     }
+    if replace_rows:
+        info["demonstration_reward"] = sum(outcomes[i] for i in replace_rows) / len(replace_rows)
     return Batch(rollouts, sampled.examples, on_policy=False, rewards=ovd_rewards(outcomes, final_scores, o.score_weight), info=info)
 
 

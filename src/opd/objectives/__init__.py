@@ -1,7 +1,8 @@
 """Objectives: pure tensor functions, one module per method, the formula in each docstring."""
 
-from .common import discounted_cumsum, masked_mean, policy_gradient_loss, truncated_importance_weights
+from .common import discounted_cumsum, masked_mean, policy_gradient_loss, reduction_weights, truncated_importance_weights
 from .divergences import generalized_jsd, streamed_divergence
+from .fused import DenseTeacher, OutputHead, SparseTeacher, fused_divergence
 from .gkd import gkd_loss
 from .gopd import gopd_advantages
 from .grpo import group_advantages, k3_kl
@@ -11,7 +12,12 @@ from .reopold import entropy_top_fraction_mask, reopold_rewards_and_mask, reward
 from .sft import sft_loss
 
 __all__ = [
+    "DenseTeacher",
     "F_DIVERGENCES",
+    "OutputHead",
+    "SparseTeacher",
+    "fused_divergence",
+    "reduction_weights",
     "discounted_cumsum",
     "entropy_top_fraction_mask",
     "f_divergence_advantages",

@@ -126,9 +126,8 @@ def fused_divergence(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     vocab = student_head.weight_VH.shape[0]
     spec = _Spec(beta, temperature, top_k, tail, chunk_size or auto_chunk_size(vocab), student_head.softcap)
-    bias = student_head.bias_V if student_head.bias_V is not None else None
     loss, per_token_N, mass_N = _FusedDivergenceFn.apply(
-        student_hidden_NH, student_head.weight_VH, bias, weight_N.detach(), spec, teacher
+        student_hidden_NH, student_head.weight_VH, student_head.bias_V, weight_N.detach(), spec, teacher
     )
     return FusedDivergence(loss, per_token_N, mass_N if spec.reports_mass(teacher) else None)
 
