@@ -274,42 +274,39 @@ def privileged_view(s: Session, batch: Batch) -> Rollouts:
 
 
 def _loss_opsd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
-    o, r = s.cfg.method.opsd, batch.rollouts
+    o = s.cfg.method.opsd
     teacher_view = privileged_view(s, batch)
     if o.loss == "sampled":  # A_n = ℓ^T_n - ℓ^S_n, the reverse-KL advantage with c = 1
         return _sampled_token_loss(s, batch, lambda lp, tlp, ent, mask: (reverse_kl_advantages(lp, tlp, mask), mask, {}), teacher_view)
     temperature = o.temperature if o.temperature is not None else s.cfg.sampling.temperature
-    with s.timer.phase("teacher"):
-        teacher_hidden = s.teacher.hidden_states(teacher_view)
-    with s.autocast():
-        student_hidden = completion_hidden_states(s.student, r)
-    result = gkd_loss(
-        student_hidden, teacher_hidden, loss_head(s.student), s.teacher.project, r.loss_mask_BC,
-        o.beta, temperature, o.chunk_size, s.cfg.method.reduction, o.top_k, o.top_k_tail,
-    )
-    metrics = {"jsd": float(result.loss.detach()), "kl": _sampled_kl(s, r, student_hidden, teacher_hidden)}
-    return result.loss, _with_teacher_mass(metrics, result.teacher_mass)
+    return _full_vocabulary_loss(s, batch, teacher_view, o.beta, temperature, o.chunk_size, o.top_k, o.top_k_tail)
 
 
 def _loss_gkd(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
-    g, r = s.cfg.method.gkd, batch.rollouts
+    g = s.cfg.method.gkd
+    return _full_vocabulary_loss(s, batch, batch.rollouts, g.beta, g.temperature, g.chunk_size, g.top_k, g.top_k_tail)
+
+
+def _full_vocabulary_loss(
+    s: Session, batch: Batch, teacher_rollouts: Rollouts, beta: float, temperature: float,
+    chunk_size: int | None, top_k: int | None, top_k_tail: bool,
+) -> tuple[torch.Tensor, dict]:
+    """GKD's JSD_β between the teacher (scoring ``teacher_rollouts``: the batch, or OPSD's privileged view) and the student."""
+    r = batch.rollouts
     with s.timer.phase("teacher"):
-        teacher_hidden = s.teacher.hidden_states(r)
+        teacher_hidden = s.teacher.hidden_states(teacher_rollouts)
     with s.autocast():
         student_hidden = completion_hidden_states(s.student, r)
     result = gkd_loss(
         student_hidden, teacher_hidden, loss_head(s.student), s.teacher.project, r.loss_mask_BC,
-        g.beta, g.temperature, g.chunk_size, s.cfg.method.reduction, g.top_k, g.top_k_tail,
+        beta, temperature, chunk_size, s.cfg.method.reduction, top_k, top_k_tail,
     )
     metrics = {"jsd": float(result.loss.detach())}
     if batch.on_policy:  # on other data ℓ^S - ℓ^T estimates nothing
         metrics["kl"] = _sampled_kl(s, r, student_hidden, teacher_hidden)
-    return result.loss, _with_teacher_mass(metrics, result.teacher_mass)
-
-
-def _with_teacher_mass(metrics: dict, mass: float | None) -> dict:
-    """Add ``teacher_topk_mass``: how much of the teacher's probability the top-k tokens cover."""
-    return metrics if mass is None else {**metrics, "teacher_topk_mass": mass}
+    if result.teacher_mass is not None:  # how much of the teacher's probability the kept top-k tokens cover
+        metrics["teacher_topk_mass"] = result.teacher_mass
+    return result.loss, metrics
 
 
 def _loss_sft(s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:

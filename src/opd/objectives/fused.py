@@ -53,13 +53,6 @@ class OutputHead:
     bias_V: torch.Tensor | None = None
     softcap: float | None = None
 
-    def logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, V]`` computed in the weight's dtype (or autocast's, when it is on)."""
-        dtype = _compute_dtype(self.weight_VH)
-        bias = None if self.bias_V is None else self.bias_V.to(dtype)
-        logits_NV = _at_least_float32(F.linear(hidden_NH.to(dtype), self.weight_VH.to(dtype), bias))
-        return _softcap(logits_NV, self.softcap)
-
 
 def output_head(model: torch.nn.Module) -> OutputHead | None:
     """The model's output layer as an ``OutputHead``, or None when it is not a plain ``nn.Linear``
@@ -202,12 +195,17 @@ def _chunk(logits_CV, teacher, start, stop, weight_C, spec: _Spec, want_grad: bo
     """``(D_C, ∂(Σ w·D)/∂logits or None, teacher mass or None)`` for one chunk of student logits."""
     if isinstance(teacher, SparseTeacher) or spec.top_k is not None:
         return _chunk_top_k(logits_CV, teacher, start, stop, weight_C, spec, want_grad)
-    teacher_logp_CV = (teacher.logits(start, stop).to(logits_CV.dtype) / spec.temperature).log_softmax(-1)
+    teacher_logp_CV = _teacher_logp(teacher, start, stop, logits_CV.dtype, spec.temperature)
     logp_CV = (logits_CV / spec.temperature).log_softmax(-1)
     values_C, grad_CV = _full_vocab(logp_CV, teacher_logp_CV, spec.beta, want_grad)
     if grad_CV is not None:
         grad_CV.mul_(weight_C[:, None] / spec.temperature)
     return values_C, grad_CV, None
+
+
+def _teacher_logp(teacher: DenseTeacher, start: int, stop: int, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """The dense teacher's tempered log-probs for rows ``start:stop``."""
+    return (teacher.logits(start, stop).to(dtype) / temperature).log_softmax(-1)
 
 
 def _full_vocab(logp_CV: torch.Tensor, teacher_logp_CV: torch.Tensor, beta: float, want_grad: bool):
@@ -246,7 +244,7 @@ def _chunk_top_k(logits_CV, teacher, start, stop, weight_C, spec: _Spec, want_gr
         index_CK = teacher.index_NK[start:stop]
         teacher_logp_CK = teacher.logp_NK[start:stop].to(logits_CV.dtype)
     else:
-        teacher_logp_CV = (teacher.logits(start, stop).to(logits_CV.dtype) / spec.temperature).log_softmax(-1)
+        teacher_logp_CV = _teacher_logp(teacher, start, stop, logits_CV.dtype, spec.temperature)
         teacher_logp_CK, index_CK = teacher_logp_CV.topk(min(spec.top_k, teacher_logp_CV.shape[-1]), dim=-1)
         del teacher_logp_CV
     mass_C = teacher_logp_CK.exp().sum(-1)
@@ -268,10 +266,6 @@ def _with_tail(logp_CK: torch.Tensor) -> torch.Tensor:
     covered_C = logp_CK.logsumexp(-1).clamp(max=0.0)
     tail_C = torch.where(covered_C > -math.log(2), torch.log(-torch.expm1(covered_C)), torch.log1p(-torch.exp(covered_C)))
     return torch.cat([logp_CK, tail_C[:, None]], dim=-1)
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
