@@ -89,14 +89,14 @@ def run_trl(args, out_dir: Path) -> dict:
     from opd.evaluate import evaluate
     from opd.models import eos_token_ids, load_model, load_tokenizer
     from opd.rollout import HFSampler
-    from opd.session import build_task
+    from opd.tasks import build_task
 
     cfg = load_config(ROOT / "configs/demo.yaml", settings(args))
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(cfg.student.path)
     student = load_model(cfg.student.path, "student.path")
     teacher = load_model(cfg.teacher.path, "teacher.path")
-    task = build_task(cfg)
+    task = build_task(cfg.task, cfg.run.seed)
     rng = random.Random(args.seed)
     prompts = [task.messages(e) for e in task.sample_train(args.batch * args.max_steps, rng)]
     from datasets import Dataset
@@ -148,7 +148,7 @@ def run_trl(args, out_dir: Path) -> dict:
             if state.global_step % args.eval_every and state.global_step < args.max_steps:
                 return
             start = time.time()
-            result = evaluate(HFSampler(model, tokenizer, eos), task, eval_examples, cfg.sampling, seed=args.seed)
+            result = evaluate(HFSampler(model, tokenizer, eos), tokenizer, task, eval_examples, cfg.sampling)
             model.train()
             self.eval_seconds += time.time() - start
             train_seconds = time.time() - self.started - self.eval_seconds
@@ -161,7 +161,7 @@ def run_trl(args, out_dir: Path) -> dict:
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[probe]
     )
-    before = evaluate(HFSampler(student, tokenizer, eos), task, eval_examples, cfg.sampling, seed=args.seed)
+    before = evaluate(HFSampler(student, tokenizer, eos), tokenizer, task, eval_examples, cfg.sampling)
     started = time.time()
     with contextlib.redirect_stdout(sys.stderr):  # the trainer prints every step's logs
         trainer.train()

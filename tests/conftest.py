@@ -10,7 +10,8 @@ import torch
 
 from opd.config import load_config
 from opd.tokenizer import build_char_tokenizer
-from opd.world import ModelShape, WorldSpec, init_model
+from opd.world import ModelShape, WorldSpec
+from opd.world_build import init_model
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 logging.getLogger("transformers").setLevel(logging.ERROR)

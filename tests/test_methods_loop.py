@@ -91,8 +91,8 @@ def test_opsd_variants_run(tmp_path, tiny_models, overrides):
 
 
 def test_opsd_teacher_sees_the_reference_solution(tiny_models, tmp_path):
-    from opd.methods import Batch, privileged_view
-    from opd.session import build_session
+    from opd.assemble import build_session
+    from opd.methods.data import Batch, privileged_view
 
     s = build_session(make_config(tmp_path, tiny_models, "method.name=opsd", "teacher.path=null"))
     example = s.task.eval_examples()[0]
@@ -106,12 +106,11 @@ def test_opsd_teacher_sees_the_reference_solution(tiny_models, tmp_path):
 def test_sft_with_privileged_fraction_puts_chosen_rows_behind_the_privileged_prompt(tiny_models, tmp_path):
     import random
 
-    from opd.methods import METHODS
-    from opd.session import build_session
+    from opd.assemble import build_session
 
     s = build_session(make_config(tmp_path, tiny_models, "method.name=sft", "method.sft.privileged_fraction=0.5"))
     examples = s.task.sample_train(32, random.Random(0))
-    batch = METHODS["sft"].data(s, examples, random.Random(1), torch.Generator())
+    batch = s.method.data(s, examples, random.Random(1), torch.Generator())
     r = batch.rollouts
     prompts = [s.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(r.prompt_ids_BP, r.prompt_mask_BP)]
     privileged = [e.solution in p for e, p in zip(examples, prompts)]
@@ -164,8 +163,8 @@ def test_opsd_refuses_a_separate_teacher_and_missing_privileged_context(tmp_path
 def test_multi_teacher_routing_scores_each_row_with_its_teacher(tmp_path, tiny_models, tokenizer):
     import json as _json
 
-    from opd.methods import student_samples
-    from opd.session import build_session
+    from opd.assemble import build_session
+    from opd.methods.data import student_samples
 
     rows_ = [{"problem": f"{i}+{i}?", "answer": str(2 * i), "domain": "a" if i % 2 else "b"} for i in range(12)]
     data = tmp_path / "d.jsonl"
@@ -206,3 +205,42 @@ def test_exopd_without_a_reference_is_refused():
     with pytest.raises(ConfigError, match=r"'method.gopd.reference' is required when method.gopd.reward_scale != 1 \(got 1.25\)"):
         load_config(None, ["student.path=s", "teacher.path=t", "method.name=gopd", "method.gopd.reference=null"])
     assert load_config(None, ["student.path=s", "teacher.path=t", "method.name=gopd", "method.gopd.reward_scale=1.0", "method.gopd.reference=null"])
+
+
+def test_a_top_k_only_teacher_gives_the_dense_top_k_tail_loss(tmp_path, tiny_models):
+    """A teacher that reveals only its top-k log-probs (e.g. a served one) plugs into the full-vocabulary loss through
+    the Teacher protocol, and gives the loss (and student gradient) of the dense teacher restricted to the same top-k
+    with a tail bucket."""
+    import random
+
+    from opd.assemble import build_session
+    from opd.methods.data import student_samples
+    from opd.methods.losses import full_vocabulary_loss
+    from opd.teachers import TopLogprobs
+
+    s = build_session(make_config(tmp_path, tiny_models, "method.name=gkd"))
+    batch = student_samples(s, s.task.sample_train(4, random.Random(0)), torch.Generator().manual_seed(0))
+    k, tau = 5, 0.9
+    dense = s.teacher
+
+    class TopKOnly:  # what a served teacher returns: ids and log-probs of its k best tokens, at the loss temperature
+        def distributions(self, rollouts):
+            d = dense.distributions(rollouts)
+            logp_BCV = (d.project(d.hidden_BCH) / tau).log_softmax(-1)
+            top = logp_BCV.topk(k, dim=-1)
+            return TopLogprobs(top.indices, top.values)
+
+    def loss_and_grad(teacher, top_k, tail):
+        s.teacher = teacher
+        s.student.zero_grad()
+        loss, metrics = full_vocabulary_loss(s, batch, batch.rollouts, 0.5, tau, None, top_k, tail)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in s.student.parameters() if p.grad is not None], metrics
+
+    dense_loss, dense_grads, dense_metrics = loss_and_grad(dense, k, True)
+    sparse_loss, sparse_grads, sparse_metrics = loss_and_grad(TopKOnly(), None, False)
+    assert dense_loss > 0
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-7)
+    for a, b in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert abs(sparse_metrics["teacher_topk_mass"] - dense_metrics["teacher_topk_mass"]) < 1e-5

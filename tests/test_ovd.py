@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_config
-from opd.judges import HTTPJudge, JudgeError, ModelJudge, ProgrammaticJudge
+from opd.judges import HTTPJudge, JudgeError, ModelJudge
 from opd.objectives.ovd import GroupMember, accept, first_rejected_step, ovd_rewards, plan_group
-from opd.tasks.arithmetic import make_example
+from opd.tasks.arithmetic import StepCheckingJudge, make_example
 from opd.train import train
 
 
@@ -45,7 +45,7 @@ def test_score_weight_in_reward():
 
 def test_programmatic_judge_scores_steps():
     example = make_example(347, 589)
-    judge = ProgrammaticJudge()
+    judge = StepCheckingJudge()
     assert judge.score([example], ["7+9=16,4+8+1=13,3+5+1=9|936"]) == [9.0]
     assert judge.step_scores(example, "7+9=16,4+8+1=13,3+5+1=8|836") == [9.0, 9.0, 0.0, 0.0]
     assert judge.score([example], ["garbage"]) == [0.0]
@@ -161,14 +161,13 @@ def test_failed_demonstrations_can_be_left_out_of_the_group(tmp_path, tiny_model
     """A random tiny teacher never solves a problem: with the option every replaced row leaves the loss and its group."""
     import random
 
-    from opd.methods import METHODS
-    from opd.session import build_session
+    from opd.assemble import build_session
 
     for drop in (False, True):
         cfg = make_config(tmp_path, tiny_models, "method.name=ovd", "method.ovd.threshold=5", f"method.ovd.drop_failed_demonstrations={drop}")
         s = build_session(cfg)
         examples = s.task.sample_train(3, random.Random(0))
-        batch = METHODS["ovd"].data(s, examples, random.Random(0), torch.Generator().manual_seed(0))
+        batch = s.method.data(s, examples, random.Random(0), torch.Generator().manual_seed(0))
         r = batch.rollouts
         assert batch.info["accepted_fraction"] == 0.0 and batch.info["demonstration_reward"] == 0.0
         if drop:

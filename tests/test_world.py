@@ -3,7 +3,7 @@
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_SPEC
-from opd.world import build_world
+from opd.world_build import build_world
 
 
 def test_char_tokenizer_round_trip_and_chat_template(tokenizer, tmp_path):

@@ -55,11 +55,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
+
+    from .assemble import autocast_factory, pick_device
     from .config import load_config
     from .evaluate import evaluate
     from .models import eos_token_ids, load_model, load_tokenizer
     from .rollout import HFSampler
-    from .session import autocast_factory, build_task, pick_device
+    from .tasks import build_task
 
     # Only the task, sampling and eval sections matter here; method sft is named because it needs no teacher.
     overrides = [f"task.name={args.task}", f"student.path={args.model}", f"eval.k={args.k}", "method.name=sft"]
@@ -71,15 +74,17 @@ def cmd_eval(args) -> int:
     tokenizer = load_tokenizer(args.model, "MODEL")
     model = load_model(args.model, "MODEL", cfg.student.dtype, device=device)
     sampler = HFSampler(model, tokenizer, eos_token_ids(model, tokenizer), autocast_factory(cfg, device))
-    task = build_task(cfg)
+    task = build_task(cfg.task, cfg.run.seed)
     examples = task.eval_examples()[: cfg.eval.num_prompts]
-    results = evaluate(sampler, task, examples, cfg.sampling, cfg.eval.k, cfg.eval.temperature, cfg.eval.batch_size, cfg.run.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    results = evaluate(sampler, tokenizer, task, examples, cfg.sampling, cfg.eval.k, cfg.eval.temperature, cfg.eval.batch_size, generator)
     print(json.dumps({"model": args.model, "task": args.task, "prompts": len(examples), **results}, indent=2))
     return 0
 
 
 def cmd_world(args) -> int:
-    from .world import build_world, cache_dir, verify_world, world_dir
+    from .world import cache_dir, world_dir
+    from .world_build import build_world, verify_world
 
     if args.action == "path":
         directory = world_dir()
@@ -100,6 +105,8 @@ def cmd_world(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tasks import TASKS
+
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="held-out accuracy of a model")
     ev.add_argument("model", help="a HF checkpoint directory, or world:teacher / world:student")
-    ev.add_argument("--task", default="arithmetic", choices=["arithmetic", "math"])
+    ev.add_argument("--task", default="arithmetic", choices=sorted(TASKS))
     ev.add_argument("--data", help="JSONL file (task math)")
     ev.add_argument("--k", type=int, default=1, help="samples per prompt for avg@k / pass@k")
     ev.add_argument("overrides", nargs="*", help="key.path=value overrides (task.*, eval.*, sampling.*)")

@@ -6,24 +6,26 @@ from dataclasses import replace
 
 import torch
 
-from .config import SamplingConfig
 from .prompts import encode_prompt
-from .rollout import HFSampler
-from .tasks import Example, Task
+from .rollout import Sampler
+from .sections import SamplingConfig
+from .tasks.base import Example, Task
 
 
 def evaluate(
-    sampler: HFSampler,
+    sampler: Sampler,
+    tokenizer,
     task: Task,
     examples: list[Example],
     sampling: SamplingConfig,
     k: int = 1,
     temperature: float = 1.0,
     batch_size: int = 256,
-    seed: int = 0,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """``accuracy`` (greedy), ``mean_length``; with ``k > 1`` also ``avg@k`` and ``pass@k`` at ``temperature``."""
-    prompts = [encode_prompt(sampler.tokenizer, task.messages(e)) for e in examples]
+    """``accuracy`` (greedy), ``mean_length``; with ``k > 1`` also ``avg@k`` and ``pass@k`` at ``temperature``,
+    sampled with ``generator``. Prompts are the task's messages encoded with ``tokenizer``."""
+    prompts = [encode_prompt(tokenizer, task.messages(e)) for e in examples]
     greedy = replace(sampling, temperature=0.0)
     correct, lengths = [], []
     for start in range(0, len(prompts), batch_size):
@@ -33,7 +35,6 @@ def evaluate(
         lengths += rollouts.completion_lengths_B.tolist()
     results = {"accuracy": sum(correct) / len(correct), "mean_length": sum(lengths) / len(lengths)}
     if k > 1:
-        generator = torch.Generator(device=sampler.device).manual_seed(seed)
         sampled = replace(sampling, temperature=temperature)
         per_prompt = [[] for _ in examples]
         flat = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]

@@ -1,7 +1,7 @@
 """Verbal judges: a score from 0 to 9 for a trajectory (and, where they can, for each step).
 
-- ``ProgrammaticJudge``: for tasks whose steps can be checked (the arithmetic scratchpad):
-  ``9 × fraction of correct steps``; per-step scores are 9 or 0.
+- a task's own step checker, for tasks whose steps can be checked (``Task.step_judge``; the
+  arithmetic scratchpad's gives ``9 × fraction of correct steps``, per-step scores 9 or 0).
 - ``ModelJudge``: a local causal LM; one forward pass over a judge prompt, and the score is
   the expected digit ``Σ_d d · P(d)`` over the ten digit tokens (renormalised among them).
 - ``HTTPJudge``: an OpenAI-compatible chat endpoint whose reply contains ``Score: d``;
@@ -23,8 +23,7 @@ import torch
 
 from .prompts import encode_prompt
 from .rollout import left_pad
-from .tasks import Example
-from .tasks.arithmetic import ANSWER_SEPARATOR, scratchpad
+from .tasks.base import Example
 
 JUDGE_INSTRUCTION = (
     "Rate the following solution from 0 (wrong) to 9 (fully correct). Reply with 'Score: d'.\n"
@@ -40,22 +39,6 @@ class JudgeError(RuntimeError):
 class Judge(Protocol):
     def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
         """A score in [0, 9] per completion."""
-
-
-class ProgrammaticJudge:
-    """Checks the arithmetic scratchpad step by step against the reference solution."""
-
-    def step_scores(self, example: Example, completion: str) -> list[float]:
-        reference = scratchpad(example.meta["a"], example.meta["b"])
-        ref_steps = reference.split(ANSWER_SEPARATOR)[0].split(",")
-        body, sep, answer = completion.partition(ANSWER_SEPARATOR)
-        got = body.split(",")
-        scores = [9.0 if i < len(got) and got[i] == step else 0.0 for i, step in enumerate(ref_steps)]
-        final_ok = bool(sep) and answer.strip() == example.answer and len(got) == len(ref_steps)
-        return scores + [9.0 if final_ok else 0.0]
-
-    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
-        return [sum(s) / len(s) for s in (self.step_scores(e, c) for e, c in zip(examples, completions))]
 
 
 class ModelJudge:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import LoraConfig
+from .sections import LoraConfig
 from .world import WORLD_MODELS, world_model_path
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .train import read_metrics
+from .metrics import read_metrics
 
 
 def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:

@@ -4,9 +4,10 @@ A ``Rollouts`` batch holds left-padded prompts and right-padded completions, so 
 row's completion starts at the same column ``P`` of ``input_ids_BL``. That alignment lets
 the student, the teacher and every objective work on ``[B, C]`` completion tensors.
 
-``Sampler`` is the engine interface: token-id prompts in, ``Rollouts`` out. ``HFSampler``
-runs any ``AutoModelForCausalLM`` with a KV cache; an inference server can implement the
-same method.
+``Sampler`` is the engine interface: token-id prompts in, ``Rollouts`` out, new weights pushed
+in after each optimizer step, resources released at the end. ``HFSampler`` runs any
+``AutoModelForCausalLM`` with a KV cache; an inference engine (vLLM) implements the same
+three methods.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .config import SamplingConfig
+from .sections import SamplingConfig
 
 
 @dataclass
@@ -152,11 +153,20 @@ class Sampler(Protocol):
     def sample(
         self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None
     ) -> Rollouts:
-        """Complete each tokenised prompt once."""
+        """Complete each tokenised prompt once; the rollouts carry the sampler's own token log-probs."""
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Sample from ``model``'s current weights from now on (called after every applied optimizer step)."""
+
+    def close(self) -> None:
+        """Release the engine's resources."""
 
 
 class HFSampler:
-    """Batched KV-cached sampling from a local Hugging Face causal LM."""
+    """Batched KV-cached sampling from a local Hugging Face causal LM.
+
+    It samples from the very module it was given, so ``update_weights`` has nothing to copy.
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer, eos_token_ids: Sequence[int] | None = None, autocast=None):
         self.model = model
@@ -168,6 +178,13 @@ class HFSampler:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            raise ValueError("HFSampler samples from the model it was built with; build another for a different model")
+
+    def close(self) -> None:
+        pass
 
     @torch.inference_mode()
     def sample(

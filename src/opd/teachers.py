@@ -1,6 +1,12 @@
-"""Teachers turn rollouts into signals: per-token log-probs, or hidden states for streamed full distributions.
+"""Teachers turn rollouts into signals: per-token log-probs, or next-token distributions for full-vocabulary losses.
 
-Kinds, all behind the same two methods:
+``Teacher`` is the protocol the loop and the methods use. Its next-token distributions come as
+``HiddenStates`` (a local model's final hidden states and output layer, so a loss can form the
+logits one chunk at a time) or as ``TopLogprobs`` (top-k ids and log-probs only, e.g. a served
+teacher). ``after_optimizer_step`` lets a teacher that follows the student (EMA) update
+itself; ``state_tensors`` is what a checkpoint must carry for it.
+
+Kinds:
 
 - ``ModelTeacher(model)``: a separate frozen HF model (a teacher, a reference, a frozen
   copy of the student's initial weights).
@@ -15,23 +21,72 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
 from .models import freeze as freeze_model
+from .models import load_model
 from .rollout import Rollouts
-from .scoring import completion_hidden_states, projection, rollout_logprobs
+from .scoring import Projection, completion_hidden_states, projection, rollout_logprobs
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
-class ModelTeacher:
+@dataclass(frozen=True)
+class HiddenStates:
+    """A teacher's next-token distributions as its final hidden states ``[B, C, H]`` and its output layer."""
+
+    hidden_BCH: torch.Tensor
+    project: Projection  # hidden_NH -> float32 logits_NV (before temperature)
+
+
+@dataclass(frozen=True)
+class TopLogprobs:
+    """A teacher's next-token distributions known only through their top-k: ids and log-probs ``[B, C, K]``,
+    log-probs over the full vocabulary at the temperature the loss uses."""
+
+    ids_BCK: torch.Tensor
+    logp_BCK: torch.Tensor
+
+
+class Teacher(Protocol):
+    def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+        """``[B, C]`` log-probs of the rollouts' completion tokens (0 where there is no token)."""
+
+    def distributions(self, rollouts: Rollouts) -> HiddenStates | TopLogprobs:
+        """The next-token distributions at every completion position."""
+
+    def after_optimizer_step(self, student: torch.nn.Module) -> None:
+        """Called after every applied optimizer step."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """State a checkpoint must carry for an exact resume (empty for a stateless teacher)."""
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_tensors`` returned."""
+
+
+class StatelessTeacher:
+    """The hooks of a teacher that does not follow the student: nothing to update, nothing to checkpoint."""
+
+    def after_optimizer_step(self, student: torch.nn.Module) -> None:
+        pass
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class ModelTeacher(StatelessTeacher):
     """A causal LM scored without autograd.
 
     ``token_logprobs`` gives ``[B, C]`` log-probs of the rollouts' completion tokens (no
-    logits kept); ``hidden_states`` + ``project`` let a full-vocabulary loss form teacher
-    logits one chunk of tokens at a time.
+    logits kept); ``distributions`` gives hidden states + output layer, so a full-vocabulary
+    loss forms teacher logits one chunk of tokens at a time.
     """
 
     def __init__(self, model: torch.nn.Module, autocast: Autocast | None = None, freeze: bool = True, disable_adapters: bool = False):
@@ -56,9 +111,9 @@ class ModelTeacher:
             logp_BC, _ = rollout_logprobs(self.model, rollouts, temperature)
         return logp_BC
 
-    def hidden_states(self, rollouts: Rollouts) -> torch.Tensor:
+    def distributions(self, rollouts: Rollouts) -> HiddenStates:
         with self._scoring():
-            return completion_hidden_states(self.model, rollouts)
+            return HiddenStates(completion_hidden_states(self.model, rollouts), self.project)
 
 
 class EmaTeacher(ModelTeacher):
@@ -72,7 +127,7 @@ class EmaTeacher(ModelTeacher):
         ]
 
     @torch.no_grad()
-    def update(self, student: torch.nn.Module) -> None:
+    def after_optimizer_step(self, student: torch.nn.Module) -> None:
         for p_ema, p in self._pairs:
             p_ema.lerp_(p.detach(), 1 - self.decay)
 
@@ -85,8 +140,11 @@ class EmaTeacher(ModelTeacher):
                 p.copy_(tensors[f"ema.{i}"])
 
 
-class RoutedTeacher:
-    """Per-example routing to one of several teachers (multi-teacher ExOPD); rows without a route use ``default``."""
+class RoutedTeacher(StatelessTeacher):
+    """Per-example routing to one of several teachers (multi-teacher ExOPD); rows without a route use ``default``.
+
+    Sampled-token log-probs only: the methods that accept routes (``Needs.routable``) use nothing else.
+    """
 
     def __init__(self, routes: dict[str, ModelTeacher], default: ModelTeacher | None = None):
         self.routes = routes
@@ -108,3 +166,15 @@ class RoutedTeacher:
             rows = [i for i, r in enumerate(routes) if r == route]
             logp_BC[rows] = self._teacher(route).token_logprobs(rollouts.select(rows), temperature).to(logp_BC.dtype)
         return logp_BC
+
+    def distributions(self, rollouts: Rollouts) -> HiddenStates:
+        raise TypeError("routed teachers give sampled-token log-probs only, not full next-token distributions")
+
+
+def initial_student(student_cfg, student: torch.nn.Module, autocast: Autocast | None, device) -> ModelTeacher:
+    """The student's initial weights (``student_cfg``: the run's ``student`` section): with LoRA the student
+    with its adapters disabled, else a frozen copy loaded again from its checkpoint."""
+    if student_cfg.lora.enabled:
+        return ModelTeacher(student, autocast, freeze=False, disable_adapters=True)
+    model = load_model(student_cfg.path, "student.path", student_cfg.dtype, student_cfg.trust_remote_code, device)
+    return ModelTeacher(model, autocast)

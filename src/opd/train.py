@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .assemble import build_session
 from .checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint
 from .config import Config, save_config
 from .evaluate import evaluate
-from .methods import METHODS, Session, batch_metrics
+from .methods.data import batch_metrics
+from .metrics import MetricsLog
 from .profiling import phase_shares
-from .rollout import HFSampler
-from .session import TrainingError, build_session
-from .teachers import EmaTeacher
+from .rollout import Sampler
+from .session import Session, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     ``no_signal`` (every gradient exactly zero, e.g. a GRPO/OVD batch whose groups all got
     the same reward: no update, since Adam would otherwise keep moving on stale momentum).
     """
-    cfg = s.cfg
-    method = METHODS[cfg.method.name]
+    cfg, method = s.cfg, s.method
     rng, generator = step_generators(cfg.run.seed, step, s.device)
     examples = s.task.sample_train(cfg.train.prompts_per_step, rng)
     per_micro = len(examples) // cfg.train.grad_accum
@@ -92,7 +92,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
             finite = bool(torch.isfinite(loss))
             if finite:
                 (loss / cfg.train.grad_accum).backward()
-        metrics.update(batch_metrics(s, batch), loss=float(loss.detach()))
+        metrics.update(batch_metrics(batch), loss=float(loss.detach()))
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value / (1 if key == "student_tokens" else cfg.train.grad_accum)
         if not finite:
@@ -107,46 +107,14 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
         status = "nonfinite" if not finite else "no_signal" if totals["grad_norm"] == 0 else "applied"
         if status == "applied":
             optimizer.step()
-            if isinstance(s.teacher, EmaTeacher):
-                s.teacher.update(s.student)
+            s.sampler.update_weights(s.student)
+            if s.teacher is not None:
+                s.teacher.after_optimizer_step(s.student)
         optimizer.zero_grad(set_to_none=True)
     return totals, status
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-class MetricsLog:
-    """metrics.jsonl (+ TensorBoard): one row per training step or evaluation."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, keep_until_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
-        rows = read_metrics(self.path) if keep_until_step is not None else []
-        kept = [r for r in rows if r["step"] <= keep_until_step] if keep_until_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(keep_until_step or 0) + 1)
-
-    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
@@ -167,12 +135,13 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     return run_dir, resume_from
 
 
-def run_eval(s: Session, model_sampler: HFSampler, examples, step_seed: int) -> dict[str, float]:
+def run_eval(s: Session, model_sampler: Sampler, examples, step_seed: int) -> dict[str, float]:
     e = s.cfg.eval
     sampling = s.cfg.sampling
     if e.max_new_tokens is not None:
         sampling = replace(sampling, max_new_tokens=e.max_new_tokens)
-    return evaluate(model_sampler, s.task, examples, sampling, e.k, e.temperature, e.batch_size, step_seed)
+    generator = torch.Generator(device=s.device).manual_seed(step_seed)
+    return evaluate(model_sampler, s.tokenizer, s.task, examples, sampling, e.k, e.temperature, e.batch_size, generator)
 
 
 def train(cfg: Config) -> dict:
@@ -181,13 +150,24 @@ def train(cfg: Config) -> dict:
     run_dir, resume_from = prepare_run_dir(cfg)
     torch.manual_seed(cfg.run.seed)
     s = build_session(cfg)
+    try:
+        return run_session(s, run_dir, resume_from, started)
+    finally:
+        for sampler in (s.sampler, s.teacher_sampler):
+            if sampler is not None:
+                sampler.close()
+
+
+def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float) -> dict:
+    """Train the built session from ``resume_from`` (or the start) to the end; evaluate; save; summarise."""
+    cfg = s.cfg
     save_config(cfg, run_dir / "config.yaml")
     optimizer, scheduler = build_optimizer(cfg, s.student)
     state = {"nonfinite_skips": 0, "consecutive_nonfinite": 0, "no_signal_steps": 0, "generated_tokens": 0.0, "wall_seconds": 0.0, "phase_seconds": {}}
     start_step = 0
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, s.student, optimizer, scheduler))
-        if isinstance(s.teacher, EmaTeacher):
+        if s.teacher is not None:
             s.teacher.load_state_tensors(load_extra_tensors(resume_from))
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
@@ -273,8 +253,8 @@ def train(cfg: Config) -> dict:
 
 
 def teacher_tensors(s: Session) -> dict | None:
-    """Teacher state that a checkpoint must carry for an exact resume (an EMA teacher's weights)."""
-    return s.teacher.state_tensors() if isinstance(s.teacher, EmaTeacher) else None
+    """Teacher state that a checkpoint must carry for an exact resume (an EMA teacher's weights), or None."""
+    return (s.teacher.state_tensors() or None) if s.teacher is not None else None
 
 
 def _postfix(metrics: dict, last_eval: dict) -> dict:

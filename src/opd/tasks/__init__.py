@@ -1,7 +1,15 @@
-"""Tasks: where prompts, privileged context and rewards come from."""
+"""Tasks: where prompts, privileged context and rewards come from. Every module here is imported, so each
+registers itself by name (``task.name``)."""
 
-from .arithmetic import ArithmeticTask
-from .base import Example, Task
-from .math import DataError, MathTask
+import importlib
+import pkgutil
 
-__all__ = ["ArithmeticTask", "DataError", "Example", "MathTask", "Task"]
+from .base import TASKS, Example, StepJudge, Task, TaskConfig, build_task, register_task
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .arithmetic import ArithmeticTask  # noqa: E402
+from .math import DataError, MathTask  # noqa: E402
+
+__all__ = ["TASKS", "ArithmeticTask", "DataError", "Example", "MathTask", "StepJudge", "Task", "TaskConfig", "build_task", "register_task"]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
-from .base import Example
+from ..sections import require
+from .base import Example, TaskConfig, register_task
 
 ANSWER_SEPARATOR = "|"
 
@@ -49,6 +51,22 @@ def step_accuracy(completion: str, a: int, b: int) -> float:
 
 
 @dataclass
+class ArithmeticConfig(TaskConfig):
+    """``task.name: arithmetic``: addition of numbers with ``min_digits``..``max_digits`` digits."""
+
+    name: str = "arithmetic"
+    min_digits: int = 3
+    max_digits: int = 3
+    eval_seed: int = 12345
+
+    has_step_judge: ClassVar[bool] = True
+
+    def validate(self, cfg: Any) -> None:
+        require(1 <= self.min_digits <= self.max_digits, "task.min_digits", "must be >= 1 and <= task.max_digits")
+
+
+@register_task("arithmetic", ArithmeticConfig)
+@dataclass
 class ArithmeticTask:
     """Addition of numbers with ``min_digits``..``max_digits`` digits.
 
@@ -61,6 +79,10 @@ class ArithmeticTask:
     eval_size: int = 256
     eval_seed: int = 12345
     name: str = "arithmetic"
+
+    @classmethod
+    def from_config(cls, c: ArithmeticConfig, seed: int = 0) -> "ArithmeticTask":
+        return cls(min_digits=c.min_digits, max_digits=c.max_digits, eval_size=c.eval_size, eval_seed=c.eval_seed)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
@@ -102,6 +124,29 @@ class ArithmeticTask:
             {"role": "system", "content": example.solution},
             {"role": "user", "content": example.prompt},
         ]
+
+    def step_judge(self) -> "StepCheckingJudge":
+        return StepCheckingJudge()
+
+
+class StepCheckingJudge:
+    """A programmatic verbal judge: checks the scratchpad step by step against the reference solution.
+
+    ``step_scores`` is 9 or 0 per column step, plus one for the final answer; the trajectory's
+    score is ``9 × fraction of correct steps``.
+    """
+
+    def step_scores(self, example: Example, completion: str) -> list[float]:
+        reference = scratchpad(example.meta["a"], example.meta["b"])
+        ref_steps = reference.split(ANSWER_SEPARATOR)[0].split(",")
+        body, sep, answer = completion.partition(ANSWER_SEPARATOR)
+        got = body.split(",")
+        scores = [9.0 if i < len(got) and got[i] == step else 0.0 for i, step in enumerate(ref_steps)]
+        final_ok = bool(sep) and answer.strip() == example.answer and len(got) == len(ref_steps)
+        return scores + [9.0 if final_ok else 0.0]
+
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
+        return [sum(s) / len(s) for s in (self.step_scores(e, c) for e, c in zip(examples, completions))]
 
 
 def make_example(a: int, b: int) -> Example:

@@ -1,10 +1,16 @@
-"""What a task gives the loop: prompts, privileged context, a verifier."""
+"""What a task gives the loop — prompts, privileged context, a verifier — and the registry of tasks by name.
+
+A task is one module in ``tasks/`` that defines a config dataclass (a ``TaskConfig``: the
+fields of the ``task`` section when ``task.name`` names it) and a class following the
+``Task`` protocol, and registers both with ``@register_task``. The package imports every
+module in it, so adding a task touches only its own file.
+"""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,14 @@ class Example:
     answer: str
     solution: str | None = None
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+class StepJudge(Protocol):
+    """Scores each step of a completion (and the whole of it) against the example, 0–9."""
+
+    def step_scores(self, example: Example, completion: str) -> list[float]: ...
+
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]: ...
 
 
 class Task(Protocol):
@@ -39,3 +53,51 @@ class Task(Protocol):
 
     def privileged_messages(self, example: Example) -> list[dict]:
         """The chat messages a privileged-context teacher is prompted with."""
+
+    def step_judge(self) -> StepJudge | None:
+        """A programmatic judge of each step, for tasks whose steps can be checked; None otherwise."""
+
+
+@dataclass
+class TaskConfig:
+    """The ``task`` section: ``name`` picks the registered task, whose config class adds its own fields."""
+
+    name: str = ""
+    eval_size: int = 256
+
+    # whether the task's examples can be checked step by step (Task.step_judge returns a judge)
+    has_step_judge: ClassVar[bool] = False
+
+    def validate(self, cfg: Any) -> None:
+        """Refuse this section's values, and combinations with the rest of ``cfg`` (the whole run config)."""
+
+    def missing_solutions_key(self) -> str | None:
+        """None when every example carries a reference solution; else the key that would give them one."""
+        return None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    config_class: type[TaskConfig]
+    build: Callable[[Any, int], Task]  # (its TaskConfig, run seed) -> Task
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(name: str, config_class: type[TaskConfig]):
+    """Class decorator: the task class (with a ``from_config(config, seed)`` classmethod) under ``name``."""
+
+    def decorate(cls):
+        if name in TASKS:
+            raise ValueError(f"task '{name}' is registered twice")
+        TASKS[name] = TaskSpec(name, config_class, cls.from_config)
+        return cls
+
+    return decorate
+
+
+def build_task(config: TaskConfig, seed: int = 0) -> Task:
+    """The task a ``task`` section describes."""
+    return TASKS[config.name].build(config, seed)

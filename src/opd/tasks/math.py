@@ -11,8 +11,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .base import Example
+from ..sections import require
+from .base import Example, TaskConfig, register_task
 
 STUDENT_INSTRUCTION = "Reason step by step, and put your final answer in \\boxed{}."
 TEACHER_INSTRUCTION = (
@@ -87,6 +89,28 @@ def answer_is_correct(completion: str, answer: str) -> bool:
 
 
 @dataclass
+class MathConfig(TaskConfig):
+    """``task.name: math``: problems from a JSONL file or a ``datasets.save_to_disk`` directory."""
+
+    name: str = "math"
+    path: str | None = None
+    eval_path: str | None = None
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    solution_field: str | None = "solution"
+    teacher_field: str | None = None  # column naming each row's teacher route (teacher.routes)
+
+    def validate(self, cfg: Any) -> None:
+        require(self.path is not None, "task.path", "is required for task.name=math (a JSONL file or a saved dataset)")
+        if cfg.teacher.routes:
+            require(self.teacher_field is not None, "task.teacher_field", "must name the column that routes each row to a teacher")
+
+    def missing_solutions_key(self) -> str | None:
+        return "task.solution_field" if self.solution_field is None else None
+
+
+@register_task("math", MathConfig)
+@dataclass
 class MathTask:
     """Problems from ``path`` (JSONL, or a directory saved by ``datasets.save_to_disk``).
 
@@ -103,6 +127,13 @@ class MathTask:
     teacher_field: str | None = None
     seed: int = 0
     name: str = "math"
+
+    @classmethod
+    def from_config(cls, c: MathConfig, seed: int = 0) -> "MathTask":
+        return cls(
+            path=c.path, eval_path=c.eval_path, eval_size=c.eval_size, problem_field=c.problem_field,
+            answer_field=c.answer_field, solution_field=c.solution_field, teacher_field=c.teacher_field, seed=seed,
+        )
 
     def __post_init__(self) -> None:
         rows = self._load(self.path)
@@ -148,3 +179,6 @@ class MathTask:
             raise DataError(f"{example.meta.get('source', 'a row')}: no reference solution for a privileged teacher")
         instruction = TEACHER_INSTRUCTION.format(solution=example.solution)
         return [{"role": "user", "content": f"{example.prompt}\n\n{instruction}"}]
+
+    def step_judge(self) -> None:
+        return None

@@ -1,0 +1,111 @@
+"""Set-up of a run: the task, the student (with LoRA), teachers, reference, judge and samplers, as one ``Session``.
+
+What to load is read from the method's ``Needs``; nothing here tests a method's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .methods import Needs, create_method
+from .models import apply_lora, check_pairing, eos_token_ids, load_model, load_tokenizer
+from .profiling import PhaseTimer
+from .rollout import HFSampler
+from .session import Session, TrainingError
+from .tasks import build_task
+from .teachers import ModelTeacher, RoutedTeacher, initial_student
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_factory(cfg: Config, device: torch.device):
+    precision = cfg.train.precision
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def build_session(cfg: Config) -> Session:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    method = create_method(cfg)
+    needs: Needs = method.needs(cfg)
+    device = pick_device(cfg.train.device)
+    task = build_task(cfg.task, cfg.run.seed)
+    autocast = autocast_factory(cfg, device)
+    st = cfg.student
+    tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
+    student = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device)
+    if st.lora.enabled:
+        student = apply_lora(student, st.lora)
+    student.train()
+    teacher = teacher_sampler = None
+    if needs.teacher and cfg.teacher.path is not None:
+        teacher_model = load_paired(cfg, needs, cfg.teacher.path, "teacher.path", tokenizer, student, device)
+        teacher = ModelTeacher(teacher_model, autocast)
+        teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
+    if cfg.teacher.routes:
+        routes = {
+            name: ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast)
+            for name, path in cfg.teacher.routes.items()
+        }
+        teacher = RoutedTeacher(routes, default=teacher)
+    if needs.self_teacher:
+        teacher = method.make_teacher(student, autocast, device)
+    reference = build_reference(cfg, needs, tokenizer, student, autocast, device) if needs.reference else None
+    max_positions = getattr(student.config, "max_position_embeddings", None)
+    max_prompt = max_positions - cfg.sampling.max_new_tokens if max_positions else None
+    if max_prompt is not None and max_prompt < 1:
+        raise TrainingError(
+            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the student's "
+            f"{max_positions}-token context"
+        )
+    sampler = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer), autocast)
+    judge = method.make_judge(task, teacher, device) if needs.judge else None
+    return Session(cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge, PhaseTimer(device))
+
+
+def load_paired(cfg: Config, needs: Needs, path: str, key: str, tokenizer, student, device):
+    """Load a teacher-like model and refuse it unless it pairs with the student's tokenizer."""
+    te = cfg.teacher
+    other_tok = load_tokenizer(path, key, te.trust_remote_code)
+    model = load_model(path, key, te.dtype, te.trust_remote_code, device)
+    check_pairing(
+        tokenizer,
+        other_tok,
+        student,
+        model,
+        full_vocab=needs.full_vocabulary,
+        allow_template_mismatch=cfg.pairing.allow_chat_template_mismatch,
+    )
+    return model
+
+
+def build_reference(cfg: Config, needs: Needs, tokenizer, student, autocast, device):
+    """π_ref: the student's initial weights or a given checkpoint (which must pair with the student)."""
+    if needs.reference == "student_init":
+        return initial_student(cfg.student, student, autocast, device)
+    return ModelTeacher(load_paired(cfg, needs, needs.reference, needs.reference_key, tokenizer, student, device), autocast)

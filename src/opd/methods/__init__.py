@@ -1,0 +1,13 @@
+"""Methods, one module each, registered by name (``method.name``). Every module in this package is imported,
+so a new method is one new file here."""
+
+import importlib
+import pkgutil
+
+from .base import METHODS, Method, Needs, create_method, method_class, register
+from .data import Batch
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["METHODS", "Batch", "Method", "Needs", "create_method", "method_class", "register"]

@@ -1,0 +1,103 @@
+"""What a method is, what it needs, and the registry of methods by name.
+
+A method is one module in ``methods/``: a ``Method`` subclass that owns its config section
+(``method.<name>``), what it refuses (``validate``), what it needs from the run (``needs``:
+a teacher, a reference, a judge, privileged context, …), where a batch's completions come
+from (``data``) and which pure objective scores them (``loss``). ``@register`` files it under
+its name; the package imports every module in it, so a new method touches only its own
+file (and a config, a test and docs). Nothing outside a method's module tests its name.
+
+The run's config is passed as a whole (``opd.config.Config``, not imported here:
+``config.py`` builds its ``method`` section from this registry).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..sections import ConfigError
+from ..tasks.base import Example
+from .data import Batch, student_samples
+
+RunConfig = Any  # the whole opd.config.Config
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a configured method needs from the run; the loop and its set-up act on this, never on a name."""
+
+    teacher: bool = False  # teacher.path: a separate model that scores (and can sample) completions
+    self_teacher: bool = False  # the student itself is the teacher (Method.make_teacher builds it)
+    reference: str | None = None  # π_ref: "student_init" or a checkpoint path
+    reference_key: str = "method.reference"  # the config key that names the reference (for errors)
+    judge: bool = False  # a verbal judge (Method.make_judge)
+    solutions: bool = False  # training examples must carry a reference solution
+    privileged: bool = False  # the teacher reads the reference solution in its prompt
+    full_vocabulary: bool = False  # the teacher's whole next-token distribution (pairing checks output sizes)
+    group: bool = False  # a group baseline: at least 2 samples per prompt
+    routable: bool = False  # accepts per-example teacher routes (teacher.routes)
+
+
+class Method:
+    """Base class of every method. Subclasses set ``name`` and ``config_class`` and override what differs."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type | None] = None  # the dataclass of the ``method.<name>`` section
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.config = getattr(cfg.method, self.name) if self.config_class is not None else None
+
+    @classmethod
+    def section(cls, cfg: RunConfig):
+        """This method's own config section, ``cfg.method.<name>``."""
+        return getattr(cfg.method, cls.name)
+
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        """Refuse impossible values and meaningless combinations, raising ``ConfigError`` naming the key."""
+
+    @classmethod
+    def needs(cls, cfg: RunConfig) -> Needs:
+        return Needs()
+
+    def make_teacher(self, student: torch.nn.Module, autocast, device: torch.device):
+        """The teacher, for methods whose ``needs`` say the student is its own teacher."""
+        return None
+
+    def make_judge(self, task, teacher, device: torch.device):
+        """The verbal judge, for methods whose ``needs`` ask for one."""
+        return None
+
+    def data(self, s, examples: list[Example], rng: random.Random, generator: torch.Generator) -> Batch:
+        """The batch's completions. Default: the student's own samples."""
+        return student_samples(s, examples, generator)
+
+    def loss(self, s, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: file ``cls`` under ``cls.name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"method '{cls.name}' is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"config key 'method.name' must be one of {', '.join(repr(n) for n in METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def create_method(cfg: RunConfig) -> Method:
+    """The configured method, ready to make batches and losses."""
+    return method_class(cfg.method.name)(cfg)

@@ -1,0 +1,90 @@
+"""Where a batch's completions come from: the student's own samples, teacher samples, reference solutions,
+and the privileged view of a batch (the same completions behind the problem + reference solution).
+
+``s`` is the run's ``Session`` (``opd.session``): task, tokenizer, samplers, device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..prompts import PromptError, encode_completion, encode_prompt
+from ..rollout import Rollouts, left_pad, rollouts_from_completions
+from ..tasks.base import Example
+
+
+@dataclass
+class Batch:
+    rollouts: Rollouts
+    examples: list[Example]  # one per row
+    on_policy: bool
+    rewards: list[float] | None = None  # per-row rewards: the task's for student samples, OVD's for its group
+    info: dict[str, float] = field(default_factory=dict)  # data-source metrics (OVD acceptance, …)
+
+
+def encode_prompts(s, examples: list[Example], privileged: bool = False) -> list[list[int]]:
+    """Token ids of each example's prompt (the privileged one: problem + reference solution), naming any that fails."""
+    messages = s.task.privileged_messages if privileged else s.task.messages
+    encoded = []
+    for e in examples:
+        try:
+            encoded.append(encode_prompt(s.tokenizer, messages(e), s.max_prompt_tokens))
+        except PromptError as err:
+            where = e.meta.get("source") or repr(e.prompt[:40])
+            raise PromptError(f"{where}: {err} (sampling.max_new_tokens={s.cfg.sampling.max_new_tokens})") from None
+    return encoded
+
+
+def student_samples(s, examples: list[Example], generator: torch.Generator) -> Batch:
+    """``sampling.samples_per_prompt`` completions of each example by the student, graded by the task once."""
+    k = s.cfg.sampling.samples_per_prompt
+    rows = [e for e in examples for _ in range(k)]
+    rollouts = s.sampler.sample(encode_prompts(s, rows), s.cfg.sampling, generator)
+    rollouts.group_B = [i // k for i in range(len(rows))]  # rows of one prompt share a group
+    rollouts.route_B = [e.meta.get("teacher") for e in rows]
+    rewards = [s.task.reward(text, e) for text, e in zip(rollouts.texts, rows)]
+    return Batch(rollouts, rows, on_policy=True, rewards=rewards)
+
+
+def teacher_samples(s, examples: list[Example], generator: torch.Generator) -> Batch:
+    if s.teacher_sampler is None:
+        raise RuntimeError("teacher samples were requested but no teacher is loaded")
+    rollouts = s.teacher_sampler.sample(encode_prompts(s, examples), s.cfg.sampling, generator)
+    return Batch(rollouts, list(examples), on_policy=False)
+
+
+def reference_solutions(s, examples: list[Example], privileged_B: list[bool] | None = None) -> Batch:
+    """The examples' reference solutions as completions; rows flagged in ``privileged_B`` sit behind the privileged prompt."""
+    missing = [e for e in examples if e.solution is None]
+    if missing:
+        where = missing[0].meta.get("source", "an example")
+        raise ValueError(f"{where}: no reference solution, which this method trains on (set task.solution_field)")
+    privileged_B = privileged_B or [False] * len(examples)
+    completions = [encode_completion(s.tokenizer, s.task.messages(e), e.solution) for e in examples]
+    prompts = [encode_prompts(s, [e], privileged)[0] for e, privileged in zip(examples, privileged_B)]
+    rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id)
+    rollouts.texts = [e.solution for e in examples]
+    return Batch(rollouts.to(s.device), list(examples), on_policy=False)
+
+
+def offline_data(s, examples: list[Example], generator: torch.Generator, use_teacher: bool) -> Batch:
+    """Off-policy completions: teacher samples, or the reference solutions."""
+    return teacher_samples(s, examples, generator) if use_teacher else reference_solutions(s, examples)
+
+
+def privileged_view(s, batch: Batch) -> Rollouts:
+    """The batch's completions behind each example's privileged prompt (problem + reference solution)."""
+    ids_BP, mask_BP = left_pad(encode_prompts(s, batch.examples, privileged=True), s.tokenizer.pad_token_id)
+    return batch.rollouts.with_prompts(ids_BP.to(s.device), mask_BP.to(s.device))
+
+
+def batch_metrics(batch: Batch) -> dict[str, float]:
+    """Completion length, tokens the student generated, and the reward (task accuracy) of its own samples."""
+    r = batch.rollouts
+    metrics = {"mean_length": float(r.completion_lengths_B.float().mean()), "student_tokens": 0.0}
+    if batch.on_policy:
+        metrics.update(reward=sum(batch.rewards) / len(batch.rewards), student_tokens=float(r.completion_mask_BC.sum()))
+    metrics.update(batch.info)
+    return metrics

@@ -1,0 +1,59 @@
+"""G-OPD / ExOPD: reward extrapolation with a reference model (arXiv 2602.12125).
+
+    A_t = λ(ℓ^T_t - ℓ^ref_t) - (ℓ^S_t - ℓ^ref_t)       (``objectives.gopd.gopd_advantages``)
+
+λ = 1 is OPD (π_ref drops out and is not computed); λ > 1 extrapolates (ExOPD). π_ref is the
+student's initial weights or a checkpoint such as the teacher's base (reward correction).
+Accepts per-example teacher routes (multi-teacher merging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..objectives import gopd_advantages
+from ..sections import require
+from .base import Method, Needs, register
+from .losses import sampled_token_loss
+
+
+@dataclass
+class GOPDConfig:
+    """G-OPD / ExOPD reward scaling with a reference model (METHODS §4)."""
+
+    reward_scale: float = 1.25  # λ; 1 = OPD, > 1 = ExOPD
+    reference: str | None = "student_init"  # the student's initial weights, or a HF checkpoint path
+    discount: float = 0.0
+
+
+@register
+class GOPD(Method):
+    name = "gopd"
+    config_class = GOPDConfig
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        c = cls.section(cfg)
+        require(c.reward_scale > 0, "method.gopd.reward_scale", f"must be > 0, got {c.reward_scale}")
+        require(0 <= c.discount <= 1, "method.gopd.discount", f"must be in [0, 1], got {c.discount}")
+        if c.reward_scale != 1.0:
+            require(
+                c.reference is not None,
+                "method.gopd.reference",
+                f"is required when method.gopd.reward_scale != 1 (got {c.reward_scale}): "
+                "use student_init or a checkpoint sharing the student's tokenizer",
+            )
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        c = cls.section(cfg)
+        reference = c.reference if c.reward_scale != 1.0 else None
+        return Needs(teacher=True, routable=True, reference=reference, reference_key="method.gopd.reference")
+
+    def loss(self, s, batch, step):
+        c = self.config
+        with s.timer.phase("teacher"):
+            ref_logp_BC = s.reference.token_logprobs(batch.rollouts) if s.reference is not None else None
+        return sampled_token_loss(
+            s, batch, lambda lp, tlp, ent, mask: (gopd_advantages(lp, tlp, ref_logp_BC, mask, c.reward_scale, c.discount), mask, {})
+        )

@@ -1,0 +1,101 @@
+"""The two loss bodies most methods share: the sampled-token policy-gradient loss and the full-vocabulary divergence.
+
+A method supplies the piece that is its own — the per-token advantages, or β / τ / top-k — and
+these run the teacher, the student and the surrogate. ``s`` is the run's ``Session``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..objectives import gkd_loss, masked_mean, policy_gradient_loss, truncated_importance_weights
+from ..objectives.common import reduction_weights
+from ..objectives.fused import SparseTeacher, fused_divergence, output_head
+from ..rollout import Rollouts
+from ..scoring import completion_hidden_states, loss_head, projection, rollout_logprobs, token_logprobs
+from ..teachers import HiddenStates, TopLogprobs
+from .data import Batch
+
+# (student_logp_BC, teacher_logp_BC, entropy_BC | None, mask_BC) -> (advantages_BC, train_mask_BC, metrics)
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def sampled_token_loss(
+    s, batch: Batch, advantages: AdvantageFn, teacher_rollouts: Rollouts | None = None, with_entropy: bool = False
+) -> tuple[torch.Tensor, dict]:
+    """Teacher log-probs of the sampled tokens → per-token advantages → the shared surrogate.
+
+    The advantage function may narrow the loss mask (REOPOLD). ``teacher_rollouts`` are the
+    same completions behind the teacher's own prompts (OPSD); the student's entropy is
+    computed only ``with_entropy`` (None otherwise).
+    """
+    m, r = s.cfg.method, batch.rollouts
+    mask_BC = r.loss_mask_BC.float()
+    with s.timer.phase("teacher"):
+        teacher_logp_BC = s.teacher.token_logprobs(teacher_rollouts if teacher_rollouts is not None else r)
+    with s.autocast():
+        logp_BC, entropy_BC = rollout_logprobs(s.student, r, with_entropy=with_entropy)
+    advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC, mask_BC)
+    weights = None
+    if m.is_correction_cap is not None and r.sampler_logp_BC is not None:
+        weights = truncated_importance_weights(logp_BC, r.sampler_logp_BC, m.is_correction_cap)
+    loss, pg_metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, train_mask_BC, m.clip_eps, m.reduction, weights)
+    metrics.update(pg_metrics, kl=float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC)))
+    return loss, metrics
+
+
+def full_vocabulary_loss(
+    s, batch: Batch, teacher_rollouts: Rollouts, beta: float, temperature: float,
+    chunk_size: int | None, top_k: int | None, top_k_tail: bool,
+) -> tuple[torch.Tensor, dict]:
+    """GKD's JSD_β between the teacher (scoring ``teacher_rollouts``: the batch, or OPSD's privileged view) and the student.
+
+    A teacher that gives hidden states is streamed through the fused divergence; one that
+    gives only its top-k log-probs (``TopLogprobs``) is the fused divergence's sparse teacher,
+    with the rest of its mass as a tail bucket.
+    """
+    r = batch.rollouts
+    with s.timer.phase("teacher"):
+        teacher = s.teacher.distributions(teacher_rollouts)
+    with s.autocast():
+        student_hidden = completion_hidden_states(s.student, r)
+    if isinstance(teacher, TopLogprobs):
+        return _sparse_teacher_loss(s, r, student_hidden, teacher, beta, temperature, chunk_size, top_k)
+    result = gkd_loss(
+        student_hidden, teacher.hidden_BCH, loss_head(s.student), teacher.project, r.loss_mask_BC,
+        beta, temperature, chunk_size, s.cfg.method.reduction, top_k, top_k_tail,
+    )
+    metrics = {"jsd": float(result.loss.detach())}
+    if batch.on_policy:  # on other data ℓ^S - ℓ^T estimates nothing
+        metrics["kl"] = sampled_kl(s, r, student_hidden, teacher)
+    if result.teacher_mass is not None:  # how much of the teacher's probability the kept top-k tokens cover
+        metrics["teacher_topk_mass"] = result.teacher_mass
+    return result.loss, metrics
+
+
+def _sparse_teacher_loss(s, r: Rollouts, student_hidden_BCH, teacher: TopLogprobs, beta, temperature, chunk_size, top_k):
+    if top_k is not None:
+        raise ValueError("a teacher that gives only its top-k log-probs fixes k itself; leave the method's top_k unset")
+    head = output_head(s.student)
+    if head is None:
+        raise ValueError("a top-k-only teacher needs the student's output layer to be a plain linear layer (no LoRA on lm_head)")
+    valid_BC = r.loss_mask_BC.bool()
+    weight_N = reduction_weights(r.loss_mask_BC, s.cfg.method.reduction, torch.promote_types(student_hidden_BCH.dtype, torch.float32))
+    sparse = SparseTeacher(teacher.ids_BCK[valid_BC], teacher.logp_BCK[valid_BC].float())
+    result = fused_divergence(student_hidden_BCH[valid_BC], head, sparse, weight_N[valid_BC], beta, temperature, None, True, chunk_size)
+    metrics = {"jsd": float(result.loss.detach())}
+    if result.teacher_mass_N is not None and result.teacher_mass_N.numel():
+        metrics["teacher_topk_mass"] = float(result.teacher_mass_N.mean())
+    return result.loss, metrics
+
+
+def sampled_kl(s, r: Rollouts, student_hidden_BCH: torch.Tensor, teacher: HiddenStates) -> float:
+    """The per-token reverse-KL estimate mean(ℓ^S - ℓ^T) on the sampled tokens, from hidden states already computed."""
+    valid = r.loss_mask_BC.bool()
+    ids_N = r.completion_ids_BC[valid]
+    with torch.no_grad():
+        student_logp_N, _ = token_logprobs(student_hidden_BCH.detach()[valid], ids_N, projection(s.student))
+        teacher_logp_N, _ = token_logprobs(teacher.hidden_BCH[valid], ids_N, teacher.project)
+    return float((student_logp_N - teacher_logp_N).mean()) if ids_N.numel() else 0.0

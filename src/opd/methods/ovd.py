@@ -1,0 +1,149 @@
+"""OVD: on-policy verbal distillation (arXiv 2601.21968).
+
+The teacher gives only a verbal score s ∈ [0, 9] per trajectory (or per step). For each prompt
+the student samples N trajectories; those scoring ≥ θ are kept, the others are replaced by a
+teacher demonstration (whole trajectory, or the suffix after the first bad step), and the group
+is trained with GRPO on the outcome reward ``r_i`` (+ ``w · s_i / 9`` optionally):
+
+    A_i = (r_i - mean_group(r)) / (std_group(r) + ε)
+
+Group planning and rewards are pure functions in ``objectives.ovd``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..judges import HTTPJudge, ModelJudge
+from ..models import freeze, load_model, load_tokenizer
+from ..objectives.ovd import ovd_rewards, plan_group
+from ..rollout import rollouts_from_completions
+from ..sections import require
+from ..tasks.base import TASKS
+from ..teachers import ModelTeacher
+from .base import Method, Needs, register
+from .data import Batch, student_samples
+from .grpo import group_policy_loss
+
+
+@dataclass
+class HTTPJudgeConfig:
+    url: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000
+    model: str = "judge"
+    api_key_env: str | None = None  # name of the environment variable holding the key (never the key)
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 1.0
+
+
+@dataclass
+class OVDConfig:
+    """On-policy verbal distillation (METHODS §7)."""
+
+    judge: Literal["programmatic", "model", "http"] = "programmatic"
+    judge_path: str | None = None  # model judge checkpoint; None = teacher.path
+    threshold: float = 7.0  # θ: accept trajectories scoring ≥ θ
+    replacement: Literal["trajectory", "step", "none"] = "trajectory"
+    score_weight: float = 0.0  # w in r + w·score/9 (0: the score only filters)
+    # leave teacher demonstrations that fail the task's verifier out of the group (no loss, not in its mean/std)
+    # instead of training on them with a negative advantage
+    drop_failed_demonstrations: bool = False
+    scale_by_std: bool = True  # the GRPO step: divide the group-centred rewards by the group's std
+    http: HTTPJudgeConfig = field(default_factory=HTTPJudgeConfig)
+
+
+@register
+class OVD(Method):
+    name = "ovd"
+    config_class = OVDConfig
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        o = cls.section(cfg)
+        require(0 <= o.threshold <= 9, "method.ovd.threshold", f"must be in [0, 9], got {o.threshold}")
+        require(o.http.timeout > 0, "method.ovd.http.timeout", f"must be > 0, got {o.http.timeout}")
+        require(o.http.retries >= 0, "method.ovd.http.retries", f"must be >= 0, got {o.http.retries}")
+        if o.judge == "programmatic" or o.replacement == "step":
+            checkable = [name for name, spec in TASKS.items() if spec.config_class.has_step_judge]
+            require(
+                type(cfg.task).has_step_judge,
+                "method.ovd.judge" if o.judge == "programmatic" else "method.ovd.replacement",
+                f"needs a task whose steps can be checked ({', '.join(checkable)}); use judge=model or judge=http "
+                "with replacement=trajectory",
+            )
+        if o.replacement == "step":
+            require(o.judge == "programmatic", "method.ovd.replacement", "'step' needs per-step scores (judge=programmatic)")
+        if o.judge == "http":
+            require(o.http.url is not None, "method.ovd.http.url", "is required for judge=http")
+        if o.judge == "model":
+            require(o.judge_path is not None or cfg.teacher.path is not None, "method.ovd.judge_path", "is required for judge=model")
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        return Needs(teacher=cls.section(cfg).replacement != "none", judge=True, group=True)
+
+    def make_judge(self, task, teacher, device):
+        """The task's step checker, a local model (by default the teacher itself), or an HTTP endpoint."""
+        o = self.config
+        if o.judge == "programmatic":
+            return task.step_judge()
+        if o.judge == "http":
+            h = o.http
+            return HTTPJudge(h.url, h.model, h.api_key_env, h.timeout, h.retries, h.backoff)
+        path = o.judge_path or self.cfg.teacher.path
+        judge_tok = load_tokenizer(path, "method.ovd.judge_path")
+        if path == self.cfg.teacher.path and isinstance(teacher, ModelTeacher):
+            return ModelJudge(teacher.model, judge_tok)  # the teacher judges: no second copy
+        return ModelJudge(freeze(load_model(path, "method.ovd.judge_path", self.cfg.teacher.dtype, device=device)), judge_tok)
+
+    def data(self, s, examples, rng, generator) -> Batch:
+        """Student group → verbal scores → accept (score ≥ θ) or replace by a teacher demonstration."""
+        o = self.config
+        sampled = student_samples(s, examples, generator)
+        r = sampled.rollouts
+        with s.timer.phase("judge"):
+            scores = s.judge.score(sampled.examples, r.texts)
+            step_scores = [s.judge.step_scores(e, t) for e, t in zip(sampled.examples, r.texts)] if o.replacement == "step" else None
+        plan = plan_group(r.texts, scores, o.threshold, o.replacement, step_scores)
+        completions = [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)]
+        texts = list(r.texts)
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(r.prompt_ids_BP, r.prompt_mask_BP)]
+        replace_rows = [i for i, member in enumerate(plan) if member.source != "student"]
+        if replace_rows:
+            prefixes = [s.tokenizer(texts[i][: plan[i].keep_prefix_chars], add_special_tokens=False)["input_ids"] for i in replace_rows]
+            demos = s.teacher_sampler.sample([prompts[i] + p for i, p in zip(replace_rows, prefixes)], s.cfg.sampling, generator)
+            for j, i in enumerate(replace_rows):
+                tail = demos.completion_ids_BC[j][demos.completion_mask_BC[j].bool()].tolist()
+                completions[i] = prefixes[j] + tail
+                texts[i] = texts[i][: plan[i].keep_prefix_chars] + demos.texts[j]
+        outcomes = list(sampled.rewards)  # kept samples keep their reward; replaced ones are graded anew
+        for i in replace_rows:
+            outcomes[i] = s.task.reward(texts[i], sampled.examples[i])
+        final_scores = scores
+        if o.score_weight:
+            final_scores = [scores[i] if plan[i].source == "student" else None for i in range(len(plan))]
+            with s.timer.phase("judge"):
+                rescored = s.judge.score([sampled.examples[i] for i in replace_rows], [texts[i] for i in replace_rows]) if replace_rows else []
+            for i, value in zip(replace_rows, rescored):
+                final_scores[i] = value
+        rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id, texts).to(s.device)
+        rollouts.group_B = list(r.group_B)
+        dropped = [i for i in replace_rows if o.drop_failed_demonstrations and outcomes[i] <= 0]
+        for i in dropped:  # a group of its own (zero advantage) with no trained tokens
+            rollouts.loss_mask_BC[i] = 0
+            rollouts.group_B[i] = -1 - i
+        info = {
+            "reward": sum(sampled.rewards) / len(sampled.rewards),
+            "judge_score": sum(scores) / len(scores),
+            "accepted_fraction": sum(m.source == "student" for m in plan) / len(plan),
+            "student_tokens": float(r.completion_mask_BC.sum()),
+            "dropped_fraction": len(dropped) / len(plan),
+        }
+        if replace_rows:
+            info["demonstration_reward"] = sum(outcomes[i] for i in replace_rows) / len(replace_rows)
+        rewards = ovd_rewards(outcomes, final_scores, o.score_weight)
+        return Batch(rollouts, sampled.examples, on_policy=False, rewards=rewards, info=info)
+
+    def loss(self, s, batch, step):
+        return group_policy_loss(s, batch, self.config.scale_by_std)

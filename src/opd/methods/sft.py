@@ -1,0 +1,61 @@
+"""SFT: cross-entropy on reference solutions or teacher samples (METHODS §8; sequence-level KD, arXiv 1606.07947).
+
+    L = -mean over valid tokens of log π_θ(y_t | s_t)       (``objectives.sft.sft_loss``)
+
+Optionally a fraction of the reference-solution examples sit behind their privileged prompt
+(problem + reference solution), which teaches a model to use privileged context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..objectives import sft_loss
+from ..scoring import rollout_logprobs
+from ..sections import require
+from .base import Method, Needs, register
+from .data import offline_data, reference_solutions
+
+
+@dataclass
+class SFTConfig:
+    """Cross-entropy on reference solutions or teacher samples (METHODS §8)."""
+
+    source: Literal["reference", "teacher"] = "reference"
+    # fraction of reference-solution examples shown behind their privileged prompt (the task's problem + reference
+    # solution): teaches a model to use privileged context, so it can later be its own OPSD teacher
+    privileged_fraction: float = 0.0
+
+
+@register
+class SFT(Method):
+    name = "sft"
+    config_class = SFTConfig
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        c = cls.section(cfg)
+        require(0 <= c.privileged_fraction <= 1, "method.sft.privileged_fraction", f"must be in [0, 1], got {c.privileged_fraction}")
+        require(
+            c.privileged_fraction == 0 or c.source == "reference",
+            "method.sft.privileged_fraction",
+            "needs method.sft.source=reference (the privileged prompt holds the reference solution)",
+        )
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        c = cls.section(cfg)
+        return Needs(teacher=c.source == "teacher", solutions=c.source == "reference")
+
+    def data(self, s, examples, rng, generator):
+        c = self.config
+        if c.privileged_fraction > 0:
+            return reference_solutions(s, examples, [rng.random() < c.privileged_fraction for _ in examples])
+        return offline_data(s, examples, generator, use_teacher=c.source == "teacher")
+
+    def loss(self, s, batch, step):
+        r = batch.rollouts
+        with s.autocast():
+            logp_BC, _ = rollout_logprobs(s.student, r)
+        return sft_loss(logp_BC, r.loss_mask_BC.float(), self.cfg.method.reduction), {}

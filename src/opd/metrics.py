@@ -1,0 +1,40 @@
+"""A run's metrics: ``metrics.jsonl`` (one row per training step or evaluation) and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends rows to ``<run>/metrics.jsonl`` (and TensorBoard). Resuming keeps the rows up to the checkpoint's step."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, keep_until_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        rows = read_metrics(self.path) if keep_until_step is not None else []
+        kept = [r for r in rows if r["step"] <= keep_until_step] if keep_until_step is not None else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(keep_until_step or 0) + 1)
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,127 @@
+"""The config sections every run has, whatever its method and task, and the error a bad value raises.
+
+The method's section (``method.<name>``) and the task's fields are owned by their modules
+(``methods/``, ``tasks/``); ``config.py`` assembles all of them into one ``Config``. This
+module imports nothing of opd, so any module may use these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key."""
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError("config key '<key>' <message>")`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # allow starting afresh in an output_dir that already holds a run
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a local HF checkpoint directory, or world:teacher / world:student
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    # Multi-teacher routing (e.g. ExOPD merging domain experts): route name -> checkpoint path.
+    # Each example names its route (task.teacher_field); examples without one use teacher.path.
+    routes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PairingConfig:
+    allow_chat_template_mismatch: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    max_new_tokens: int = 64
+
+
+Reduction = Literal["token_mean", "seq_mean_token_mean"]
+
+
+@dataclass
+class MethodCommonConfig:
+    """The keys of the ``method`` section shared by every method (each method adds its own subsection)."""
+
+    name: str = "opd"
+    reduction: Reduction = "token_mean"
+    clip_eps: float | None = None  # PPO clip on the ratio; None = no clipping
+    is_correction_cap: float | None = None  # truncated sampler/trainer importance weight cap C
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+    max_consecutive_nonfinite: int = 5
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+
+
+@dataclass
+class EvalConfig:
+    every: int = 20  # steps; 0 = only before and after training
+    num_prompts: int = 256
+    batch_size: int = 256
+    k: int = 1  # samples per prompt for avg@k / pass@k (1 = greedy accuracy only)
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # None = sampling.max_new_tokens
+    teacher: bool = True  # also report the teacher's accuracy once
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only the final model
+    keep_last: int = 2
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress_bar: bool = True
+    plot: bool = True
