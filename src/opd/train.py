@@ -198,7 +198,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
             else:
                 state["nonfinite_skips"] += 1
                 state["consecutive_nonfinite"] += 1
-                log.warning("step %d: non-finite loss or gradient; update skipped", step + 1)
+                log.warning("step %d: non-finite loss or gradient%s; update skipped", step + 1, nonfinite_reason(metrics))
                 if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
                     raise TrainingError(
                         f"{state['consecutive_nonfinite']} steps in a row had a non-finite loss or gradient "
@@ -255,6 +255,16 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
 def teacher_tensors(s: Session) -> dict | None:
     """Teacher state that a checkpoint must carry for an exact resume (an EMA teacher's weights), or None."""
     return (s.teacher.state_tensors() or None) if s.teacher is not None else None
+
+
+def nonfinite_reason(metrics: dict) -> str:
+    """What the step's metrics say about why its loss was not finite ('' when they say nothing)."""
+    if metrics.get("teacher_impossible_tokens"):
+        return (
+            f" (the teacher gave probability 0 to {int(metrics['teacher_impossible_tokens'])} sampled tokens, "
+            "where a reverse KL is infinite; a log-ratio clip, e.g. opd_plus, or a bounded divergence keeps it finite)"
+        )
+    return ""
 
 
 def _postfix(metrics: dict, last_eval: dict) -> dict:

@@ -38,6 +38,9 @@ def sampled_token_loss(
     with s.autocast():
         logp_BC, entropy_BC = rollout_logprobs(s.student, r, with_entropy=with_entropy)
     advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC, mask_BC)
+    impossible = int((~torch.isfinite(teacher_logp_BC) & r.loss_mask_BC.bool()).sum())
+    if impossible:  # the teacher gives probability 0 to tokens the student sampled
+        metrics["teacher_impossible_tokens"] = float(impossible)
     weights = None
     if m.is_correction_cap is not None and r.sampler_logp_BC is not None:
         weights = truncated_importance_weights(logp_BC, r.sampler_logp_BC, m.is_correction_cap)

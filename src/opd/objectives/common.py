@@ -35,14 +35,16 @@ def reduction_weights(mask_BT: torch.Tensor, reduction: Reduction = "token_mean"
 def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: Reduction = "token_mean") -> torch.Tensor:
     """Token-mean over all valid tokens, or the mean over sequences of each sequence's token-mean.
 
-    An all-masked batch gives 0 (not NaN), so a batch with no trainable token changes nothing.
+    Masked positions are selected out, not multiplied by zero, so an ±inf or NaN there changes
+    nothing; an all-masked batch gives 0 (not NaN), so a batch with no trainable token changes nothing.
     """
-    return (values_BT * reduction_weights(mask_BT, reduction, values_BT.dtype)).sum()
+    weights_BT = reduction_weights(mask_BT, reduction, values_BT.dtype)
+    return torch.where(weights_BT != 0, values_BT, torch.zeros_like(values_BT)).mul(weights_BT).sum()
 
 
 def discounted_cumsum(values_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``R_t = Σ_{u≥t} γ^{u-t} m_u v_u`` along each row (γ = 0 returns ``m·v``)."""
-    values_BT = values_BT * mask_BT
+    """``R_t = Σ_{u≥t} γ^{u-t} m_u v_u`` along each row (γ = 0 returns ``m·v``); masked values are selected out."""
+    values_BT = torch.where(mask_BT.bool(), values_BT, torch.zeros_like(values_BT))
     if gamma == 0:
         return values_BT
     out_BT = torch.zeros_like(values_BT)
@@ -69,10 +71,14 @@ def policy_gradient_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The surrogate ``-mean(m · ρ · A)``, ``ρ = exp(ℓ^θ - sg(ℓ^old))``; advantages are treated as constants.
 
-    ``∇loss = -mean(m · ρ · A · ∇ℓ^θ)``: on-policy (ρ = 1) the REINFORCE gradient.
+    ``∇loss = -mean(m · ρ · A · ∇ℓ^θ)``: on-policy (ρ = 1) the REINFORCE gradient. Masked positions
+    are selected out before any product, so non-finite values there give neither a NaN loss nor a NaN
+    gradient; a non-finite advantage on a valid token (e.g. a teacher log-prob of -inf under a reverse
+    KL, which is then truly infinite) gives a non-finite loss, which the loop skips and counts.
     """
-    advantages_BT = advantages_BT.detach()
-    ratio_BT = torch.exp(logp_BT - old_logp_BT.detach())
+    valid_BT = mask_BT.bool()
+    advantages_BT = torch.where(valid_BT, advantages_BT.detach(), torch.zeros_like(advantages_BT))  # no 0·inf at masked positions
+    ratio_BT = torch.exp(torch.where(valid_BT, logp_BT - old_logp_BT.detach(), torch.zeros_like(logp_BT)))
     objective_BT = ratio_BT * advantages_BT
     metrics = {}
     if clip_eps is not None:
@@ -81,6 +87,6 @@ def policy_gradient_loss(
         was_clipped = ((ratio_BT - 1).abs() > clip_eps) & mask_BT.bool()
         metrics["clip_fraction"] = float(was_clipped.sum() / mask_BT.sum().clamp(min=1))
     if weights_BT is not None:
-        objective_BT = objective_BT * weights_BT.detach()
+        objective_BT = objective_BT * torch.where(valid_BT, weights_BT.detach(), torch.zeros_like(weights_BT))
     loss = -masked_mean(objective_BT, mask_BT, reduction)
     return loss, metrics

@@ -70,5 +70,7 @@ def gkd_loss(
             student_hidden_NH, teacher_hidden_NH, student_head, teacher_project, divergence, chunk_size or 1024
         )
         loss = (values_N * weight_N.to(values_N.dtype)).sum()
+        if not values_N.numel():  # nothing to train on: a zero loss that still reaches the student (backward works)
+            loss = loss + 0.0 * student_hidden_BTH.sum()
     per_token_BT = torch.zeros(valid_BT.shape, dtype=values_N.dtype, device=values_N.device)
     return GKDLoss(loss, per_token_BT.masked_scatter(valid_BT, values_N.detach()), mass)

@@ -41,13 +41,19 @@ def _softplus_log_mean(log_u: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(torch.zeros_like(log_u), log_u) + LOG_HALF
 
 
-# Each entry: (f(u), u·f'(u)), both as functions of log u.
+def _u_times(log_u: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``u · factor`` with the limit 0 at u = 0 (log u = -inf), where ``factor`` may be -inf (``u ln u → 0``)."""
+    return torch.where(log_u == float("-inf"), torch.zeros_like(log_u), log_u.exp() * factor)
+
+
+# Each entry: (f(u), u·f'(u)), both as functions of log u; at u = 0 (a teacher log-prob of -inf) every entry
+# takes its limit, finite for all but reverse KL (f = -ln u → +inf: the divergence is infinite there).
 F_DIVERGENCES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
     "reverse_kl": (lambda lu: -lu, lambda lu: -torch.ones_like(lu)),
-    "forward_kl": (lambda lu: lu.exp() * lu, lambda lu: lu.exp() * (lu + 1)),
+    "forward_kl": (lambda lu: _u_times(lu, lu), lambda lu: _u_times(lu, lu + 1)),
     "jsd": (
-        lambda lu: 0.5 * (lu.exp() * lu - (1 + lu.exp()) * _softplus_log_mean(lu)),
-        lambda lu: 0.5 * lu.exp() * (lu - _softplus_log_mean(lu)),
+        lambda lu: 0.5 * (_u_times(lu, lu) - (1 + lu.exp()) * _softplus_log_mean(lu)),
+        lambda lu: 0.5 * _u_times(lu, lu - _softplus_log_mean(lu)),
     ),
     "hellinger": (lambda lu: (torch.exp(lu / 2) - 1) ** 2, lambda lu: lu.exp() - torch.exp(lu / 2)),
     "tv": (lambda lu: 0.5 * (lu.exp() - 1).abs(), lambda lu: 0.5 * lu.exp() * torch.sign(lu)),
@@ -83,5 +89,5 @@ def f_divergence_advantages(
     log_u_BT, clipped = clipped_log_ratio(student_logp_BT, teacher_logp_BT, mask_BT, log_ratio_clip)
     advantages_BT = -discounted_cumsum(f(log_u_BT), mask_BT, discount)
     if unbiased:
-        advantages_BT = advantages_BT + u_f_prime(log_u_BT) * mask_BT
+        advantages_BT = advantages_BT + torch.where(mask_BT.bool(), u_f_prime(log_u_BT), torch.zeros_like(log_u_BT))
     return advantages_BT, {"log_ratio_clipped_fraction": clipped}
