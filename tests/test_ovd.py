@@ -29,13 +29,44 @@ def test_trajectory_replacement_plan():
 def test_step_replacement_keeps_the_accepted_prefix():
     texts = ["7+9=16,4+8+1=13,3+5+1=8|836", "7+9=15,4+8=12|125", "7+9=16,4+8+1=13,3+5+1=9|936"]
     step_scores = [[9, 9, 0, 0], [0, 9, 0], [9, 9, 9, 9]]
-    plan = plan_group(texts, [4.5, 3.0, 9.0], 7, "step", step_scores)
+    step_starts = [[0, 7, 16, 23], [0, 7, 13], [0, 7, 16, 23]]
+    plan = plan_group(texts, [4.5, 3.0, 9.0], 7, "step", step_scores, step_starts)
     assert plan[0] == GroupMember("student_prefix+teacher", len("7+9=16,4+8+1=13,"))
     assert plan[1] == GroupMember("teacher", 0)  # the first step is already wrong
     assert plan[2] == GroupMember("student", len(texts[2]))
     assert first_rejected_step([9, 8, 7], 7) is None
     with pytest.raises(ValueError, match="needs per-step scores"):
         plan_group(["x"], [0.0], 7, "step")
+
+
+@pytest.mark.parametrize(
+    "completion, kept",
+    [
+        ("7+9=16,4+8+1=13,3+5+1=9|935", "7+9=16,4+8+1=13,3+5+1=9"),  # every step right, the answer wrong
+        ("7+9=16,4+8+1=13|936", "7+9=16,4+8+1=13"),  # a step missing before the answer
+        ("7+9=16,4+8+1=13,3+5+1=8|836", "7+9=16,4+8+1=13,"),  # a wrong step
+    ],
+)
+def test_step_replacement_never_keeps_a_wrong_answer(completion, kept):
+    """The judge's step boundaries put the cut before the first rejected step, the final answer included."""
+    example, judge = make_example(347, 589), StepCheckingJudge()
+    scores = judge.step_scores(example, completion)
+    starts = judge.step_starts(example, completion)
+    assert len(starts) == len(scores)
+    (member,) = plan_group([completion], judge.score([example], [completion]), 7, "step", [scores], [starts])
+    assert member.source == "student_prefix+teacher"
+    assert completion[: member.keep_prefix_chars] == kept and "|" not in kept
+
+
+def test_the_kept_prefix_is_the_students_own_tokens(tokenizer):
+    from opd.methods.ovd import sampled_prefix
+
+    text = "7+9=16,4+8+1=13|936"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    kept_ids, kept_text = sampled_prefix(tokenizer, ids, "7+9=16,4+8+1=13")
+    assert kept_ids == ids[: len("7+9=16,4+8+1=13")] and kept_text == "7+9=16,4+8+1=13"
+    assert sampled_prefix(tokenizer, ids, "") == ([], "")
+    assert sampled_prefix(tokenizer, ids, text + "extra") == (ids, text)  # EOS decodes to nothing
 
 
 def test_score_weight_in_reward():

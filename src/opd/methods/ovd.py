@@ -53,6 +53,20 @@ class OVDConfig:
     http: HTTPJudgeConfig = field(default_factory=HTTPJudgeConfig)
 
 
+def sampled_prefix(tokenizer, ids: list[int], text_prefix: str) -> tuple[list[int], str]:
+    """The longest leading run of the sampled ``ids`` whose decoding is a prefix of ``text_prefix``, and that decoding."""
+    decode = lambda n: tokenizer.decode(ids[:n], skip_special_tokens=True)  # noqa: E731
+    low, high = 0, len(ids)  # the most tokens whose decoding is no longer than the prefix (decodings grow with n)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if len(decode(mid)) <= len(text_prefix) else (low, mid - 1)
+    for n in range(low, -1, -1):
+        text = decode(n)
+        if text_prefix.startswith(text):
+            return ids[:n], text
+    return [], ""
+
+
 @register
 class OVD(Method):
     name = "ovd"
@@ -104,19 +118,22 @@ class OVD(Method):
         r = sampled.rollouts
         with s.timer.phase("judge"):
             scores = s.judge.score(sampled.examples, r.texts)
-            step_scores = [s.judge.step_scores(e, t) for e, t in zip(sampled.examples, r.texts)] if o.replacement == "step" else None
-        plan = plan_group(r.texts, scores, o.threshold, o.replacement, step_scores)
+            step_scores = step_starts = None
+            if o.replacement == "step":
+                step_scores = [s.judge.step_scores(e, t) for e, t in zip(sampled.examples, r.texts)]
+                step_starts = [s.judge.step_starts(e, t) for e, t in zip(sampled.examples, r.texts)]
+        plan = plan_group(r.texts, scores, o.threshold, o.replacement, step_scores, step_starts)
         completions = [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)]
         texts = list(r.texts)
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(r.prompt_ids_BP, r.prompt_mask_BP)]
         replace_rows = [i for i, member in enumerate(plan) if member.source != "student"]
-        if replace_rows:
-            prefixes = [s.tokenizer(texts[i][: plan[i].keep_prefix_chars], add_special_tokens=False)["input_ids"] for i in replace_rows]
-            demos = s.teacher_sampler.sample([prompts[i] + p for i, p in zip(replace_rows, prefixes)], s.cfg.sampling, generator)
+        if replace_rows:  # kept prefixes are the student's own sampled tokens, never re-tokenised text
+            kept = [sampled_prefix(s.tokenizer, completions[i], texts[i][: plan[i].keep_prefix_chars]) for i in replace_rows]
+            demos = s.teacher_sampler.sample([prompts[i] + ids for i, (ids, _) in zip(replace_rows, kept)], s.cfg.sampling, generator)
             for j, i in enumerate(replace_rows):
                 tail = demos.completion_ids_BC[j][demos.completion_mask_BC[j].bool()].tolist()
-                completions[i] = prefixes[j] + tail
-                texts[i] = texts[i][: plan[i].keep_prefix_chars] + demos.texts[j]
+                completions[i] = kept[j][0] + tail
+                texts[i] = kept[j][1] + demos.texts[j]
         outcomes = list(sampled.rewards)  # kept samples keep their reward; replaced ones are graded anew
         for i in replace_rows:
             outcomes[i] = s.task.reward(texts[i], sampled.examples[i])

@@ -47,13 +47,14 @@ def plan_group(
     threshold: float,
     replacement: Replacement = "trajectory",
     step_scores: Sequence[Sequence[float]] | None = None,
-    step_separator: str = ",",
+    step_starts: Sequence[Sequence[int]] | None = None,
 ) -> list[GroupMember]:
     """Decide, for each sampled trajectory, whether it is kept, replaced, or cut at its first bad step.
 
-    Step-level replacement keeps every step before the first one scoring below θ (with its
-    separator) and lets the teacher continue from there; a trajectory whose first step is
-    already bad is replaced whole.
+    Step-level replacement keeps the text before the first step scoring below θ —
+    ``step_starts[i][k]`` is where scored step k of trajectory i begins (for a step the
+    trajectory lacks, where it would begin) — and lets the teacher continue from there. A
+    trajectory whose first step is already bad is replaced whole.
     """
     plan = []
     for i, (text, ok) in enumerate(zip(texts, accept(scores, threshold))):
@@ -62,15 +63,11 @@ def plan_group(
         elif replacement == "trajectory":
             plan.append(GroupMember("teacher", 0))
         else:
-            if step_scores is None:
-                raise ValueError("step-level replacement needs per-step scores")
+            if step_scores is None or step_starts is None:
+                raise ValueError("step-level replacement needs per-step scores and where each step starts")
             bad = first_rejected_step(step_scores[i], threshold)
-            steps = text.split(step_separator)
-            if bad is None or bad == 0:
-                plan.append(GroupMember("teacher", 0))
-            else:
-                prefix = step_separator.join(steps[:bad]) + step_separator
-                plan.append(GroupMember("student_prefix+teacher", len(prefix)))
+            keep = 0 if bad is None else step_starts[i][bad]
+            plan.append(GroupMember("student_prefix+teacher", keep) if keep > 0 else GroupMember("teacher", 0))
     return plan
 
 

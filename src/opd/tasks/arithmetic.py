@@ -145,6 +145,20 @@ class StepCheckingJudge:
         final_ok = bool(sep) and answer.strip() == example.answer and len(got) == len(ref_steps)
         return scores + [9.0 if final_ok else 0.0]
 
+    def step_starts(self, example: Example, completion: str) -> list[int]:
+        """Character offset of each scored step: the column steps as written, then the answer at the ``|``.
+
+        A column step the completion lacks (it stopped early) and the answer both begin where the
+        written steps end, so cutting at any rejected step never keeps a wrong answer.
+        """
+        n_steps = len(scratchpad(example.meta["a"], example.meta["b"]).split(ANSWER_SEPARATOR)[0].split(","))
+        body = completion.partition(ANSWER_SEPARATOR)[0]
+        starts, offset = [], 0
+        for piece in body.split(",")[:n_steps]:
+            starts.append(offset)
+            offset += len(piece) + 1
+        return starts + [len(body)] * (n_steps + 1 - len(starts))
+
     def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
         return [sum(s) / len(s) for s in (self.step_scores(e, c) for e, c in zip(examples, completions))]
 

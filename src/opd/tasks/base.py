@@ -33,6 +33,9 @@ class StepJudge(Protocol):
 
     def step_scores(self, example: Example, completion: str) -> list[float]: ...
 
+    def step_starts(self, example: Example, completion: str) -> list[int]:
+        """Where each scored step begins in ``completion`` (for a step it lacks: where it would begin)."""
+
     def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]: ...
 
 
