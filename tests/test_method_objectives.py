@@ -200,3 +200,19 @@ def test_k3_kl_is_zero_at_reference_and_positive_elsewhere():
     logp = torch.tensor([-1.0, -2.0])
     assert k3_kl(logp, logp).abs().max() == 0
     assert (k3_kl(logp, torch.tensor([-0.5, -3.0])) > 0).all()
+
+
+def test_entropy_selection_breaks_ties_by_position():
+    """Equal entropies: the earliest valid positions (row-major) are kept, whatever the sort implementation does."""
+    entropy = torch.ones(3, 7)
+    mask = torch.ones(3, 7)
+    mask[0, :2] = 0
+    selected = entropy_top_fraction_mask(entropy, mask, 0.25)  # ceil(0.25 * 19) = 5 tokens
+    expected = torch.zeros(3, 7)
+    expected[0, 2:7] = 1
+    assert torch.equal(selected, expected)
+    entropy[2, 6] = 2.0  # a strictly larger entropy comes first, then ties by position
+    expected = torch.zeros(3, 7)
+    expected[0, 2:6] = 1
+    expected[2, 6] = 1
+    assert torch.equal(entropy_top_fraction_mask(entropy, mask, 0.25), expected)

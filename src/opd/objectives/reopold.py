@@ -43,7 +43,7 @@ def entropy_top_fraction_mask(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, f
     if keep == 0:
         return selected.to(mask_BT.dtype)
     scores = entropy_BT.detach().masked_fill(~valid, float("-inf")).flatten()
-    top = torch.topk(scores, keep, sorted=False).indices
+    top = torch.sort(scores, descending=True, stable=True).indices[:keep]  # stable: equal entropies go by position
     selected.view(-1)[top] = True
     return (selected & valid).to(mask_BT.dtype)
 
