@@ -1,0 +1,76 @@
+"""OPD with a task reward: the verifier's group-normalised reward added to the reverse-KL advantage.
+
+METHODS §1 ("can be added to an environment/task advantage, A = A_task + A_kl"; the combination
+of Thinking Machines' on-policy distillation with GRPO's advantage, arXiv 2402.03300). For
+sample i of a group (the ``samples_per_prompt`` completions of one prompt) and token t:
+
+    A_{i,t} = α · (r_i - mean_group(r)) / (std_group(r) + ε)  +  Σ_{u≥t} γ^{u-t} · (-c · (ℓ^S_{i,u} - ℓ^T_{i,u}))
+
+with r_i the task's verifier reward, population std (``scale_by_std``; else only centred),
+α = ``task_reward_coef``, c = ``coef``, γ = ``discount`` — in the shared policy-gradient surrogate.
+α = 0 is OPD; a very large α approaches GRPO. The teacher keeps the student close where the
+reward says nothing (all-equal groups); the reward corrects where the teacher is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..objectives import group_advantages, reverse_kl_advantages
+from ..sections import require
+from .base import Method, Needs, register
+from .losses import sampled_token_loss
+
+
+@dataclass
+class OPDTaskRewardConfig:
+    coef: float = 1.0  # c on the reverse-KL advantage
+    discount: float = 0.0  # γ on the reverse-KL advantage: 0 per-token, 1 full return
+    task_reward_coef: float = 1.0  # α on the group-normalised task advantage
+    scale_by_std: bool = True  # divide the group-centred reward by the group's std (GRPO)
+
+
+def task_reward_advantages(
+    student_logp_BC: torch.Tensor,
+    teacher_logp_BC: torch.Tensor,
+    mask_BC: torch.Tensor,
+    rewards_B: torch.Tensor,
+    groups_B: torch.Tensor,
+    coef: float = 1.0,
+    discount: float = 0.0,
+    task_reward_coef: float = 1.0,
+    scale_by_std: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_BC, A_task_B)``: the combined per-token advantage (zero off the mask) and the task part per row."""
+    task_B = group_advantages(rewards_B, groups_B, scale=scale_by_std).to(student_logp_BC.dtype)
+    kl_BC = reverse_kl_advantages(student_logp_BC, teacher_logp_BC, mask_BC, coef, discount)
+    return kl_BC + task_reward_coef * task_B[:, None] * mask_BC, task_B
+
+
+@register
+class OPDTaskReward(Method):
+    name = "opd_task_reward"
+    config_class = OPDTaskRewardConfig
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        c = cls.section(cfg)
+        require(0 <= c.discount <= 1, "method.opd_task_reward.discount", f"must be in [0, 1], got {c.discount}")
+        require(c.task_reward_coef >= 0, "method.opd_task_reward.task_reward_coef", f"must be >= 0, got {c.task_reward_coef}")
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        return Needs(teacher=True, group=True, routable=True)
+
+    def loss(self, s, batch, step):
+        c, r = self.config, batch.rollouts
+        rewards_B = torch.tensor(batch.rewards, device=r.loss_mask_BC.device)
+        groups_B = torch.tensor(r.group_B, device=r.loss_mask_BC.device)
+
+        def advantages(lp, tlp, ent, mask):
+            adv_BC, task_B = task_reward_advantages(lp, tlp, mask, rewards_B, groups_B, c.coef, c.discount, c.task_reward_coef, c.scale_by_std)
+            return adv_BC, mask, {"task_advantage_abs": float(task_B.abs().mean())}
+
+        return sampled_token_loss(s, batch, advantages)
