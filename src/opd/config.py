@@ -293,6 +293,7 @@ def validate(c: Config) -> None:
     require(s.top_k >= 0, "sampling.top_k", f"must be >= 0, got {s.top_k}")
     require(s.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
     require(m.clip_eps is None or 0 < m.clip_eps < 1, "method.clip_eps", f"must be in (0, 1) or null, got {m.clip_eps}")
+    require(m.normalizer_tokens is None or m.normalizer_tokens >= 1, "method.normalizer_tokens", f"must be >= 1 or null, got {m.normalizer_tokens}")
     require(
         m.is_correction_cap is None or m.is_correction_cap >= 1,
         "method.is_correction_cap",

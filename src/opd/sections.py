@@ -72,15 +72,15 @@ class SamplingConfig:
     max_new_tokens: int = 64
 
 
-Reduction = Literal["token_mean", "seq_mean_token_mean"]
-
-
 @dataclass
 class MethodCommonConfig:
     """The keys of the ``method`` section shared by every method (each method adds its own subsection)."""
 
     name: str = "opd"
-    reduction: Reduction = "token_mean"
+    # what a step's per-token loss terms are divided by, over the whole step (all micro-batches): "auto" = the method's
+    # default (OPD+ unbiased: constant; the others: token_mean); see objectives.common.Normaliser
+    reduction: Literal["auto", "token_mean", "seq_mean_token_mean", "constant"] = "auto"
+    normalizer_tokens: int | None = None  # the constant normaliser's tokens per row; None = sampling.max_new_tokens
     clip_eps: float | None = None  # PPO clip on the ratio; None = no clipping
     is_correction_cap: float | None = None  # truncated sampler/trainer importance weight cap C
 

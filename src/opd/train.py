@@ -27,6 +27,7 @@ from .config import Config, save_config
 from .evaluate import evaluate
 from .methods.data import batch_metrics
 from .metrics import MetricsLog
+from .objectives.common import step_normaliser
 from .profiling import phase_shares
 from .rollout import Sampler
 from .session import Session, TrainingError
@@ -82,21 +83,11 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     examples = s.task.sample_train(cfg.train.prompts_per_step, rng)
     per_micro = len(examples) // cfg.train.grad_accum
     optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, float] = {}
-    finite = True
+    batches = []
     for i in range(cfg.train.grad_accum):
         with s.timer.phase("sample"):
-            batch = method.data(s, examples[i * per_micro : (i + 1) * per_micro], rng, generator)
-        with s.timer.phase("student"):
-            loss, metrics = method.loss(s, batch, step)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                (loss / cfg.train.grad_accum).backward()
-        metrics.update(batch_metrics(batch), loss=float(loss.detach()))
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + value / (1 if key == "student_tokens" else cfg.train.grad_accum)
-        if not finite:
-            break
+            batches.append(method.data(s, examples[i * per_micro : (i + 1) * per_micro], rng, generator))
+    totals, finite = accumulate_gradients(s, batches, step)
     with s.timer.phase("optimizer"):
         params = [p for p in s.student.parameters() if p.requires_grad]
         if finite:
@@ -112,6 +103,38 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
                 s.teacher.after_optimizer_step(s.student)
         optimizer.zero_grad(set_to_none=True)
     return totals, status
+
+
+SUMMED_METRICS = ("loss", "student_tokens")  # parts of a step total; every other metric is averaged over micro-batches
+
+
+def accumulate_gradients(s: Session, batches: list, step: int) -> tuple[dict[str, float], bool]:
+    """Backpropagate the step's loss over its micro-batches into the student's ``.grad``; ``(metrics, finite)``.
+
+    Every micro-batch is weighted by one normaliser taken over the whole step (its token count,
+    sequence count or rows × tokens per row), so the accumulated gradient is that of the one big
+    batch, whatever ``grad_accum`` is. A method may first choose its tokens over the whole step
+    (``Method.prepare_step``). Stops at the first micro-batch with a non-finite loss.
+    """
+    method = s.method
+    with s.timer.phase("student"):
+        method.prepare_step(s, batches, step)
+    normaliser = step_normaliser([b.trained_mask_BC for b in batches], method.reduction(), method.tokens_per_row())
+    totals: dict[str, float] = {}
+    finite = True
+    for batch in batches:
+        batch.normaliser = normaliser
+        with s.timer.phase("student"):
+            loss, metrics = method.loss(s, batch, step)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+        metrics.update(batch_metrics(batch), loss=float(loss.detach()))
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value / (1 if key in SUMMED_METRICS else len(batches))
+        if not finite:
+            break
+    return totals, finite
 
 
 # ----------------------------------------------------------------------------- the run

@@ -21,6 +21,7 @@ import torch
 
 from ..sections import ConfigError
 from ..tasks.base import Example
+from ..objectives.common import Normaliser
 from .data import Batch, student_samples
 
 RunConfig = Any  # the whole opd.config.Config
@@ -64,6 +65,28 @@ class Method:
     @classmethod
     def needs(cls, cfg: RunConfig) -> Needs:
         return Needs()
+
+    @classmethod
+    def default_reduction(cls, cfg: RunConfig) -> str:
+        """The normaliser ``method.reduction: auto`` stands for."""
+        return "token_mean"
+
+    def reduction(self) -> str:
+        """The configured normaliser, ``auto`` resolved."""
+        r = self.cfg.method.reduction
+        return self.default_reduction(self.cfg) if r == "auto" else r
+
+    def tokens_per_row(self) -> int:
+        """The constant normaliser's tokens per row."""
+        return self.cfg.method.normalizer_tokens or self.cfg.sampling.max_new_tokens
+
+    def normaliser(self, batch: Batch) -> Normaliser:
+        """What ``batch``'s per-token terms are divided by: the step's normaliser (set by the loop), or this batch's."""
+        return batch.normaliser_for(self.reduction(), self.tokens_per_row())
+
+    def prepare_step(self, s, batches: list[Batch], step: int) -> None:
+        """Called with all of a step's micro-batches before any loss: a method that selects tokens across the
+        whole step (REOPOLD) sets each batch's ``train_mask_BC`` here."""
 
     def make_teacher(self, student: torch.nn.Module, autocast, device: torch.device):
         """The teacher, for methods whose ``needs`` say the student is its own teacher."""

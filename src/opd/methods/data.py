@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..objectives.common import Normaliser, step_normaliser
 from ..prompts import PromptError, encode_completion, encode_prompt
 from ..rollout import Rollouts, left_pad, rollouts_from_completions
 from ..tasks.base import Example
@@ -22,6 +23,17 @@ class Batch:
     on_policy: bool
     rewards: list[float] | None = None  # per-row rewards: the task's for student samples, OVD's for its group
     info: dict[str, float] = field(default_factory=dict)  # data-source metrics (OVD acceptance, …)
+    train_mask_BC: torch.Tensor | None = None  # the tokens the loss trains on, when a method narrows the loss mask
+    normaliser: Normaliser | None = None  # the whole step's normaliser, set by the loop; None = this batch alone
+    teacher_logp_BC: torch.Tensor | None = None  # teacher log-probs already computed for this batch (prepare_step)
+
+    @property
+    def trained_mask_BC(self) -> torch.Tensor:
+        return self.train_mask_BC if self.train_mask_BC is not None else self.rollouts.loss_mask_BC
+
+    def normaliser_for(self, reduction: str, tokens_per_row: int | None) -> Normaliser:
+        """The step's normaliser, or — outside a training step — one over this batch alone."""
+        return self.normaliser or step_normaliser([self.trained_mask_BC], reduction, tokens_per_row)
 
 
 def encode_prompts(s, examples: list[Example], privileged: bool = False) -> list[list[int]]:

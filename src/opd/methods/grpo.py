@@ -35,11 +35,12 @@ def group_policy_loss(s, batch, scale_by_std: bool, kl_coef: float = 0.0) -> tup
     advantages_BC = group_advantages(rewards_B, groups_B, scale=scale_by_std)[:, None].expand_as(mask_BC)
     with s.autocast():
         logp_BC, _ = rollout_logprobs(s.student, r)
-    loss, metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, mask_BC, m.clip_eps, m.reduction)
+    normaliser = s.method.normaliser(batch)
+    loss, metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, mask_BC, m.clip_eps, normaliser)
     if s.reference is not None and kl_coef > 0:
         with s.timer.phase("teacher"):
             ref_logp_BC = s.reference.token_logprobs(r)
-        kl = masked_mean(k3_kl(logp_BC, ref_logp_BC), mask_BC, m.reduction)
+        kl = masked_mean(k3_kl(logp_BC, ref_logp_BC), mask_BC, normaliser)
         loss = loss + kl_coef * kl
         metrics["kl_ref"] = float(kl.detach())
     return loss, metrics

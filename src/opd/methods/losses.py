@@ -27,14 +27,17 @@ def sampled_token_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Teacher log-probs of the sampled tokens → per-token advantages → the shared surrogate.
 
-    The advantage function may narrow the loss mask (REOPOLD). ``teacher_rollouts`` are the
+    The advantage function may narrow the loss mask (REOPOLD: to the batch's ``train_mask_BC``, which the
+    step's normaliser counts). Teacher log-probs already in ``batch.teacher_logp_BC`` are reused. ``teacher_rollouts`` are the
     same completions behind the teacher's own prompts (OPSD); the student's entropy is
     computed only ``with_entropy`` (None otherwise).
     """
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
-    with s.timer.phase("teacher"):
-        teacher_logp_BC = s.teacher.token_logprobs(teacher_rollouts if teacher_rollouts is not None else r)
+    teacher_logp_BC = batch.teacher_logp_BC
+    if teacher_logp_BC is None:
+        with s.timer.phase("teacher"):
+            teacher_logp_BC = s.teacher.token_logprobs(teacher_rollouts if teacher_rollouts is not None else r)
     with s.autocast():
         logp_BC, entropy_BC = rollout_logprobs(s.student, r, with_entropy=with_entropy)
     advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC, mask_BC)
@@ -44,7 +47,8 @@ def sampled_token_loss(
     weights = None
     if m.is_correction_cap is not None and r.sampler_logp_BC is not None:
         weights = truncated_importance_weights(logp_BC, r.sampler_logp_BC, m.is_correction_cap)
-    loss, pg_metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, train_mask_BC, m.clip_eps, m.reduction, weights)
+    normaliser = s.method.normaliser(batch)
+    loss, pg_metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, train_mask_BC, m.clip_eps, normaliser, weights)
     metrics.update(pg_metrics, kl=float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC)))
     return loss, metrics
 
@@ -65,10 +69,10 @@ def full_vocabulary_loss(
     with s.autocast():
         student_hidden = completion_hidden_states(s.student, r)
     if isinstance(teacher, TopLogprobs):
-        return _sparse_teacher_loss(s, r, student_hidden, teacher, beta, temperature, chunk_size, top_k)
+        return _sparse_teacher_loss(s, batch, student_hidden, teacher, beta, temperature, chunk_size, top_k)
     result = gkd_loss(
         student_hidden, teacher.hidden_BCH, loss_head(s.student), teacher.project, r.loss_mask_BC,
-        beta, temperature, chunk_size, s.cfg.method.reduction, top_k, top_k_tail,
+        beta, temperature, chunk_size, s.method.normaliser(batch), top_k, top_k_tail,
     )
     metrics = {"jsd": float(result.loss.detach())}
     if batch.on_policy:  # on other data ℓ^S - ℓ^T estimates nothing
@@ -78,14 +82,15 @@ def full_vocabulary_loss(
     return result.loss, metrics
 
 
-def _sparse_teacher_loss(s, r: Rollouts, student_hidden_BCH, teacher: TopLogprobs, beta, temperature, chunk_size, top_k):
+def _sparse_teacher_loss(s, batch: Batch, student_hidden_BCH, teacher: TopLogprobs, beta, temperature, chunk_size, top_k):
     if top_k is not None:
         raise ValueError("a teacher that gives only its top-k log-probs fixes k itself; leave the method's top_k unset")
     head = output_head(s.student)
     if head is None:
         raise ValueError("a top-k-only teacher needs the student's output layer to be a plain linear layer (no LoRA on lm_head)")
+    r = batch.rollouts
     valid_BC = r.loss_mask_BC.bool()
-    weight_N = reduction_weights(r.loss_mask_BC, s.cfg.method.reduction, torch.promote_types(student_hidden_BCH.dtype, torch.float32))
+    weight_N = reduction_weights(r.loss_mask_BC, s.method.normaliser(batch), torch.promote_types(student_hidden_BCH.dtype, torch.float32))
     sparse = SparseTeacher(teacher.ids_BCK[valid_BC], teacher.logp_BCK[valid_BC].float())
     result = fused_divergence(student_hidden_BCH[valid_BC], head, sparse, weight_N[valid_BC], beta, temperature, None, True, chunk_size)
     metrics = {"jsd": float(result.loss.detach())}

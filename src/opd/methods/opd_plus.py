@@ -45,6 +45,11 @@ class OPDPlus(Method):
     def needs(cls, cfg) -> Needs:
         return Needs(teacher=True, routable=True)
 
+    @classmethod
+    def default_reduction(cls, cfg) -> str:
+        """The unbiased estimator needs a normaliser that does not depend on the sampled lengths."""
+        return "constant" if cls.section(cfg).unbiased else "token_mean"
+
     def loss(self, s, batch, step):
         c = self.config
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..objectives import reopold_rewards_and_mask
+import torch
+
+from ..objectives import reopold_rewards_and_mask, reward_floor
+from ..scoring import rollout_logprobs
 from ..sections import require
 from .base import Method, Needs, register
 from .losses import sampled_token_loss
@@ -42,11 +45,35 @@ class Reopold(Method):
     def needs(cls, cfg) -> Needs:
         return Needs(teacher=True, routable=True)
 
-    def loss(self, s, batch, step):
+    def prepare_step(self, s, batches, step):
+        """Choose the trained tokens over the whole step (all micro-batches): the exploration mask, or the top-β
+        entropy tokens of the step's valid tokens. Teacher log-probs are kept for the loss."""
         c = self.config
         switch = c.switch_step if c.switch_step is not None else self.cfg.train.steps // 2
+        student, teacher, entropy, mask = [], [], [], []
+        for batch in batches:
+            r = batch.rollouts
+            with s.timer.phase("teacher"):
+                batch.teacher_logp_BC = s.teacher.token_logprobs(r)
+            with torch.no_grad(), s.autocast():
+                logp_BC, entropy_BC = rollout_logprobs(s.student, r, with_entropy=True)
+            student.append(logp_BC), teacher.append(batch.teacher_logp_BC), entropy.append(entropy_BC), mask.append(r.loss_mask_BC.float())
+        width = max(m.shape[1] for m in mask)
+        stacked = [torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]) for ts in (student, teacher, entropy, mask)]
+        _, keep_BC, metrics = reopold_rewards_and_mask(*stacked, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)
+        start = 0
+        for batch, m in zip(batches, mask):
+            batch.train_mask_BC = keep_BC[start : start + m.shape[0], : m.shape[1]].contiguous()
+            batch.info.update(metrics)  # the step's selection statistics
+            start += m.shape[0]
 
-        def advantages(lp, tlp, ent, mask):
-            return reopold_rewards_and_mask(lp, tlp, ent, mask, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)
+    def loss(self, s, batch, step):
+        c = self.config
+        floor = reward_floor(c.mixture_lambda, c.floor_form)
+        if batch.train_mask_BC is None:  # called outside a training step: select within this batch
+            self.prepare_step(s, [batch], step)
 
-        return sampled_token_loss(s, batch, advantages, with_entropy=True)
+        def advantages(lp, tlp, ent, mask):  # R̂ = max(ℓ^T - ℓ^S, floor) on the tokens prepare_step chose
+            return (tlp - lp).clamp(min=floor) * batch.train_mask_BC, batch.train_mask_BC, {}
+
+        return sampled_token_loss(s, batch, advantages)

@@ -58,4 +58,4 @@ class SFT(Method):
         r = batch.rollouts
         with s.autocast():
             logp_BC, _ = rollout_logprobs(s.student, r)
-        return sft_loss(logp_BC, r.loss_mask_BC.float(), self.cfg.method.reduction), {}
+        return sft_loss(logp_BC, r.loss_mask_BC.float(), self.normaliser(batch)), {}

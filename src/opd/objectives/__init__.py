@@ -1,6 +1,14 @@
 """Objectives: pure tensor functions, one module per method, the formula in each docstring."""
 
-from .common import discounted_cumsum, masked_mean, policy_gradient_loss, reduction_weights, truncated_importance_weights
+from .common import (
+    Normaliser,
+    discounted_cumsum,
+    masked_mean,
+    policy_gradient_loss,
+    reduction_weights,
+    step_normaliser,
+    truncated_importance_weights,
+)
 from .divergences import generalized_jsd, streamed_divergence
 from .fused import DenseTeacher, OutputHead, SparseTeacher, fused_divergence
 from .gkd import gkd_loss
@@ -13,11 +21,13 @@ from .sft import sft_loss
 
 __all__ = [
     "DenseTeacher",
+    "Normaliser",
     "F_DIVERGENCES",
     "OutputHead",
     "SparseTeacher",
     "fused_divergence",
     "reduction_weights",
+    "step_normaliser",
     "discounted_cumsum",
     "entropy_top_fraction_mask",
     "f_divergence_advantages",

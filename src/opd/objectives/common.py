@@ -9,30 +9,68 @@ importance weight ``sg(min(exp(ℓ^trainer - ℓ^sampler), C))`` and an optional
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-Reduction = Literal["token_mean", "seq_mean_token_mean"]
+Reduction = Literal["token_mean", "seq_mean_token_mean", "constant"]
 
 
-def reduction_weights(mask_BT: torch.Tensor, reduction: Reduction = "token_mean", dtype=torch.float32) -> torch.Tensor:
+@dataclass(frozen=True)
+class Normaliser:
+    """How the per-token loss terms of one optimizer step are weighted: ``w = m / denominator``
+    (``seq_mean_token_mean``: ``m / |row| / denominator``), with the denominator taken over the
+    *whole* step — every micro-batch (and, with several processes, every rank) — so that
+    accumulating micro-batches gives the gradient of the one big batch.
+
+    - ``token_mean``: the step's number of valid tokens. Biased as a gradient estimator when
+      lengths vary: it depends on the sampled lengths.
+    - ``seq_mean_token_mean``: the step's number of rows with a valid token, each row first
+      divided by its own length (also length-dependent).
+    - ``constant``: rows × ``tokens_per_row`` (default ``sampling.max_new_tokens``; the "Dr. GRPO"
+      choice): a constant, so the surrogate's expected gradient is the exact gradient of the
+      objective divided by that constant.
+    """
+
+    reduction: Reduction
+    denominator: float
+
+    def weights(self, mask_BT: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        mask_BT = mask_BT.to(dtype)
+        if self.reduction == "seq_mean_token_mean":
+            mask_BT = mask_BT / mask_BT.sum(-1, keepdim=True).clamp(min=1)
+        return mask_BT / self.denominator
+
+
+def step_normaliser(masks_BT: list[torch.Tensor], reduction: Reduction, tokens_per_row: int | None = None) -> Normaliser:
+    """The ``Normaliser`` of a step made of these micro-batches' loss masks."""
+    if reduction == "token_mean":
+        denominator = sum(float(m.sum()) for m in masks_BT)
+    elif reduction == "seq_mean_token_mean":
+        denominator = sum(float((m.sum(-1) > 0).sum()) for m in masks_BT)
+    elif reduction == "constant":
+        if not tokens_per_row:
+            raise ValueError("the constant normaliser needs tokens_per_row (e.g. sampling.max_new_tokens)")
+        denominator = sum(m.shape[0] for m in masks_BT) * float(tokens_per_row)
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return Normaliser(reduction, max(denominator, 1.0))
+
+
+def reduction_weights(mask_BT: torch.Tensor, reduction: Reduction | Normaliser = "token_mean", dtype=torch.float32) -> torch.Tensor:
     """Per-token weights ``w`` with ``masked_mean(v, mask, reduction) = Σ w·v``.
 
-    ``token_mean``: ``m/Σm``. ``seq_mean_token_mean``: ``m_{b,t} / (|b| · #sequences with a token)``.
-    An all-masked batch gives all-zero weights, so it changes nothing (never NaN).
+    A ``Normaliser`` carries its step-wide denominator; a reduction name normalises over this
+    batch alone (``token_mean``: ``m/Σm``; ``seq_mean_token_mean``: ``m_{b,t} / (|b| · #sequences with
+    a token)``). An all-masked batch gives all-zero weights, so it changes nothing (never NaN).
     """
-    mask_BT = mask_BT.to(dtype)
-    if reduction == "token_mean":
-        return mask_BT / mask_BT.sum().clamp(min=1)
-    if reduction == "seq_mean_token_mean":
-        tokens_B = mask_BT.sum(-1, keepdim=True)
-        sequences = (tokens_B > 0).sum().clamp(min=1)
-        return mask_BT / tokens_B.clamp(min=1) / sequences
-    raise ValueError(f"unknown reduction {reduction!r}")
+    if not isinstance(reduction, Normaliser):
+        reduction = step_normaliser([mask_BT], reduction)
+    return reduction.weights(mask_BT, dtype)
 
 
-def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: Reduction = "token_mean") -> torch.Tensor:
+def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: Reduction | Normaliser = "token_mean") -> torch.Tensor:
     """Token-mean over all valid tokens, or the mean over sequences of each sequence's token-mean.
 
     Masked positions are selected out, not multiplied by zero, so an ±inf or NaN there changes
@@ -66,7 +104,7 @@ def policy_gradient_loss(
     advantages_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     clip_eps: float | None = None,
-    reduction: Reduction = "token_mean",
+    reduction: Reduction | Normaliser = "token_mean",
     weights_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The surrogate ``-mean(m · ρ · A)``, ``ρ = exp(ℓ^θ - sg(ℓ^old))``; advantages are treated as constants.

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .common import Reduction, reduction_weights
+from .common import Normaliser, Reduction, reduction_weights
 from .divergences import generalized_jsd, on_teacher_top_k, streamed_divergence
 from .fused import DenseTeacher, OutputHead, fused_divergence
 
@@ -38,7 +38,7 @@ def gkd_loss(
     beta: float = 0.5,
     temperature: float = 0.9,
     chunk_size: int | None = None,
-    reduction: Reduction = "token_mean",
+    reduction: Reduction | Normaliser = "token_mean",
     top_k: int | None = None,
     top_k_tail: bool = False,
 ) -> GKDLoss:

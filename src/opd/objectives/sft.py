@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import Reduction, masked_mean
+from .common import Normaliser, Reduction, masked_mean
 
 
-def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: Reduction = "token_mean") -> torch.Tensor:
+def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: Reduction | Normaliser = "token_mean") -> torch.Tensor:
     """Mean negative log-likelihood of the masked tokens."""
     return -masked_mean(logp_BT, mask_BT, reduction)
