@@ -128,7 +128,7 @@ def expected_gradient(divergence, reduction, teacher_is_student, batch_size, see
         normaliser = step_normaliser([m], reduction, MAX_LEN)
         loss, _ = policy_gradient_loss(lp, lp.detach(), adv, m, None, normaliser)
         (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
-        estimate += float(prob[idx].prod()) * g
+        estimate += float(prob[idx].prod().detach()) * g
     if reduction == "constant":
         estimate = estimate * batch_size * MAX_LEN  # the constant the surrogate is divided by
     return estimate, true_grad
@@ -153,3 +153,66 @@ def test_opd_plus_full_return_is_unbiased_with_the_constant_normaliser_for_varia
     assert float((estimate - true_grad).norm() / true_grad.norm()) < 1e-12
     biased, _ = expected_gradient(divergence, "token_mean", False, 1)
     assert float((biased * MAX_LEN - true_grad).norm() / true_grad.norm()) > 0.05
+
+
+# ----------------------------------------------------------------------------- temperature
+
+
+def test_the_student_log_probs_are_those_of_the_policy_that_sampled(tmp_path, tiny_models):
+    """At sampling temperature 1.3 the estimators' ℓ^S equals the sampler's own log-prob of each sampled token (no
+    truncation), and the teacher scores at its own temperature (teacher.temperature)."""
+    from opd.methods.losses import sampled_token_loss
+    from opd.teachers import ModelTeacher
+
+    s = build_session(make_config(tmp_path, tiny_models, "sampling.temperature=1.3", "teacher.temperature=0.7"))
+    batch = s.method.data(s, s.task.sample_train(2, random.Random(0)), random.Random(0), torch.Generator().manual_seed(0))
+    seen = {}
+
+    def advantages(lp, tlp, ent, mask):
+        seen.update(student=lp, teacher=tlp)
+        return tlp - lp, mask, {}
+
+    sampled_token_loss(s, batch, advantages)
+    r, valid = batch.rollouts, batch.rollouts.loss_mask_BC.bool()
+    torch.testing.assert_close(seen["student"][valid], r.sampler_logp_BC[valid], rtol=1e-5, atol=1e-5)
+    assert isinstance(s.teacher, ModelTeacher)
+    torch.testing.assert_close(seen["teacher"], s.teacher.token_logprobs(r, 0.7))
+    assert s.method.importance_cap() is None
+
+
+def test_truncated_sampling_turns_the_importance_correction_on(tmp_path, tiny_models):
+    s = build_session(make_config(tmp_path, tiny_models, "sampling.top_p=0.9"))
+    assert s.method.importance_cap() == 5.0
+    s = build_session(make_config(tmp_path / "b", tiny_models, "sampling.top_k=5", "method.is_correction_cap=2"))
+    assert s.method.importance_cap() == 2.0
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_sampled_token_estimators_are_unbiased_for_the_tempered_policy(divergence):
+    """Claim: sampling at τ, sequence-form OPD+ (γ = 1) with the constant normaliser and ℓ^S = log softmax(θ/τ) has
+    E[∇ surrogate] ∝ ∇ E_{π_τ}[Σ_t f(π_T/π_τ)] exactly; with ℓ^S at τ = 1 (the policy that did not sample) it does not."""
+    tau = 1.7
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(MAX_LEN * VOCAB, VOCAB, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(MAX_LEN * VOCAB, VOCAB, generator=gen, dtype=torch.float64)
+    seqs = completions()
+    tempered_logp, mask = per_token_logp(theta / tau, seqs)  # the policy that samples
+    untempered_logp, _ = per_token_logp(theta, seqs)
+    teacher_logp, _ = per_token_logp(teacher, seqs)
+    prob = (tempered_logp * mask).sum(-1).exp()
+    f, _ = F_DIVERGENCES[divergence]
+    objective = (prob * (f(teacher_logp - tempered_logp) * mask).sum(-1)).sum()
+    (true_grad,) = torch.autograd.grad(objective, theta, retain_graph=True)
+
+    def expected(student_logp):
+        total = torch.zeros_like(theta)
+        for i in range(len(seqs)):
+            lp, tlp, m = student_logp[i : i + 1], teacher_logp[i : i + 1], mask[i : i + 1]
+            adv, _ = f_divergence_advantages(lp.detach(), tlp, m, divergence, True, 1.0, None)
+            loss, _ = policy_gradient_loss(lp, lp.detach(), adv, m, None, step_normaliser([m], "constant", MAX_LEN))
+            (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
+            total += float(prob[i].detach()) * g * MAX_LEN
+        return total
+
+    assert float((expected(tempered_logp) - true_grad).norm() / true_grad.norm()) < 1e-12
+    assert float((expected(untempered_logp) - true_grad).norm() / true_grad.norm()) > 0.1

@@ -305,6 +305,7 @@ def validate(c: Config) -> None:
     require(e.k >= 1, "eval.k", f"must be >= 1, got {e.k}")
     require(c.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {c.checkpoint.every}")
     require(c.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.checkpoint.keep_last}")
+    require(c.teacher.temperature > 0, "teacher.temperature", f"must be > 0, got {c.teacher.temperature}")
     require(c.student.path is not None, "student.path", "is required (a local HF checkpoint, or world:student)")
     lora = c.student.lora
     require(lora.r >= 1, "student.lora.r", f"must be >= 1, got {lora.r}")

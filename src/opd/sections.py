@@ -56,6 +56,7 @@ class TeacherConfig(ModelConfig):
     # Multi-teacher routing (e.g. ExOPD merging domain experts): route name -> checkpoint path.
     # Each example names its route (task.teacher_field); examples without one use teacher.path.
     routes: dict[str, str] = field(default_factory=dict)
+    temperature: float = 1.0  # the teacher's sampled-token log-probs are those of softmax(logits / temperature)
 
 
 @dataclass
@@ -82,7 +83,9 @@ class MethodCommonConfig:
     reduction: Literal["auto", "token_mean", "seq_mean_token_mean", "constant"] = "auto"
     normalizer_tokens: int | None = None  # the constant normaliser's tokens per row; None = sampling.max_new_tokens
     clip_eps: float | None = None  # PPO clip on the ratio; None = no clipping
-    is_correction_cap: float | None = None  # truncated sampler/trainer importance weight cap C
+    # truncated sampler/trainer importance weight cap C; None = on with C = 5 when sampling truncates (top-p / top-k),
+    # since the student's log-probs are those of the untruncated tempered softmax, else off
+    is_correction_cap: float | None = None
 
 
 @dataclass

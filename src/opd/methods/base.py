@@ -26,6 +26,8 @@ from .data import Batch, student_samples
 
 RunConfig = Any  # the whole opd.config.Config
 
+DEFAULT_IMPORTANCE_CAP = 5.0  # METHODS.md, "The shared update rule"
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -75,6 +77,18 @@ class Method:
         """The configured normaliser, ``auto`` resolved."""
         r = self.cfg.method.reduction
         return self.default_reduction(self.cfg) if r == "auto" else r
+
+    def student_temperature(self) -> float:
+        """The temperature of the policy that sampled: the student's log-probs in every sampled-token estimator
+        are those of ``softmax(logits / τ)`` (τ = 1 for greedy sampling, which has no density to match)."""
+        return self.cfg.sampling.temperature or 1.0
+
+    def importance_cap(self) -> float | None:
+        """The truncated importance weight's cap: configured, or 5 when the sampler truncates (top-p / top-k)."""
+        m, sampling = self.cfg.method, self.cfg.sampling
+        if m.is_correction_cap is not None:
+            return m.is_correction_cap
+        return DEFAULT_IMPORTANCE_CAP if sampling.top_p < 1 or sampling.top_k > 0 else None
 
     def tokens_per_row(self) -> int:
         """The constant normaliser's tokens per row."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..objectives import gopd_advantages
 from ..sections import require
 from .base import Method, Needs, register
-from .losses import sampled_token_loss
+from .losses import reference_token_logprobs, sampled_token_loss
 
 
 @dataclass
@@ -52,8 +52,7 @@ class GOPD(Method):
 
     def loss(self, s, batch, step):
         c = self.config
-        with s.timer.phase("teacher"):
-            ref_logp_BC = s.reference.token_logprobs(batch.rollouts) if s.reference is not None else None
+        ref_logp_BC = reference_token_logprobs(s, batch.rollouts) if s.reference is not None else None
         return sampled_token_loss(
             s, batch, lambda lp, tlp, ent, mask: (gopd_advantages(lp, tlp, ref_logp_BC, mask, c.reward_scale, c.discount), mask, {})
         )

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..objectives import group_advantages, k3_kl, masked_mean, policy_gradient_loss
-from ..scoring import rollout_logprobs
 from ..sections import require
 from .base import Method, Needs, register
+from .losses import importance_weights, reference_token_logprobs, student_token_logprobs
 
 
 @dataclass
@@ -33,13 +33,12 @@ def group_policy_loss(s, batch, scale_by_std: bool, kl_coef: float = 0.0) -> tup
     rewards_B = torch.tensor(batch.rewards, device=mask_BC.device)
     groups_B = torch.tensor(r.group_B, device=mask_BC.device)
     advantages_BC = group_advantages(rewards_B, groups_B, scale=scale_by_std)[:, None].expand_as(mask_BC)
-    with s.autocast():
-        logp_BC, _ = rollout_logprobs(s.student, r)
+    logp_BC, _ = student_token_logprobs(s, r)
     normaliser = s.method.normaliser(batch)
-    loss, metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, mask_BC, m.clip_eps, normaliser)
+    weights = importance_weights(s, r, logp_BC)
+    loss, metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, mask_BC, m.clip_eps, normaliser, weights)
     if s.reference is not None and kl_coef > 0:
-        with s.timer.phase("teacher"):
-            ref_logp_BC = s.reference.token_logprobs(r)
+        ref_logp_BC = reference_token_logprobs(s, r)
         kl = masked_mean(k3_kl(logp_BC, ref_logp_BC), mask_BC, normaliser)
         loss = loss + kl_coef * kl
         metrics["kl_ref"] = float(kl.detach())

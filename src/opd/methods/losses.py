@@ -36,21 +36,44 @@ def sampled_token_loss(
     mask_BC = r.loss_mask_BC.float()
     teacher_logp_BC = batch.teacher_logp_BC
     if teacher_logp_BC is None:
-        with s.timer.phase("teacher"):
-            teacher_logp_BC = s.teacher.token_logprobs(teacher_rollouts if teacher_rollouts is not None else r)
-    with s.autocast():
-        logp_BC, entropy_BC = rollout_logprobs(s.student, r, with_entropy=with_entropy)
+        teacher_logp_BC = teacher_token_logprobs(s, teacher_rollouts if teacher_rollouts is not None else r)
+    logp_BC, entropy_BC = student_token_logprobs(s, r, with_entropy)
     advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC, mask_BC)
     impossible = int((~torch.isfinite(teacher_logp_BC) & r.loss_mask_BC.bool()).sum())
     if impossible:  # the teacher gives probability 0 to tokens the student sampled
         metrics["teacher_impossible_tokens"] = float(impossible)
-    weights = None
-    if m.is_correction_cap is not None and r.sampler_logp_BC is not None:
-        weights = truncated_importance_weights(logp_BC, r.sampler_logp_BC, m.is_correction_cap)
+    weights = importance_weights(s, r, logp_BC)
     normaliser = s.method.normaliser(batch)
     loss, pg_metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, train_mask_BC, m.clip_eps, normaliser, weights)
     metrics.update(pg_metrics, kl=float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC)))
     return loss, metrics
+
+
+def student_token_logprobs(s, r: Rollouts, with_entropy: bool = False):
+    """``(ℓ^S_BC, entropy_BC)`` of the sampled tokens under the policy that sampled them: the student's softmax at
+    the sampling temperature (so the estimators are on-policy whatever τ is), with gradient."""
+    with s.autocast():
+        return rollout_logprobs(s.student, r, s.method.student_temperature(), with_entropy=with_entropy)
+
+
+def teacher_token_logprobs(s, r: Rollouts) -> torch.Tensor:
+    """``ℓ^T_BC``: the teacher's log-probs of the sampled tokens at its own scoring temperature (``teacher.temperature``)."""
+    with s.timer.phase("teacher"):
+        return s.teacher.token_logprobs(r, s.cfg.teacher.temperature)
+
+
+def reference_token_logprobs(s, r: Rollouts) -> torch.Tensor:
+    """``ℓ^ref_BC``: the reference (e.g. the initial student) at the student's sampling temperature."""
+    with s.timer.phase("teacher"):
+        return s.reference.token_logprobs(r, s.method.student_temperature())
+
+
+def importance_weights(s, r: Rollouts, logp_BC: torch.Tensor) -> torch.Tensor | None:
+    """``sg(min(exp(ℓ^S - ℓ^sampler), C))`` where a cap applies and the sampler reported its log-probs, else None."""
+    cap = s.method.importance_cap()
+    if cap is None or r.sampler_logp_BC is None:
+        return None
+    return truncated_importance_weights(logp_BC, r.sampler_logp_BC, cap)
 
 
 def full_vocabulary_loss(

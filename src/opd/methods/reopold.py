@@ -14,10 +14,9 @@ from typing import Literal
 import torch
 
 from ..objectives import reopold_rewards_and_mask, reward_floor
-from ..scoring import rollout_logprobs
 from ..sections import require
 from .base import Method, Needs, register
-from .losses import sampled_token_loss
+from .losses import sampled_token_loss, student_token_logprobs, teacher_token_logprobs
 
 
 @dataclass
@@ -53,10 +52,9 @@ class Reopold(Method):
         student, teacher, entropy, mask = [], [], [], []
         for batch in batches:
             r = batch.rollouts
-            with s.timer.phase("teacher"):
-                batch.teacher_logp_BC = s.teacher.token_logprobs(r)
-            with torch.no_grad(), s.autocast():
-                logp_BC, entropy_BC = rollout_logprobs(s.student, r, with_entropy=True)
+            batch.teacher_logp_BC = teacher_token_logprobs(s, r)
+            with torch.no_grad():  # entropy at the training (sampling) temperature
+                logp_BC, entropy_BC = student_token_logprobs(s, r, with_entropy=True)
             student.append(logp_BC), teacher.append(batch.teacher_logp_BC), entropy.append(entropy_BC), mask.append(r.loss_mask_BC.float())
         width = max(m.shape[1] for m in mask)
         stacked = [torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]) for ts in (student, teacher, entropy, mask)]
