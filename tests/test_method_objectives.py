@@ -191,7 +191,7 @@ def test_entropy_mask_empty_batch():
 def test_grpo_group_advantages():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
     groups = torch.tensor([0, 0, 0, 0, 1, 1])
-    adv = group_advantages(rewards, groups)
+    adv = group_advantages(rewards, groups, unbiased=False)  # population std: exactly ±1 here
     torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
     assert adv[4:].abs().max() == 0  # a group where every sample agrees teaches nothing
 

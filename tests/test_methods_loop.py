@@ -30,7 +30,7 @@ def rows(run_dir, kind="train"):
         ["method.name=gopd", "method.gopd.reward_scale=1.25"],
         ["method.name=gopd", "method.gopd.reward_scale=1.25", "student.lora.enabled=true"],
         ["method.name=gopd", "method.gopd.reward_scale=1.0"],
-        ["method.name=grpo", "method.grpo.kl_coef=0.05", "method.clip_eps=0.2"],
+        ["method.name=grpo", "method.grpo.kl_coef=0.05", "method.clip_eps=0.2", "train.updates_per_batch=2"],
         ["method.name=sft", "method.sft.source=reference"],
     ],
     ids=["opd_plus_jsd", "opd_fkl_standard", "opd_plus_hellinger_return", "exopd", "exopd_lora", "gopd_lambda1", "grpo_kl", "sft"],

@@ -22,10 +22,10 @@ def test_advantage_is_the_sum_of_the_two_formulas():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.float64)
     rewards, groups = [1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1]
     adv, _ = task_reward_advantages(lp, tlp, mask, torch.tensor(rewards), torch.tensor(groups), coef=0.5, task_reward_coef=2.0)
-    for i in range(4):  # written out: group of 2 with rewards {1, 0}: mean 0.5, population std 0.5
+    for i in range(4):  # written out: group of 2 with rewards {1, 0}: mean 0.5, sample std 1/√2 (TRL's, the default)
         members = [rewards[j] for j in range(4) if groups[j] == groups[i]]
         mean = sum(members) / len(members)
-        std = (sum((x - mean) ** 2 for x in members) / len(members)) ** 0.5
+        std = (sum((x - mean) ** 2 for x in members) / (len(members) - 1)) ** 0.5
         task = (rewards[i] - mean) / (std + 1e-6)
         for t in range(3):
             expected = (2.0 * task - 0.5 * (lp[i, t] - tlp[i, t])) * mask[i, t]

@@ -285,6 +285,13 @@ def validate(c: Config) -> None:
     require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {t.grad_clip}")
     require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     require(all(0 <= b < 1 for b in t.betas), "train.betas", f"must lie in [0, 1), got {t.betas}")
+    require(t.updates_per_batch >= 1, "train.updates_per_batch", f"must be >= 1, got {t.updates_per_batch}")
+    require(
+        m.clip_eps is None or t.updates_per_batch > 1,
+        "method.clip_eps",
+        "has no effect with train.updates_per_batch=1 (one update per batch: the ratio is exactly 1 and never clipped); "
+        "set train.updates_per_batch > 1 or method.clip_eps=null",
+    )
     require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
     require(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1 or null, got {t.threads}")
     require(s.samples_per_prompt >= 1, "sampling.samples_per_prompt", f"must be >= 1, got {s.samples_per_prompt}")

@@ -102,6 +102,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
+    # optimizer updates per batch of rollouts: > 1 reuses the batch, the policy-gradient ratio taken against the
+    # log-probs from before the first update (what gives method.clip_eps something to clip)
+    updates_per_batch: int = 1
     max_consecutive_nonfinite: int = 5
     threads: int | None = None  # torch intra-op threads; None = torch's default
 

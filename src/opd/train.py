@@ -26,6 +26,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, 
 from .config import Config, save_config
 from .evaluate import evaluate
 from .methods.data import batch_metrics
+from .methods.losses import student_token_logprobs
 from .metrics import MetricsLog
 from .objectives.common import step_normaliser
 from .profiling import phase_shares
@@ -72,7 +73,8 @@ def step_generators(seed: int, step: int, device: torch.device) -> tuple[random.
 
 
 def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]:
-    """One optimizer step over ``grad_accum`` micro-batches. Returns (metrics, status).
+    """One training step: sample ``grad_accum`` micro-batches, then ``train.updates_per_batch`` optimizer updates
+    on them (the policy-gradient ratio against the log-probs from before the first). Returns (metrics, status).
 
     status is ``applied``; ``nonfinite`` (a non-finite loss or gradient: no update); or
     ``no_signal`` (every gradient exactly zero, e.g. a GRPO/OVD batch whose groups all got
@@ -87,6 +89,31 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     for i in range(cfg.train.grad_accum):
         with s.timer.phase("sample"):
             batches.append(method.data(s, examples[i * per_micro : (i + 1) * per_micro], rng, generator))
+    if cfg.train.updates_per_batch > 1:  # the ratio's denominator: the policy that made the batch, before any update
+        with s.timer.phase("student"):
+            for batch in batches:
+                batch.old_logp_BC = old_logprobs(s, batch)
+    totals, status = {}, "no_signal"
+    for update in range(cfg.train.updates_per_batch):
+        metrics, update_status = optimizer_update(s, optimizer, batches, step)
+        if update == 0:
+            totals = metrics
+        elif "clip_fraction" in metrics:  # the clip only binds from the second update on
+            totals["clip_fraction_last"] = metrics["clip_fraction"]
+        if update_status == "nonfinite":
+            status = "nonfinite"
+            break
+        if update_status == "applied":
+            status = "applied"
+    if status == "applied":
+        s.sampler.update_weights(s.student)
+    return totals, status
+
+
+def optimizer_update(s: Session, optimizer, batches: list, step: int) -> tuple[dict[str, float], str]:
+    """Gradients of the step's loss on ``batches``, clipped, then one optimizer update (and the teacher's hook)."""
+    cfg = s.cfg
+    optimizer.zero_grad(set_to_none=True)
     totals, finite = accumulate_gradients(s, batches, step)
     with s.timer.phase("optimizer"):
         params = [p for p in s.student.parameters() if p.requires_grad]
@@ -98,11 +125,16 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
         status = "nonfinite" if not finite else "no_signal" if totals["grad_norm"] == 0 else "applied"
         if status == "applied":
             optimizer.step()
-            s.sampler.update_weights(s.student)
             if s.teacher is not None:
                 s.teacher.after_optimizer_step(s.student)
         optimizer.zero_grad(set_to_none=True)
     return totals, status
+
+
+def old_logprobs(s: Session, batch) -> torch.Tensor:
+    """The batch's sampled-token log-probs under the student as it is now (before this step's updates), no gradient."""
+    with torch.no_grad():
+        return student_token_logprobs(s, batch.rollouts)[0]
 
 
 SUMMED_METRICS = ("loss", "student_tokens")  # parts of a step total; every other metric is averaged over micro-batches

@@ -26,6 +26,7 @@ class Batch:
     train_mask_BC: torch.Tensor | None = None  # the tokens the loss trains on, when a method narrows the loss mask
     normaliser: Normaliser | None = None  # the whole step's normaliser, set by the loop; None = this batch alone
     teacher_logp_BC: torch.Tensor | None = None  # teacher log-probs already computed for this batch (prepare_step)
+    old_logp_BC: torch.Tensor | None = None  # the student's log-probs before this step's first update (several updates)
 
     @property
     def trained_mask_BC(self) -> torch.Tensor:

@@ -9,13 +9,14 @@ initial weights (``objectives.grpo``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..objectives import group_advantages, k3_kl, masked_mean, policy_gradient_loss
 from ..sections import require
 from .base import Method, Needs, register
-from .losses import importance_weights, reference_token_logprobs, student_token_logprobs
+from .losses import importance_weights, old_logprobs, reference_token_logprobs, student_token_logprobs
 
 
 @dataclass
@@ -24,19 +25,21 @@ class GRPOConfig:
 
     kl_coef: float = 0.0  # > 0 adds a k3 KL penalty to the student's initial weights
     scale_by_std: bool = True
+    std: Literal["sample", "population"] = "sample"  # the group's std: sample (Bessel-corrected, as TRL) or population
 
 
-def group_policy_loss(s, batch, scale_by_std: bool, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+def group_policy_loss(s, batch, scale_by_std: bool, kl_coef: float = 0.0, std: str = "sample") -> tuple[torch.Tensor, dict]:
     """The group-normalised advantage of each row's reward in the shared surrogate (+ k3 KL to ``s.reference``)."""
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
     rewards_B = torch.tensor(batch.rewards, device=mask_BC.device)
     groups_B = torch.tensor(r.group_B, device=mask_BC.device)
-    advantages_BC = group_advantages(rewards_B, groups_B, scale=scale_by_std)[:, None].expand_as(mask_BC)
+    advantages_BC = group_advantages(rewards_B, groups_B, scale=scale_by_std, unbiased=std == "sample")[:, None].expand_as(mask_BC)
     logp_BC, _ = student_token_logprobs(s, r)
+    old_logp_BC = old_logprobs(batch, logp_BC)
     normaliser = s.method.normaliser(batch)
-    weights = importance_weights(s, r, logp_BC)
-    loss, metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, mask_BC, m.clip_eps, normaliser, weights)
+    weights = importance_weights(s, r, old_logp_BC)
+    loss, metrics = policy_gradient_loss(logp_BC, old_logp_BC, advantages_BC, mask_BC, m.clip_eps, normaliser, weights)
     if s.reference is not None and kl_coef > 0:
         ref_logp_BC = reference_token_logprobs(s, r)
         kl = masked_mean(k3_kl(logp_BC, ref_logp_BC), mask_BC, normaliser)
@@ -61,4 +64,4 @@ class GRPO(Method):
         return Needs(group=True, reference="student_init" if kl else None, reference_key="method.grpo.kl_coef")
 
     def loss(self, s, batch, step):
-        return group_policy_loss(s, batch, self.config.scale_by_std, self.config.kl_coef)
+        return group_policy_loss(s, batch, self.config.scale_by_std, self.config.kl_coef, self.config.std)

@@ -27,7 +27,7 @@ def sampled_token_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Teacher log-probs of the sampled tokens → per-token advantages → the shared surrogate.
 
-    The advantage function may narrow the loss mask (REOPOLD: to the batch's ``train_mask_BC``, which the
+    Advantages are computed from ``ℓ^old`` (fixed across a step's updates). The advantage function may narrow the loss mask (REOPOLD: to the batch's ``train_mask_BC``, which the
     step's normaliser counts). Teacher log-probs already in ``batch.teacher_logp_BC`` are reused. ``teacher_rollouts`` are the
     same completions behind the teacher's own prompts (OPSD); the student's entropy is
     computed only ``with_entropy`` (None otherwise).
@@ -38,13 +38,14 @@ def sampled_token_loss(
     if teacher_logp_BC is None:
         teacher_logp_BC = teacher_token_logprobs(s, teacher_rollouts if teacher_rollouts is not None else r)
     logp_BC, entropy_BC = student_token_logprobs(s, r, with_entropy)
-    advantages_BC, train_mask_BC, metrics = advantages(logp_BC.detach(), teacher_logp_BC, entropy_BC, mask_BC)
+    old_logp_BC = old_logprobs(batch, logp_BC)
+    advantages_BC, train_mask_BC, metrics = advantages(old_logp_BC, teacher_logp_BC, entropy_BC, mask_BC)
     impossible = int((~torch.isfinite(teacher_logp_BC) & r.loss_mask_BC.bool()).sum())
     if impossible:  # the teacher gives probability 0 to tokens the student sampled
         metrics["teacher_impossible_tokens"] = float(impossible)
-    weights = importance_weights(s, r, logp_BC)
+    weights = importance_weights(s, r, old_logp_BC)
     normaliser = s.method.normaliser(batch)
-    loss, pg_metrics = policy_gradient_loss(logp_BC, logp_BC.detach(), advantages_BC, train_mask_BC, m.clip_eps, normaliser, weights)
+    loss, pg_metrics = policy_gradient_loss(logp_BC, old_logp_BC, advantages_BC, train_mask_BC, m.clip_eps, normaliser, weights)
     metrics.update(pg_metrics, kl=float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC)))
     return loss, metrics
 
@@ -54,6 +55,12 @@ def student_token_logprobs(s, r: Rollouts, with_entropy: bool = False):
     the sampling temperature (so the estimators are on-policy whatever τ is), with gradient."""
     with s.autocast():
         return rollout_logprobs(s.student, r, s.method.student_temperature(), with_entropy=with_entropy)
+
+
+def old_logprobs(batch: Batch, logp_BC: torch.Tensor) -> torch.Tensor:
+    """``sg(ℓ^old)``: the policy that made the batch — its log-probs from before this step's first update when the
+    step makes several updates (``train.updates_per_batch``), else the current ones (ρ = 1 in value)."""
+    return batch.old_logp_BC if batch.old_logp_BC is not None else logp_BC.detach()
 
 
 def teacher_token_logprobs(s, r: Rollouts) -> torch.Tensor:

@@ -6,7 +6,7 @@ sample i of a group (the ``samples_per_prompt`` completions of one prompt) and t
 
     A_{i,t} = α · (r_i - mean_group(r)) / (std_group(r) + ε)  +  Σ_{u≥t} γ^{u-t} · (-c · (ℓ^S_{i,u} - ℓ^T_{i,u}))
 
-with r_i the task's verifier reward, population std (``scale_by_std``; else only centred),
+with r_i the task's verifier reward, the group's sample std (``std``; ``scale_by_std`` false only centres),
 α = ``task_reward_coef``, c = ``coef``, γ = ``discount`` — in the shared policy-gradient surrogate.
 α = 0 is OPD; a very large α approaches GRPO. The teacher keeps the student close where the
 reward says nothing (all-equal groups); the reward corrects where the teacher is wrong.
@@ -15,6 +15,7 @@ reward says nothing (all-equal groups); the reward corrects where the teacher is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -30,6 +31,7 @@ class OPDTaskRewardConfig:
     discount: float = 0.0  # γ on the reverse-KL advantage: 0 per-token, 1 full return
     task_reward_coef: float = 1.0  # α on the group-normalised task advantage
     scale_by_std: bool = True  # divide the group-centred reward by the group's std (GRPO)
+    std: Literal["sample", "population"] = "sample"  # that std: sample (Bessel-corrected, as TRL) or population
 
 
 def task_reward_advantages(
@@ -42,9 +44,10 @@ def task_reward_advantages(
     discount: float = 0.0,
     task_reward_coef: float = 1.0,
     scale_by_std: bool = True,
+    unbiased_std: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A_BC, A_task_B)``: the combined per-token advantage (zero off the mask) and the task part per row."""
-    task_B = group_advantages(rewards_B, groups_B, scale=scale_by_std).to(student_logp_BC.dtype)
+    task_B = group_advantages(rewards_B, groups_B, scale=scale_by_std, unbiased=unbiased_std).to(student_logp_BC.dtype)
     kl_BC = reverse_kl_advantages(student_logp_BC, teacher_logp_BC, mask_BC, coef, discount)
     return kl_BC + task_reward_coef * task_B[:, None] * mask_BC, task_B
 
@@ -70,7 +73,9 @@ class OPDTaskReward(Method):
         groups_B = torch.tensor(r.group_B, device=r.loss_mask_BC.device)
 
         def advantages(lp, tlp, ent, mask):
-            adv_BC, task_B = task_reward_advantages(lp, tlp, mask, rewards_B, groups_B, c.coef, c.discount, c.task_reward_coef, c.scale_by_std)
+            adv_BC, task_B = task_reward_advantages(
+                lp, tlp, mask, rewards_B, groups_B, c.coef, c.discount, c.task_reward_coef, c.scale_by_std, c.std == "sample"
+            )
             return adv_BC, mask, {"task_advantage_abs": float(task_B.abs().mean())}
 
         return sampled_token_loss(s, batch, advantages)

@@ -50,6 +50,7 @@ class OVDConfig:
     # instead of training on them with a negative advantage
     drop_failed_demonstrations: bool = False
     scale_by_std: bool = True  # the GRPO step: divide the group-centred rewards by the group's std
+    std: Literal["sample", "population"] = "sample"  # that std: sample (Bessel-corrected, as TRL) or population
     http: HTTPJudgeConfig = field(default_factory=HTTPJudgeConfig)
 
 
@@ -163,4 +164,4 @@ class OVD(Method):
         return Batch(rollouts, sampled.examples, on_policy=False, rewards=rewards, info=info)
 
     def loss(self, s, batch, step):
-        return group_policy_loss(s, batch, self.config.scale_by_std)
+        return group_policy_loss(s, batch, self.config.scale_by_std, std=self.config.std)
