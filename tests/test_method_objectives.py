@@ -160,6 +160,55 @@ def test_gopd_bandit_converges_to_geometric_mixture(reward_scale):
     torch.testing.assert_close(theta.softmax(-1).detach(), target, atol=1e-6, rtol=1e-5)
 
 
+def tabular_sequence_logp(table: torch.Tensor, vocab: int, length: int) -> torch.Tensor:
+    """``[vocab**length, length]`` token log-probs of every sequence; the table's rows are the prefixes."""
+    seqs = list(itertools.product(range(vocab), repeat=length))
+    index = lambda prefix: sum(vocab**k for k in range(len(prefix))) + sum(t * vocab ** (len(prefix) - 1 - i) for i, t in enumerate(prefix))  # noqa: E731
+    rows_ST = torch.tensor([[index(seq[:t]) for t in range(length)] for seq in seqs])
+    tokens_ST = torch.tensor(seqs)
+    return table.log_softmax(-1)[rows_ST, tokens_ST]
+
+
+def train_gopd_exactly(reward_scale: float, discount: float, steps: int = 600):
+    """Exact-expectation G-OPD on a 3-token problem (vocabulary 2, 8 sequences) from π_ref; returns
+    (π_θ over sequences, sequence-level target ∝ π_T^λ π_ref^(1-λ), per-state mixture's sequence distribution)."""
+    vocab, length = 2, 3
+    rows = sum(vocab**k for k in range(length))
+    gen = torch.Generator().manual_seed(7)
+    teacher = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 1.5
+    ref = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 1.5
+    theta = ref.clone().requires_grad_()
+    optimizer = torch.optim.Adam([theta], lr=0.1)
+    teacher_logp, ref_logp = tabular_sequence_logp(teacher, vocab, length), tabular_sequence_logp(ref, vocab, length)
+    mask = torch.ones_like(teacher_logp)
+    for _ in range(steps):
+        logp = tabular_sequence_logp(theta, vocab, length)
+        adv = gopd_advantages(logp, teacher_logp, ref_logp, mask, reward_scale, discount)
+        loss = -(logp.sum(-1).exp().detach()[:, None] * adv * logp).sum()  # E_y[-Σ_t A_t ℓ_t], summed exactly
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy = tabular_sequence_logp(theta.detach(), vocab, length).sum(-1).exp()
+    target = (reward_scale * teacher_logp + (1 - reward_scale) * ref_logp).sum(-1).softmax(-1)
+    per_state = tabular_sequence_logp(reward_scale * teacher.log_softmax(-1) + (1 - reward_scale) * ref.log_softmax(-1), vocab, length)
+    return policy, target, per_state.sum(-1).exp()
+
+
+@pytest.mark.parametrize("reward_scale", [0.5, 1.5])
+def test_gopd_full_return_reaches_the_sequence_level_optimum(reward_scale):
+    """Claim (docs/methods.md): with γ = 1, G-OPD's fixed point is π(y) ∝ π_T(y)^λ π_ref(y)^(1-λ) over whole sequences."""
+    policy, target, _ = train_gopd_exactly(reward_scale, discount=1.0)
+    assert 0.5 * float((policy - target).abs().sum()) < 5e-4
+
+
+@pytest.mark.parametrize("reward_scale", [0.5, 1.5])
+def test_gopd_per_token_form_reaches_the_per_state_mixture_instead(reward_scale):
+    """Claim: with γ = 0 (per-token advantages) it converges to each state's π_T^λ π_ref^(1-λ), a different distribution."""
+    policy, target, per_state = train_gopd_exactly(reward_scale, discount=0.0)
+    assert 0.5 * float((policy - per_state).abs().sum()) < 5e-4
+    assert 0.5 * float((per_state - target).abs().sum()) > 0.05
+
+
 def test_reopold_floor_forms():
     assert reward_floor(0.2) == pytest.approx(math.log(0.2) / 0.8)
     assert reward_floor(0.2, "log_of_lambda_ratio") == pytest.approx(math.log(0.25))

@@ -3,7 +3,9 @@
     A_t = λ(ℓ^T_t - ℓ^ref_t) - (ℓ^S_t - ℓ^ref_t)       (``objectives.gopd.gopd_advantages``)
 
 λ = 1 is OPD (π_ref drops out and is not computed); λ > 1 extrapolates (ExOPD). π_ref is the
-student's initial weights or a checkpoint such as the teacher's base (reward correction).
+student's initial weights or a checkpoint such as the teacher's base (reward correction). The
+fixed point is ``π ∝ π_T^λ π_ref^(1-λ)`` over whole sequences with ``discount`` γ = 1, and that
+mixture per state (per prefix) with γ = 0.
 Accepts per-example teacher routes (multi-teacher merging).
 """
 

@@ -8,6 +8,13 @@ reward by λ:
 
 λ = 1 is OPD exactly (π_ref cancels: ``A_t = ℓ^T_t - ℓ^S_t``; pass ``ref_logp_BT=None``);
 0 < λ < 1 interpolates; λ > 1 extrapolates beyond the teacher ("ExOPD", default 1.25).
+
+Which optimum is reached depends on the discount γ. With the full return (γ = 1) the fixed point
+is the sequence-level ``π(y) ∝ π_T(y)^λ π_ref(y)^(1-λ)`` above. With per-token advantages
+(γ = 0, the default) it is the *per-state* mixture, ``π(·|s) ∝ π_T(·|s)^λ π_ref(·|s)^(1-λ)`` at
+every prefix s — the same for one-step problems, a different distribution for longer ones
+(tested by exact training on a 3-token problem; 0.17–0.37 total variation apart in an audit's
+examples).
 """
 
 from __future__ import annotations
