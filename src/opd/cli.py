@@ -14,13 +14,15 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
+    from .http_client import ServiceError
+    from .judges import JudgeError
     from .models import ModelLoadError, PairingError
     from .prompts import PromptError
     from .tasks import DataError
     from .session import TrainingError
     from .train import RunDirError
 
-    return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, TrainingError)
+    return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, TrainingError, JudgeError, ServiceError)
 
 
 def cmd_train(args) -> int:

@@ -11,16 +11,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from typing import Protocol, Sequence
 
 import torch
 
+from .http_client import JSONClient, ServiceError
 from .prompts import encode_prompt
 from .rollout import left_pad
 from .tasks.base import Example
@@ -79,9 +77,10 @@ class HTTPJudge:
     """An OpenAI-compatible ``/v1/chat/completions`` judge whose reply contains ``Score: d``.
 
     The API key is read from the environment variable ``api_key_env`` (never from a config
-    file). Each request has a timeout; a timeout, connection error, HTTP error or reply
-    without a score is retried up to ``retries`` times with exponential backoff, then
-    ``JudgeError`` names the last problem.
+    file). Requests go through ``http_client.JSONClient``: a total deadline per request
+    (``timeout``), bounded retries with backoff, a capped reply, no redirects, the key only for
+    the configured host. A reply that is not a chat completion or has no score is retried too;
+    when every attempt fails, ``JudgeError`` names the last problem.
     """
 
     def __init__(
@@ -93,47 +92,56 @@ class HTTPJudge:
         retries: int = 3,
         backoff: float = 1.0,
         instruction: str = JUDGE_INSTRUCTION,
+        max_reply_bytes: int = 1 << 20,
     ):
         self.url = url.rstrip("/") + "/v1/chat/completions" if not url.rstrip("/").endswith("/chat/completions") else url
         self.model = model
-        self.api_key = os.environ.get(api_key_env) if api_key_env else None
-        if api_key_env and not self.api_key:
+        api_key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not api_key:
             raise JudgeError(f"environment variable {api_key_env} (the judge's API key) is not set")
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.retries, self.backoff = retries, backoff
         self.instruction = instruction
+        try:
+            self.client = JSONClient(self.url, api_key, timeout, max_reply_bytes=max_reply_bytes)
+        except ServiceError as err:
+            raise JudgeError(f"judge: {err}") from None
 
     def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
         return [self.score_one(e, c) for e, c in zip(examples, completions)]
 
     def score_one(self, example: Example, completion: str) -> float:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": [{"role": "user", "content": self.instruction.format(problem=example.prompt, solution=completion)}],
-                "max_tokens": 16,
-                "temperature": 0,
-            }
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.instruction.format(problem=example.prompt, solution=completion)}],
+            "max_tokens": 16,
+            "temperature": 0,
+        }
         problem = "no attempt made"
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.retries + 1):  # transport failures and scoreless replies share one retry budget
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode())
-                reply = payload["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                problem = f"request failed ({getattr(err, 'reason', err)})"
+                payload = self.client.post_once(body)
+            except ServiceError as err:
+                if not err.transient:  # a redirect, a 4xx: asking again will not help
+                    raise JudgeError(f"judge: {err}") from None
+                problem = str(err)
                 continue
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            reply = _chat_content(payload)
+            if reply is None:
                 problem = "the response is not an OpenAI chat completion"
                 continue
-            match = SCORE_PATTERN.search(reply or "")
+            match = SCORE_PATTERN.search(reply)
             if match:
                 return float(match.group(1))
-            problem = f"the reply has no 'Score: d' ({(reply or '')[:80]!r})"
+            problem = f"the reply has no 'Score: d' ({reply[:80]!r})"
         raise JudgeError(f"judge at {self.url} gave no score after {self.retries + 1} attempts: {problem}")
+
+
+def _chat_content(payload) -> str | None:
+    """``choices[0].message.content`` of an OpenAI chat completion when it is a string, else None."""
+    try:
+        content = payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None

@@ -32,9 +32,10 @@ class HTTPJudgeConfig:
     url: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000
     model: str = "judge"
     api_key_env: str | None = None  # name of the environment variable holding the key (never the key)
-    timeout: float = 30.0
+    timeout: float = 30.0  # total seconds per request: connecting, sending and the whole reply
     retries: int = 3
     backoff: float = 1.0
+    max_reply_bytes: int = 1 << 20  # a longer reply is an error, never read into memory
 
 
 @dataclass
@@ -79,6 +80,7 @@ class OVD(Method):
         require(0 <= o.threshold <= 9, "method.ovd.threshold", f"must be in [0, 9], got {o.threshold}")
         require(o.http.timeout > 0, "method.ovd.http.timeout", f"must be > 0, got {o.http.timeout}")
         require(o.http.retries >= 0, "method.ovd.http.retries", f"must be >= 0, got {o.http.retries}")
+        require(o.http.max_reply_bytes >= 1024, "method.ovd.http.max_reply_bytes", f"must be >= 1024, got {o.http.max_reply_bytes}")
         if o.judge == "programmatic" or o.replacement == "step":
             checkable = [name for name, spec in TASKS.items() if spec.config_class.has_step_judge]
             require(
@@ -105,7 +107,7 @@ class OVD(Method):
             return task.step_judge()
         if o.judge == "http":
             h = o.http
-            return HTTPJudge(h.url, h.model, h.api_key_env, h.timeout, h.retries, h.backoff)
+            return HTTPJudge(h.url, h.model, h.api_key_env, h.timeout, h.retries, h.backoff, max_reply_bytes=h.max_reply_bytes)
         path = o.judge_path or self.cfg.teacher.path
         judge_tok = load_tokenizer(path, "method.ovd.judge_path")
         if path == self.cfg.teacher.path and isinstance(teacher, ModelTeacher):
