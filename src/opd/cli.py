@@ -20,9 +20,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .prompts import PromptError
     from .tasks import DataError
     from .session import TrainingError
+    from .run_lock import RunDirBusy
     from .train import RunDirError
 
-    return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, TrainingError, JudgeError, ServiceError)
+    return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, RunDirBusy, TrainingError, JudgeError, ServiceError)
 
 
 def cmd_train(args) -> int:

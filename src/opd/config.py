@@ -271,6 +271,7 @@ def validate(c: Config) -> None:
     method's (``Method.validate``), and what the method needs (``Method.needs``) against the rest.
     """
     t, s, m, e = c.train, c.sampling, c.method, c.eval
+    require(bool(c.run.output_dir.strip()), "run.output_dir", "must name a directory (an empty one would write into the current directory)")
     require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")

@@ -30,6 +30,7 @@ from .methods.losses import student_token_logprobs
 from .metrics import MetricsLog
 from .objectives.common import step_normaliser
 from .profiling import phase_shares
+from .run_lock import RunDirLock
 from .rollout import Sampler
 from .session import Session, TrainingError
 
@@ -202,15 +203,16 @@ def run_eval(s: Session, model_sampler: Sampler, examples, step_seed: int) -> di
 def train(cfg: Config) -> dict:
     """Run ``cfg`` to completion; return (and write) the summary."""
     started = time.time()
-    run_dir, resume_from = prepare_run_dir(cfg)
-    torch.manual_seed(cfg.run.seed)
-    s = build_session(cfg)
-    try:
-        return run_session(s, run_dir, resume_from, started)
-    finally:
-        for sampler in (s.sampler, s.teacher_sampler):
-            if sampler is not None:
-                sampler.close()
+    with RunDirLock(Path(cfg.run.output_dir)):  # held until the run ends, however it ends
+        run_dir, resume_from = prepare_run_dir(cfg)
+        torch.manual_seed(cfg.run.seed)
+        s = build_session(cfg)
+        try:
+            return run_session(s, run_dir, resume_from, started)
+        finally:
+            for sampler in (s.sampler, s.teacher_sampler):
+                if sampler is not None:
+                    sampler.close()
 
 
 def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float) -> dict:
