@@ -100,3 +100,15 @@ def test_every_shipped_config_validates():
     assert len(files) >= 8
     for path in files:
         load_config(path)
+
+
+def test_credentials_inside_urls_are_redacted(tmp_path):
+    from opd.config import redact
+
+    saved = redact({"http": {"url": "https://bob:hunter2@judge.example.com/v1?api_key=abc&model=m"}, "path": "world:student"})
+    assert saved["http"]["url"] == "https://<redacted>@judge.example.com/v1?api_key=<redacted>&model=m"
+    assert saved["path"] == "world:student"
+    cfg = load_config(None, ["student.path=s", "teacher.path=t", "method.name=ovd", "method.ovd.judge=http",
+                             "method.ovd.http.url=https://bob:hunter2@judge.example.com"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert "hunter2" not in (tmp_path / "c.yaml").read_text()

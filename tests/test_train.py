@@ -77,8 +77,16 @@ def test_persistent_nonfinite_stops_with_a_message(tmp_path, tiny_models, monkey
 
     monkeypatch.setattr(ModelTeacher, "token_logprobs", lambda self, r, temperature=1.0: torch.full(r.completion_ids_BC.shape, float("nan")))
     cfg = make_config(tmp_path, tiny_models, "train.steps=10", "train.max_consecutive_nonfinite=3")
-    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss or gradient"):
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss or gradient \\(last at step 3\\)"):
         train(cfg)
+
+    def strict(text):  # NaN / Infinity are not JSON
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds {name}"))
+
+    rows = [strict(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]  # the step that stopped the run has its row
+    assert all(r["loss"] is None and "loss" in r["nonfinite"] for r in train_rows)
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_models):

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -361,8 +362,27 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
+def redact_url(text: str) -> str:
+    """A URL with its user:password and secret-looking query values replaced; any other text unchanged."""
+    parts = urlsplit(text)
+    if not (parts.scheme and parts.netloc):
+        return text
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "<redacted>@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        f"{k}=<redacted>" if any(w in k.lower() for w in SECRET_WORDS) else f"{k}={v}" if v or "=" in pair else k
+        for pair in parts.query.split("&") if pair
+        for k, _, v in [pair.partition("=")]
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def redact(tree: Any) -> Any:
-    """Replace values of secret-looking keys (api_key, token, …) so saved configs hold no secrets."""
+    """Replace values of secret-looking keys (api_key, token, …) and credentials inside URLs, so saved configs hold
+    no secrets."""
+    if isinstance(tree, str):
+        return redact_url(tree)
     if isinstance(tree, dict):
         return {
             k: ("<redacted>" if any(w in k.lower() for w in SECRET_WORDS) and isinstance(v, str) and v else redact(v))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -13,7 +14,7 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         rows = read_metrics(self.path) if keep_until_step is not None else []
         kept = [r for r in rows if r["step"] <= keep_until_step] if keep_until_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.path.write_text("".join(json_row(r) + "\n" for r in kept))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -22,7 +23,7 @@ class MetricsLog:
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         with self.path.open("a") as handle:
-            handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+            handle.write(json_row({"kind": kind, "step": step, **values}) + "\n")
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -31,6 +32,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def json_row(row: dict) -> str:
+    """The row as strict JSON: a NaN or ±inf value becomes null, and ``nonfinite`` lists the keys it happened to."""
+    nonfinite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if nonfinite:
+        row = {**{k: (None if k in nonfinite else v) for k, v in row.items()}, "nonfinite": nonfinite}
+    return json.dumps(row, allow_nan=False)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -256,18 +256,18 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
                 state["nonfinite_skips"] += 1
                 state["consecutive_nonfinite"] += 1
                 log.warning("step %d: non-finite loss or gradient%s; update skipped", step + 1, nonfinite_reason(metrics))
-                if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
-                    raise TrainingError(
-                        f"{state['consecutive_nonfinite']} steps in a row had a non-finite loss or gradient "
-                        f"(last at step {step + 1}); lower train.lr or check the teacher's outputs"
-                    )
             state["generated_tokens"] += metrics.get("student_tokens", 0.0)
             for phase, seconds in s.timer.pop().items():
                 metrics[f"time/{phase}"] = seconds
                 state["phase_seconds"][phase] = state["phase_seconds"].get(phase, 0.0) + seconds
             metrics.update(lr=scheduler.get_last_lr()[0], step_seconds=time.time() - step_start, skipped=float(status != "applied"), generated_tokens=state["generated_tokens"])
             done = step + 1
-            metrics_log.write("train", done, metrics)
+            metrics_log.write("train", done, metrics)  # the step that stops the run gets its row too
+            if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
+                raise TrainingError(
+                    f"{state['consecutive_nonfinite']} steps in a row had a non-finite loss or gradient "
+                    f"(last at step {done}); lower train.lr or check the teacher's outputs"
+                )
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
                 last_eval = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
                 metrics_log.write("eval", done, last_eval)
