@@ -8,22 +8,76 @@ Layout of ``<run>/checkpoints/step-000040/``:
     rng.safetensors        torch RNG states;   state.json  step, counters, scheduler, python RNG
     extra.safetensors      state of stateful teachers (an EMA teacher's weights), when there is any
 
-Everything is written into a temporary sibling directory that is renamed into place, so a
-run killed mid-write leaves the previous checkpoint intact.
+Everything is written into a temporary sibling directory, fsynced, and renamed into place
+(the parent directory fsynced too), with ``manifest.json`` — every file's size — written
+last, so a run killed mid-write leaves the previous checkpoint intact. On resume the newest
+checkpoint is verified (manifest, sizes, safetensors headers, JSON state) and, if damaged,
+the newest intact one is used instead, with a message; leftovers of interrupted writes and
+deletions are cleaned away.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_PREFIX = "step-"
+MANIFEST = "manifest.json"
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and every directory, ``root`` included (data and names on disk)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file's size; written last, so its presence means the rest was complete."""
+    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps(sizes))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when the checkpoint at ``path`` is complete and readable, else what is wrong with it."""
+    manifest = path / MANIFEST
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return "no readable manifest (the write did not finish)"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return f"{name} is missing or truncated"
+    try:
+        for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            with safe_open(str(path / name), "pt"):
+                pass
+        json.loads((path / "state.json").read_text())
+        json.loads((path / "optimizer.json").read_text())
+    except Exception as err:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+        return f"unreadable ({err})"
+    return None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -83,12 +137,22 @@ def save_checkpoint(
     version, internal, gauss = random.getstate()
     full_state = dict(state, step=step, scheduler=scheduler.state_dict(), python_rng=[version, list(internal), gauss])
     (tmp / "state.json").write_text(json.dumps(full_state))
+    write_manifest(tmp)
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
+        remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that an interruption leaves no directory that looks like one: rename, then delete."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -99,8 +163,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest intact checkpoint; newer damaged ones are reported and skipped. Also removes leftovers of
+    interrupted writes (``.tmp-*``) and deletions (``.deleting-*``)."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for leftover in root.iterdir():
+            if leftover.is_dir() and leftover.name.startswith((".tmp-", ".deleting-")):
+                shutil.rmtree(leftover, ignore_errors=True)
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s); trying the one before it", path, problem)
+    return None
 
 
 def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -43,7 +43,16 @@ def json_row(row: dict) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl``."""
+    """The rows of a ``metrics.jsonl``; a torn last line (a run killed mid-write) is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # the write the run was killed in
+            raise ValueError(f"{path}:{i + 1}: not a JSON row") from None
+    return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .assemble import build_session
-from .checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint
+from .checkpoint import MANIFEST, fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint, write_manifest
 from .config import Config, save_config
 from .evaluate import evaluate
 from .methods.data import batch_metrics
@@ -175,10 +176,16 @@ def accumulate_gradients(s: Session, batches: list, step: int) -> tuple[dict[str
 
 def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     run_dir = Path(cfg.run.output_dir)
+    recover_final_model(run_dir / "final")
     resume_from = latest_checkpoint(run_dir) if cfg.run.resume else None
-    if cfg.run.resume and resume_from is None:
-        log.warning("run.resume=true but %s holds no checkpoint; starting from step 0", run_dir)
     holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if cfg.run.resume and resume_from is None:
+        if holds_run and not cfg.run.overwrite:  # starting again would truncate its metrics
+            raise RunDirError(
+                f"run.resume=true but run.output_dir '{run_dir}' holds no intact checkpoint to resume from "
+                "(checkpoint.every=0 saves none); pass run.overwrite=true to start it again from step 0"
+            )
+        log.warning("run.resume=true but %s holds no checkpoint; starting from step 0", run_dir)
     if holds_run and resume_from is None and not cfg.run.resume:
         if not cfg.run.overwrite:
             raise RunDirError(
@@ -336,8 +343,11 @@ def _postfix(metrics: dict, last_eval: dict) -> dict:
 
 
 def save_final_model(s: Session, path: Path) -> None:
-    """A checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads: LoRA adapters merged into the weights."""
-    tmp = path.with_name(path.name + ".tmp")
+    """A checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads: LoRA adapters merged into the weights.
+
+    Written beside ``path``, fsynced with a manifest, then swapped in by two renames (old aside, new in): there is
+    always a complete ``final/`` or a complete one ready for ``recover_final_model`` to put back."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model = s.student
     if hasattr(model, "merge_and_unload"):
@@ -345,5 +355,23 @@ def save_final_model(s: Session, path: Path) -> None:
         model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     s.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    write_manifest(tmp)
+    fsync_tree(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_final_model(path: Path) -> None:
+    """After a run killed while swapping in ``final/``: put the complete new (or else the old) one back."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if not path.exists():
+        if (tmp / MANIFEST).is_file():
+            os.replace(tmp, path)
+        elif old.exists():
+            os.replace(old, path)
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
