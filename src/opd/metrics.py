@@ -8,12 +8,15 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends rows to ``<run>/metrics.jsonl`` (and TensorBoard). Resuming keeps the rows up to the checkpoint's step."""
+    """Appends rows to ``<run>/metrics.jsonl`` (and TensorBoard). Resuming keeps the rows up to the checkpoint's step
+    (except the final evaluation at ``final_step``, which the resumed run writes again)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, keep_until_step: int | None):
+    def __init__(self, run_dir: Path, tensorboard: bool, keep_until_step: int | None, final_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         rows = read_metrics(self.path) if keep_until_step is not None else []
-        kept = [r for r in rows if r["step"] <= keep_until_step] if keep_until_step is not None else []
+        # rows after the checkpoint are replayed, and so is the final evaluation (never written twice)
+        replayed = lambda r: r["step"] > keep_until_step or (r["kind"] == "eval" and r["step"] == final_step)  # noqa: E731
+        kept = [r for r in rows if not replayed(r)] if keep_until_step is not None else []
         self.path.write_text("".join(json_row(r) + "\n" for r in kept))
         self.writer = None
         if tensorboard:

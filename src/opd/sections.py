@@ -28,6 +28,7 @@ class RunConfig:
     seed: int = 0
     resume: bool = False  # continue from the newest checkpoint in output_dir
     overwrite: bool = False  # allow starting afresh in an output_dir that already holds a run
+    allow_changes: bool = False  # resume even where settings that alter the training trajectory changed (recorded)
 
 
 @dataclass

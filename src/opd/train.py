@@ -23,14 +23,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .assemble import build_session
-from .checkpoint import MANIFEST, fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint, write_manifest
-from .config import Config, save_config
+from .checkpoint import CHECKPOINT_PREFIX, MANIFEST, fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint, write_manifest
+from .config import Config, redact, save_config, to_dict
 from .evaluate import evaluate
 from .methods.data import batch_metrics
 from .methods.losses import student_token_logprobs
 from .metrics import MetricsLog
 from .objectives.common import step_normaliser
 from .profiling import phase_shares
+from .resume import describe, read_saved_config, record, trajectory_changes
 from .run_lock import RunDirLock
 from .rollout import Sampler
 from .session import Session, TrainingError
@@ -186,6 +187,8 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
                 "(checkpoint.every=0 saves none); pass run.overwrite=true to start it again from step 0"
             )
         log.warning("run.resume=true but %s holds no checkpoint; starting from step 0", run_dir)
+    if resume_from is not None:
+        check_resume(cfg, run_dir, resume_from)
     if holds_run and resume_from is None and not cfg.run.resume:
         if not cfg.run.overwrite:
             raise RunDirError(
@@ -196,6 +199,36 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             shutil.rmtree(run_dir / name, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, resume_from
+
+
+def check_resume(cfg: Config, run_dir: Path, checkpoint: Path) -> None:
+    """Refuse a resume whose settings would not continue the same run (unless allowed; then record them)."""
+    step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
+    if step > cfg.train.steps:
+        raise RunDirError(f"the newest checkpoint is at step {step}, past train.steps={cfg.train.steps}; resume with train.steps >= {step}")
+    saved = read_saved_config(run_dir)
+    if saved is None:
+        log.warning("%s has no readable config.yaml; cannot check what this resume changes", run_dir)
+        return
+    changes = trajectory_changes(saved, redact(to_dict(cfg)))
+    if changes and not cfg.run.allow_changes:
+        raise RunDirError(
+            f"resuming {run_dir} with settings that alter the run: {describe(changes)}; "
+            "pass run.allow_changes=true to resume anyway (the changes are recorded in resume_changes.jsonl)"
+        )
+    if changes:
+        log.warning("resuming with changed settings: %s", describe(changes))
+        record(run_dir, step, changes)
+
+
+def apply_optimizer_settings(cfg: Config, optimizer, scheduler) -> None:
+    """After restoring a checkpoint: the config's lr, betas and weight decay (unchanged ones are a no-op), so an
+    allowed change takes effect instead of the checkpoint's values silently winning."""
+    t = cfg.train
+    scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]):
+        group.update(lr=t.lr * factor, betas=t.betas, weight_decay=t.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def run_eval(s: Session, model_sampler: Sampler, examples, step_seed: int) -> dict[str, float]:
@@ -231,11 +264,12 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     start_step = 0
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, s.student, optimizer, scheduler))
+        apply_optimizer_settings(cfg, optimizer, scheduler)
         if s.teacher is not None:
             s.teacher.load_state_tensors(load_extra_tensors(resume_from))
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
-    metrics_log = MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None)
+    metrics_log = MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None, cfg.train.steps)
     eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
 
     if resume_from is None:
