@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -94,9 +95,11 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = raw.pop("base", None)
@@ -106,6 +109,19 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if base_path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
     return deep_merge(read_yaml(base_path, seen + (path.resolve(),)), raw)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -274,7 +290,9 @@ def validate(c: Config) -> None:
     t, s, m, e = c.train, c.sampling, c.method, c.eval
     require(bool(c.run.output_dir.strip()), "run.output_dir", "must name a directory (an empty one would write into the current directory)")
     require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
-    require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    require(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be a finite number > 0, got {t.lr}")
+    require(t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay", f"must be finite and >= 0, got {t.weight_decay}")
+    check_device(t.device)
     require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
     require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     require(
@@ -285,7 +303,6 @@ def validate(c: Config) -> None:
     require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {t.grad_clip}")
-    require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     require(all(0 <= b < 1 for b in t.betas), "train.betas", f"must lie in [0, 1), got {t.betas}")
     require(t.updates_per_batch >= 1, "train.updates_per_batch", f"must be >= 1, got {t.updates_per_batch}")
     require(
@@ -324,6 +341,21 @@ def validate(c: Config) -> None:
     method = method_class(m.name)
     method.validate(c)
     validate_needs(c, m.name, method.needs(c))
+
+
+def check_device(name: str) -> None:
+    """``train.device``: auto, or a torch device that exists here."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), "train.device", f"is {name!r} but CUDA is not available here (use auto or cpu)")
+        require(device.index is None or device.index < torch.cuda.device_count(), "train.device", f"is {name!r} but only {torch.cuda.device_count()} CUDA devices exist")
 
 
 def validate_needs(c: Config, name: str, needs) -> None:

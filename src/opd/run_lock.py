@@ -28,8 +28,16 @@ class RunDirLock:
         self._handle = None
 
     def acquire(self) -> "RunDirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        directory = self.path.parent
+        blocker = next((p for p in [directory, *directory.parents] if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            where = "is a file" if blocker == directory else f"is under a file ({blocker})"
+            raise RunDirBusy(f"run.output_dir '{directory}' {where}; choose a directory")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as err:
+            raise RunDirBusy(f"run.output_dir '{directory}' cannot be written ({err.strerror})") from None
         if fcntl is not None:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

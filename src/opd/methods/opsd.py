@@ -47,6 +47,11 @@ class OPSD(Method):
         validate_full_vocabulary_keys(c, "method.opsd")
         require(c.temperature is None or c.temperature > 0, "method.opsd.temperature", "must be > 0 or null")
         require(0 < c.ema_decay < 1, "method.opsd.ema_decay", f"must be in (0, 1), got {c.ema_decay}")
+        require(
+            c.temperature is not None or cfg.sampling.temperature > 0 or c.loss == "sampled",
+            "method.opsd.temperature",
+            "must be set when sampling.temperature=0 (the JSD divides both logit sets by it; greedy sampling has none)",
+        )
 
     @classmethod
     def needs(cls, cfg) -> Needs:
