@@ -36,7 +36,7 @@ def test_wrong_type_names_key():
 def test_impossible_value_names_key():
     with pytest.raises(ConfigError, match=r"config key 'sampling.top_p' must be in \(0, 1\], got 1.5"):
         load_config(None, ["student.path=x", "method.name=sft", "sampling.top_p=1.5"])
-    with pytest.raises(ConfigError, match="config key 'train.lr' must be > 0"):
+    with pytest.raises(ConfigError, match="config key 'train.lr' must be a finite number > 0"):
         load_config(None, ["student.path=x", "method.name=sft", "train.lr=0"])
 
 
