@@ -1,6 +1,8 @@
 """Bad input, through the command line as a user meets it: every case is one line 'opd: error: …' naming what is
 wrong, exit status 2, before any training — never a traceback, never silently accepted."""
 
+import json
+
 import pytest
 
 from opd.cli import main
@@ -25,6 +27,7 @@ CASES = [
     (GOOD, ["train.lr=.inf"], "'train.lr' must be a finite number > 0, got inf"),
     (GOOD, ["train.lr=.nan"], "'train.lr' must be a finite number > 0, got nan"),
     (GOOD, ["train.lr=-1"], "'train.lr' must be a finite number > 0"),
+    (GOOD, ["train.lr=1e39"], "'train.lr' is too large for a float32 update"),
     (GOOD, ["train.device=bogus"], "'train.device' must be auto, cpu, cuda or cuda:N, got 'bogus'"),
     (GOOD, ["train.device=cuda"], "'train.device' is 'cuda' but CUDA is not available here"),
     (GOOD, ["train.grad_accum=3"], "'train.grad_accum' must divide train.prompts_per_step (16), got 3"),
@@ -89,3 +92,90 @@ def test_data_file_mistakes_are_one_line_errors_naming_file_and_line(tmp_path, c
     rc = main(["train", str(config), f"run.output_dir={tmp_path / 'run'}", "task.name=math", f"task.path={path}", "method.name=grpo"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("opd: error: ") and fragment in err[0], err
+
+
+# ----------------------------------------------------------------------------- mistakes only the models reveal
+
+
+def tiny_run(tmp_path, tiny_models, *overrides):
+    teacher, student = tiny_models
+    config = write(tmp_path, "cfg.yaml", "run: {name: bad}\n")
+    return ["train", str(config), f"run.output_dir={tmp_path / 'run'}", f"student.path={student}", f"teacher.path={teacher}",
+            "train.steps=2", "train.prompts_per_step=2", "sampling.max_new_tokens=8", "eval.num_prompts=2", "eval.every=0",
+            "eval.teacher=false", "log.progress_bar=false", "log.tensorboard=false", "log.plot=false", *overrides]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("opd: error: "), err
+    return err[0]
+
+
+def test_lora_targets_that_match_nothing_list_the_layers_there_are(tmp_path, tiny_models, capsys):
+    assert main(tiny_run(tmp_path, tiny_models, "student.lora.enabled=true", "student.lora.target_modules=qkv")) == 2
+    message = one_line_error(capsys)
+    assert "student.lora.target_modules='qkv' cannot be applied" in message and "q_proj" in message and "down_proj" in message
+
+
+def test_a_directory_that_is_not_a_saved_dataset(tmp_path, tiny_models, capsys):
+    (tmp_path / "notdata").mkdir()
+    assert main(tiny_run(tmp_path, tiny_models, "task.name=math", f"task.path={tmp_path / 'notdata'}", "method.name=grpo")) == 2
+    assert "is not a dataset saved by datasets.save_to_disk" in one_line_error(capsys)
+
+
+def test_weights_made_non_finite_by_an_update_stop_the_run(tmp_path, tiny_models, capsys, monkeypatch):
+    import torch
+
+    real_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):  # what float16 full fine-tuning does to a weight
+        out = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    assert main(tiny_run(tmp_path, tiny_models)) == 2
+    assert "the update at step 1 made the student's weights non-finite" in one_line_error(capsys)
+
+
+def test_an_evaluation_prompt_longer_than_the_context(tmp_path, tiny_models, capsys):
+    long_row = json.dumps({"problem": "1+1=? " * 100, "answer": "2", "solution": "2"})
+    data = write(tmp_path, "data.jsonl", "\n".join([long_row] * 4) + "\n")
+    assert main(tiny_run(tmp_path, tiny_models, "task.name=math", f"task.path={data}", "method.name=sft")) == 2
+    message = one_line_error(capsys)
+    assert "evaluation example" in message and "is longer than the" in message
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, tiny_models, capsys, monkeypatch):
+    import errno
+
+    import opd.checkpoint as checkpoint
+
+    real = checkpoint.save_file
+    calls = {"n": 0}
+
+    def full_disk_on_the_second_checkpoint(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first checkpoint writes three tensor files
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk_on_the_second_checkpoint)
+    assert main(tiny_run(tmp_path, tiny_models, "checkpoint.every=1")) == 2
+    assert "cannot write checkpoint" in one_line_error(capsys)
+    kept = checkpoint.list_checkpoints(tmp_path / "run")
+    assert [p.name for p in kept] == ["step-000001"] and checkpoint.checkpoint_problem(kept[0]) is None
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_in_which_nothing_trained_says_so(tmp_path, tiny_models, caplog):
+    import logging
+
+    from opd.config import load_config
+    from opd.train import train
+
+    args = tiny_run(tmp_path, tiny_models, "method.name=grpo")[2:]  # random tiny models: every reward 0, no signal
+    with caplog.at_level(logging.WARNING, logger="opd.train"):
+        summary = train(load_config(tmp_path / "cfg.yaml", args))
+    assert summary["trained"] is False and summary["no_signal_steps"] == 2
+    assert "no step of this run changed the student" in caplog.text

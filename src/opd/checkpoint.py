@@ -80,6 +80,10 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -121,24 +125,28 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
-    if extra_tensors:
-        save_file(extra_tensors, tmp / "extra.safetensors")
-    version, internal, gauss = random.getstate()
-    full_state = dict(state, step=step, scheduler=scheduler.state_dict(), python_rng=[version, list(internal), gauss])
-    (tmp / "state.json").write_text(json.dumps(full_state))
-    write_manifest(tmp)
-    fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, tmp / "rng.safetensors")
+        if extra_tensors:
+            save_file(extra_tensors, tmp / "extra.safetensors")
+        version, internal, gauss = random.getstate()
+        full_state = dict(state, step=step, scheduler=scheduler.state_dict(), python_rng=[version, list(internal), gauss])
+        (tmp / "state.json").write_text(json.dumps(full_state))
+        write_manifest(tmp)
+        fsync_tree(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final} ({err.strerror or err}); the previous checkpoint is intact") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

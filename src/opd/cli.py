@@ -13,6 +13,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .http_client import ServiceError
     from .judges import JudgeError
@@ -23,7 +24,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .run_lock import RunDirBusy
     from .train import RunDirError
 
-    return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, RunDirBusy, TrainingError, JudgeError, ServiceError)
+    return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, RunDirBusy, TrainingError, JudgeError, ServiceError, CheckpointError)
 
 
 def cmd_train(args) -> int:

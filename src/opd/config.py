@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 DEFAULT_TASK = "arithmetic"
+FLOAT32_MAX = 3.4028234663852886e38
 
 # The method section: the shared keys plus one subsection per registered method (``method.<name>.*``).
 MethodConfig = dataclasses.make_dataclass(
@@ -291,6 +292,10 @@ def validate(c: Config) -> None:
     require(bool(c.run.output_dir.strip()), "run.output_dir", "must name a directory (an empty one would write into the current directory)")
     require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     require(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be a finite number > 0, got {t.lr}")
+    require(
+        t.lr / max(1 - t.betas[0], 1e-12) < FLOAT32_MAX, "train.lr",
+        f"is too large for a float32 update ({t.lr}; Adam's first step is lr / (1 - betas[0]))",
+    )
     require(t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay", f"must be finite and >= 0, got {t.weight_decay}")
     check_device(t.device)
     require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")

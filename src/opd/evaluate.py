@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from .prompts import encode_prompt
+from .prompts import PromptError, encode_prompt
 from .rollout import Sampler
 from .sections import SamplingConfig
 from .tasks.base import Example, Task
@@ -22,10 +22,16 @@ def evaluate(
     temperature: float = 1.0,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, float]:
     """``accuracy`` (greedy), ``mean_length``; with ``k > 1`` also ``avg@k`` and ``pass@k`` at ``temperature``,
     sampled with ``generator``. Prompts are the task's messages encoded with ``tokenizer``."""
-    prompts = [encode_prompt(tokenizer, task.messages(e)) for e in examples]
+    prompts = []
+    for e in examples:
+        try:
+            prompts.append(encode_prompt(tokenizer, task.messages(e), max_prompt_tokens))
+        except PromptError as err:
+            raise PromptError(f"evaluation example {e.meta.get('source') or repr(e.prompt[:40])}: {err}") from None
     greedy = replace(sampling, temperature=0.0)
     correct, lengths = [], []
     for start in range(0, len(prompts), batch_size):

@@ -87,7 +87,14 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:  # typically: the target modules match nothing in this model
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelLoadError(
+            f"student.lora.target_modules={cfg.target_modules!r} cannot be applied ({' '.join(str(err).split())[:160]}); "
+            f"this model's linear layers are: {', '.join(linear)} (or use all-linear)"
+        ) from None
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

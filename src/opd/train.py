@@ -31,6 +31,7 @@ from .methods.losses import student_token_logprobs
 from .metrics import MetricsLog
 from .objectives.common import step_normaliser
 from .profiling import phase_shares
+from .prompts import PromptError
 from .resume import describe, read_saved_config, record, trajectory_changes
 from .run_lock import RunDirLock
 from .rollout import Sampler
@@ -128,10 +129,20 @@ def optimizer_update(s: Session, optimizer, batches: list, step: int) -> tuple[d
         status = "nonfinite" if not finite else "no_signal" if totals["grad_norm"] == 0 else "applied"
         if status == "applied":
             optimizer.step()
+            if not weights_finite(params):
+                raise TrainingError(
+                    f"the update at step {step + 1} made the student's weights non-finite (e.g. float16 full fine-tuning "
+                    "overflowing, or too high a train.lr); use student.dtype=bfloat16/float32 or LoRA, or lower train.lr"
+                )
             if s.teacher is not None:
                 s.teacher.after_optimizer_step(s.student)
         optimizer.zero_grad(set_to_none=True)
     return totals, status
+
+
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    norms = torch._foreach_norm([p.detach() for p in params])
+    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 def old_logprobs(s: Session, batch) -> torch.Tensor:
@@ -237,7 +248,11 @@ def run_eval(s: Session, model_sampler: Sampler, examples, step_seed: int) -> di
     if e.max_new_tokens is not None:
         sampling = replace(sampling, max_new_tokens=e.max_new_tokens)
     generator = torch.Generator(device=s.device).manual_seed(step_seed)
-    return evaluate(model_sampler, s.tokenizer, s.task, examples, sampling, e.k, e.temperature, e.batch_size, generator)
+    max_prompt = s.max_prompt_tokens + s.cfg.sampling.max_new_tokens - sampling.max_new_tokens if s.max_prompt_tokens else None
+    try:
+        return evaluate(model_sampler, s.tokenizer, s.task, examples, sampling, e.k, e.temperature, e.batch_size, generator, max_prompt)
+    except PromptError as err:
+        raise PromptError(f"{err} (evaluation generates up to {sampling.max_new_tokens} tokens: eval.max_new_tokens / sampling.max_new_tokens)") from None
 
 
 def train(cfg: Config) -> dict:
@@ -320,6 +335,11 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     finally:
         bar.close()
     state["wall_seconds"] += time.time() - segment_start
+    if cfg.train.steps and state["no_signal_steps"] + state["nonfinite_skips"] >= cfg.train.steps - start_step > 0:
+        log.warning(
+            "no step of this run changed the student: every gradient was exactly zero or non-finite "
+            "(e.g. GRPO/OVD groups whose samples all got the same reward); the final model is the initial one"
+        )
     after = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
     metrics_log.write("eval", cfg.train.steps, after)
     metrics_log.close()
@@ -336,6 +356,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
         "generated_tokens": state["generated_tokens"],
         "nonfinite_skips": state["nonfinite_skips"],
         "no_signal_steps": state["no_signal_steps"],
+        "trained": state["no_signal_steps"] + state["nonfinite_skips"] < cfg.train.steps,
         "phase_seconds": {k: round(v, 2) for k, v in state["phase_seconds"].items()},
         "phase_shares": {k: round(v, 4) for k, v in phase_shares(state["phase_seconds"]).items()},
         "eval_before": state.get("before_eval"),

@@ -157,8 +157,13 @@ class MathTask:
     def _load_dataset(self, path: str) -> list[Example]:
         import datasets
 
-        data = datasets.load_from_disk(path)
+        try:
+            data = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"{path}: a directory that is not a dataset saved by datasets.save_to_disk ({err})") from None
         if isinstance(data, datasets.DatasetDict):
+            if "train" not in data:
+                raise DataError(f"{path}: a DatasetDict without a 'train' split (it has: {', '.join(data)})")
             data = data["train"]
         return [
             _row_to_example(row, f"{path}[{i}]", self.problem_field, self.answer_field, self.solution_field, self.teacher_field)
