@@ -101,3 +101,14 @@ def test_resume_without_an_intact_checkpoint_refuses_instead_of_truncating(tmp_p
     with pytest.raises(RunDirError, match="holds no intact checkpoint to resume from"):
         train(make_config(tmp_path, tiny_models, "train.steps=2", "run.resume=true"))
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_final_is_swapped_in_atomically(tmp_path):
+    from opd.train import exchange
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model").write_text("old")
+    (tmp_path / "final.tmp").mkdir()
+    (tmp_path / "final.tmp" / "model").write_text("new")
+    assert exchange(tmp_path / "final.tmp", tmp_path / "final")  # Linux: one renameat2 call, final/ never absent
+    assert (tmp_path / "final" / "model").read_text() == "new" and (tmp_path / "final.tmp" / "model").read_text() == "old"

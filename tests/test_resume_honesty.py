@@ -17,7 +17,12 @@ def rows(tmp_path):
 
 @pytest.mark.parametrize(
     "change, named",
-    [("train.lr=1e-2", "train.lr: 0.001 -> 0.01"), ("method.name=sft", "method.name: 'opd' -> 'sft'"), ("run.seed=7", "run.seed: 0 -> 7")],
+    [
+        ("train.lr=1e-2", "train.lr: 0.001 -> 0.01"),
+        ("method.name=sft", "method.name: 'opd' -> 'sft'"),
+        ("run.seed=7", "run.seed: 0 -> 7"),
+        ("student.lora.enabled=true", "student.lora.enabled: False -> True"),  # a full-weight checkpoint under LoRA
+    ],
 )
 def test_a_changed_trajectory_setting_is_refused_naming_the_key(tmp_path, tiny_models, change, named):
     train(make_config(tmp_path, tiny_models, *FIRST))

@@ -94,3 +94,17 @@ def test_math_task_from_saved_dataset(tmp_path):
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
     task = MathTask(path=str(tmp_path / "ds"), eval_size=1)
     assert len(task.eval_examples()) == 1 and len(task._train) == 2
+
+
+def test_an_answer_math_verify_cannot_read_is_reported_not_silently_zero(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"problem": "p", "answer": "\\\\\\\\"}\n{"problem": "q", "answer": "2"}\n')
+    task = MathTask(str(path), eval_path=str(path))
+    rows = task.eval_examples()
+    with caplog.at_level(logging.WARNING, logger="opd.tasks.math"):
+        assert task.reward("\\boxed{2}", rows[1]) == 1.0
+        assert task.reward("anything", rows[0]) == 0.0
+        task.reward("again", rows[0])
+    assert caplog.text.count("math-verify cannot read the answer") == 1 and "d.jsonl:1" in caplog.text

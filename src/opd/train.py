@@ -7,6 +7,7 @@ uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -397,11 +398,22 @@ def _postfix(metrics: dict, last_eval: dict) -> dict:
     return shown
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def save_final_model(s: Session, path: Path) -> None:
     """A checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads: LoRA adapters merged into the weights.
 
-    Written beside ``path``, fsynced with a manifest, then swapped in by two renames (old aside, new in): there is
-    always a complete ``final/`` or a complete one ready for ``recover_final_model`` to put back."""
+    Written beside ``path``, fsynced with a manifest, then swapped in atomically (``renameat2`` exchange on Linux;
+    elsewhere two renames, after which a complete one is always ready for ``recover_final_model`` to put back)."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model = s.student
@@ -413,9 +425,12 @@ def save_final_model(s: Session, path: Path) -> None:
     write_manifest(tmp)
     fsync_tree(tmp)
     shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
+    if path.exists() and exchange(tmp, path):  # atomic: final/ is the old model, then the new one, never absent
+        os.replace(tmp, old)
+    else:
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
     fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -7,7 +7,9 @@ student is asked to reason step by step and put the final answer in ``\\boxed{}`
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 
 from ..sections import require
 from .base import Example, TaskConfig, register_task
+
+log = logging.getLogger(__name__)
 
 STUDENT_INSTRUCTION = "Reason step by step, and put your final answer in \\boxed{}."
 TEACHER_INSTRUCTION = (
@@ -82,11 +86,19 @@ def _row_to_example(
     )
 
 
+@functools.lru_cache(maxsize=65536)
+def parse_gold(answer: str):
+    """The reference answer as math-verify reads it (empty when it cannot), parsed once per distinct answer."""
+    from math_verify import parse
+
+    return parse(f"${answer}$") or parse(answer)
+
+
 def answer_is_correct(completion: str, answer: str) -> bool:
     """math-verify equivalence of the completion's final answer with the reference answer."""
     from math_verify import parse, verify
 
-    gold = parse(f"${answer}$") or parse(answer)
+    gold = parse_gold(answer)
     predicted = parse(completion)
     return bool(gold and predicted and verify(gold, predicted))
 
@@ -139,6 +151,7 @@ class MathTask:
         )
 
     def __post_init__(self) -> None:
+        self._unreadable: set[str] = set()
         rows = self._load(self.path)
         if self.eval_path:
             self._train, self._eval = rows, self._load(self.eval_path)
@@ -177,6 +190,12 @@ class MathTask:
         return list(self._eval)
 
     def reward(self, completion: str, example: Example) -> float:
+        if not parse_gold(example.answer) and example.answer not in self._unreadable:
+            self._unreadable.add(example.answer)  # said once per answer: every completion of it scores 0
+            log.warning(
+                "%s: math-verify cannot read the answer %r, so every completion of this row scores 0 "
+                "(%d such answers so far)", example.meta.get("source", "a row"), example.answer[:60], len(self._unreadable),
+            )
         return float(answer_is_correct(completion, example.answer))
 
     def messages(self, example: Example) -> list[dict]:
