@@ -54,3 +54,13 @@ def test_group_std_is_the_sample_std_like_trl():
     population = group_advantages(rewards, groups, unbiased=False)
     torch.testing.assert_close(population[:4], (first - 0.5) / (0.5 + 1e-6))
     assert float(group_advantages(torch.tensor([1.0]), torch.tensor([0]))) == 0.0  # a group of one
+
+
+def test_a_step_chooses_its_tokens_once_however_many_updates(tmp_path, tiny_models, monkeypatch):
+    from opd.methods.reopold import Reopold
+
+    calls = []
+    real = Reopold.prepare_step
+    monkeypatch.setattr(Reopold, "prepare_step", lambda self, s, batches, step: calls.append(step) or real(self, s, batches, step))
+    train(make_config(tmp_path, tiny_models, "method.name=reopold", "train.updates_per_batch=3", "train.steps=2"))
+    assert calls == [0, 1]

@@ -164,8 +164,11 @@ def accumulate_gradients(s: Session, batches: list, step: int) -> tuple[dict[str
     (``Method.prepare_step``). Stops at the first micro-batch with a non-finite loss.
     """
     method = s.method
-    with s.timer.phase("student"):
-        method.prepare_step(s, batches, step)
+    if not all(b.prepared for b in batches):  # once per step, not once per update
+        with s.timer.phase("student"):
+            method.prepare_step(s, batches, step)
+        for batch in batches:
+            batch.prepared = True
     normaliser = step_normaliser([b.trained_mask_BC for b in batches], method.reduction(), method.tokens_per_row())
     totals: dict[str, float] = {}
     finite = True

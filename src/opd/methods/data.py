@@ -27,6 +27,7 @@ class Batch:
     normaliser: Normaliser | None = None  # the whole step's normaliser, set by the loop; None = this batch alone
     teacher_logp_BC: torch.Tensor | None = None  # teacher log-probs already computed for this batch (prepare_step)
     old_logp_BC: torch.Tensor | None = None  # the student's log-probs before this step's first update (several updates)
+    prepared: bool = False  # Method.prepare_step has seen this batch (with the rest of its step)
 
     @property
     def trained_mask_BC(self) -> torch.Tensor:
