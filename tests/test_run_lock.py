@@ -32,6 +32,7 @@ def wait_for_lock_holder(path, pid, timeout=60):
     raise AssertionError("the first run never took the lock")
 
 
+@pytest.mark.slow  # two real training processes: about 8 s
 def test_a_second_run_into_the_same_directory_is_refused_and_the_first_is_intact(tmp_path, tiny_models):
     (tmp_path / "cfg.yaml").write_text("run: {name: lock}\n")
     first = subprocess.Popen(run_args(tmp_path, tiny_models, 40), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
