@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -55,3 +57,35 @@ def make_config(tmp_path, tiny_models, *overrides):
         "log.plot=false",
     ]
     return load_config(None, base + list(overrides))
+
+
+class Server:
+    """A loopback server whose every reply is ``respond(handler)``; records each request's (path, headers, body)."""
+
+    def __init__(self, respond, host="127.0.0.1"):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.requests.append((self.path, dict(self.headers), body))
+                try:
+                    respond(self)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: what the test wants
+                    pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}/v1/chat/completions"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -3,50 +3,17 @@ outlast the deadline, a huge reply is capped, and every malformed reply ends as 
 
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from opd.cli import main
 from opd.http_client import JSONClient, ServiceError
 from opd.judges import HTTPJudge, JudgeError
+from conftest import Server
 from opd.tasks.arithmetic import make_example
 
 GOOD = json.dumps({"choices": [{"message": {"content": "Score: 7"}}]}).encode()
-
-
-class Server:
-    """A loopback server whose every reply is ``respond(handler)``; records each request's path and headers."""
-
-    def __init__(self, respond, host="127.0.0.1"):
-        self.requests = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests.append((self.path, dict(self.headers)))
-                try:
-                    respond(self)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up: what the test wants
-                    pass
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.url = f"http://{host}:{self.server.server_address[1]}/v1/chat/completions"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def reply(handler, body: bytes, status=200, headers=()):

@@ -1,15 +1,13 @@
 """OVD: acceptance and replacement on hand-built scores; the three judges; the method through the loop."""
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_config
+from conftest import Server, make_config
 from opd.judges import HTTPJudge, JudgeError, ModelJudge
 from opd.objectives.ovd import GroupMember, accept, first_rejected_step, ovd_rewards, plan_group
 from opd.tasks.arithmetic import StepCheckingJudge, make_example
@@ -95,48 +93,30 @@ def test_model_judge_is_the_expected_digit(tiny_models, tokenizer):
     assert all(0 <= s <= 9 for s in scores) and scores[0] != scores[1]
 
 
-class JudgeServer:
+class JudgeServer(Server):
     """A real OpenAI-style endpoint on loopback whose behaviour the test chooses per request."""
 
     def __init__(self, behaviours):
         self.behaviours = list(behaviours)
-        self.requests = []
-        outer = self
+        super().__init__(self.respond)
+        self.url = self.url.removesuffix("/v1/chat/completions")
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append((self.path, self.headers.get("Authorization"), body))
-                kind = outer.behaviours.pop(0) if outer.behaviours else "ok"
-                if kind == "slow":
-                    time.sleep(0.5)
-                    kind = "ok"
-                if kind == "fail":
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                text = {"ok": "The steps are right. Score: 8", "garbage": "I like this answer a lot!"}[kind]
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, handler):
+        kind = self.behaviours.pop(0) if self.behaviours else "ok"
+        if kind == "slow":
+            time.sleep(0.5)
+            kind = "ok"
+        if kind == "fail":
+            handler.send_response(500)
+            handler.end_headers()
+            return
+        text = {"ok": "The steps are right. Score: 8", "garbage": "I like this answer a lot!"}[kind]
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
 
 def test_http_judge_survives_slow_failing_and_garbage_replies(monkeypatch):
@@ -146,8 +126,9 @@ def test_http_judge_survives_slow_failing_and_garbage_replies(monkeypatch):
         judge = HTTPJudge(server.url, "m", api_key_env="JUDGE_KEY", timeout=0.2, retries=3, backoff=0.01)
         assert judge.score([example], ["1+2=3|3"]) == [8.0]
     assert len(server.requests) == 4
-    path, auth, body = server.requests[-1]
-    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and "1+2=3|3" in body["messages"][0]["content"]
+    path, headers, body = server.requests[-1]
+    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-test"
+    assert "1+2=3|3" in json.loads(body)["messages"][0]["content"]
 
 
 def test_http_judge_gives_a_clear_error_when_it_never_scores():
