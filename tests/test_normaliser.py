@@ -168,7 +168,7 @@ def test_the_student_log_probs_are_those_of_the_policy_that_sampled(tmp_path, ti
     batch = s.method.data(s, s.task.sample_train(2, random.Random(0)), random.Random(0), torch.Generator().manual_seed(0))
     seen = {}
 
-    def advantages(lp, tlp, ent, mask):
+    def advantages(lp, tlp, mask):
         seen.update(student=lp, teacher=tlp)
         return tlp - lp, mask, {}
 

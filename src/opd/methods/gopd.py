@@ -56,5 +56,5 @@ class GOPD(Method):
         c = self.config
         ref_logp_BC = reference_token_logprobs(s, batch.rollouts) if s.reference is not None else None
         return sampled_token_loss(
-            s, batch, lambda lp, tlp, ent, mask: (gopd_advantages(lp, tlp, ref_logp_BC, mask, c.reward_scale, c.discount), mask, {})
+            s, batch, lambda lp, tlp, mask: (gopd_advantages(lp, tlp, ref_logp_BC, mask, c.reward_scale, c.discount), mask, {})
         )

@@ -18,28 +18,26 @@ from ..scoring import completion_hidden_states, loss_head, projection, rollout_l
 from ..teachers import HiddenStates, TopLogprobs
 from .data import Batch
 
-# (student_logp_BC, teacher_logp_BC, entropy_BC | None, mask_BC) -> (advantages_BC, train_mask_BC, metrics)
-AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+# (student_logp_BC, teacher_logp_BC, mask_BC) -> (advantages_BC, train_mask_BC, metrics)
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
-def sampled_token_loss(
-    s, batch: Batch, advantages: AdvantageFn, teacher_rollouts: Rollouts | None = None, with_entropy: bool = False
-) -> tuple[torch.Tensor, dict]:
+def sampled_token_loss(s, batch: Batch, advantages: AdvantageFn, teacher_rollouts: Rollouts | None = None) -> tuple[torch.Tensor, dict]:
     """Teacher log-probs of the sampled tokens → per-token advantages → the shared surrogate.
 
-    Advantages are computed from ``ℓ^old`` (fixed across a step's updates). The advantage function may narrow the loss mask (REOPOLD: to the batch's ``train_mask_BC``, which the
-    step's normaliser counts). Teacher log-probs already in ``batch.teacher_logp_BC`` are reused. ``teacher_rollouts`` are the
-    same completions behind the teacher's own prompts (OPSD); the student's entropy is
-    computed only ``with_entropy`` (None otherwise).
+    Advantages are computed from ``ℓ^old`` (fixed across a step's updates). The advantage function
+    may narrow the loss mask (REOPOLD: to the batch's ``train_mask_BC``, which the step's
+    normaliser counts). Teacher log-probs already in ``batch.teacher_logp_BC`` are reused;
+    ``teacher_rollouts`` are the same completions behind the teacher's own prompts (OPSD).
     """
     m, r = s.cfg.method, batch.rollouts
     mask_BC = r.loss_mask_BC.float()
     teacher_logp_BC = batch.teacher_logp_BC
     if teacher_logp_BC is None:
         teacher_logp_BC = teacher_token_logprobs(s, teacher_rollouts if teacher_rollouts is not None else r)
-    logp_BC, entropy_BC = student_token_logprobs(s, r, with_entropy)
+    logp_BC, _ = student_token_logprobs(s, r)
     old_logp_BC = old_logprobs(batch, logp_BC)
-    advantages_BC, train_mask_BC, metrics = advantages(old_logp_BC, teacher_logp_BC, entropy_BC, mask_BC)
+    advantages_BC, train_mask_BC, metrics = advantages(old_logp_BC, teacher_logp_BC, mask_BC)
     impossible = int((~torch.isfinite(teacher_logp_BC) & r.loss_mask_BC.bool()).sum())
     if impossible:  # the teacher gives probability 0 to tokens the student sampled
         metrics["teacher_impossible_tokens"] = float(impossible)

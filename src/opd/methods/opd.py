@@ -40,5 +40,5 @@ class OPD(Method):
     def loss(self, s, batch, step):
         c = self.config
         return sampled_token_loss(
-            s, batch, lambda lp, tlp, ent, mask: (reverse_kl_advantages(lp, tlp, mask, c.coef, c.discount), mask, {})
+            s, batch, lambda lp, tlp, mask: (reverse_kl_advantages(lp, tlp, mask, c.coef, c.discount), mask, {})
         )

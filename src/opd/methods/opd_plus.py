@@ -53,7 +53,7 @@ class OPDPlus(Method):
     def loss(self, s, batch, step):
         c = self.config
 
-        def advantages(lp, tlp, ent, mask):
+        def advantages(lp, tlp, mask):
             adv, metrics = f_divergence_advantages(lp, tlp, mask, c.divergence, c.unbiased, c.discount, c.log_ratio_clip)
             return adv, mask, metrics
 

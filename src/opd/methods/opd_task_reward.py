@@ -72,7 +72,7 @@ class OPDTaskReward(Method):
         rewards_B = torch.tensor(batch.rewards, device=r.loss_mask_BC.device)
         groups_B = torch.tensor(r.group_B, device=r.loss_mask_BC.device)
 
-        def advantages(lp, tlp, ent, mask):
+        def advantages(lp, tlp, mask):
             adv_BC, task_B = task_reward_advantages(
                 lp, tlp, mask, rewards_B, groups_B, c.coef, c.discount, c.task_reward_coef, c.scale_by_std, c.std == "sample"
             )

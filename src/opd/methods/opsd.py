@@ -69,6 +69,6 @@ class OPSD(Method):
         c = self.config
         teacher_view = privileged_view(s, batch)
         if c.loss == "sampled":  # A_n = ℓ^T_n - ℓ^S_n, the reverse-KL advantage with c = 1
-            return sampled_token_loss(s, batch, lambda lp, tlp, ent, mask: (reverse_kl_advantages(lp, tlp, mask), mask, {}), teacher_view)
+            return sampled_token_loss(s, batch, lambda lp, tlp, mask: (reverse_kl_advantages(lp, tlp, mask), mask, {}), teacher_view)
         temperature = c.temperature if c.temperature is not None else self.cfg.sampling.temperature
         return full_vocabulary_loss(s, batch, teacher_view, c.beta, temperature, c.chunk_size, c.top_k, c.top_k_tail)

@@ -71,7 +71,7 @@ class Reopold(Method):
         if batch.train_mask_BC is None:  # called outside a training step: select within this batch
             self.prepare_step(s, [batch], step)
 
-        def advantages(lp, tlp, ent, mask):  # R̂ = max(ℓ^T - ℓ^S, floor) on the tokens prepare_step chose
+        def advantages(lp, tlp, mask):  # R̂ = max(ℓ^T - ℓ^S, floor) on the tokens prepare_step chose
             return (tlp - lp).clamp(min=floor) * batch.train_mask_BC, batch.train_mask_BC, {}
 
         return sampled_token_loss(s, batch, advantages)
