@@ -36,7 +36,7 @@ class Needs:
     teacher: bool = False  # teacher.path: a separate model that scores (and can sample) completions
     self_teacher: bool = False  # the student itself is the teacher (Method.make_teacher builds it)
     reference: str | None = None  # π_ref: "student_init" or a checkpoint path
-    reference_key: str = "method.reference"  # the config key that names the reference (for errors)
+    reference_key: str = "reference"  # the config key that names a checkpoint reference (for its loading errors)
     judge: bool = False  # a verbal judge (Method.make_judge)
     solutions: bool = False  # training examples must carry a reference solution
     privileged: bool = False  # the teacher reads the reference solution in its prompt

@@ -46,7 +46,8 @@ class Reopold(Method):
 
     def prepare_step(self, s, batches, step):
         """Choose the trained tokens over the whole step (all micro-batches): the exploration mask, or the top-β
-        entropy tokens of the step's valid tokens. Teacher log-probs are kept for the loss."""
+        entropy tokens of the step's valid tokens. Teacher log-probs are kept for the loss; the student's entropy
+        costs one extra forward pass without gradient per micro-batch."""
         c = self.config
         switch = c.switch_step if c.switch_step is not None else self.cfg.train.steps // 2
         student, teacher, entropy, mask = [], [], [], []
