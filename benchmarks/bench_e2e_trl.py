@@ -65,7 +65,8 @@ OPD_RUNS = {
 
 
 def run_opd(args, out_dir: Path, impl: str = "opd") -> dict:
-    from opd.train import read_metrics, train
+    from opd.metrics import read_metrics
+    from opd.train import train
 
     cfg = load_config(ROOT / "configs/demo.yaml", settings(args) + OPD_RUNS[impl] + [f"run.output_dir={out_dir / impl}"])
     started = time.time()
