@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import httpx2
@@ -28,11 +28,12 @@ import httpx2
 
 class ServiceError(RuntimeError):
     """A remote service that cannot be used or gave no usable reply; the message says which and why.
-    ``transient``: another attempt may succeed (a timeout, a 5xx, a truncated or malformed reply)."""
+    ``transient``: another attempt may succeed (a timeout, a 5xx, a truncated or malformed reply);
+    ``problem``: set when every attempt failed, the last attempt's failure."""
 
-    def __init__(self, message: str, transient: bool = False):
+    def __init__(self, message: str, transient: bool = False, problem: str | None = None):
         super().__init__(message)
-        self.transient = transient
+        self.transient, self.problem = transient, problem
 
 
 def _retry(message: str) -> ServiceError:
@@ -73,19 +74,22 @@ class JSONClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._client = httpx2.Client(follow_redirects=False, trust_env=False, timeout=httpx2.Timeout(deadline))
 
-    def post(self, payload: Any) -> Any:
-        """The reply to ``payload``, retrying transient failures up to ``retries`` times with backoff."""
+    def post(self, payload: Any, read: Callable[[Any], Any] | None = None) -> Any:
+        """The reply to ``payload`` — passed through ``read`` when given, which may refuse it by raising a transient
+        ``ServiceError`` — retrying transient failures up to ``retries`` times with backoff. When every attempt
+        failed, the ``ServiceError`` carries ``problem``, the last failure."""
         problem = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                return self.post_once(payload)
+                reply = self.post_once(payload)
+                return read(reply) if read is not None else reply
             except ServiceError as err:
                 if not err.transient:
                     raise
                 problem = str(err)
-        raise ServiceError(f"{self.url}: no usable reply after {self.retries + 1} attempts: {problem}")
+        raise ServiceError(f"{self.url}: no usable reply after {self.retries + 1} attempts: {problem}", problem=problem)
 
     def post_once(self, payload: Any) -> Any:
         """One attempt: the parsed reply, or ``ServiceError`` (``transient`` when worth retrying)."""

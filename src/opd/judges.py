@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from typing import Protocol, Sequence
 
 import torch
@@ -99,10 +98,9 @@ class HTTPJudge:
         api_key = os.environ.get(api_key_env) if api_key_env else None
         if api_key_env and not api_key:
             raise JudgeError(f"environment variable {api_key_env} (the judge's API key) is not set")
-        self.retries, self.backoff = retries, backoff
         self.instruction = instruction
         try:
-            self.client = JSONClient(self.url, api_key, timeout, max_reply_bytes=max_reply_bytes)
+            self.client = JSONClient(self.url, api_key, timeout, retries, backoff, max_reply_bytes)
         except ServiceError as err:
             raise JudgeError(f"judge: {err}") from None
 
@@ -116,26 +114,23 @@ class HTTPJudge:
             "max_tokens": 16,
             "temperature": 0,
         }
-        problem = "no attempt made"
-        for attempt in range(self.retries + 1):  # transport failures and scoreless replies share one retry budget
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                payload = self.client.post_once(body)
-            except ServiceError as err:
-                if not err.transient:  # a redirect, a 4xx: asking again will not help
-                    raise JudgeError(f"judge: {err}") from None
-                problem = str(err)
-                continue
-            reply = _chat_content(payload)
-            if reply is None:
-                problem = "the response is not an OpenAI chat completion"
-                continue
-            match = SCORE_PATTERN.search(reply)
-            if match:
-                return float(match.group(1))
-            problem = f"the reply has no 'Score: d' ({reply[:80]!r})"
-        raise JudgeError(f"judge at {self.url} gave no score after {self.retries + 1} attempts: {problem}")
+        try:  # transport failures and scoreless replies share one retry budget
+            return self.client.post(body, read=_score)
+        except ServiceError as err:
+            if err.problem is None:  # a redirect, a 4xx: refused without retrying, since asking again will not help
+                raise JudgeError(f"judge: {err}") from None
+            raise JudgeError(f"judge at {self.url} gave no score after {self.client.retries + 1} attempts: {err.problem}") from None
+
+
+def _score(payload) -> float:
+    """The digit after ``Score:`` in an OpenAI chat completion; a transient ``ServiceError`` when there is none."""
+    reply = _chat_content(payload)
+    if reply is None:
+        raise ServiceError("the response is not an OpenAI chat completion", transient=True)
+    match = SCORE_PATTERN.search(reply)
+    if match is None:
+        raise ServiceError(f"the reply has no 'Score: d' ({reply[:80]!r})", transient=True)
+    return float(match.group(1))
 
 
 def _chat_content(payload) -> str | None:
