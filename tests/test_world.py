@@ -1,5 +1,7 @@
 """The embedded world: tokenizer and checkpoints load back through the Auto classes."""
 
+import json
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_SPEC
@@ -38,3 +40,21 @@ def test_build_world_is_deterministic_and_loadable(tmp_path):
     student = AutoModelForCausalLM.from_pretrained(first / "student").state_dict()
     privileged = AutoModelForCausalLM.from_pretrained(first / "student_privileged").state_dict()
     assert any(not (student[k] == privileged[k]).all() for k in student)
+
+
+def test_world_rebuild_reuses_unchanged_roles_and_retrains_changed_ones(tmp_path):
+    from dataclasses import replace
+
+    spec = replace(TINY_SPEC, teacher_steps=2, student_steps=1, batch_size=4, warmup_steps=0, teacher_base_step=1)
+    first = build_world(tmp_path / "w1", spec, progress=False)
+    changed = replace(spec, privileged_instruction="Show your work.")
+    second = build_world(tmp_path / "w2", changed, progress=False, reuse=first)
+    report = json.loads((second / "world.json").read_text())
+    for role in ("teacher", "teacher_base", "student"):
+        assert report[role]["reused_from"] == spec.fingerprint()
+        assert (first / role / "model.safetensors").read_bytes() == (second / role / "model.safetensors").read_bytes()
+    assert "reused_from" not in report["student_privileged"]
+    assert (first / "student_privileged" / "model.safetensors").read_bytes() != (second / "student_privileged" / "model.safetensors").read_bytes()
+    # a retrained role equals a from-scratch build of the changed spec
+    fresh = build_world(tmp_path / "w3", changed, progress=False)
+    assert (fresh / "student_privileged" / "model.safetensors").read_bytes() == (second / "student_privileged" / "model.safetensors").read_bytes()

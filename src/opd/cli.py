@@ -88,7 +88,7 @@ def cmd_eval(args) -> int:
 
 def cmd_world(args) -> int:
     from .world import cache_dir, world_dir
-    from .world_build import build_world, verify_world
+    from .world_build import build_world, built_elsewhere, verify_world
 
     if args.action == "path":
         directory = world_dir()
@@ -98,12 +98,13 @@ def cmd_world(args) -> int:
         differing = verify_world(world_dir())
         if differing:
             print(f"rebuilt world differs from {world_dir()} in: {', '.join(differing)}")
+            print(built_elsewhere(world_dir(), differing))
             return 1
         print(f"rebuilt world is byte-identical to {world_dir()}")
         return 0
     directory = Path(args.output) if args.output else cache_dir()
     if args.force or not (directory / "world.json").is_file():
-        build_world(directory)
+        build_world(directory, reuse=Path(args.reuse) if args.reuse else None)
     print(directory)
     return 0
 
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("action", choices=["build", "verify", "path"])
     world.add_argument("--output", help="build into this directory (default: $OPD_WORLD_DIR or ~/.cache/opd)")
     world.add_argument("--force", action="store_true", help="rebuild even if already built there")
+    world.add_argument("--reuse", help="copy the roles whose build inputs are unchanged from this earlier world instead of training them")
     world.set_defaults(func=cmd_world)
     return parser
 

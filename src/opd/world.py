@@ -5,7 +5,8 @@
     tokenizer/           the character tokenizer (also copied into each model directory)
     teacher/, student/   ordinary HF checkpoints (AutoModelForCausalLM / AutoTokenizer load them)
     student_privileged/  the student's init and SFT budget, half of its examples behind the privileged prompt
-                         (problem + reference solution): a student that can be its own OPSD teacher
+                         (reference solution + "Now give your own steps.", then the problem): a student that
+                         can be its own OPSD teacher
     teacher_base/        the teacher part-way through its SFT: the "base before the teacher's final
                          training", the reference for G-OPD reward correction
     world.json           the spec they were built from and their held-out accuracies
@@ -30,6 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 WORLD_VERSION = 1
+
+# the arithmetic task's default privileged-prompt instruction (kept here: this module imports nothing of opd)
+PRIVILEGED_INSTRUCTION = "Now give your own steps."
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,30 @@ class WorldSpec:
     # student_privileged: the student's init and SFT budget, with this fraction of examples shown behind their
     # privileged prompt (problem + reference solution), so that it can be its own OPSD teacher
     privileged_fraction: float = 0.5
+    # the line after the reference solution in the privileged prompt (``task.privileged_instruction``)
+    privileged_instruction: str = PRIVILEGED_INSTRUCTION
 
     def fingerprint(self) -> str:
         text = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def role_fingerprint(self, role: str) -> str:
+        """A hash of what one role's training depends on: equal hashes mean the same build inputs.
+
+        ``teacher_base`` is a checkpoint of the teacher's run, so it shares the teacher's.
+        """
+        fields = _ROLE_FIELDS["teacher" if role == "teacher_base" else role]
+        text = json.dumps({"version": WORLD_VERSION, "role": role, **{k: v for k, v in asdict(self).items() if k in fields}}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+_COMMON_FIELDS = ("batch_size", "warmup_steps", "schedule", "digits", "max_positions", "seed", "threads")
+_ROLE_FIELDS = {
+    "teacher": _COMMON_FIELDS + ("teacher_shape", "teacher_steps", "teacher_lr", "teacher_base_step"),
+    "student": _COMMON_FIELDS + ("student_shape", "student_steps", "student_lr"),
+    "student_privileged": _COMMON_FIELDS
+    + ("student_shape", "student_steps", "student_lr", "privileged_fraction", "privileged_instruction"),
+}
 
 
 DEFAULT_SPEC = WorldSpec()
