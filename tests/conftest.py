@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 TINY = ModelShape(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2)
-TINY_SPEC = WorldSpec(teacher_shape=TINY, student_shape=TINY, max_positions=96)
+TINY_SPEC = WorldSpec(teacher_shape=TINY, student_shape=TINY, max_positions=128)
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +52,8 @@ def make_config(tmp_path, tiny_models, *overrides):
         "eval.every=0",
         "eval.num_prompts=8",
         "eval.teacher=false",
+        "checkpoint.every=0",  # the tests that resume ask for checkpoints; the defaults are tested on their own
+        "checkpoint.at_end=false",
         "log.progress_bar=false",
         "log.tensorboard=false",
         "log.plot=false",

@@ -80,8 +80,8 @@ def test_an_output_dir_that_is_not_a_directory(tmp_path, capsys, where):
     [
         (b'{"problem": "1+1", "answer": "2"}\n\xff\xfe\n', "not UTF-8 text"),
         (b'{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"\n', "data.jsonl:2: not valid JSON"),
-        (b'{"problem": "1+1"}\n', "data.jsonl:1: missing field 'answer'"),
-        (b'[1, 2]\n', "data.jsonl:1: expected a JSON object, got list"),
+        (b'{"problem": "1+1"}\n{"problem": "1+2"}\n', "no answer, and the method trains on the task's rewards"),
+        (b'[1, 2]\n', "data.jsonl:1: expected an object (a row with named fields), got list"),
         (b"\n\n", "contains no rows"),
     ],
     ids=["not_utf8", "bad_json", "missing_field", "not_object", "empty"],
@@ -141,9 +141,12 @@ def test_weights_made_non_finite_by_an_update_stop_the_run(tmp_path, tiny_models
 def test_an_evaluation_prompt_longer_than_the_context(tmp_path, tiny_models, capsys):
     long_row = json.dumps({"problem": "1+1=? " * 100, "answer": "2", "solution": "2"})
     data = write(tmp_path, "data.jsonl", "\n".join([long_row] * 4) + "\n")
-    assert main(tiny_run(tmp_path, tiny_models, "task.name=math", f"task.path={data}", "method.name=sft")) == 2
+    args = tiny_run(tmp_path, tiny_models, "task.name=math", f"task.path={data}", "method.name=sft", f"task.eval_path={data}")
+    assert main(args + ["task.too_long=error"]) == 2
     message = one_line_error(capsys)
-    assert "evaluation example" in message and "is longer than the" in message
+    assert "data.jsonl:1: prompt of" in message and "is longer than the" in message
+    assert main(args) == 2  # skip (the default): nothing left to train on, said in one line
+    assert "the train data has no usable row left: 0 of 4 rows kept; 4 too long" in one_line_error(capsys)
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, tiny_models, capsys, monkeypatch):

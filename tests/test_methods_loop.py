@@ -157,7 +157,7 @@ def test_opsd_refuses_a_separate_teacher_and_missing_privileged_context(tmp_path
     with pytest.raises(ConfigError, match="'teacher.path' must be null for opsd"):
         load_config(None, ["student.path=s", "method.name=opsd", "teacher.path=t"])
     with pytest.raises(ConfigError, match="'task.solution_field' must name the reference-solution field"):
-        load_config(None, ["student.path=s", "method.name=opsd", "task.name=math", "task.path=x.jsonl", "task.solution_field=null"])
+        load_config(None, ["student.path=s", "method.name=opsd", "task.name=math", "task.path=x.jsonl", "task.format=problem", "task.solution_field=null"])
 
 
 def test_multi_teacher_routing_scores_each_row_with_its_teacher(tmp_path, tiny_models, tokenizer):

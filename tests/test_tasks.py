@@ -46,45 +46,56 @@ def write_jsonl(path, rows):
     return path
 
 
+def math_task(path, **fields):
+    from opd.tasks.math import MathConfig
+
+    return MathTask(str(path), MathConfig(path=str(path), **fields))
+
+
 def test_math_task_reads_and_grades(tmp_path):
     rows = [{"problem": f"What is {i}+{i}?", "solution": f"{i}+{i}={2 * i}", "answer": str(2 * i)} for i in range(10)]
     rows.append({"problem": "Half of one?", "solution": "1/2", "answer": "\\frac{1}{2}"})
-    task = MathTask(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_size=4)
+    task = math_task(write_jsonl(tmp_path / "d.jsonl", rows), eval_size=4)
     assert len(task.eval_examples()) == 4
     ex = next(e for e in task.eval_examples() + task.sample_train(50, random.Random(0)) if e.answer == "\\frac{1}{2}")
     assert task.reward("so the answer is \\boxed{0.5}", ex) == 1.0
     assert task.reward("so the answer is \\boxed{1/3}", ex) == 0.0
     assert task.reward("no boxed answer at all", ex) == 0.0
     assert "\\boxed{}" in task.messages(ex)[0]["content"]
-    assert "1/2" in task.privileged_messages(ex)[0]["content"]
+    privileged = task.privileged_messages(ex)[0]["content"]
+    assert "1/2" in privileged and privileged.endswith("Put your final answer in \\boxed{}.")
 
 
 def test_math_task_numeric_answer_accepted(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p", "answer": 42}, {"problem": "q", "answer": 7}])
-    task = MathTask(path=str(path), eval_size=1, solution_field=None)
-    assert {e.answer for e in task.eval_examples() + task._train} == {"42", "7"}
+    task = math_task(path, eval_size=1, solution_field=None)
+    assert {e.answer for e in task.eval_examples() + task.splits()["train"]} == {"42", "7"}
 
 
 @pytest.mark.parametrize(
     "bad_row, message",
     [
         ('{"problem": "p"', "d.jsonl:2: not valid JSON"),
-        ({"question": "p", "answer": "1"}, "d.jsonl:2: missing field 'problem' (row has: answer, question)"),
+        ({"question": "p", "answer": "1"}, "d.jsonl:2: no prompt: expected a 'messages', 'prompt' or 'problem' field (row has: answer, question;"),
         ({"problem": "p", "answer": ["1"]}, "d.jsonl:2: field 'answer' must be a string, got list"),
-        ({"problem": "  ", "answer": "1"}, "d.jsonl:2: field 'problem' is empty"),
-        ("[1, 2]", "d.jsonl:2: expected a JSON object, got list"),
+        ({"problem": "  ", "answer": "1"}, "d.jsonl:2: field 'problem' is missing or empty"),
+        ("[1, 2]", "d.jsonl:2: expected an object (a row with named fields), got list"),
+        ({"messages": [{"role": "user", "content": 3}]}, "d.jsonl:2: messages[0] must be an object with string 'role' and 'content'"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "d.jsonl:2: messages[0] has role 'robot'"),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}, "d.jsonl:2: field 'messages' has no user turn"),
+        ({"prompt": "p", "completion": [{"role": "user", "content": "x"}]}, "d.jsonl:2: field 'completion' may hold only assistant messages"),
     ],
 )
 def test_math_task_malformed_row_names_file_line_field(tmp_path, bad_row, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p", "answer": "1"}, bad_row])
     with pytest.raises(DataError) as err:
-        MathTask(path=str(path))
+        math_task(path)
     assert message in str(err.value)
 
 
 def test_math_task_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        MathTask(path=str(tmp_path / "missing.jsonl"))
+        math_task(tmp_path / "missing.jsonl")
 
 
 def test_math_task_from_saved_dataset(tmp_path):
@@ -92,8 +103,8 @@ def test_math_task_from_saved_dataset(tmp_path):
 
     rows = {"problem": ["a", "b", "c"], "answer": ["1", "2", "3"], "solution": ["x", "y", "z"]}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
-    task = MathTask(path=str(tmp_path / "ds"), eval_size=1)
-    assert len(task.eval_examples()) == 1 and len(task._train) == 2
+    task = math_task(tmp_path / "ds", eval_size=1)
+    assert len(task.eval_examples()) == 1 and len(task.splits()["train"]) == 2
 
 
 def test_an_answer_math_verify_cannot_read_is_reported_not_silently_zero(tmp_path, caplog):
@@ -101,10 +112,30 @@ def test_an_answer_math_verify_cannot_read_is_reported_not_silently_zero(tmp_pat
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"problem": "p", "answer": "\\\\\\\\"}\n{"problem": "q", "answer": "2"}\n')
-    task = MathTask(str(path), eval_path=str(path))
+    task = math_task(path, eval_path=str(path))
     rows = task.eval_examples()
     with caplog.at_level(logging.WARNING, logger="opd.tasks.math"):
         assert task.reward("\\boxed{2}", rows[1]) == 1.0
-        assert task.reward("anything", rows[0]) == 0.0
-        task.reward("again", rows[0])
+        assert task.reward("\\boxed{anything}", rows[0]) == 0.0
+        task.reward("\\boxed{again}", rows[0])
     assert caplog.text.count("math-verify cannot read the answer") == 1 and "d.jsonl:1" in caplog.text
+
+
+def test_arithmetic_privileged_prompt_asks_for_own_steps_and_fits_the_world_context():
+    from opd.tokenizer import build_char_tokenizer
+    from opd.world import DEFAULT_SPEC
+
+    task = ArithmeticTask(eval_size=64)
+    tokenizer = build_char_tokenizer()
+    longest = 0
+    for ex in task.eval_examples():
+        system = task.privileged_messages(ex)[0]["content"]
+        assert system == f"{ex.solution}\nNow give your own steps."
+        ids = tokenizer.apply_chat_template(task.privileged_messages(ex), add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        longest = max(longest, len(ids))
+    # the OPSD configs leave the context minus 40 new tokens for the prompt
+    assert longest <= DEFAULT_SPEC.max_positions - 40
+    plain = ArithmeticTask(eval_size=4, privileged_instruction="")
+    ex = plain.eval_examples()[0]
+    assert plain.privileged_messages(ex)[0]["content"] == ex.solution

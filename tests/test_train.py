@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import opd.train as train_module
 from conftest import make_config
 from opd.session import TrainingError
+from opd.tasks import DataError
 from opd.train import RunDirError, train
 
 
@@ -114,7 +115,7 @@ def test_run_outputs_load_back_and_logs_exist(tmp_path, tiny_models):
     assert "steps: 2" in saved
     for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "steps", "wall_seconds"):
         assert summary[key] is not None
-    assert set(summary["eval_after"]) == {"accuracy", "mean_length", "avg@2", "pass@2"}
+    assert set(summary["eval_after"]) == {"accuracy", "mean_length", "avg@2", "pass@2", "rows", "graded"}
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["kind"] == "eval"] == [0, 1, 2]
     # where the step time went: every phase of an OPD step is timed, and the shares add up to 1
@@ -172,9 +173,10 @@ def test_prompt_longer_than_context_is_named(tmp_path, tiny_models):
     from opd.prompts import PromptError
 
     data = _math_jsonl(tmp_path / "math.jsonl")
-    cfg = make_config(tmp_path, tiny_models, "task.name=math", f"task.path={data}", "method.name=opd", "sampling.max_new_tokens=60")
-    # the first evaluation meets the long rows before any training step does
-    with pytest.raises(PromptError, match=r"evaluation example .*math.jsonl:\d+: prompt of \d+ tokens is longer than the 36 the context leaves for it \(evaluation generates up to 60 tokens"):
+    cfg = make_config(tmp_path, tiny_models, "task.name=math", f"task.path={data}", "method.name=opd", "sampling.max_new_tokens=60",
+                      "task.too_long=error")
+    # the pre-flight pass meets the long rows before any model is loaded
+    with pytest.raises(DataError, match=r"math.jsonl:\d+: prompt of \d+ tokens is longer than the 68 the context leaves for it \(task.too_long=skip or truncate"):
         train(cfg)
 
 

@@ -12,7 +12,8 @@ import torch
 
 from .config import Config
 from .methods import Needs, create_method
-from .models import apply_lora, check_pairing, eos_token_ids, load_model, load_tokenizer
+from .models import apply_lora, check_pairing, eos_token_ids, load_model, load_model_config, load_tokenizer
+from .preflight import check_task_data, context_length
 from .profiling import PhaseTimer
 from .rollout import HFSampler
 from .session import Session, TrainingError
@@ -58,6 +59,14 @@ def build_session(cfg: Config) -> Session:
     autocast = autocast_factory(cfg, device)
     st = cfg.student
     tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
+    max_positions = context_length(load_model_config(st.path, "student.path", st.trust_remote_code), tokenizer)
+    max_prompt = max_positions - cfg.sampling.max_new_tokens if max_positions else None
+    if max_prompt is not None and max_prompt < 1:
+        raise TrainingError(
+            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the student's "
+            f"{max_positions}-token context"
+        )
+    data_report = check_task_data(task, tokenizer, needs, cfg, max_positions)  # before any model is loaded
     student = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device)
     if st.lora.enabled:
         student = apply_lora(student, st.lora)
@@ -76,16 +85,9 @@ def build_session(cfg: Config) -> Session:
     if needs.self_teacher:
         teacher = method.make_teacher(student, autocast, device)
     reference = build_reference(cfg, needs, tokenizer, student, autocast, device) if needs.reference else None
-    max_positions = getattr(student.config, "max_position_embeddings", None)
-    max_prompt = max_positions - cfg.sampling.max_new_tokens if max_positions else None
-    if max_prompt is not None and max_prompt < 1:
-        raise TrainingError(
-            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the student's "
-            f"{max_positions}-token context"
-        )
     sampler = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer), autocast)
     judge = method.make_judge(task, teacher, device) if needs.judge else None
-    return Session(cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge, PhaseTimer(device))
+    return Session(cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge, PhaseTimer(device), data_report)
 
 
 def load_paired(cfg: Config, needs: Needs, path: str, key: str, tokenizer, student, device):

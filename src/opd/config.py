@@ -250,6 +250,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return {_coerce(key_type, k, f"{key}.{k}"): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is dict:  # free-form mapping (e.g. chat-template arguments), passed on as given
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -331,7 +340,7 @@ def validate(c: Config) -> None:
         f"must be >= 1 or null, got {m.is_correction_cap}",
     )
     require(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
-    require(e.num_prompts >= 1, "eval.num_prompts", f"must be >= 1, got {e.num_prompts}")
+    require(e.num_prompts is None or e.num_prompts >= 1, "eval.num_prompts", f"must be >= 1 (or null: all), got {e.num_prompts}")
     require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
     require(e.k >= 1, "eval.k", f"must be >= 1, got {e.k}")
     require(c.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {c.checkpoint.every}")
@@ -341,7 +350,7 @@ def validate(c: Config) -> None:
     lora = c.student.lora
     require(lora.r >= 1, "student.lora.r", f"must be >= 1, got {lora.r}")
     require(0 <= lora.dropout < 1, "student.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
-    require(c.task.eval_size >= 1, "task.eval_size", f"must be >= 1, got {c.task.eval_size}")
+    require(c.task.eval_size is None or c.task.eval_size >= 1, "task.eval_size", f"must be >= 1, got {c.task.eval_size}")
     c.task.validate(c)
     method = method_class(m.name)
     method.validate(c)

@@ -58,6 +58,17 @@ def load_tokenizer(path: str, key: str = "student.path", trust_remote_code: bool
     return tokenizer
 
 
+def load_model_config(path: str, key: str, trust_remote_code: bool = False):
+    """The model's config alone (no weights): what the pre-flight pass reads the context length from."""
+    from transformers import AutoConfig
+
+    directory = resolve_path(path, key)
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{key}: cannot read a model config from '{directory}': {err}") from err
+
+
 def load_model(path: str, key: str, dtype: str = "float32", trust_remote_code: bool = False, device="cpu"):
     directory = resolve_path(path, key)
     try:

@@ -113,7 +113,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 20  # steps; 0 = only before and after training
-    num_prompts: int = 256
+    num_prompts: int | None = None  # evaluate at most this many held-out rows; None = all of them
     batch_size: int = 256
     k: int = 1  # samples per prompt for avg@k / pass@k (1 = greedy accuracy only)
     temperature: float = 1.0
@@ -123,8 +123,9 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps; 0 = only the final model
+    every: int = 50  # steps; 0 = none during the run
     keep_last: int = 2
+    at_end: bool = True  # also checkpoint the last step, so that a finished run can be resumed with more steps
 
 
 @dataclass

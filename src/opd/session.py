@@ -40,3 +40,4 @@ class Session:
     max_prompt_tokens: int | None = None
     judge: Judge | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)  # seconds per phase of the current step
+    data_report: dict = field(default_factory=dict)  # what the pre-flight pass kept, skipped and truncated per split

@@ -199,7 +199,7 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         if holds_run and not cfg.run.overwrite:  # starting again would truncate its metrics
             raise RunDirError(
                 f"run.resume=true but run.output_dir '{run_dir}' holds no intact checkpoint to resume from "
-                "(checkpoint.every=0 saves none); pass run.overwrite=true to start it again from step 0"
+                "(with checkpoint.every=0 and checkpoint.at_end=false none is saved); pass run.overwrite=true to start it again from step 0"
             )
         log.warning("run.resume=true but %s holds no checkpoint; starting from step 0", run_dir)
     if resume_from is not None:
@@ -254,7 +254,10 @@ def run_eval(s: Session, model_sampler: Sampler, examples, step_seed: int) -> di
     generator = torch.Generator(device=s.device).manual_seed(step_seed)
     max_prompt = s.max_prompt_tokens + s.cfg.sampling.max_new_tokens - sampling.max_new_tokens if s.max_prompt_tokens else None
     try:
-        return evaluate(model_sampler, s.tokenizer, s.task, examples, sampling, e.k, e.temperature, e.batch_size, generator, max_prompt)
+        return evaluate(
+            model_sampler, s.tokenizer, s.task, examples, sampling, e.k, e.temperature, e.batch_size, generator, max_prompt,
+            s.cfg.task.chat_template_kwargs,
+        )
     except PromptError as err:
         raise PromptError(f"{err} (evaluation generates up to {sampling.max_new_tokens} tokens: eval.max_new_tokens / sampling.max_new_tokens)") from None
 
@@ -332,7 +335,8 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
                 last_eval = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
                 metrics_log.write("eval", done, last_eval)
             bar.set_postfix(_postfix(metrics, last_eval))
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+            periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
+            if periodic or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 state["wall_seconds"] += time.time() - segment_start
                 segment_start = time.time()
                 save_checkpoint(run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, cfg.checkpoint.keep_last, teacher_tensors(s))
@@ -353,7 +357,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
         "task": cfg.task.name,
         "teacher_accuracy": state.get("teacher_eval", {}).get("accuracy"),
         "student_accuracy_before": state.get("before_eval", {}).get("accuracy"),
-        "student_accuracy_after": after["accuracy"],
+        "student_accuracy_after": after.get("accuracy"),  # None for prompt-only eval data (nothing to grade)
         "steps": cfg.train.steps,
         "train_seconds": round(state["wall_seconds"], 2),
         "wall_seconds": round(time.time() - started, 2),
@@ -366,6 +370,8 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
         "eval_before": state.get("before_eval"),
         "eval_after": after,
         "eval_teacher": state.get("teacher_eval"),
+        "eval_set": {**s.task.describe_eval(), "evaluated": len(eval_examples)},
+        "data_checks": s.data_report,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.log.plot:

@@ -39,6 +39,7 @@ class Needs:
     reference_key: str = "reference"  # the config key that names a checkpoint reference (for its loading errors)
     judge: bool = False  # a verbal judge (Method.make_judge)
     solutions: bool = False  # training examples must carry a reference solution
+    answers: bool = False  # training rewards grade against each example's answer: every training row needs one
     privileged: bool = False  # the teacher reads the reference solution in its prompt
     full_vocabulary: bool = False  # the teacher's whole next-token distribution (pairing checks output sizes)
     group: bool = False  # a group baseline: at least 2 samples per prompt

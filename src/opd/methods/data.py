@@ -44,7 +44,7 @@ def encode_prompts(s, examples: list[Example], privileged: bool = False) -> list
     encoded = []
     for e in examples:
         try:
-            encoded.append(encode_prompt(s.tokenizer, messages(e), s.max_prompt_tokens))
+            encoded.append(encode_prompt(s.tokenizer, messages(e), s.max_prompt_tokens, s.cfg.task.chat_template_kwargs))
         except PromptError as err:
             where = e.meta.get("source") or repr(e.prompt[:40])
             raise PromptError(f"{where}: {err} (sampling.max_new_tokens={s.cfg.sampling.max_new_tokens})") from None
@@ -76,7 +76,8 @@ def reference_solutions(s, examples: list[Example], privileged_B: list[bool] | N
         where = missing[0].meta.get("source", "an example")
         raise ValueError(f"{where}: no reference solution, which this method trains on (set task.solution_field)")
     privileged_B = privileged_B or [False] * len(examples)
-    completions = [encode_completion(s.tokenizer, s.task.messages(e), e.solution) for e in examples]
+    kwargs = s.cfg.task.chat_template_kwargs
+    completions = [encode_completion(s.tokenizer, s.task.messages(e), e.solution, kwargs) for e in examples]
     prompts = [encode_prompts(s, [e], privileged)[0] for e, privileged in zip(examples, privileged_B)]
     rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id)
     rollouts.texts = [e.solution for e in examples]
@@ -99,6 +100,9 @@ def batch_metrics(batch: Batch) -> dict[str, float]:
     r = batch.rollouts
     metrics = {"mean_length": float(r.completion_lengths_B.float().mean()), "student_tokens": 0.0}
     if batch.on_policy:
-        metrics.update(reward=sum(batch.rewards) / len(batch.rewards), student_tokens=float(r.completion_mask_BC.sum()))
+        metrics["student_tokens"] = float(r.completion_mask_BC.sum())
+        graded = [reward for reward, e in zip(batch.rewards, batch.examples) if e.answer is not None]
+        if graded:  # prompt-only rows have nothing to grade
+            metrics["reward"] = sum(graded) / len(graded)
     metrics.update(batch.info)
     return metrics

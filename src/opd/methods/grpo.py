@@ -61,7 +61,7 @@ class GRPO(Method):
     @classmethod
     def needs(cls, cfg) -> Needs:
         kl = cls.section(cfg).kl_coef > 0
-        return Needs(group=True, reference="student_init" if kl else None, reference_key="method.grpo.kl_coef")
+        return Needs(group=True, answers=True, reference="student_init" if kl else None, reference_key="method.grpo.kl_coef")
 
     def loss(self, s, batch, step):
         return group_policy_loss(s, batch, self.config.scale_by_std, self.config.kl_coef, self.config.std)

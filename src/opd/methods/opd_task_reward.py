@@ -65,7 +65,7 @@ class OPDTaskReward(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(teacher=True, group=True, routable=True)
+        return Needs(teacher=True, group=True, routable=True, answers=True)
 
     def loss(self, s, batch, step):
         c, r = self.config, batch.rollouts

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from ..sections import require
+from ..world import PRIVILEGED_INSTRUCTION
 from .base import Example, TaskConfig, register_task
 
 ANSWER_SEPARATOR = "|"
@@ -58,6 +59,9 @@ class ArithmeticConfig(TaskConfig):
     min_digits: int = 3
     max_digits: int = 3
     eval_seed: int = 12345
+    # said after the reference solution in the privileged prompt, so that the teacher writes its own steps
+    # rather than reading the solution back (the embedded world's student_privileged was trained with this one)
+    privileged_instruction: str = PRIVILEGED_INSTRUCTION
 
     has_step_judge: ClassVar[bool] = True
 
@@ -78,11 +82,15 @@ class ArithmeticTask:
     max_digits: int = 3
     eval_size: int = 256
     eval_seed: int = 12345
+    privileged_instruction: str = PRIVILEGED_INSTRUCTION
     name: str = "arithmetic"
 
     @classmethod
     def from_config(cls, c: ArithmeticConfig, seed: int = 0) -> "ArithmeticTask":
-        return cls(min_digits=c.min_digits, max_digits=c.max_digits, eval_size=c.eval_size, eval_seed=c.eval_seed)
+        return cls(
+            min_digits=c.min_digits, max_digits=c.max_digits, eval_size=c.eval_size, eval_seed=c.eval_seed,
+            privileged_instruction=c.privileged_instruction,
+        )
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
@@ -112,6 +120,17 @@ class ArithmeticTask:
     def eval_examples(self) -> list[Example]:
         return list(self._eval)
 
+    def describe_eval(self) -> dict:
+        return {"source": f"arithmetic: {self.eval_size} problems drawn with eval_seed {self.eval_seed}", "rows": len(self._eval)}
+
+    def splits(self) -> dict[str, list[Example]]:
+        return {"eval": list(self._eval)}  # training problems are drawn afresh each step
+
+    def filter_split(self, name: str, keep) -> None:
+        if name != "eval":
+            raise ValueError(f"the arithmetic task has no fixed '{name}' split")
+        self._eval = [e for e in map(keep, self._eval) if e is not None]
+
     def reward(self, completion: str, example: Example) -> float:
         return float(final_answer(completion) == example.answer)
 
@@ -119,9 +138,10 @@ class ArithmeticTask:
         return [{"role": "user", "content": example.prompt}]
 
     def privileged_messages(self, example: Example) -> list[dict]:
-        # The reference solution rides in a system turn ahead of the problem.
+        # The reference solution rides in a system turn ahead of the problem, followed by the instruction.
+        context = f"{example.solution}\n{self.privileged_instruction}" if self.privileged_instruction else example.solution
         return [
-            {"role": "system", "content": example.solution},
+            {"role": "system", "content": context},
             {"role": "user", "content": example.prompt},
         ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -18,14 +18,16 @@ class Example:
     """One problem.
 
     ``prompt`` is the user message the student sees; ``answer`` is what the verifier checks
-    against; ``solution`` is a reference completion (privileged context for self-distillation,
-    the target for SFT), or None where the data has none.
+    against (None for prompt-only data); ``solution`` is a reference completion (privileged
+    context for self-distillation, the target for SFT), or None where the data has none.
     """
 
     prompt: str
-    answer: str
+    answer: str | None
     solution: str | None = None
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    # the prompt as chat turns, for data that comes as a conversation (else the task builds them from ``prompt``)
+    messages: tuple[dict, ...] | None = field(default=None, hash=False, compare=False)
 
 
 class StepJudge(Protocol):
@@ -60,13 +62,28 @@ class Task(Protocol):
     def step_judge(self) -> StepJudge | None:
         """A programmatic judge of each step, for tasks whose steps can be checked; None otherwise."""
 
+    def describe_eval(self) -> dict:
+        """What the held-out split is: ``{"source": <where its rows come from>, "rows": <how many>}``."""
+
+    def splits(self) -> dict[str, list[Example]]:
+        """The task's fixed example lists by name ("train", "eval"), for the pre-flight pass; a split drawn
+        afresh (the arithmetic task's training problems) is absent."""
+
+    def filter_split(self, name: str, keep: Callable[[Example], Example | None]) -> None:
+        """Replace split ``name`` by ``keep`` of each example, dropping those it maps to None."""
+
 
 @dataclass
 class TaskConfig:
     """The ``task`` section: ``name`` picks the registered task, whose config class adds its own fields."""
 
     name: str = ""
-    eval_size: int = 256
+    eval_size: int | None = 256
+    # extra arguments to the tokenizer's chat template (e.g. {enable_thinking: false} for Qwen3)
+    chat_template_kwargs: dict = field(default_factory=dict)
+    # a prompt longer than the context leaves (context − max new tokens), found by the pre-flight pass before any
+    # model work: "skip" the row (counted and printed), "truncate" it (keep its last tokens), or stop with an "error"
+    too_long: Literal["error", "skip", "truncate"] = "skip"
 
     # whether the task's examples can be checked step by step (Task.step_judge returns a judge)
     has_step_judge: ClassVar[bool] = False
