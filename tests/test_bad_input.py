@@ -43,6 +43,9 @@ CASES = [
     (GOOD, ["method.name=gkd", "teacher.path=null"], "'teacher.path' is required by method 'gkd'"),
     (GOOD, ["run.output_dir="], "'run.output_dir' must name a directory"),
     (GOOD, ["student.lora.r=0"], "'student.lora.r' must be >= 1, got 0"),
+    (GOOD, ["student.dtype=float16"], "'student.dtype' float16 full fine-tuning keeps no float32 master weights"),
+    (GOOD, ["task.name=math", "task.path=d.jsonl", "task.answer_pattern=(unclosed"], "'task.answer_pattern' is not a valid regular expression"),
+    (GOOD, ["task.name=math", "task.path=d.jsonl", "task.too_long=chop"], "'task.too_long' must be one of 'error', 'skip', 'truncate'"),
     (GOOD, ["method.ovd.http.url=http://x", "method.name=ovd", "method.ovd.judge=http", "method.ovd.http.timeout=0"], "'method.ovd.http.timeout' must be > 0"),
     (GOOD, ["teacher.temperature=0"], "'teacher.temperature' must be > 0"),
     (GOOD, ["badoverride"], "override 'badoverride' must look like key.path=value"),
@@ -112,6 +115,9 @@ def one_line_error(capsys) -> str:
 
 
 def test_lora_targets_that_match_nothing_list_the_layers_there_are(tmp_path, tiny_models, capsys):
+    assert main(tiny_run(tmp_path, tiny_models, "student.lora.enabled=true", "student.lora.target_modules=[qkv, o]")) == 2
+    message = one_line_error(capsys)
+    assert "student.lora.target_modules=['qkv', 'o'] cannot be applied" in message and "q_proj" in message
     assert main(tiny_run(tmp_path, tiny_models, "student.lora.enabled=true", "student.lora.target_modules=qkv")) == 2
     message = one_line_error(capsys)
     assert "student.lora.target_modules='qkv' cannot be applied" in message and "q_proj" in message and "down_proj" in message

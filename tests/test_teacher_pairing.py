@@ -64,11 +64,24 @@ def test_pairing_template_mismatch_is_an_error_or_a_warning(pair, tokenizer):
         check_pairing(tokenizer, other, student, teacher, full_vocab=False, allow_template_mismatch=True)
 
 
-def test_pairing_refuses_different_output_sizes_for_full_vocab(tiny_models, tokenizer):
+def test_a_teacher_padded_beyond_the_student_pairs_and_is_cut_to_the_students_rows(tiny_models, tokenizer):
+    import torch
+
+    from opd.models import match_output_vocabulary
+
     teacher, student = (AutoModelForCausalLM.from_pretrained(p) for p in tiny_models)
-    teacher.resize_token_embeddings(len(tokenizer) + 5)
-    with pytest.raises(PairingError, match=r"output vocabulary sizes differ \(student 103, teacher 108\)"):
+    padded = AutoModelForCausalLM.from_pretrained(tiny_models[0])
+    padded.resize_token_embeddings(len(tokenizer) + 5)  # a larger family member's extra rows
+    assert check_pairing(tokenizer, tokenizer, student, padded, full_vocab=True, allow_template_mismatch=False) == []
+    assert match_output_vocabulary(padded, student) and padded.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    ids = torch.tensor([tokenizer("12+30=42")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(padded(ids).logits, teacher(ids).logits)  # the shared ids' logits are the teacher's own
+    # the other way round a full-vocabulary loss has no teacher probability for the student's extra ids
+    student.resize_token_embeddings(len(tokenizer) + 5)
+    with pytest.raises(PairingError, match=r"the teacher's output layer has fewer rows \(103\) than the student's \(108\)"):
         check_pairing(tokenizer, tokenizer, student, teacher, full_vocab=True, allow_template_mismatch=False)
+    assert check_pairing(tokenizer, tokenizer, student, teacher, full_vocab=False, allow_template_mismatch=False) == []
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):

@@ -12,7 +12,9 @@ import torch
 
 from .config import Config
 from .methods import Needs, create_method
-from .models import apply_lora, check_pairing, eos_token_ids, load_model, load_model_config, load_tokenizer
+from .models import (
+    apply_lora, check_pairing, eos_token_ids, load_model, load_model_config, load_tokenizer, match_output_vocabulary,
+)
 from .preflight import check_task_data, context_length
 from .profiling import PhaseTimer
 from .rollout import HFSampler
@@ -22,6 +24,7 @@ from .teachers import ModelTeacher, RoutedTeacher, initial_student
 
 
 def pick_device(name: str) -> torch.device:
+    """``train.device`` as a torch device (``config.validate`` has refused one this machine does not have)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -103,6 +106,7 @@ def load_paired(cfg: Config, needs: Needs, path: str, key: str, tokenizer, stude
         full_vocab=needs.full_vocabulary,
         allow_template_mismatch=cfg.pairing.allow_chat_template_mismatch,
     )
+    match_output_vocabulary(model, student)
     return model
 
 

@@ -64,25 +64,35 @@ def cmd_eval(args) -> int:
     from .assemble import autocast_factory, pick_device
     from .config import load_config
     from .evaluate import evaluate
-    from .models import eos_token_ids, load_model, load_tokenizer
+    from .methods import Needs
+    from .models import eos_token_ids, load_model, load_model_config, load_tokenizer
+    from .preflight import check_task_data, context_length
     from .rollout import HFSampler
     from .tasks import build_task
 
     # Only the task, sampling and eval sections matter here; method sft is named because it needs no teacher.
+    args.task = args.task or ("math" if args.data else "arithmetic")
     overrides = [f"task.name={args.task}", f"student.path={args.model}", f"eval.k={args.k}", "method.name=sft"]
+    if args.data:  # evaluate every row of the given data (a DatasetDict: its test / validation split, or task.eval_split)
+        overrides += [f"task.path={args.data}", f"task.eval_path={args.data}"]
     overrides += list(args.overrides)
-    if args.data:
-        overrides.append(f"task.path={args.data}")
     cfg = load_config(None, overrides)
     device = pick_device(cfg.train.device)
     tokenizer = load_tokenizer(args.model, "MODEL")
+    task = build_task(cfg.task, cfg.run.seed)
+    context = context_length(load_model_config(args.model, "MODEL"), tokenizer)
+    checks = check_task_data(task, tokenizer, Needs(), cfg, context)  # before the model is loaded
     model = load_model(args.model, "MODEL", cfg.student.dtype, device=device)
     sampler = HFSampler(model, tokenizer, eos_token_ids(model, tokenizer), autocast_factory(cfg, device))
-    task = build_task(cfg.task, cfg.run.seed)
     examples = task.eval_examples()[: cfg.eval.num_prompts]
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    results = evaluate(sampler, tokenizer, task, examples, cfg.sampling, cfg.eval.k, cfg.eval.temperature, cfg.eval.batch_size, generator)
-    print(json.dumps({"model": args.model, "task": args.task, "prompts": len(examples), **results}, indent=2))
+    results = evaluate(
+        sampler, tokenizer, task, examples, cfg.sampling, cfg.eval.k, cfg.eval.temperature, cfg.eval.batch_size, generator,
+        template_kwargs=cfg.task.chat_template_kwargs,
+    )
+    summary = {"model": args.model, "task": args.task, "prompts": len(examples), "eval_set": task.describe_eval(), **results}
+    summary["data_checks"] = checks.get("eval")
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -129,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="held-out accuracy of a model")
     ev.add_argument("model", help="a HF checkpoint directory, or world:teacher / world:student")
-    ev.add_argument("--task", default="arithmetic", choices=sorted(TASKS))
-    ev.add_argument("--data", help="JSONL file (task math)")
+    ev.add_argument("--task", choices=sorted(TASKS), help="default: math with --data, else arithmetic")
+    ev.add_argument("--data", help="evaluate every row of this data (JSONL / JSON / Parquet / saved dataset; task math)")
     ev.add_argument("--k", type=int, default=1, help="samples per prompt for avg@k / pass@k")
     ev.add_argument("overrides", nargs="*", help="key.path=value overrides (task.*, eval.*, sampling.*)")
     ev.set_defaults(func=cmd_eval)

@@ -349,6 +349,12 @@ def validate(c: Config) -> None:
     require(c.student.path is not None, "student.path", "is required (a local HF checkpoint, or world:student)")
     lora = c.student.lora
     require(lora.r >= 1, "student.lora.r", f"must be >= 1, got {lora.r}")
+    require(
+        c.student.dtype != "float16" or lora.enabled,
+        "student.dtype",
+        "float16 full fine-tuning keeps no float32 master weights (updates underflow and the weights overflow to "
+        "NaN within steps); use bfloat16 or float32 (train.precision=bf16 for bf16 compute), or student.lora.enabled=true",
+    )
     require(0 <= lora.dropout < 1, "student.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
     require(c.task.eval_size is None or c.task.eval_size >= 1, "task.eval_size", f"must be >= 1, got {c.task.eval_size}")
     c.task.validate(c)

@@ -91,21 +91,29 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    targets = lora_targets(cfg.target_modules)
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, peft_cfg)
-    except ValueError as err:  # typically: the target modules match nothing in this model
+    except (ValueError, TypeError) as err:  # typically: the target modules match nothing in this model
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ModelLoadError(
             f"student.lora.target_modules={cfg.target_modules!r} cannot be applied ({' '.join(str(err).split())[:160]}); "
             f"this model's linear layers are: {', '.join(linear)} (or use all-linear)"
         ) from None
+
+
+REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
+
+
+def lora_targets(target_modules: str | list[str]) -> str | list[str]:
+    """What peft is given: "all-linear" and regular expressions as they are; a plain name or comma-separated names
+    as a list (peft matches list entries as module-name suffixes, but a string as a regex over the full name)."""
+    if isinstance(target_modules, list):
+        return [t.strip() for t in target_modules]
+    if target_modules == "all-linear" or REGEX_CHARACTERS & set(target_modules):
+        return target_modules
+    return [t.strip() for t in target_modules.split(",") if t.strip()]
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -133,9 +141,15 @@ def check_pairing(student_tok, teacher_tok, student_model, teacher_model, full_v
     warnings issued (mismatches under which training stays meaningful).
     """
     problems, notes = [], []
-    s_vocab, t_vocab = student_model.config.vocab_size, teacher_model.config.vocab_size
-    if full_vocab and s_vocab != t_vocab:
-        problems.append(f"output vocabulary sizes differ (student {s_vocab}, teacher {t_vocab})")
+    s_vocab, t_vocab = output_size(student_model), output_size(teacher_model)
+    if len(student_tok) > min(s_vocab, t_vocab):
+        problems.append(f"the tokenizer has {len(student_tok)} tokens but the {'student' if s_vocab < t_vocab else 'teacher'} "
+                        f"outputs only {min(s_vocab, t_vocab)}")
+    elif t_vocab < s_vocab and full_vocab:
+        problems.append(
+            f"the teacher's output layer has fewer rows ({t_vocab}) than the student's ({s_vocab}), so it gives no "
+            "probability for the student's extra (padding) ids; a full-vocabulary loss needs the teacher at least as wide"
+        )
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         problems.append(f"tokenizer vocabularies differ (student {len(student_tok)} tokens, teacher {len(teacher_tok)})")
     if student_tok.eos_token_id != teacher_tok.eos_token_id:
@@ -164,6 +178,25 @@ def check_pairing(student_tok, teacher_tok, student_model, teacher_model, full_v
     for note in notes:
         warnings.warn(f"teacher/student pairing: {note}", stacklevel=2)
     return notes
+
+
+def output_size(model) -> int:
+    """Rows of the model's output layer (its config's ``vocab_size`` may count more, or fewer, in some families)."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None and hasattr(head, "weight") else model.config.vocab_size
+
+
+def match_output_vocabulary(teacher, student) -> bool:
+    """Cut a teacher whose output layer is padded beyond the student's (a family whose larger members have more
+    embedding rows) to the student's rows, in memory: ids past the tokenizer's are padding that neither model is
+    given as input, so the teacher's distribution over the ids both can emit is kept, renormalised over them.
+    Returns whether it cut."""
+    t_rows, s_rows = output_size(teacher), output_size(student)
+    if t_rows <= s_rows:
+        return False
+    teacher.resize_token_embeddings(s_rows)
+    log.info("teacher output layer cut from %d to the student's %d rows (the ids past the tokenizer's are padding)", t_rows, s_rows)
+    return True
 
 
 def _render(tokenizer) -> str | None:

@@ -37,7 +37,9 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: str = "all-linear"
+    # "all-linear", a list of module names (matched as name suffixes, e.g. [q_proj, v_proj]), a comma-separated
+    # string of them, or a regular expression over the full module names
+    target_modules: str | list[str] = "all-linear"
 
 
 @dataclass
