@@ -38,14 +38,14 @@ def build_tokenizer(directory: Path):
     return fast
 
 
-def build_model(directory: Path, tokenizer, hidden: int, layers: int, extra_rows: int = 0, seed: int = 0) -> Path:
+def build_model(directory: Path, tokenizer, hidden: int, layers: int, extra_rows: int = 0, seed: int = 0, context: int = 160) -> Path:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=len(tokenizer) + extra_rows, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=160,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=context,
         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
@@ -57,11 +57,11 @@ def build_model(directory: Path, tokenizer, hidden: int, layers: int, extra_rows
     return directory
 
 
-def build_pair(root: Path) -> tuple[Path, Path]:
+def build_pair(root: Path, context: int = 160) -> tuple[Path, Path]:
     """``(student, teacher)`` directories: the teacher wider and deeper, its output layer 64 rows past the tokenizer."""
     tokenizer = build_tokenizer(root / "tokenizer")
-    student = build_model(root / "student", tokenizer, hidden=32, layers=1, seed=1)
-    teacher = build_model(root / "teacher", tokenizer, hidden=48, layers=2, extra_rows=64, seed=2)
+    student = build_model(root / "student", tokenizer, hidden=32, layers=1, seed=1, context=context)
+    teacher = build_model(root / "teacher", tokenizer, hidden=48, layers=2, extra_rows=64, seed=2, context=context)
     return student, teacher
 
 

@@ -221,3 +221,38 @@ def test_the_random_module_is_untouched_by_data_loading(tmp_path):
     random.seed(5)
     MathTask(str(path), MathConfig(path=str(path)))
     assert random.random() == expected
+
+
+@pytest.mark.slow
+def test_the_readme_walkthrough_runs_as_written(tmp_path):
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    block = re.search(r"### Walkthrough.*?```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert [c.split()[:2] for c in commands] == [["opd", "train"], ["opd", "eval"]]
+    student, teacher = build_pair(tmp_path / "pair", context=1024)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(40))
+    work = tmp_path / "work"
+    shutil.copytree(repo / "configs" / "own_models", work / "configs" / "own_models")
+    env = {**os.environ, "STUDENT": str(student), "TEACHER": str(teacher), "DATA": str(data),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    outputs = []
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+    summary = json.loads((work / "runs" / "own_opd" / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["trained"] and summary["eval_set"]["rows"] == 4
+    assert summary["data_checks"]["train"]["kept"] == 36
+    AutoModelForCausalLM.from_pretrained(work / "runs" / "own_opd" / "final")
+    evaluated = json.loads(outputs[1][outputs[1].index("{"):])
+    assert evaluated["prompts"] == evaluated["rows"] == 40
