@@ -67,6 +67,8 @@ def test_prompt_only_data_distils_and_a_reward_method_says_what_is_missing(tmp_p
     summary = train(run_config(tmp_path, pair, data, "method.name=opd"))
     assert summary["trained"] and summary["student_accuracy_after"] is None  # nothing to grade
     assert summary["eval_after"]["graded"] == 0 and summary["eval_after"]["rows"] == 1
+    # full vocabulary on the student's own samples (against the padded teacher) needs no solution either
+    assert train(run_config(tmp_path, pair, data, "method.name=gkd", "method.gkd.lambda_onpolicy=1.0", name="gkd"))["trained"]
     with pytest.raises(DataError, match=r"prompts.jsonl:\d+: no answer, and the method trains on the task's rewards.*; 11 of 11 training rows lack one"):
         train(run_config(tmp_path, pair, data, "method.name=grpo", name="grpo"))
     with pytest.raises(DataError, match=r"no solution, and the method uses reference solutions"):
