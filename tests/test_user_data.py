@@ -258,3 +258,50 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     AutoModelForCausalLM.from_pretrained(work / "runs" / "own_opd" / "final")
     evaluated = json.loads(outputs[1][outputs[1].index("{"):])
     assert evaluated["prompts"] == evaluated["rows"] == 40
+
+
+def test_review_edge_cases_of_reading_and_grading(tmp_path):
+    import re as _re
+
+    import datasets
+
+    from opd.models import lora_targets
+    from opd.tasks.math import extract_answer, final_boxed
+
+    assert final_boxed("\\boxed{3} then \\boxed{4") is None  # a cut-off final box is no answer, not the earlier one
+    assert extract_answer("ANSWER=7", _re.compile(r"answer is (\d+)|ANSWER=(\d+)")) == "7"
+    assert lora_targets("self_attn.q_proj") == ["self_attn.q_proj"] and lora_targets(["all-linear"]) == "all-linear"
+    (tmp_path / "one.json").write_text('\ufeff{"messages": [{"role": "user", "content": "hi"}]}')  # one row, with a BOM
+    one = MathTask(str(tmp_path / "one.json"), MathConfig(path=str(tmp_path / "one.json"), eval_path=str(tmp_path / "one.json")))
+    assert [e.prompt for e in one.eval_examples()] == ["hi"]
+
+    def split(n):
+        return datasets.Dataset.from_list([{"problem": f"p{i}", "answer": "1"} for i in range(n)])
+
+    datasets.DatasetDict({"train": split(3), "validation": split(4), "test": split(5)}).save_to_disk(str(tmp_path / "dd"))
+    on_test = MathTask(str(tmp_path / "dd"), MathConfig(path=str(tmp_path / "dd"), split="test"))
+    assert len(on_test.splits()["train"]) == 5 and on_test.describe_eval()["source"].endswith("[validation]")
+
+
+def test_opd_eval_data_on_a_dataset_dict_without_a_train_split(tmp_path, pair, capsys):
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(chat_rows(6))}).save_to_disk(str(tmp_path / "dd"))
+    assert main(["eval", str(pair[0]), "--data", str(tmp_path / "dd"), "sampling.max_new_tokens=4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompts"] == 6 and out["eval_set"]["source"].endswith("[test]")
+
+
+def test_a_prompt_only_run_plots_and_whitespace_user_turns_are_dropped(tmp_path, pair):
+    rows = prompt_rows(12) + [{"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "   "}]}]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = run_config(tmp_path, pair, data, "method.name=opd", "log.plot=true", f"task.eval_path={write_jsonl(tmp_path / 'e.jsonl', prompt_rows(2))}")
+    summary = train(cfg)
+    assert (tmp_path / "run" / "curves.png").is_file() and summary["data_checks"]["train"]["empty"] == 1
+
+
+def test_sft_with_privileged_rows_has_its_privileged_prompts_checked():
+    from opd.methods import method_class
+
+    cfg = load_config(None, ["student.path=s", "method.name=sft", "method.sft.privileged_fraction=0.5"])
+    assert method_class("sft").needs(cfg).privileged

@@ -69,6 +69,8 @@ def cmd_eval(args) -> int:
     from .preflight import check_task_data, context_length
     from .rollout import HFSampler
     from .tasks import build_task
+    from .tasks.math import eval_split_of
+    from .tasks.rows import dataset_splits
 
     # Only the task, sampling and eval sections matter here; method sft is named because it needs no teacher.
     args.task = args.task or ("math" if args.data else "arithmetic")
@@ -77,11 +79,14 @@ def cmd_eval(args) -> int:
         overrides += [f"task.path={args.data}", f"task.eval_path={args.data}"]
     overrides += list(args.overrides)
     cfg = load_config(None, overrides)
+    if args.data and dataset_splits(args.data) is not None and cfg.task.split is None:
+        # a DatasetDict: its evaluation split alone is read (it need not have a training split)
+        cfg.task.split = cfg.task.eval_split = eval_split_of(args.data, cfg.task.eval_split, required=True)
     device = pick_device(cfg.train.device)
     tokenizer = load_tokenizer(args.model, "MODEL")
     task = build_task(cfg.task, cfg.run.seed)
     context = context_length(load_model_config(args.model, "MODEL"), tokenizer)
-    checks = check_task_data(task, tokenizer, Needs(), cfg, context)  # before the model is loaded
+    checks = check_task_data(task, tokenizer, Needs(), cfg, context, splits=("eval",))  # before the model is loaded
     model = load_model(args.model, "MODEL", cfg.student.dtype, device=device)
     sampler = HFSampler(model, tokenizer, eos_token_ids(model, tokenizer), autocast_factory(cfg, device))
     examples = task.eval_examples()[: cfg.eval.num_prompts]

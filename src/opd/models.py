@@ -103,14 +103,15 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
         ) from None
 
 
-REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
+REGEX_CHARACTERS = set("*+?[](){}|^$\\")  # not ".": "self_attn.q_proj" is a dotted suffix, not a pattern
 
 
 def lora_targets(target_modules: str | list[str]) -> str | list[str]:
     """What peft is given: "all-linear" and regular expressions as they are; a plain name or comma-separated names
     as a list (peft matches list entries as module-name suffixes, but a string as a regex over the full name)."""
     if isinstance(target_modules, list):
-        return [t.strip() for t in target_modules]
+        names = [t.strip() for t in target_modules]
+        return "all-linear" if names == ["all-linear"] else names
     if target_modules == "all-linear" or REGEX_CHARACTERS & set(target_modules):
         return target_modules
     return [t.strip() for t in target_modules.split(",") if t.strip()]

@@ -44,16 +44,21 @@ def context_length(model_config, tokenizer) -> int | None:
     return n if isinstance(n, int) and 0 < n < 10**8 else None
 
 
-def check_task_data(task: Task, tokenizer, needs, cfg, context: int | None) -> dict:
+def check_task_data(task: Task, tokenizer, needs, cfg, context: int | None, splits=("train", "eval")) -> dict:
     """Run the pre-flight pass over ``task``'s fixed splits (dropping or truncating rows in place); return the report."""
     started = time.time()
     eval_new = cfg.eval.max_new_tokens if cfg.eval.max_new_tokens is not None else cfg.sampling.max_new_tokens
-    new_tokens = {"train": cfg.sampling.max_new_tokens, "eval": eval_new}
+    new_tokens = {"train": ("sampling.max_new_tokens", cfg.sampling.max_new_tokens), "eval": ("eval.max_new_tokens", eval_new)}
     report = {}
     for name, examples in task.splits().items():
+        if name not in splits:
+            continue
         if name == "train":
             _require_fields(examples, needs)
-        budget = Budget(context - new_tokens[name], context) if context else Budget(None, None)
+        key, new = new_tokens[name]
+        if context and context - new < 1:
+            raise DataError(f"{key}={new} leaves no room for a prompt in the student's {context}-token context")
+        budget = Budget(context - new, context) if context else Budget(None, None)
         checker = _RowChecker(task, tokenizer, cfg.task.chat_template_kwargs, budget, cfg.task.too_long, needs if name == "train" else None)
         task.filter_split(name, checker)
         counts = {"rows": len(examples), "kept": len(examples) - checker.skipped_long - checker.empty, **checker.counts()}
@@ -70,14 +75,14 @@ def check_task_data(task: Task, tokenizer, needs, cfg, context: int | None) -> d
 
 def _describe(counts: dict, budget: Budget | None = None) -> str:
     parts = [f"{counts['kept']} of {counts['rows']} rows kept"]
-    room = f" (the context leaves {budget.prompt} prompt tokens)" if budget and budget.prompt is not None else ""
     if counts["skipped_too_long"]:
-        parts.append(f"{counts['skipped_too_long']} too long for the context skipped{room}")
+        parts.append(f"{counts['skipped_too_long']} too long for the context skipped")
     if counts["truncated"]:
-        parts.append(f"{counts['truncated']} truncated to fit{room}")
+        parts.append(f"{counts['truncated']} truncated to fit")
     if counts["empty"]:
         parts.append(f"{counts['empty']} with an empty prompt dropped")
-    return "; ".join(parts)
+    room = f" (the context leaves {budget.prompt} prompt tokens)" if budget and budget.prompt is not None else ""
+    return "; ".join(parts) + (room if counts["skipped_too_long"] or counts["truncated"] else "")
 
 
 def _require_fields(examples: list[Example], needs) -> None:
@@ -111,10 +116,11 @@ class _RowChecker:
         return len(self.tokenizer(render_prompt(self.tokenizer, messages, self.kwargs), add_special_tokens=False)["input_ids"])
 
     def __call__(self, example: Example) -> Example | None:
-        messages = self.task.messages(example)
-        if not any(m.get("content", "").strip() for m in messages):
+        turns = example.messages or ({"role": "user", "content": example.prompt},)
+        if not any(m["content"].strip() for m in turns if m["role"] == "user"):  # the row's own words, not the instruction
             self.empty += 1
             return None
+        messages = self.task.messages(example)
         if self.budget.prompt is None:
             return example
         n = self._prompt_tokens(messages)

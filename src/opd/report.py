@@ -20,8 +20,9 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
     train = [r for r in rows if r["kind"] == "train"]
     teacher = [r for r in rows if r["kind"] == "teacher_eval"]
     fig, (ax_acc, ax_kl) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o", label="student")
-    if teacher:
+    graded = [r for r in evals if r.get("accuracy") is not None]  # prompt-only evaluation data has no accuracy
+    ax_acc.plot([r["step"] for r in graded], [r["accuracy"] for r in graded], marker="o", label="student")
+    if teacher and teacher[0].get("accuracy") is not None:
         ax_acc.axhline(teacher[0]["accuracy"], color="gray", linestyle="--", label="teacher")
     ax_acc.set(xlabel="step", ylabel="held-out accuracy (greedy)", ylim=(0, 1.02), title="accuracy")
     ax_acc.legend(loc="lower right")

@@ -46,7 +46,8 @@ class SFT(Method):
     @classmethod
     def needs(cls, cfg) -> Needs:
         c = cls.section(cfg)
-        return Needs(teacher=c.source == "teacher", solutions=c.source == "reference")
+        # privileged: part of the rows sit behind the privileged prompt, whose length the pre-flight pass checks
+        return Needs(teacher=c.source == "teacher", solutions=c.source == "reference", privileged=c.privileged_fraction > 0)
 
     def data(self, s, examples, rng, generator):
         c = self.config

@@ -45,18 +45,18 @@ def parse_gold(answer: str):
 def final_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None when there is none."""
     start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, i = 0, start + len("\\boxed")
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i + 1 : j]
-        start = text.rfind("\\boxed{", 0, start)  # unclosed: an earlier, closed one may still count
-    return None
+    if start == -1:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None  # the last box is unclosed (a cut-off answer): an earlier one is not the final answer
 
 
 def extract_answer(completion: str, pattern: re.Pattern | None = None) -> str | None:
-    """The completion's final answer: the last match of ``pattern`` (its first group, if it has one), else the
+    """The completion's final answer: the last match of ``pattern`` (its first group that matched, if it has groups), else the
     last ``\\boxed{}``. None when there is none: such a completion is not graded correct, whatever it contains."""
     if pattern is None:
         return final_boxed(completion)
@@ -64,7 +64,9 @@ def extract_answer(completion: str, pattern: re.Pattern | None = None) -> str | 
     if not matches:
         return None
     last = matches[-1]
-    return last.group(1) if pattern.groups else last.group(0)
+    if not pattern.groups:
+        return last.group(0)
+    return next((g for g in last.groups() if g is not None), None)
 
 
 def answer_is_correct(completion: str, answer: str, pattern: re.Pattern | None = None) -> bool:
@@ -129,13 +131,15 @@ class MathConfig(TaskConfig):
         )
 
 
-def _eval_split_of(path: str, configured: str | None, required: bool) -> str | None:
+def eval_split_of(path: str, configured: str | None, required: bool, train_split: str | None = None) -> str | None:
     """The evaluation split of a saved DatasetDict: the configured one, else "test", else "validation"; None for
     a file (which has no splits) or, unless ``required``, a DatasetDict with neither."""
     splits = dataset_splits(path)
     if splits is None:
         return configured  # a split asked of a plain file is refused when it is read
-    found = configured or next((n for n in ("test", "validation") if n in splits), None)
+    if configured is not None and configured == train_split:
+        log.warning("%s: task.eval_split and task.split are both '%s': evaluation uses the training rows", path, configured)
+    found = configured or next((n for n in ("test", "validation") if n in splits and n != train_split), None)
     if found is None and required:
         raise DataError(f"{path}: the DatasetDict has no 'test' or 'validation' split (it has: {', '.join(splits)}); set task.eval_split")
     return found
@@ -164,10 +168,10 @@ class MathTask:
         is_dict = dataset_splits(self.path) is not None
         rows = read_examples(self.path, fields, (c.split or "train") if is_dict else c.split)
         if c.eval_path:
-            split = _eval_split_of(c.eval_path, c.eval_split, required=True)
+            split = eval_split_of(c.eval_path, c.eval_split, required=True)
             self._train, self._eval = rows, read_examples(c.eval_path, fields, split)
             self._eval_source = f"{c.eval_path}[{split}]" if split else c.eval_path
-        elif is_dict and (split := _eval_split_of(self.path, c.eval_split, required=False)) is not None:
+        elif is_dict and (split := eval_split_of(self.path, c.eval_split, required=False, train_split=c.split or "train")) is not None:
             self._train, self._eval = rows, read_examples(self.path, fields, split)
             self._eval_source = f"{self.path}[{split}]"
         else:

@@ -69,7 +69,7 @@ def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[str,
 
 def _text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
@@ -92,6 +92,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             yield from _jsonl_rows(path)
             return
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if isinstance(data, dict) and _is_one_row(data):
+        data = [data]
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: the one list it holds
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -101,6 +103,13 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: expected a list of rows, got {type(data).__name__}")
     for i, row in enumerate(data):
         yield f"{path}[{i}]", row
+
+
+def _is_one_row(data: dict) -> bool:
+    """An object that is itself a row (it has string fields, or its list is a conversation) rather than a container."""
+    lists = [v for v in data.values() if isinstance(v, list)]
+    conversation = bool(lists) and all(isinstance(m, dict) and "role" in m for m in lists[0])
+    return conversation or any(isinstance(v, str) for v in data.values())
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
