@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from .prompts import encode_completion, render_prompt
+from .prompts import encode_completion, prompt_ids
 from .tasks.base import Example, Task
 from .tasks.rows import DataError
 
@@ -87,7 +87,7 @@ def _describe(counts: dict, budget: Budget | None = None) -> str:
 
 def _require_fields(examples: list[Example], needs) -> None:
     wanted = []
-    if getattr(needs, "answers", False):
+    if needs.answers:
         wanted.append(("answer", "trains on the task's rewards, which grade against an answer (task.answer_field)"))
     if needs.solutions or needs.privileged:
         wanted.append(("solution", "uses reference solutions (a final assistant turn, a completion, or task.solution_field)"))
@@ -113,17 +113,15 @@ class _RowChecker:
         return {"skipped_too_long": self.skipped_long, "truncated": self.truncated, "empty": self.empty}
 
     def _prompt_tokens(self, messages: list[dict]) -> int:
-        return len(self.tokenizer(render_prompt(self.tokenizer, messages, self.kwargs), add_special_tokens=False)["input_ids"])
+        return len(prompt_ids(self.tokenizer, messages, self.kwargs))
 
     def __call__(self, example: Example) -> Example | None:
-        turns = example.messages or ({"role": "user", "content": example.prompt},)
-        if not any(m["content"].strip() for m in turns if m["role"] == "user"):  # the row's own words, not the instruction
+        if not any(m["content"].strip() for m in example.turns() if m["role"] == "user"):  # the row's own words, not the instruction
             self.empty += 1
             return None
-        messages = self.task.messages(example)
         if self.budget.prompt is None:
             return example
-        n = self._prompt_tokens(messages)
+        n = self._prompt_tokens(self.task.messages(example))
         if n > self.budget.prompt:
             if self.policy == "error":
                 raise DataError(
@@ -136,7 +134,8 @@ class _RowChecker:
                 return None
             self.truncated += 1
             example = shorter
-        if not self._extras_fit(example):
+            n = self._prompt_tokens(self.task.messages(example))
+        if not self._extras_fit(example, n):
             if self.policy == "error":
                 raise DataError(
                     f"{example.meta.get('source', 'a row')}: its privileged prompt or reference solution does not fit "
@@ -146,20 +145,20 @@ class _RowChecker:
             return None
         return example
 
-    def _extras_fit(self, example: Example) -> bool:
+    def _extras_fit(self, example: Example, prompt_tokens: int) -> bool:
         if self.privileged and example.solution is not None:
             if self._prompt_tokens(self.task.privileged_messages(example)) > self.budget.prompt:
                 return False
         if self.solutions and example.solution is not None:
-            messages = self.task.messages(example)
-            total = self._prompt_tokens(messages) + len(encode_completion(self.tokenizer, messages, example.solution, self.kwargs))
+            solution = encode_completion(self.tokenizer, self.task.messages(example), example.solution, self.kwargs)
+            total = prompt_tokens + len(solution)
             if total > self.budget.total:
                 return False
         return True
 
     def _truncate(self, example: Example) -> Example | None:
         """The example with the start of its last user turn cut until the student's prompt fits; None if it cannot."""
-        turns = list(example.messages) if example.messages else [{"role": "user", "content": example.prompt}]
+        turns = example.turns()
         last = max(i for i, m in enumerate(turns) if m["role"] == "user")
         text = turns[last]["content"]
 

@@ -15,11 +15,16 @@ def render_prompt(tokenizer, messages: list[dict], template_kwargs: dict | None 
     return "\n\n".join(m["content"] for m in messages) + "\n\n"  # base models: plain text
 
 
+def prompt_ids(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of the rendered prompt, unchecked."""
+    return tokenizer(render_prompt(tokenizer, messages, template_kwargs), add_special_tokens=False)["input_ids"]
+
+
 def encode_prompt(tokenizer, messages: list[dict], max_length: int | None = None, template_kwargs: dict | None = None) -> list[int]:
     """Token ids of the prompt, ending where the assistant's reply begins."""
     if not any(m.get("content", "").strip() for m in messages):
         raise PromptError("empty prompt")
-    ids = tokenizer(render_prompt(tokenizer, messages, template_kwargs), add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tokenizer, messages, template_kwargs)
     if max_length is not None and len(ids) > max_length:
         raise PromptError(f"prompt of {len(ids)} tokens is longer than the {max_length} the context leaves for it")
     return ids

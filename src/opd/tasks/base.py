@@ -29,6 +29,10 @@ class Example:
     # the prompt as chat turns, for data that comes as a conversation (else the task builds them from ``prompt``)
     messages: tuple[dict, ...] | None = field(default=None, hash=False, compare=False)
 
+    def turns(self) -> list[dict]:
+        """The example's own prompt turns (copies): its conversation, or ``prompt`` as one user turn."""
+        return [dict(m) for m in self.messages] if self.messages else [{"role": "user", "content": self.prompt}]
+
 
 class StepJudge(Protocol):
     """Scores each step of a completion (and the whole of it) against the example, 0–9."""

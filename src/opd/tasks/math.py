@@ -166,10 +166,12 @@ class MathTask:
         self._pattern = re.compile(c.answer_pattern) if c.answer_pattern else None
         fields = c.fields()
         is_dict = dataset_splits(self.path) is not None
-        rows = read_examples(self.path, fields, (c.split or "train") if is_dict else c.split)
+        train_split = (c.split or "train") if is_dict else c.split
+        rows = read_examples(self.path, fields, train_split)
         if c.eval_path:
             split = eval_split_of(c.eval_path, c.eval_split, required=True)
-            self._train, self._eval = rows, read_examples(c.eval_path, fields, split)
+            same = Path(c.eval_path).resolve() == Path(self.path).resolve() and split == train_split  # e.g. opd eval --data
+            self._train, self._eval = rows, (list(rows) if same else read_examples(c.eval_path, fields, split))
             self._eval_source = f"{c.eval_path}[{split}]" if split else c.eval_path
         elif is_dict and (split := eval_split_of(self.path, c.eval_split, required=False, train_split=c.split or "train")) is not None:
             self._train, self._eval = rows, read_examples(self.path, fields, split)
@@ -232,7 +234,7 @@ class MathTask:
         return STUDENT_INSTRUCTION if example.meta.get("shape", "problem") == "problem" else ""
 
     def _base_messages(self, example: Example, addition: str) -> list[dict]:
-        turns = [dict(m) for m in example.messages] if example.messages else [{"role": "user", "content": example.prompt}]
+        turns = example.turns()
         if addition:
             last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
             turns[last_user]["content"] = f"{turns[last_user]['content']}\n\n{addition}"
