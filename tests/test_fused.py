@@ -223,3 +223,27 @@ def test_output_head_refuses_wrapped_layers(tiny_models):
     assert head is not None and head.weight_VH is model.get_output_embeddings().weight
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
     assert output_head(wrapped) is None
+
+
+@pytest.mark.parametrize("top_k,softcap", [(None, None), (None, 4.0), (5, None)])
+def test_sampled_token_logprobs_come_out_of_the_same_loop(top_k, softcap):
+    """With token ids, the loop also gives log softmax(z)[id] at τ = 1 for student and dense teacher — the numbers
+    the GKD/OPSD ``kl`` diagnostic needs — without changing the loss or its gradient."""
+    hidden, weight, _, t_hidden, t_weight, w = _inputs(seed=6)
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(1))
+    teacher = DenseTeacher.from_hidden(t_hidden, lambda h: h @ t_weight.T)
+    plain = fused_divergence(hidden, OutputHead(weight, None, softcap), teacher, w, 0.5, 0.8, top_k=top_k, chunk_size=4)
+    with_ids = fused_divergence(
+        hidden, OutputHead(weight, None, softcap), teacher, w, 0.5, 0.8, top_k=top_k, chunk_size=4, token_ids_N=ids
+    )
+    student_logp = _materialised_logits(hidden, weight, None, softcap).log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+    teacher_logp = (t_hidden @ t_weight.T).log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+    torch.testing.assert_close(with_ids.student_token_logp_N, student_logp.detach().float())
+    torch.testing.assert_close(with_ids.teacher_token_logp_N, teacher_logp.float())
+    torch.testing.assert_close(with_ids.loss, plain.loss)
+    torch.testing.assert_close(torch.autograd.grad(with_ids.loss, hidden)[0], torch.autograd.grad(plain.loss, hidden)[0])
+    top_logp, top_index = (t_hidden @ t_weight.T).log_softmax(-1).topk(6, -1)
+    sparse = fused_divergence(hidden, OutputHead(weight), SparseTeacher(top_index, top_logp), w, 0.5, 1.0, token_ids_N=ids)
+    plain_logp = (hidden @ weight.T).log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+    torch.testing.assert_close(sparse.student_token_logp_N, plain_logp.detach().float())
+    assert sparse.teacher_token_logp_N is None  # a top-k teacher's log-prob of the token comes from the teacher itself

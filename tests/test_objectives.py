@@ -123,7 +123,7 @@ def test_gkd_chunked_equals_unchunked_values_and_gradients():
     for chunk in (1, 3, 1000):
         s_hidden.grad = None
         s_head.zero_grad()
-        loss, per_token, _ = gkd_loss(s_hidden, t_hidden, s_head, t_head, mask, beta=0.3, temperature=0.9, chunk_size=chunk)
+        loss, per_token, *_ = gkd_loss(s_hidden, t_hidden, s_head, t_head, mask, beta=0.3, temperature=0.9, chunk_size=chunk)
         loss.backward()
         results.append((loss.detach(), per_token.detach(), s_hidden.grad.clone(), s_head.weight.grad.clone()))
     for other in results[1:]:
@@ -133,7 +133,7 @@ def test_gkd_chunked_equals_unchunked_values_and_gradients():
 
 def test_gkd_matches_materialised_formula():
     s_head, t_head, s_hidden, t_hidden, mask = _gkd_inputs()
-    loss, _, _ = gkd_loss(s_hidden, t_hidden, s_head, t_head, mask, beta=0.5, temperature=1.0, chunk_size=4)
+    loss, *_ = gkd_loss(s_hidden, t_hidden, s_head, t_head, mask, beta=0.5, temperature=1.0, chunk_size=4)
     (grad,) = torch.autograd.grad(loss, s_hidden)
     reference = direct_jsd(s_head(s_hidden), t_head(t_hidden).detach(), 0.5, 1.0)
     reference_loss = (reference * mask).sum() / mask.sum()
@@ -144,7 +144,7 @@ def test_gkd_matches_materialised_formula():
 
 def test_gkd_zero_when_teacher_is_student():
     s_head, _, s_hidden, _, mask = _gkd_inputs()
-    loss, _, _ = gkd_loss(s_hidden, s_hidden.detach(), s_head, s_head, mask)
+    loss, *_ = gkd_loss(s_hidden, s_hidden.detach(), s_head, s_head, mask)
     assert abs(loss.item()) < 1e-7
 
 

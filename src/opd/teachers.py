@@ -49,6 +49,7 @@ class TopLogprobs:
 
     ids_BCK: torch.Tensor
     logp_BCK: torch.Tensor
+    token_logp_BC: torch.Tensor | None = None  # the log-prob of each completion token itself (at temperature 1), if known
 
 
 class Teacher(Protocol):

@@ -98,13 +98,14 @@ def full_vocabulary_loss(
         student_hidden = completion_hidden_states(s.student, r)
     if isinstance(teacher, TopLogprobs):
         return _sparse_teacher_loss(s, batch, student_hidden, teacher, beta, temperature, chunk_size, top_k)
+    on_policy_ids = r.completion_ids_BC if batch.on_policy else None  # on other data ℓ^S - ℓ^T estimates nothing
     result = gkd_loss(
         student_hidden, teacher.hidden_BCH, loss_head(s.student), teacher.project, r.loss_mask_BC,
-        beta, temperature, chunk_size, s.method.normaliser(batch), top_k, top_k_tail,
+        beta, temperature, chunk_size, s.method.normaliser(batch), top_k, top_k_tail, on_policy_ids,
     )
     metrics = {"jsd": float(result.loss.detach())}
-    if batch.on_policy:  # on other data ℓ^S - ℓ^T estimates nothing
-        metrics["kl"] = sampled_kl(s, r, student_hidden, teacher)
+    if batch.on_policy:  # the fused loop estimated it; the unfused path (a wrapped output layer) projects again
+        metrics["kl"] = result.sampled_kl if result.sampled_kl is not None else sampled_kl(s, r, student_hidden, teacher)
     if result.teacher_mass is not None:  # how much of the teacher's probability the kept top-k tokens cover
         metrics["teacher_topk_mass"] = result.teacher_mass
     return result.loss, metrics
@@ -120,8 +121,14 @@ def _sparse_teacher_loss(s, batch: Batch, student_hidden_BCH, teacher: TopLogpro
     valid_BC = r.loss_mask_BC.bool()
     weight_N = reduction_weights(r.loss_mask_BC, s.method.normaliser(batch), torch.promote_types(student_hidden_BCH.dtype, torch.float32))
     sparse = SparseTeacher(teacher.ids_BCK[valid_BC], teacher.logp_BCK[valid_BC].float())
-    result = fused_divergence(student_hidden_BCH[valid_BC], head, sparse, weight_N[valid_BC], beta, temperature, None, True, chunk_size)
+    with_kl = batch.on_policy and teacher.token_logp_BC is not None
+    ids_N = r.completion_ids_BC[valid_BC] if with_kl else None
+    result = fused_divergence(
+        student_hidden_BCH[valid_BC], head, sparse, weight_N[valid_BC], beta, temperature, None, True, chunk_size, ids_N
+    )
     metrics = {"jsd": float(result.loss.detach())}
+    if with_kl and ids_N.numel():  # the served teacher's log-prob of each sampled token came with its top-k
+        metrics["kl"] = float((result.student_token_logp_N - teacher.token_logp_BC[valid_BC].float()).mean())
     if result.teacher_mass_N is not None and result.teacher_mass_N.numel():
         metrics["teacher_topk_mass"] = float(result.teacher_mass_N.mean())
     return result.loss, metrics

@@ -28,6 +28,12 @@ Top-k modes (``top_k`` with a dense teacher, or any sparse teacher) restrict the
 the teacher's top-k tokens, either renormalised there or with a *tail bucket*: the probability
 mass outside the top-k as one extra class, so that a teacher that only reveals its top-k still
 defines a proper distribution. Their chunk gradient is taken by autograd on the chunk alone.
+
+Given ``token_ids_N`` (the tokens actually in the sequence), the same loop also returns the
+untempered log-probs ``log softmax(z)[id]`` of those tokens under the student and — for a dense
+teacher — the teacher: what a reverse-KL estimate ``mean(ℓ^S - ℓ^T)`` needs, read off logits the
+chunk has already formed, so it costs two log-sum-exps per chunk rather than a second pass of
+both output layers over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ class FusedDivergence(NamedTuple):
     loss: torch.Tensor  # Σ_n w_n D_n, differentiable with respect to the student's hidden states and output layer
     per_token_N: torch.Tensor  # D_n, no gradient
     teacher_mass_N: torch.Tensor | None  # teacher probability on the kept top-k tokens; None over the full vocabulary
+    student_token_logp_N: torch.Tensor | None = None  # log softmax(z_S)[id] at τ = 1 (with token_ids_N), no gradient
+    teacher_token_logp_N: torch.Tensor | None = None  # log softmax(z_T)[id] at τ = 1 (with token_ids_N, dense teacher)
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -101,13 +109,15 @@ def fused_divergence(
     top_k: int | None = None,
     tail: bool = False,
     chunk_size: int | None = None,
+    token_ids_N: torch.Tensor | None = None,
 ) -> FusedDivergence:
     """``Σ_n w_n D_β(P_T ‖ P_S)`` over the student's and teacher's next-token distributions, chunk by chunk.
 
     ``top_k`` (dense teacher only; a sparse teacher's K is its own) keeps the teacher's top-k tokens,
     renormalised there, or with ``tail`` plus one class holding the rest of the mass. The
     temperature divides the student's logits and a dense teacher's logits; a sparse teacher's
-    log-probs are used as given. ``chunk_size`` None picks about 2^25 logits per chunk.
+    log-probs are used as given. ``chunk_size`` None picks about 2^25 logits per chunk. ``token_ids_N``:
+    also return the untempered log-probs of these tokens (``student_token_logp_N``, ``teacher_token_logp_N``).
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -119,10 +129,34 @@ def fused_divergence(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     vocab = student_head.weight_VH.shape[0]
     spec = _Spec(beta, temperature, top_k, tail, chunk_size or auto_chunk_size(vocab), student_head.softcap)
+    sampled = None if token_ids_N is None else _SampledTokens(token_ids_N, isinstance(teacher, DenseTeacher))
     loss, per_token_N, mass_N = _FusedDivergenceFn.apply(
-        student_hidden_NH, student_head.weight_VH, student_head.bias_V, weight_N.detach(), spec, teacher
+        student_hidden_NH, student_head.weight_VH, student_head.bias_V, weight_N.detach(), spec, teacher, sampled
     )
-    return FusedDivergence(loss, per_token_N, mass_N if spec.reports_mass(teacher) else None)
+    return FusedDivergence(
+        loss, per_token_N, mass_N if spec.reports_mass(teacher) else None,
+        None if sampled is None else sampled.student_N, None if sampled is None else sampled.teacher_N,
+    )
+
+
+class _SampledTokens:
+    """Collects, chunk by chunk, the untempered log-probs of the given tokens (filled in during the forward)."""
+
+    def __init__(self, ids_N: torch.Tensor, with_teacher: bool):
+        self.ids_N = ids_N
+        self.student_N = torch.zeros(ids_N.shape, dtype=torch.float32, device=ids_N.device)
+        self.teacher_N = torch.zeros_like(self.student_N) if with_teacher else None
+
+    def record(self, start: int, stop: int, student_logits_CV: torch.Tensor, teacher_logits_CV: torch.Tensor | None):
+        ids_C1 = self.ids_N[start:stop, None]
+        self.student_N[start:stop] = _untempered_logp(student_logits_CV, ids_C1)
+        if self.teacher_N is not None and teacher_logits_CV is not None:
+            self.teacher_N[start:stop] = _untempered_logp(teacher_logits_CV, ids_C1)
+
+
+def _untempered_logp(logits_CV: torch.Tensor, ids_C1: torch.Tensor) -> torch.Tensor:
+    """``log softmax(z)[id]`` per row, without forming the ``[C, V]`` log-softmax."""
+    return (logits_CV.gather(-1, ids_C1).squeeze(-1) - logits_CV.logsumexp(-1)).float()
 
 
 @dataclass(frozen=True)
@@ -140,7 +174,7 @@ class _Spec:
 
 class _FusedDivergenceFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, bias_V, weight_N, spec: _Spec, teacher):
+    def forward(ctx, hidden_NH, weight_VH, bias_V, weight_N, spec: _Spec, teacher, sampled: "_SampledTokens | None"):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = bias_V is not None and ctx.needs_input_grad[2]
         want_any = want_hidden or want_weight or want_bias
@@ -158,7 +192,9 @@ class _FusedDivergenceFn(torch.autograd.Function):
                 stop = min(start + spec.chunk_size, n_rows)
                 hidden_c = hidden_NH[start:stop].to(dtype)
                 logits_CV = _softcap(F.linear(hidden_c, weight_c, bias_c).to(acc_dtype), spec.softcap)
-                values_C, grad_CV, mass_C = _chunk(logits_CV, teacher, start, stop, weight_N[start:stop].to(acc_dtype), spec, want_any)
+                values_C, grad_CV, mass_C = _chunk(
+                    logits_CV, teacher, start, stop, weight_N[start:stop].to(acc_dtype), spec, want_any, sampled
+                )
                 per_token_N[start:stop] = values_C
                 if mass_C is not None:
                     mass_N[start:stop] = mass_C
@@ -188,24 +224,31 @@ class _FusedDivergenceFn(torch.autograd.Function):
         hidden, weight, bias = (
             None if g is None else (g if unit else g * grad_loss).to(dtype) for g, dtype in zip(grads, dtypes)
         )
-        return hidden, weight, bias, None, None, None
+        return hidden, weight, bias, None, None, None, None
 
 
-def _chunk(logits_CV, teacher, start, stop, weight_C, spec: _Spec, want_grad: bool):
-    """``(D_C, ∂(Σ w·D)/∂logits or None, teacher mass or None)`` for one chunk of student logits."""
-    if isinstance(teacher, SparseTeacher) or spec.top_k is not None:
-        return _chunk_top_k(logits_CV, teacher, start, stop, weight_C, spec, want_grad)
-    teacher_logp_CV = _teacher_logp(teacher, start, stop, logits_CV.dtype, spec.temperature)
+def _chunk(logits_CV, teacher, start, stop, weight_C, spec: _Spec, want_grad: bool, sampled: _SampledTokens | None = None):
+    """``(D_C, ∂(Σ w·D)/∂logits or None, teacher mass or None)`` for one chunk of student logits; the sampled
+    tokens' untempered log-probs go to ``sampled`` when given."""
+    if isinstance(teacher, SparseTeacher):
+        if sampled is not None:
+            sampled.record(start, stop, logits_CV, None)
+        teacher_logp_CK = teacher.logp_NK[start:stop].to(logits_CV.dtype)
+        return _chunk_top_k(logits_CV, teacher.index_NK[start:stop], teacher_logp_CK, weight_C, spec, want_grad)
+    teacher_logits_CV = teacher.logits(start, stop).to(logits_CV.dtype)
+    if sampled is not None:
+        sampled.record(start, stop, logits_CV, teacher_logits_CV)
+    teacher_logp_CV = (teacher_logits_CV / spec.temperature).log_softmax(-1)
+    del teacher_logits_CV
+    if spec.top_k is not None:
+        teacher_logp_CK, index_CK = teacher_logp_CV.topk(min(spec.top_k, teacher_logp_CV.shape[-1]), dim=-1)
+        del teacher_logp_CV
+        return _chunk_top_k(logits_CV, index_CK, teacher_logp_CK, weight_C, spec, want_grad)
     logp_CV = (logits_CV / spec.temperature).log_softmax(-1)
     values_C, grad_CV = _full_vocab(logp_CV, teacher_logp_CV, spec.beta, want_grad)
     if grad_CV is not None:
         grad_CV.mul_(weight_C[:, None] / spec.temperature)
     return values_C, grad_CV, None
-
-
-def _teacher_logp(teacher: DenseTeacher, start: int, stop: int, dtype: torch.dtype, temperature: float) -> torch.Tensor:
-    """The dense teacher's tempered log-probs for rows ``start:stop``."""
-    return (teacher.logits(start, stop).to(dtype) / temperature).log_softmax(-1)
 
 
 def _full_vocab(logp_CV: torch.Tensor, teacher_logp_CV: torch.Tensor, beta: float, want_grad: bool):
@@ -239,14 +282,8 @@ def _weighted_sum(p_CV: torch.Tensor, diff_CV: torch.Tensor) -> torch.Tensor:
     return diff_CV.mul_(p_CV).masked_fill_(p_CV == 0, 0.0).sum(-1)
 
 
-def _chunk_top_k(logits_CV, teacher, start, stop, weight_C, spec: _Spec, want_grad: bool):
-    if isinstance(teacher, SparseTeacher):
-        index_CK = teacher.index_NK[start:stop]
-        teacher_logp_CK = teacher.logp_NK[start:stop].to(logits_CV.dtype)
-    else:
-        teacher_logp_CV = _teacher_logp(teacher, start, stop, logits_CV.dtype, spec.temperature)
-        teacher_logp_CK, index_CK = teacher_logp_CV.topk(min(spec.top_k, teacher_logp_CV.shape[-1]), dim=-1)
-        del teacher_logp_CV
+def _chunk_top_k(logits_CV, index_CK, teacher_logp_CK, weight_C, spec: _Spec, want_grad: bool):
+    """The divergence on the teacher's top-k tokens ``index_CK`` (log-probs ``teacher_logp_CK``), renormalised or with a tail."""
     mass_C = teacher_logp_CK.exp().sum(-1)
     logits_CV = logits_CV.detach().requires_grad_(want_grad)
     with torch.enable_grad() if want_grad else torch.no_grad():

@@ -27,6 +27,9 @@ class GKDLoss(NamedTuple):
     loss: torch.Tensor
     per_token_BT: torch.Tensor  # D_β at each position (0 where masked), no gradient with the fused path
     teacher_mass: float | None  # mean teacher probability on the kept top-k tokens; None over the full vocabulary
+    # with token_ids_BT on the fused path: mean over valid positions of ℓ^S - ℓ^T, the untempered log-probs of
+    # those tokens (the sampled-token reverse-KL estimate when the tokens are the student's samples); else None
+    sampled_kl: float | None = None
 
 
 def gkd_loss(
@@ -41,25 +44,31 @@ def gkd_loss(
     reduction: Reduction | Normaliser = "token_mean",
     top_k: int | None = None,
     top_k_tail: bool = False,
+    token_ids_BT: torch.Tensor | None = None,
 ) -> GKDLoss:
     """The reduced generalised JSD between student and teacher next-token distributions.
 
     ``student_head``: an ``OutputHead`` (fused path) or any hidden → logits callable (checkpointed
     path). ``top_k`` restricts both distributions to the teacher's K most likely tokens,
-    renormalised, or — ``top_k_tail`` — with the remaining mass as one extra class.
+    renormalised, or — ``top_k_tail`` — with the remaining mass as one extra class. ``token_ids_BT``: also
+    estimate ``mean(ℓ^S - ℓ^T)`` on those tokens inside the fused loop (``sampled_kl``; fused path only).
     """
     valid_BT = mask_BT.bool()
     weight_N = reduction_weights(mask_BT, reduction, torch.promote_types(student_hidden_BTH.dtype, torch.float32))[valid_BT]
     student_hidden_NH, teacher_hidden_NH = student_hidden_BTH[valid_BT], teacher_hidden_BTH[valid_BT]
-    mass = None
+    mass = sampled_kl = None
     if isinstance(student_head, OutputHead):
+        ids_N = None if token_ids_BT is None else token_ids_BT[valid_BT]
         result = fused_divergence(
             student_hidden_NH, student_head, DenseTeacher.from_hidden(teacher_hidden_NH, teacher_project), weight_N,
-            beta, temperature, top_k, top_k_tail, chunk_size,
+            beta, temperature, top_k, top_k_tail, chunk_size, ids_N,
         )
         loss, values_N = result.loss, result.per_token_N
         if result.teacher_mass_N is not None and result.teacher_mass_N.numel():
             mass = float(result.teacher_mass_N.mean())
+        if ids_N is not None:
+            n = ids_N.numel()
+            sampled_kl = float((result.student_token_logp_N - result.teacher_token_logp_N).mean()) if n else 0.0
     else:
         if top_k_tail:
             raise ValueError("the top-k tail bucket needs a plain linear output layer (fused path)")
@@ -73,4 +82,4 @@ def gkd_loss(
         if not values_N.numel():  # nothing to train on: a zero loss that still reaches the student (backward works)
             loss = loss + 0.0 * student_hidden_BTH.sum()
     per_token_BT = torch.zeros(valid_BT.shape, dtype=values_N.dtype, device=values_N.device)
-    return GKDLoss(loss, per_token_BT.masked_scatter(valid_BT, values_N.detach()), mass)
+    return GKDLoss(loss, per_token_BT.masked_scatter(valid_BT, values_N.detach()), mass, sampled_kl)
