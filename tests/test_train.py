@@ -119,7 +119,7 @@ def test_run_outputs_load_back_and_logs_exist(tmp_path, tiny_models):
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["kind"] == "eval"] == [0, 1, 2]
     # where the step time went: every phase of an OPD step is timed, and the shares add up to 1
-    assert set(summary["phase_seconds"]) == {"sample", "teacher", "student", "optimizer"}
+    assert set(summary["phase_seconds"]) == {"sample", "sync", "teacher", "student", "optimizer"}
     assert abs(sum(summary["phase_shares"].values()) - 1) < 1e-3
     train_row = next(r for r in evals if r["kind"] == "train")
     assert train_row["time/sample"] > 0 and train_row["time/teacher"] > 0

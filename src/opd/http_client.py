@@ -1,4 +1,4 @@
-"""One JSON-over-HTTP client for the services a run talks to (a verbal judge now, a served teacher next).
+"""One JSON-over-HTTP client for the services a run talks to (a verbal judge, a served teacher).
 
 What it guarantees, whatever the server does:
 
@@ -60,8 +60,17 @@ def check_url(url: str, with_credentials: bool) -> None:
         raise ServiceError(f"refusing to send an API key over plain http:// to {parts.hostname}; use https:// (plain http only to loopback)")
 
 
+def same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
 class JSONClient:
-    """POST JSON to one URL and return the parsed JSON reply, within a deadline, retrying transient failures."""
+    """POST JSON to one URL and return the parsed JSON reply, within a deadline, retrying transient failures.
+
+    ``url=`` on a call addresses another endpoint of the same server (same scheme, host and port; anything
+    else is refused, so credentials never leave the configured host); ``method="GET"`` sends no body.
+    """
 
     def __init__(
         self, url: str, api_key: str | None = None, deadline: float = 30.0, retries: int = 3, backoff: float = 1.0,
@@ -74,35 +83,44 @@ class JSONClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._client = httpx2.Client(follow_redirects=False, trust_env=False, timeout=httpx2.Timeout(deadline))
 
-    def post(self, payload: Any, read: Callable[[Any], Any] | None = None) -> Any:
+    def post(self, payload: Any, read: Callable[[Any], Any] | None = None, url: str | None = None, method: str = "POST") -> Any:
         """The reply to ``payload`` — passed through ``read`` when given, which may refuse it by raising a transient
         ``ServiceError`` — retrying transient failures up to ``retries`` times with backoff. When every attempt
         failed, the ``ServiceError`` carries ``problem``, the last failure."""
+        target = url or self.url
         problem = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                reply = self.post_once(payload)
+                reply = self.post_once(payload, target, method)
                 return read(reply) if read is not None else reply
             except ServiceError as err:
                 if not err.transient:
                     raise
                 problem = str(err)
-        raise ServiceError(f"{self.url}: no usable reply after {self.retries + 1} attempts: {problem}", problem=problem)
+        raise ServiceError(f"{target}: no usable reply after {self.retries + 1} attempts: {problem}", problem=problem)
 
-    def post_once(self, payload: Any) -> Any:
+    def get(self, url: str, read: Callable[[Any], Any] | None = None) -> Any:
+        """``GET url`` (an endpoint of the configured server), with the same deadline, retries and caps."""
+        return self.post(None, read, url=url, method="GET")
+
+    def post_once(self, payload: Any, url: str | None = None, method: str = "POST") -> Any:
         """One attempt: the parsed reply, or ``ServiceError`` (``transient`` when worth retrying)."""
+        url = url or self.url
+        if not same_origin(url, self.url):
+            raise ServiceError(f"{url} is not on the configured server {self.url}; nothing is sent elsewhere")
         started = time.monotonic()
+        body_kwargs = {"json": payload} if method != "GET" else {}
         try:
-            with self._client.stream("POST", self.url, json=payload, headers=self._headers) as response:
+            with self._client.stream(method, url, headers=self._headers, **body_kwargs) as response:
                 if response.is_redirect:
                     target = response.headers.get("location", "?")
-                    raise ServiceError(f"{self.url} redirected to {target}; redirects are not followed (credentials stay with the configured host)")
+                    raise ServiceError(f"{url} redirected to {target}; redirects are not followed (credentials stay with the configured host)")
                 if response.status_code >= 400:
                     if response.status_code in (408, 429) or response.status_code >= 500:
                         raise _retry(f"HTTP {response.status_code}")
-                    raise ServiceError(f"{self.url} answered HTTP {response.status_code}")
+                    raise ServiceError(f"{url} answered HTTP {response.status_code}{_error_detail(response)}")
                 body = bytearray()
                 for chunk in response.iter_bytes():
                     body += chunk
@@ -123,3 +141,14 @@ class JSONClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _error_detail(response, limit: int = 300) -> str:
+    """The start of an error reply's message (vLLM explains a 400 there), for the one-line error."""
+    try:
+        text = response.read()[:4096].decode("utf-8", "replace")
+        message = json.loads(text).get("error", {})
+        message = message.get("message") if isinstance(message, dict) else message
+        return f": {str(message)[:limit]}" if message else ""
+    except Exception:  # noqa: BLE001 - the detail is a courtesy; the status code is the error
+        return ""

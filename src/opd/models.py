@@ -151,6 +151,13 @@ def check_pairing(student_tok, teacher_tok, student_model, teacher_model, full_v
             f"the teacher's output layer has fewer rows ({t_vocab}) than the student's ({s_vocab}), so it gives no "
             "probability for the student's extra (padding) ids; a full-vocabulary loss needs the teacher at least as wide"
         )
+    tok_problems, tok_notes = tokenizer_problems(student_tok, teacher_tok, allow_template_mismatch)
+    return raise_pairing(problems + tok_problems, notes + tok_notes)
+
+
+def tokenizer_problems(student_tok, teacher_tok, allow_template_mismatch: bool) -> tuple[list[str], list[str]]:
+    """``(problems, notes)`` of two tokenizers: vocabulary, EOS and pad ids, a round trip, the chat template."""
+    problems, notes = [], []
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         problems.append(f"tokenizer vocabularies differ (student {len(student_tok)} tokens, teacher {len(teacher_tok)})")
     if student_tok.eos_token_id != teacher_tok.eos_token_id:
@@ -174,10 +181,15 @@ def check_pairing(student_tok, teacher_tok, student_model, teacher_model, full_v
             notes.append(message)
         else:
             problems.append(message + " (set pairing.allow_chat_template_mismatch=true if that is intended)")
+    return problems, notes
+
+
+def raise_pairing(problems: list[str], notes: list[str]) -> list[str]:
+    """Raise ``PairingError`` naming every problem; else warn each note and return the notes."""
     if problems:
         raise PairingError("teacher and student do not pair: " + "; ".join(problems))
     for note in notes:
-        warnings.warn(f"teacher/student pairing: {note}", stacklevel=2)
+        warnings.warn(f"teacher/student pairing: {note}", stacklevel=3)
     return notes
 
 

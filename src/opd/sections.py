@@ -56,15 +56,38 @@ class StudentConfig(ModelConfig):
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    # Multi-teacher routing (e.g. ExOPD merging domain experts): route name -> checkpoint path.
-    # Each example names its route (task.teacher_field); examples without one use teacher.path.
+    # Multi-teacher routing (e.g. ExOPD merging domain experts): route name -> checkpoint path or server URL.
+    # Each example names its route (task.teacher_field); examples without one use teacher.path / teacher.url.
     routes: dict[str, str] = field(default_factory=dict)
     temperature: float = 1.0  # the teacher's sampled-token log-probs are those of softmax(logits / temperature)
+    # A teacher behind an OpenAI-compatible server (stock vLLM: /v1/completions with prompt_logprobs), instead of
+    # teacher.path: its base URL, e.g. http://127.0.0.1:8000 (the /v1 suffix is optional). See docs/engines.md.
+    url: str | None = None
+    model: str | None = None  # the served model's name; None = the server's only model
+    tokenizer: str | None = None  # a local copy of the served model's tokenizer (pairing check); None = the student's
+    top_k: int = 20  # top-k log-probs per position that full-vocabulary losses get (vLLM's --max-logprobs caps it)
+    api_key_env: str | None = None  # the environment variable holding the server's API key (never the key itself)
+    deadline: float = 120.0  # seconds per request, everything included
+    retries: int = 3  # further attempts after a transient failure, with exponential backoff
+    concurrency: int = 8  # requests in flight at once (one sequence each)
+    max_reply_mb: float = 256.0  # a longer reply is an error, never read into memory
 
 
 @dataclass
 class PairingConfig:
     allow_chat_template_mismatch: bool = False
+
+
+@dataclass
+class VLLMConfig:
+    """The in-process vLLM engine of ``sampling.engine: vllm`` (see docs/engines.md)."""
+
+    gpu_memory_utilization: float = 0.3  # the share of GPU memory the engine may take (weights + KV cache)
+    kv_cache_gb: float | None = None  # KV-cache size; None = 1 GiB on CPU, gpu_memory_utilization's rest on GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = student.dtype
+    enforce_eager: bool | None = None  # None = eager on CPU, CUDA graphs on GPU
+    max_model_len: int | None = None  # None = the student's context length
+    sleep: bool = False  # GPU: free the engine's memory while the trainer works (vLLM sleep mode, level 1)
 
 
 @dataclass
@@ -74,6 +97,11 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
     max_new_tokens: int = 64
+    engine: Literal["hf", "vllm"] = "hf"  # who generates the student's samples: opd's KV-cached decoder or vLLM
+    # push the student's weights into the engine every this many steps (vllm only); in between the engine samples
+    # from older weights and the truncated importance weight (method.is_correction_cap) corrects for it
+    sync_every: int = 1
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -87,7 +115,8 @@ class MethodCommonConfig:
     normalizer_tokens: int | None = None  # the constant normaliser's tokens per row; None = sampling.max_new_tokens
     clip_eps: float | None = None  # PPO clip on the ratio; None = no clipping
     # truncated sampler/trainer importance weight cap C; None = on with C = 5 when sampling truncates (top-p / top-k),
-    # since the student's log-probs are those of the untruncated tempered softmax, else off
+    # since the student's log-probs are those of the untruncated tempered softmax, or when vLLM samples (its
+    # numerics and, with sampling.sync_every > 1, its weights differ from the trainer's), else off
     is_correction_cap: float | None = None
 
 

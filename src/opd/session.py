@@ -41,3 +41,4 @@ class Session:
     judge: Judge | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)  # seconds per phase of the current step
     data_report: dict = field(default_factory=dict)  # what the pre-flight pass kept, skipped and truncated per split
+    sampler_behind: bool = False  # updates applied since the sampler last got the student's weights (sampling.sync_every)

@@ -111,8 +111,17 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
         if update_status == "applied":
             status = "applied"
     if status == "applied":
-        s.sampler.update_weights(s.student)
+        s.sampler_behind = True
+    if s.sampler_behind and (step + 1) % cfg.sampling.sync_every == 0:
+        sync_sampler(s)
     return totals, status
+
+
+def sync_sampler(s: Session) -> None:
+    """Sample from the student's current weights from now on (an engine gets them pushed; opd's own sampler has them)."""
+    with s.timer.phase("sync"):
+        s.sampler.update_weights(s.student)
+    s.sampler_behind = False
 
 
 def optimizer_update(s: Session, optimizer, batches: list, step: int) -> tuple[dict[str, float], str]:
@@ -291,6 +300,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
             s.teacher.load_state_tensors(load_extra_tensors(resume_from))
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
+    sync_sampler(s)  # an engine starts from the checkpoint on disk; the student may be a resumed one
     metrics_log = MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None, cfg.train.steps)
     eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
 
@@ -348,6 +358,8 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
             "no step of this run changed the student: every gradient was exactly zero or non-finite "
             "(e.g. GRPO/OVD groups whose samples all got the same reward); the final model is the initial one"
         )
+    if s.sampler_behind:
+        sync_sampler(s)
     after = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
     metrics_log.write("eval", cfg.train.steps, after)
     metrics_log.close()

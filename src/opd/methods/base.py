@@ -70,6 +70,11 @@ class Method:
         return Needs()
 
     @classmethod
+    def loss_temperature(cls, cfg: RunConfig) -> tuple[str, float]:
+        """``(config key, τ)`` of the temperature a full-vocabulary loss divides both logit sets by."""
+        return "sampling.temperature", cfg.sampling.temperature
+
+    @classmethod
     def default_reduction(cls, cfg: RunConfig) -> str:
         """The normaliser ``method.reduction: auto`` stands for."""
         return "token_mean"
@@ -85,11 +90,13 @@ class Method:
         return self.cfg.sampling.temperature or 1.0
 
     def importance_cap(self) -> float | None:
-        """The truncated importance weight's cap: configured, or 5 when the sampler truncates (top-p / top-k)."""
+        """The truncated importance weight's cap: configured, or 5 when the sampler truncates (top-p / top-k) or is
+        an inference engine (its log-probs come from other kernels and, between weight pushes, older weights)."""
         m, sampling = self.cfg.method, self.cfg.sampling
         if m.is_correction_cap is not None:
             return m.is_correction_cap
-        return DEFAULT_IMPORTANCE_CAP if sampling.top_p < 1 or sampling.top_k > 0 else None
+        differs = sampling.top_p < 1 or sampling.top_k > 0 or sampling.engine != "hf"
+        return DEFAULT_IMPORTANCE_CAP if differs else None
 
     def tokens_per_row(self) -> int:
         """The constant normaliser's tokens per row."""

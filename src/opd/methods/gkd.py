@@ -54,6 +54,10 @@ class GKD(Method):
         c = cls.section(cfg)
         return Needs(teacher=True, full_vocabulary=True, solutions=c.lambda_onpolicy < 1 and not c.seq_kd)
 
+    @classmethod
+    def loss_temperature(cls, cfg) -> tuple[str, float]:
+        return "method.gkd.temperature", cls.section(cfg).temperature
+
     def data(self, s, examples, rng, generator):
         c = self.config
         if rng.random() < c.lambda_onpolicy:
