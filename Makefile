@@ -56,5 +56,9 @@ vllm-env: $(VLLM_BIN)/.opd-vllm
 test-vllm: vllm-env
 	OPD_VLLM_PYTHON=$(abspath $(VLLM_BIN))/python $(VLLM_BIN)/python -m pytest -q -m vllm
 
+# BENCHMARKS.md section 4: generation tokens/s, opd's sampler vs vLLM (weight push included), then OPD steps
+bench-vllm: vllm-env
+	$(VLLM_BIN)/python benchmarks/bench_engine.py --opd-steps 2
+
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs
