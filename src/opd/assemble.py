@@ -67,7 +67,7 @@ def build_session(cfg: Config) -> Session:
     student_config = load_model_config(st.path, "student.path", st.trust_remote_code)
     max_positions = context_length(student_config, tokenizer)
     served = connect_served(cfg, needs, tokenizer, getattr(student_config, "vocab_size", None) or len(tokenizer), device)
-    max_positions = min_context(max_positions, [t.served.context - 1 for t in served.values() if t.served.context])  # +1 scored
+    max_positions = min_context(max_positions, [t.served.context - 1 for t, _ in served.values() if t.served.context])  # +1 scored
     max_positions = min_context(max_positions, local_teacher_contexts(cfg, needs, tokenizer))
     max_prompt = max_positions - cfg.sampling.max_new_tokens if max_positions else None
     if max_prompt is not None and max_prompt < 1:
@@ -81,20 +81,19 @@ def build_session(cfg: Config) -> Session:
         student = apply_lora(student, st.lora)
     student.train()
     student_eos = eos_token_ids(student, tokenizer)
-    for served_model in served.values():  # top-k ids must index the student's output layer itself
+    for served_model, _ in served.values():  # top-k ids must index the student's output layer itself
         served_model.vocab_size = output_size(student)
     teacher = teacher_sampler = None
     if needs.teacher and "teacher.url" in served:
-        teacher = served["teacher.url"]
-        teacher_sampler = served["teacher.url"].sampler
+        teacher, teacher_sampler = served["teacher.url"]
     elif needs.teacher and cfg.teacher.path is not None:
         teacher_model = load_paired(cfg, needs, cfg.teacher.path, "teacher.path", tokenizer, student, device)
         teacher = ModelTeacher(teacher_model, autocast)
         teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
     if cfg.teacher.routes:
         routes = {
-            name: served.get(f"teacher.routes.{name}")
-            or ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast)
+            name: served[f"teacher.routes.{name}"][0] if f"teacher.routes.{name}" in served
+            else ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast)
             for name, path in cfg.teacher.routes.items()
         }
         teacher = RoutedTeacher(routes, default=teacher)
@@ -102,14 +101,18 @@ def build_session(cfg: Config) -> Session:
         teacher = method.make_teacher(student, autocast, device)
     reference = None
     if needs.reference:
-        reference = served.get(needs.reference_key) or build_reference(cfg, needs, tokenizer, student, autocast, device)
+        if needs.reference_key in served:
+            reference = served[needs.reference_key][0]
+        else:
+            reference = build_reference(cfg, needs, tokenizer, student, autocast, device)
     sampler = student_sampler(cfg, student, tokenizer, student_eos, autocast, device, max_positions)
     judge = method.make_judge(task, teacher, device) if needs.judge else None
     return Session(cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge, PhaseTimer(device), data_report)
 
 
 def connect_served(cfg: Config, needs: Needs, tokenizer, vocab_size: int, device) -> dict:
-    """Every served model the run uses, by the config key that names it, each pairing-checked against the student."""
+    """``{config key: (ServedTeacher, ServedSampler)}`` for every served model the run uses, each pairing-checked
+    against the student."""
     te = cfg.teacher
     urls = {}
     if needs.teacher and te.url:
@@ -119,12 +122,8 @@ def connect_served(cfg: Config, needs: Needs, tokenizer, vocab_size: int, device
     if needs.reference and is_url(needs.reference):
         urls[needs.reference_key] = needs.reference
     eos = [tokenizer.eos_token_id]
-    served = {}
-    for key, url in urls.items():
-        teacher, sampler = served_teacher(te, url, key, tokenizer, vocab_size, eos, cfg.pairing.allow_chat_template_mismatch, device)
-        teacher.sampler = sampler
-        served[key] = teacher
-    return served
+    allow = cfg.pairing.allow_chat_template_mismatch
+    return {key: served_teacher(te, url, key, tokenizer, vocab_size, eos, allow, device) for key, url in urls.items()}
 
 
 def min_context(context: int | None, others) -> int | None:

@@ -172,7 +172,5 @@ class VLLMSampler:
         return rollouts.to(self.device)
 
     def close(self) -> None:
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            del llm
+        self.llm = None  # the engine goes with its last reference
         self._scratch.cleanup()
