@@ -23,7 +23,7 @@ from opd.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/demo.yaml", "configs/arithmetic/gkd.yaml", "configs/arithmetic/grpo.yaml", "configs/arithmetic/ovd.yaml"]
-PHASES = ["sample", "sync", "teacher", "judge", "student", "optimizer"]
+PHASES = ["sample", "sync", "teacher", "judge", "student", "reduce", "optimizer"]
 
 
 def main() -> None:

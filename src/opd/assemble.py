@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .distributed import SINGLE, Ranks
 from .methods import Needs, create_method
 from .models import (
     apply_lora, check_pairing, eos_token_ids, load_model, load_model_config, load_tokenizer, match_output_vocabulary, output_size,
@@ -25,8 +26,11 @@ from .tasks import build_task
 from .teachers import ModelTeacher, RoutedTeacher, initial_student
 
 
-def pick_device(name: str) -> torch.device:
-    """``train.device`` as a torch device (``config.validate`` has refused one this machine does not have)."""
+def pick_device(name: str, ranks: Ranks = SINGLE) -> torch.device:
+    """``train.device`` as a torch device (``config.validate`` has refused one this machine does not have); with
+    several ranks, ``auto`` and ``cuda`` mean this rank's GPU (``cuda:LOCAL_RANK``)."""
+    if ranks.several and (name == "auto" or name == "cuda") and ranks.device.type == "cuda":
+        return ranks.device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -54,12 +58,12 @@ def autocast_factory(cfg: Config, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def build_session(cfg: Config) -> Session:
+def build_session(cfg: Config, ranks: Ranks = SINGLE) -> Session:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     method = create_method(cfg)
     needs: Needs = method.needs(cfg)
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, ranks)
     task = build_task(cfg.task, cfg.run.seed)
     autocast = autocast_factory(cfg, device)
     st = cfg.student
@@ -107,7 +111,11 @@ def build_session(cfg: Config) -> Session:
             reference = build_reference(cfg, needs, tokenizer, student, autocast, device)
     sampler = student_sampler(cfg, student, tokenizer, student_eos, autocast, device, max_positions)
     judge = method.make_judge(task, teacher, device) if needs.judge else None
-    return Session(cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge, PhaseTimer(device), data_report)
+    ranks.broadcast_parameters(student)
+    return Session(
+        cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge,
+        PhaseTimer(device), data_report, ranks=ranks,
+    )
 
 
 def connect_served(cfg: Config, needs: Needs, tokenizer, vocab_size: int, device) -> dict:

@@ -27,13 +27,21 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, RunDirBusy, TrainingError, JudgeError, ServiceError, CheckpointError)
 
 
+def launched_rank() -> int:
+    """This process's rank when a launcher (torchrun, accelerate launch) started several; 0 otherwise."""
+    from .distributed import launched_world
+
+    return launched_world()[0]
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .train import train
 
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
     summary = train(load_config(args.config, overrides))
-    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval_")}, indent=2))
+    if launched_rank() == 0:  # one summary per job, not one per rank
+        print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval_")}, indent=2))
     return 0
 
 
@@ -177,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as err:
-        print(f"opd: error: {err}", file=sys.stderr)
+        rank = launched_rank()
+        if rank == 0:
+            print(f"opd: error: {err}", file=sys.stderr)
+        elif type(err).__name__ != "ConfigError" and not getattr(err, "reported_by_rank0", False):  # else rank 0 has said it
+            print(f"opd: error (rank {rank}): {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("opd: interrupted", file=sys.stderr)

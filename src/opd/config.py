@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from .distributed import launched_world, unsupported_launch
 from .methods import METHODS, method_class
 from .sections import (
     CheckpointConfig,
@@ -314,6 +315,15 @@ def validate(c: Config) -> None:
         "train.grad_accum",
         f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.grad_accum}",
     )
+    _, world, _ = launched_world()
+    if unsupported_launch():
+        raise ConfigError(unsupported_launch())
+    require(
+        t.prompts_per_step % (t.grad_accum * world) == 0,
+        "train.prompts_per_step",
+        f"must split into {world} ranks x train.grad_accum={t.grad_accum} equal micro-batches, got {t.prompts_per_step}",
+    )
+    require(t.dist_timeout > 0, "train.dist_timeout", f"must be > 0 seconds, got {t.dist_timeout}")
     require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {t.grad_clip}")
@@ -378,6 +388,11 @@ def validate_engine(c: Config) -> None:
     require(0 < v.gpu_memory_utilization <= 1, "sampling.vllm.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
     require(v.kv_cache_gb is None or v.kv_cache_gb > 0, "sampling.vllm.kv_cache_gb", f"must be > 0 or null, got {v.kv_cache_gb}")
     require(v.max_model_len is None or v.max_model_len >= 2, "sampling.vllm.max_model_len", f"must be >= 2 or null, got {v.max_model_len}")
+    require(
+        launched_world()[1] == 1, "sampling.engine",
+        "is 'vllm', which opd runs in one process only for now (launched with several: use sampling.engine=hf, "
+        "or one process with the engine)",
+    )
     if s.sync_every > 1:
         for key, every in (("eval.every", c.eval.every), ("checkpoint.every", c.checkpoint.every)):
             require(

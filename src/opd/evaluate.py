@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -10,6 +10,16 @@ from .prompts import PromptError, encode_prompt
 from .rollout import Sampler
 from .sections import SamplingConfig
 from .tasks.base import Example, Task
+
+
+@dataclass
+class EvalRow:
+    """One held-out example's outcome: its greedy reward and length, and its ``k`` sampled rewards (if asked)."""
+
+    graded: bool
+    correct: float
+    length: int
+    sampled: list[float] = field(default_factory=list)
 
 
 def evaluate(
@@ -30,6 +40,25 @@ def evaluate(
 
     Accuracies are over the rows that have an answer (``graded`` of ``rows``); with none (prompt-only data) there
     is no accuracy, only the lengths."""
+    rows = evaluate_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, max_prompt_tokens, template_kwargs)
+    return summarise(rows, k)
+
+
+def evaluate_rows(
+    sampler: Sampler,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    k: int = 1,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    max_prompt_tokens: int | None = None,
+    template_kwargs: dict | None = None,
+) -> list[EvalRow]:
+    """Each example's ``EvalRow`` (``evaluate``'s arguments); rows from several ranks concatenate, then
+    ``summarise``."""
     prompts = []
     for e in examples:
         try:
@@ -37,26 +66,32 @@ def evaluate(
         except PromptError as err:
             raise PromptError(f"evaluation example {e.meta.get('source') or repr(e.prompt[:40])}: {err}") from None
     greedy = replace(sampling, temperature=0.0)
-    correct, lengths = [], []
+    rows = []
     for start in range(0, len(prompts), batch_size):
         rollouts = sampler.sample(prompts[start : start + batch_size], greedy)
         batch = examples[start : start + batch_size]
-        correct += [task.reward(text, ex) for text, ex in zip(rollouts.texts, batch)]
-        lengths += rollouts.completion_lengths_B.tolist()
-    graded = [i for i, e in enumerate(examples) if e.answer is not None]
-    results = {"rows": len(examples), "graded": len(graded), "mean_length": sum(lengths) / len(lengths)}
-    if graded:
-        results["accuracy"] = sum(correct[i] for i in graded) / len(graded)
-    if k > 1 and graded:
+        rows += [
+            EvalRow(ex.answer is not None, task.reward(text, ex), int(length))
+            for text, ex, length in zip(rollouts.texts, batch, rollouts.completion_lengths_B.tolist())
+        ]
+    if k > 1:
         sampled = replace(sampling, temperature=temperature)
-        per_prompt = [[] for _ in examples]
-        flat = [(i, prompts[i]) for i in graded for _ in range(k)]
+        flat = [(i, prompts[i]) for i, row in enumerate(rows) if row.graded for _ in range(k)]
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             rollouts = sampler.sample([p for _, p in chunk], sampled, generator)
             for (i, _), text in zip(chunk, rollouts.texts):
-                per_prompt[i].append(task.reward(text, examples[i]))
-        per_prompt = [per_prompt[i] for i in graded]
-        results[f"avg@{k}"] = sum(sum(s) / k for s in per_prompt) / len(per_prompt)
-        results[f"pass@{k}"] = sum(float(max(s) > 0) for s in per_prompt) / len(per_prompt)
+                rows[i].sampled.append(task.reward(text, examples[i]))
+    return rows
+
+
+def summarise(rows: list[EvalRow], k: int = 1) -> dict[str, float]:
+    """``evaluate``'s metrics from the rows of every evaluated example."""
+    graded = [r for r in rows if r.graded]
+    results = {"rows": len(rows), "graded": len(graded), "mean_length": sum(r.length for r in rows) / max(len(rows), 1)}
+    if graded:
+        results["accuracy"] = sum(r.correct for r in graded) / len(graded)
+    if k > 1 and graded:
+        results[f"avg@{k}"] = sum(sum(r.sampled) / k for r in graded) / len(graded)
+        results[f"pass@{k}"] = sum(float(max(r.sampled) > 0) for r in graded) / len(graded)
     return results

@@ -37,6 +37,16 @@ class MetricsLog:
             self.writer.close()
 
 
+class NoMetrics:
+    """What ranks other than 0 of a several-process run log to: nothing (rank 0 writes the run's one copy)."""
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def json_row(row: dict) -> str:
     """The row as strict JSON: a NaN or ±inf value becomes null, and ``nonfinite`` lists the keys it happened to."""
     nonfinite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]

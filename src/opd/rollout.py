@@ -12,6 +12,7 @@ three methods.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
@@ -228,7 +229,8 @@ class HFSampler:
         out = self.model(
             input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache_key = cache_argument(self.model)
+        cache, logits = returned_cache(out), out.logits[:, -1]
         attention = prompt_mask
         next_position = position_ids[:, -1] + 1
         finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
@@ -246,9 +248,22 @@ class HFSampler:
                 input_ids=token[:, None],
                 attention_mask=attention,
                 position_ids=next_position[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_key: cache},
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = returned_cache(out), out.logits[:, -1]
             next_position = next_position + 1
         return tokens, logps, alive
+
+
+def cache_argument(model) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` (transformers >= 5.2x), or the older
+    ``past_key_values`` (earlier releases, and remote-code models)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

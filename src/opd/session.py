@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .config import Config
+from .distributed import SINGLE, Ranks
 from .judges import Judge
 from .methods import Method
 from .profiling import PhaseTimer
@@ -41,4 +42,5 @@ class Session:
     judge: Judge | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)  # seconds per phase of the current step
     data_report: dict = field(default_factory=dict)  # what the pre-flight pass kept, skipped and truncated per split
+    ranks: Ranks = SINGLE  # this process's place in a several-process run (one process: SINGLE)
     sampler_behind: bool = False  # updates applied since the sampler last got the student's weights (sampling.sync_every)

@@ -8,6 +8,7 @@ uninterrupted run would have taken.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -26,10 +27,11 @@ from tqdm.auto import tqdm
 from .assemble import build_session
 from .checkpoint import CHECKPOINT_PREFIX, MANIFEST, fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint, write_manifest
 from .config import Config, redact, save_config, to_dict
-from .evaluate import evaluate
+from .distributed import start_ranks, stop_ranks, thread_oversubscription
+from .evaluate import evaluate_rows, summarise
 from .methods.data import batch_metrics
 from .methods.losses import student_token_logprobs
-from .metrics import MetricsLog
+from .metrics import MetricsLog, NoMetrics
 from .objectives.common import step_normaliser
 from .profiling import phase_shares
 from .prompts import PromptError
@@ -70,11 +72,13 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
 # ----------------------------------------------------------------------------- one step
 
 
-def step_generators(seed: int, step: int, device: torch.device) -> tuple[random.Random, torch.Generator]:
-    """The data RNG and sampling generator of ``step``: a function of (seed, step) only."""
-    rng = random.Random(f"opd-data-{seed}-{step}")
-    generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63))
-    return rng, generator
+def step_generators(seed: int, step: int, device: torch.device, micro: int = 0) -> tuple[random.Random, torch.Generator]:
+    """The data RNG and sampling generator of micro-batch ``micro`` of ``step``: a function of (seed, step, micro)
+    only. Micro-batch 0's RNG also draws the step's prompts (the same on every rank)."""
+    if micro == 0:
+        return random.Random(f"opd-data-{seed}-{step}"), torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63))
+    digest = hashlib.sha256(f"opd-micro-{seed}-{step}-{micro}".encode()).digest()
+    return random.Random(digest), torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
 
 
 def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]:
@@ -85,15 +89,17 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     ``no_signal`` (every gradient exactly zero, e.g. a GRPO/OVD batch whose groups all got
     the same reward: no update, since Adam would otherwise keep moving on stale momentum).
     """
-    cfg, method = s.cfg, s.method
-    rng, generator = step_generators(cfg.run.seed, step, s.device)
-    examples = s.task.sample_train(cfg.train.prompts_per_step, rng)
-    per_micro = len(examples) // cfg.train.grad_accum
+    cfg, method, ranks = s.cfg, s.method, s.ranks
+    step_rng, step_generator = step_generators(cfg.run.seed, step, s.device)
+    examples = s.task.sample_train(cfg.train.prompts_per_step, step_rng)
+    accum = cfg.train.grad_accum
+    per_micro = len(examples) // (accum * ranks.world_size)
     optimizer.zero_grad(set_to_none=True)
     batches = []
-    for i in range(cfg.train.grad_accum):
+    for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
+        rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
         with s.timer.phase("sample"):
-            batches.append(method.data(s, examples[i * per_micro : (i + 1) * per_micro], rng, generator))
+            batches.append(method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator))
     if cfg.train.updates_per_batch > 1:  # the ratio's denominator: the policy that made the batch, before any update
         with s.timer.phase("student"):
             for batch in batches:
@@ -125,12 +131,19 @@ def sync_sampler(s: Session) -> None:
 
 
 def optimizer_update(s: Session, optimizer, batches: list, step: int) -> tuple[dict[str, float], str]:
-    """Gradients of the step's loss on ``batches``, clipped, then one optimizer update (and the teacher's hook)."""
+    """Gradients of the step's loss on ``batches`` (summed over ranks), clipped, then one optimizer update (and the
+    teacher's hook)."""
     cfg = s.cfg
     optimizer.zero_grad(set_to_none=True)
     totals, finite = accumulate_gradients(s, batches, step)
+    params = [p for p in s.student.parameters() if p.requires_grad]
+    if s.ranks.several:
+        with s.timer.phase("reduce"):
+            finite = s.ranks.all(finite)  # one rank's non-finite loss skips the update on all
+            totals = s.ranks.merge_metrics(totals, SUMMED_METRICS)
+            if finite:
+                s.ranks.sum_gradients(params)
     with s.timer.phase("optimizer"):
-        params = [p for p in s.student.parameters() if p.requires_grad]
         if finite:
             clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -167,10 +180,11 @@ SUMMED_METRICS = ("loss", "student_tokens")  # parts of a step total; every othe
 def accumulate_gradients(s: Session, batches: list, step: int) -> tuple[dict[str, float], bool]:
     """Backpropagate the step's loss over its micro-batches into the student's ``.grad``; ``(metrics, finite)``.
 
-    Every micro-batch is weighted by one normaliser taken over the whole step (its token count,
-    sequence count or rows × tokens per row), so the accumulated gradient is that of the one big
-    batch, whatever ``grad_accum`` is. A method may first choose its tokens over the whole step
-    (``Method.prepare_step``). Stops at the first micro-batch with a non-finite loss.
+    Every micro-batch is weighted by one normaliser taken over the whole step, on every rank (its
+    token count, sequence count or rows × tokens per row), so the accumulated gradient — summed over
+    ranks — is that of the one big batch, whatever ``grad_accum`` and the number of ranks are. A
+    method may first choose its tokens over the whole step (``Method.prepare_step``). Stops at the
+    first micro-batch with a non-finite loss.
     """
     method = s.method
     if not all(b.prepared for b in batches):  # once per step, not once per update
@@ -178,7 +192,7 @@ def accumulate_gradients(s: Session, batches: list, step: int) -> tuple[dict[str
             method.prepare_step(s, batches, step)
         for batch in batches:
             batch.prepared = True
-    normaliser = step_normaliser([b.trained_mask_BC for b in batches], method.reduction(), method.tokens_per_row())
+    normaliser = step_normaliser([b.trained_mask_BC for b in batches], method.reduction(), method.tokens_per_row(), total=s.ranks.sum)
     totals: dict[str, float] = {}
     finite = True
     for batch in batches:
@@ -260,48 +274,81 @@ def run_eval(s: Session, model_sampler: Sampler, examples, step_seed: int) -> di
     sampling = s.cfg.sampling
     if e.max_new_tokens is not None:
         sampling = replace(sampling, max_new_tokens=e.max_new_tokens)
-    generator = torch.Generator(device=s.device).manual_seed(step_seed)
+    ranks = s.ranks  # each rank evaluates a contiguous share of the examples; the rows are gathered
+    share = examples[ranks.rank * len(examples) // ranks.world_size : (ranks.rank + 1) * len(examples) // ranks.world_size]
+    generator = torch.Generator(device=s.device).manual_seed(step_seed + 7919 * ranks.rank)
     max_prompt = s.max_prompt_tokens + s.cfg.sampling.max_new_tokens - sampling.max_new_tokens if s.max_prompt_tokens else None
-    try:
-        return evaluate(
-            model_sampler, s.tokenizer, s.task, examples, sampling, e.k, e.temperature, e.batch_size, generator, max_prompt,
-            s.cfg.task.chat_template_kwargs,
-        )
-    except PromptError as err:
-        raise PromptError(f"{err} (evaluation generates up to {sampling.max_new_tokens} tokens: eval.max_new_tokens / sampling.max_new_tokens)") from None
+
+    def rows() -> list:
+        try:
+            return evaluate_rows(
+                model_sampler, s.tokenizer, s.task, share, sampling, e.k, e.temperature, e.batch_size, generator, max_prompt,
+                s.cfg.task.chat_template_kwargs,
+            )
+        except PromptError as err:
+            raise PromptError(f"{err} (evaluation generates up to {sampling.max_new_tokens} tokens: eval.max_new_tokens / sampling.max_new_tokens)") from None
+
+    return summarise(ranks.gather(rows), e.k)
 
 
 def train(cfg: Config) -> dict:
-    """Run ``cfg`` to completion; return (and write) the summary."""
+    """Run ``cfg`` to completion; return (and write) the summary. Launched across several processes (torchrun,
+    accelerate launch) every rank calls this and they run one job together (``distributed``)."""
     started = time.time()
-    with RunDirLock(Path(cfg.run.output_dir)):  # held until the run ends, however it ends
-        run_dir, resume_from = prepare_run_dir(cfg)
-        torch.manual_seed(cfg.run.seed)
-        s = build_session(cfg)
+    ranks = start_ranks(cfg.train.device, cfg.train.dist_timeout)
+    if ranks.main and (warning := thread_oversubscription(ranks, cfg.train.threads)):
+        log.warning(warning)
+    lock = RunDirLock(Path(cfg.run.output_dir))  # rank 0 holds it until the run ends, however it ends
+
+    def claim_run_dir() -> tuple[Path, Path | None]:
+        lock.acquire()
         try:
-            return run_session(s, run_dir, resume_from, started)
+            return prepare_run_dir(cfg)
+        except BaseException:
+            lock.release()
+            raise
+
+    finished = False
+    try:
+        run_dir, resume_from = ranks.from_main(claim_run_dir)  # every rank resumes from the checkpoint rank 0 chose
+        torch.manual_seed(cfg.run.seed)
+        s = build_session(cfg, ranks)
+        try:
+            summary = run_session(s, run_dir, resume_from, started)
+            finished = True
+            return summary
         finally:
             for sampler in (s.sampler, s.teacher_sampler):
                 if sampler is not None:
                     sampler.close()
+    finally:
+        stop_ranks(ranks, finished)
+        lock.release()
 
 
 def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float) -> dict:
     """Train the built session from ``resume_from`` (or the start) to the end; evaluate; save; summarise."""
-    cfg = s.cfg
-    save_config(cfg, run_dir / "config.yaml")
+    cfg, ranks = s.cfg, s.ranks
+    if ranks.main:
+        save_config(cfg, run_dir / "config.yaml")
     optimizer, scheduler = build_optimizer(cfg, s.student)
+    micro_batches = cfg.train.grad_accum * ranks.world_size
     state = {"nonfinite_skips": 0, "consecutive_nonfinite": 0, "no_signal_steps": 0, "generated_tokens": 0.0, "wall_seconds": 0.0, "phase_seconds": {}}
     start_step = 0
     if resume_from is not None:
-        state.update(load_checkpoint(resume_from, s.student, optimizer, scheduler))
+        saved = load_checkpoint(resume_from, s.student, optimizer, scheduler)
+        check_micro_batches(cfg, saved.get("micro_batches_per_step", cfg.train.grad_accum), micro_batches, resume_from)
+        state.update(saved)
         apply_optimizer_settings(cfg, optimizer, scheduler)
         if s.teacher is not None:
             s.teacher.load_state_tensors(load_extra_tensors(resume_from))
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
+    state["micro_batches_per_step"] = micro_batches
     sync_sampler(s)  # an engine starts from the checkpoint on disk; the student may be a resumed one
-    metrics_log = MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None, cfg.train.steps)
+    metrics_log = (
+        MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None, cfg.train.steps) if ranks.main else NoMetrics()
+    )
     eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
 
     if resume_from is None:
@@ -312,7 +359,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
         metrics_log.write("eval", 0, state["before_eval"])
 
     last_eval = state.get("before_eval", {})
-    bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps, disable=not cfg.log.progress_bar, desc=cfg.run.name, dynamic_ncols=True)
+    bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps, disable=not (cfg.log.progress_bar and ranks.main), desc=cfg.run.name, dynamic_ncols=True)
     segment_start = time.time()
     try:
         for step in bar:
@@ -349,7 +396,9 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
             if periodic or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 state["wall_seconds"] += time.time() - segment_start
                 segment_start = time.time()
-                save_checkpoint(run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, cfg.checkpoint.keep_last, teacher_tensors(s))
+                ranks.from_main(lambda: save_checkpoint(
+                    run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, cfg.checkpoint.keep_last, teacher_tensors(s),
+                ))
     finally:
         bar.close()
     state["wall_seconds"] += time.time() - segment_start
@@ -363,7 +412,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     after = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
     metrics_log.write("eval", cfg.train.steps, after)
     metrics_log.close()
-    save_final_model(s, run_dir / "final")
+    ranks.from_main(lambda: save_final_model(s, run_dir / "final"))
     summary = {
         "method": cfg.method.name,
         "task": cfg.task.name,
@@ -385,12 +434,29 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
         "eval_set": {**s.task.describe_eval(), "evaluated": len(eval_examples)},
         "data_checks": s.data_report,
     }
+    if not ranks.main:
+        return summary
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.log.plot:
         from .report import plot_run
 
         plot_run(run_dir)
     return summary
+
+
+def check_micro_batches(cfg: Config, saved: int, micro_batches: int, checkpoint: Path) -> None:
+    """Each micro-batch draws its own sampling noise, so ranks × grad_accum is part of the trajectory: a resume
+    on another number of ranks continues the same run only when the product is unchanged (a checkpoint without
+    the count comes from one process: its grad_accum)."""
+    if saved == micro_batches:
+        return
+    message = (
+        f"{checkpoint} was written with {saved} micro-batches per step (ranks x train.grad_accum) and this resume has "
+        f"{micro_batches}; launch it with ranks x train.grad_accum = {saved}"
+    )
+    if not cfg.run.allow_changes:
+        raise RunDirError(message + ", or pass run.allow_changes=true")
+    log.warning("%s; continuing (run.allow_changes=true)", message)
 
 
 def teacher_tensors(s: Session) -> dict | None:

@@ -59,8 +59,9 @@ class Reopold(Method):
             student.append(logp_BC), teacher.append(batch.teacher_logp_BC), entropy.append(entropy_BC), mask.append(r.loss_mask_BC.float())
         width = max(m.shape[1] for m in mask)
         stacked = [torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]) for ts in (student, teacher, entropy, mask)]
-        _, keep_BC, metrics = reopold_rewards_and_mask(*stacked, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)
-        start = 0
+        gathered, starts = zip(*(s.ranks.gather_rows(t) for t in stacked))  # every rank's rows: one selection for the step
+        start = starts[0]
+        _, keep_BC, metrics = reopold_rewards_and_mask(*gathered, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)
         for batch, m in zip(batches, mask):
             batch.train_mask_BC = keep_BC[start : start + m.shape[0], : m.shape[1]].contiguous()
             batch.info.update(metrics)  # the step's selection statistics

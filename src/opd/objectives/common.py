@@ -10,7 +10,7 @@ importance weight ``sg(min(exp(ℓ^trainer - ℓ^sampler), C))`` and an optional
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -43,8 +43,11 @@ class Normaliser:
         return mask_BT / self.denominator
 
 
-def step_normaliser(masks_BT: list[torch.Tensor], reduction: Reduction, tokens_per_row: int | None = None) -> Normaliser:
-    """The ``Normaliser`` of a step made of these micro-batches' loss masks."""
+def step_normaliser(
+    masks_BT: list[torch.Tensor], reduction: Reduction, tokens_per_row: int | None = None, total: Callable[[float], float] = float,
+) -> Normaliser:
+    """The ``Normaliser`` of a step made of these micro-batches' loss masks; ``total`` adds the count of the step's
+    micro-batches held elsewhere (summed over the ranks of a several-process run; the identity in one process)."""
     if reduction == "token_mean":
         denominator = sum(float(m.sum()) for m in masks_BT)
     elif reduction == "seq_mean_token_mean":
@@ -55,7 +58,7 @@ def step_normaliser(masks_BT: list[torch.Tensor], reduction: Reduction, tokens_p
         denominator = sum(m.shape[0] for m in masks_BT) * float(tokens_per_row)
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
-    return Normaliser(reduction, max(denominator, 1.0))
+    return Normaliser(reduction, max(total(denominator), 1.0))
 
 
 def reduction_weights(mask_BT: torch.Tensor, reduction: Reduction | Normaliser = "token_mean", dtype=torch.float32) -> torch.Tensor:
