@@ -246,3 +246,50 @@ def test_opd_with_the_vllm_engine_and_a_served_teacher_ends_near_the_hf_path(ser
     assert served["teacher_accuracy"] == pytest.approx(hf["teacher_accuracy"], abs=0.02)  # greedy teacher eval via the server
     assert served["student_accuracy_after"] > served["student_accuracy_before"] + 0.1  # it learned
     assert abs(served["student_accuracy_after"] - hf["student_accuracy_after"]) < 0.05
+
+
+def short_run(tmp_path, name, *overrides, config=ROOT / "configs/arithmetic/gopd_reward_correction.yaml"):
+    base = [
+        f"run.output_dir={tmp_path / name}", "train.steps=2", "train.prompts_per_step=4", "sampling.max_new_tokens=16",
+        "eval.every=0", "eval.num_prompts=8", "eval.teacher=false", "checkpoint.every=0", "checkpoint.at_end=false",
+        "log.progress_bar=false", "log.tensorboard=false", "log.plot=false",
+    ]
+    return load_config(config, base + list(overrides))
+
+
+def test_a_served_reference_and_a_served_route_score_like_their_local_models(server, tmp_path):
+    """G-OPD's reference and one teacher route behind the stock server (the embedded teacher), the other route local:
+    each row's log-probs come from the model its route (or the reference) names."""
+    from opd.assemble import build_session
+    from opd.methods.data import student_samples
+
+    cfg = short_run(tmp_path, "reference", f"method.gopd.reference={server}")
+    s = build_session(cfg)
+    batch = student_samples(s, s.task.sample_train(4, __import__("random").Random(0)), torch.Generator().manual_seed(0))
+    r = batch.rollouts
+    mask = r.completion_mask_BC.bool()
+    local_teacher = load_model(TEACHER, "teacher.path")
+    with torch.no_grad():
+        expected_BC, _ = rollout_logprobs(local_teacher, r)
+    assert (s.reference.token_logprobs(r) - expected_BC)[mask].abs().max() < 1e-3
+    assert train(cfg)["nonfinite_skips"] == 0
+
+    rows = [{"problem": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1), "domain": "a" if i % 2 else "b"} for i in range(12)]
+    data = tmp_path / "routed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = short_run(
+        tmp_path, "routes", "student.path=world:student", "method.name=gopd", "train.precision=fp32", "task.name=math", f"task.path={data}", "task.teacher_field=domain",
+        "task.solution_field=null", "teacher.path=null", f"teacher.routes={{a: {server}, b: {STUDENT}}}", config=None,
+    )
+    s = build_session(cfg)
+    batch = student_samples(s, s.task.sample_train(4, __import__("random").Random(0)), torch.Generator().manual_seed(0))
+    r = batch.rollouts
+    routed_BC = s.teacher.token_logprobs(r)
+    local_student = load_model(STUDENT, "student.path")
+    for i, route in enumerate(r.route_B):
+        with torch.no_grad():
+            expected, _ = rollout_logprobs(local_teacher if route == "a" else local_student, r.select([i]))
+        row_mask = r.completion_mask_BC[i].bool()
+        assert (routed_BC[i] - expected[0])[row_mask].abs().max() < 1e-3, route
+    assert set(r.route_B) == {"a", "b"}
+    assert train(cfg)["nonfinite_skips"] == 0
