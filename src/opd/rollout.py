@@ -152,9 +152,10 @@ def sample_next(
 
 class Sampler(Protocol):
     def sample(
-        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None
+        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
     ) -> Rollouts:
-        """Complete each tokenised prompt once; the rollouts carry the sampler's own token log-probs."""
+        """Complete each tokenised prompt once; the rollouts carry the sampler's own token log-probs. A row also ends
+        once its completion's text ends with one of ``stop`` (the stop string's tokens kept, e.g. ``</tool_call>``)."""
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Sample from ``model``'s current weights from now on (called after every applied optimizer step)."""
@@ -189,7 +190,7 @@ class HFSampler:
 
     @torch.inference_mode()
     def sample(
-        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None
+        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
     ) -> Rollouts:
         device = self.device
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
@@ -200,7 +201,7 @@ class HFSampler:
         self.model.eval()
         try:
             with self._autocast():
-                tokens, logps, alive = self._decode(prompt_ids, prompt_mask, params, generator, eos_ids)
+                tokens, logps, alive = self._decode(prompt_ids, prompt_mask, params, generator, eos_ids, tuple(stop))
         finally:
             self.model.train(was_training)
         completion_ids = torch.stack(tokens, 1) if tokens else torch.empty(batch, 0, dtype=torch.long, device=device)
@@ -219,12 +220,22 @@ class HFSampler:
             group_B=list(range(batch)),
         )
 
+    def _stopped(self, tokens: list[torch.Tensor], finished_B: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
+        """Rows still running whose text now ends with a stop string (each token is at least one character, so
+        the last ``len(longest stop)`` tokens hold it)."""
+        window = torch.stack(tokens[-max(map(len, stop)) :], 1).tolist()
+        hits = [
+            not done and self.tokenizer.decode(tail, skip_special_tokens=False).endswith(stop)
+            for tail, done in zip(window, finished_B.tolist())
+        ]
+        return torch.tensor(hits, dtype=torch.bool, device=finished_B.device)
+
     def _autocast(self):
         import contextlib
 
         return self.autocast() if self.autocast is not None else contextlib.nullcontext()
 
-    def _decode(self, prompt_ids, prompt_mask, params, generator, eos_ids):
+    def _decode(self, prompt_ids, prompt_mask, params, generator, eos_ids, stop=()):
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
@@ -241,6 +252,8 @@ class HFSampler:
             tokens.append(token)
             logps.append(logp)
             finished = finished | torch.isin(token, eos_ids)
+            if stop:
+                finished = finished | self._stopped(tokens, finished, stop)
             if bool(finished.all()):
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)

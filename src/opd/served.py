@@ -229,7 +229,9 @@ class ServedSampler:
     def close(self) -> None:
         pass
 
-    def sample(self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None) -> Rollouts:
+    def sample(
+        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
+    ) -> Rollouts:
         seed_device = generator.device if generator is not None else torch.device("cpu")
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator, device=seed_device).tolist()
 
@@ -240,6 +242,8 @@ class ServedSampler:
                 "top_p": params.top_p, "top_k": params.top_k or -1, "seed": seed, "logprobs": 0,
                 "stop_token_ids": self.eos_ids, "return_tokens_as_token_ids": True, "skip_special_tokens": False,
             }
+            if stop:
+                payload.update(stop=list(stop), include_stop_str_in_output=True)
             return self.served.post("/v1/completions", payload, _sampled_tokens)
 
         results = self.served.map_rows(sample_row, list(zip(prompts, seeds)))

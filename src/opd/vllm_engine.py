@@ -134,9 +134,14 @@ class VLLMSampler:
             self.llm.wake_up()
             self._asleep = False
 
-    def sample(self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None) -> Rollouts:
+    def sample(
+        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
+    ) -> Rollouts:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        if stop:  # the engine is built without a tokenizer (opd decodes), so it cannot see text
+            raise ValueError("sampling.engine=vllm does not take stop strings yet (multi-turn episodes sample with the hf engine)")
 
         self._awake()
         self._push()

@@ -1,0 +1,250 @@
+"""Multi-turn episodes: environments that answer each assistant turn, and the driver that samples them.
+
+An ``Environment`` starts from an example (the initial messages, and the tools it offers) and answers
+each assistant turn with a ``StepResult``: observation messages (tool results), a reward and whether
+the episode is done. ``OneTurn`` makes today's single-turn tasks environments; ``ToolEnvironment``
+runs the Hermes / Qwen tool calls of a turn and grades the turn that calls none.
+
+``run_episodes`` drives a batch of environments turn by turn: every live row is sampled together,
+each turn ending at EOS or at a stop string (``</tool_call>``); the environments' steps (tool I/O) run
+in a thread pool; observations are rendered with the chat template's tool role and their tokens
+appended. **Token ids are the source of truth**: a row's ids only ever grow — what was sampled is
+never re-tokenised — and the text the template renders for the conversation so far must begin with
+the text of the previous turn's ids (``EpisodeError`` otherwise: a template that rewrites earlier
+turns cannot be extended). The whole episode becomes one ``Rollouts`` row: its completion is every
+agent and observation token, its ``loss_mask_BC`` is 1 on the agent's sampled tokens only, so a
+teacher scores the agent's tokens with the observations in its context and every loss trains on the
+agent's tokens alone. ``max_turns`` and ``max_tokens`` (agent + observation tokens) bound an episode.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Protocol, Sequence
+
+import torch
+
+from .prompts import render_prompt
+from .rollout import Rollouts, Sampler, left_pad, right_pad
+from .sections import SamplingConfig
+from .tasks.base import Example, Task
+from .tool_calls import CLOSE, Tool, parse_tool_calls, run_call
+
+
+class EpisodeError(ValueError):
+    """An episode that cannot be continued as token ids (e.g. a chat template that rewrites earlier turns)."""
+
+
+@dataclass
+class StepResult:
+    observations: list[dict] = field(default_factory=list)  # messages after the turn (role "tool"); none when done
+    reward: float = 0.0
+    done: bool = False
+    tool_calls: int = 0  # calls run in this turn
+    failed_calls: int = 0  # malformed calls, unknown tools, bad arguments
+
+
+class Environment(Protocol):
+    def start(self) -> list[dict]:
+        """The episode's initial messages."""
+
+    def tools(self) -> list[dict]:
+        """The JSON schemas of the tools it offers (passed to the chat template as ``tools=``); [] for none."""
+
+    def step(self, assistant_text: str) -> StepResult:
+        """The answer to one assistant turn."""
+
+
+class OneTurn:
+    """A single-turn task as an environment: one reply, graded by the task."""
+
+    def __init__(self, task: Task, example: Example):
+        self.task, self.example = task, example
+
+    def start(self) -> list[dict]:
+        return self.task.messages(self.example)
+
+    def tools(self) -> list[dict]:
+        return []
+
+    def step(self, assistant_text: str) -> StepResult:
+        return StepResult(reward=self.task.reward(assistant_text, self.example), done=True)
+
+
+class ToolEnvironment:
+    """A task whose answer may take tool calls: a turn with calls gets their results (a malformed call gets what
+    was wrong with it, and the episode goes on); the first turn without any is the answer, graded by the task."""
+
+    def __init__(self, task: Task, example: Example, tools: Sequence[Tool]):
+        self.task, self.example = task, example
+        self._tools = {t.name: t for t in tools}
+
+    def start(self) -> list[dict]:
+        return self.task.messages(self.example)
+
+    def tools(self) -> list[dict]:
+        return [t.schema() for t in self._tools.values()]
+
+    def step(self, assistant_text: str) -> StepResult:
+        parsed = parse_tool_calls(assistant_text)
+        if not parsed.calls and not parsed.problems:
+            return StepResult(reward=self.task.reward(assistant_text, self.example), done=True)
+        observations, failed = [], len(parsed.problems)
+        for call in parsed.calls:
+            text, ok = run_call(self._tools, call)
+            failed += not ok
+            observations.append({"role": "tool", "name": call.name, "content": text})
+        observations += [{"role": "tool", "content": f"error: {problem}"} for problem in parsed.problems]
+        return StepResult(observations, tool_calls=len(parsed.calls), failed_calls=failed)
+
+
+@dataclass(frozen=True)
+class EpisodeLimits:
+    max_turns: int = 4  # assistant turns per episode
+    max_tokens: int = 1024  # completion tokens per episode: the agent's and the observations'
+    stop: tuple[str, ...] = (CLOSE,)  # a turn also ends at these strings
+    threads: int = 8  # environment steps (tool I/O) run at once
+
+
+@dataclass
+class Episodes:
+    rollouts: Rollouts  # one row per episode; loss_mask_BC is 1 on the agent's sampled tokens only
+    rewards: list[float]
+    turns: list[int]
+    tool_calls: list[int]
+    failed_calls: list[int]
+    cut: list[str | None]  # "max_turns" / "max_tokens" where a limit ended the episode, else None
+    messages: list[list[dict]]  # each episode's conversation
+
+    def metrics(self) -> dict[str, float]:
+        n = max(len(self.rewards), 1)
+        return {
+            "episode_turns": sum(self.turns) / n,
+            "episode_tool_calls": sum(self.tool_calls) / n,
+            "episode_failed_calls": sum(self.failed_calls) / n,
+            "episode_cut_fraction": sum(c is not None for c in self.cut) / n,
+        }
+
+
+@dataclass
+class _Row:
+    env: Environment
+    messages: list[dict]
+    tools: list[dict]
+    text: str  # the template's rendering of the conversation so far, ending where the next tokens go
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)  # completion: agent and observation tokens
+    trained: list[int] = field(default_factory=list)  # 1 on the agent's sampled tokens
+    logps: list[float] = field(default_factory=list)
+    reward: float = 0.0
+    turns: int = 0
+    tool_calls: int = 0
+    failed_calls: int = 0
+    cut: str | None = None
+    done: bool = False
+
+
+def run_episodes(
+    envs: Sequence[Environment],
+    sampler: Sampler,
+    tokenizer,
+    params: SamplingConfig,
+    limits: EpisodeLimits,
+    generator: torch.Generator | None = None,
+    template_kwargs: dict | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+) -> Episodes:
+    """Run every environment to the end (or a limit), sampling all live rows of a turn together (``eos_token_ids``:
+    the ids that end a turn, as given to the sampler; default the tokenizer's EOS)."""
+    eos = set(eos_token_ids or [tokenizer.eos_token_id])
+    rows = []
+    for env in envs:
+        messages, tools = list(env.start()), env.tools()
+        text = render_prompt(tokenizer, messages, _kwargs(template_kwargs, tools))
+        rows.append(_Row(env, messages, tools, text, tokenizer(text, add_special_tokens=False)["input_ids"]))
+    with ThreadPoolExecutor(max_workers=max(1, limits.threads)) as pool:
+        for _ in range(limits.max_turns):
+            live = [r for r in rows if not r.done]
+            if not live:
+                break
+            room = max(limits.max_tokens - len(r.ids) for r in live)
+            turn = sampler.sample([r.prompt_ids + r.ids for r in live], replace(params, max_new_tokens=min(params.max_new_tokens, room)), generator, limits.stop)
+            replies = []
+            for j, row in enumerate(live):
+                n = int(turn.completion_mask_BC[j].sum())
+                new_ids = turn.completion_ids_BC[j, :n].tolist()[: limits.max_tokens - len(row.ids)]
+                logps = turn.sampler_logp_BC[j, : len(new_ids)].tolist() if turn.sampler_logp_BC is not None else [0.0] * len(new_ids)
+                ended_eos = bool(new_ids) and new_ids[-1] in eos
+                row.ids += new_ids
+                row.trained += [1] * len(new_ids)
+                row.logps += logps
+                row.turns += 1
+                reply = tokenizer.decode(new_ids, skip_special_tokens=True)
+                row.messages.append({"role": "assistant", "content": reply})
+                replies.append((row, reply, ended_eos))
+            results = list(pool.map(lambda item: item[0].env.step(item[1]), replies))
+            for (row, reply, ended_eos), result in zip(replies, results):
+                row.tool_calls += result.tool_calls
+                row.failed_calls += result.failed_calls
+                row.reward = result.reward
+                if result.done:
+                    row.done = True
+                elif len(row.ids) >= limits.max_tokens:
+                    row.done, row.cut = True, "max_tokens"
+                else:
+                    _append_observations(tokenizer, row, reply, ended_eos, result.observations, template_kwargs, limits.max_tokens)
+        for row in rows:
+            if not row.done:
+                row.done, row.cut = True, row.cut or "max_turns"
+    return _episodes(rows, tokenizer)
+
+
+def _kwargs(template_kwargs: dict | None, tools: list[dict]) -> dict:
+    return {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
+
+
+def _append_observations(tokenizer, row: _Row, reply: str, ended_eos: bool, observations: list[dict], template_kwargs, max_tokens: int) -> None:
+    """Append the tokens the template puts between this turn's reply and the next reply (the turn's closing, the
+    observations, the next generation prompt), untrained; the row's earlier text must be their prefix."""
+    row.messages += observations
+    full = render_prompt(tokenizer, row.messages, _kwargs(template_kwargs, row.tools))
+    before = row.text + reply
+    if not full.startswith(before):
+        raise EpisodeError(
+            "the chat template renders the conversation so far differently once a turn is added, so the episode's "
+            f"token ids cannot be extended (turn {row.turns}; expected the rendering to begin with ...{before[-60:]!r}); "
+            "use a template that appends turns"
+        )
+    between = full[len(before) :]
+    if ended_eos:  # the model sampled the turn's closing itself: only what follows it is appended
+        eos_text = tokenizer.decode(row.ids[-1:], skip_special_tokens=False)
+        if between.startswith(eos_text):
+            between = between[len(eos_text) :]
+    new_ids = tokenizer(between, add_special_tokens=False)["input_ids"]
+    if len(row.ids) + len(new_ids) >= max_tokens:
+        new_ids = new_ids[: max_tokens - len(row.ids)]
+        row.done, row.cut = True, "max_tokens"
+    row.ids += new_ids
+    row.trained += [0] * len(new_ids)
+    row.logps += [0.0] * len(new_ids)
+    row.text = full
+
+
+def _episodes(rows: list[_Row], tokenizer) -> Episodes:
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in rows], pad)
+    completion_ids, completion_mask = right_pad([r.ids for r in rows], pad)
+    trained, _ = right_pad([r.trained for r in rows], 0)
+    logp = torch.zeros(completion_ids.shape, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        logp[i, : len(r.logps)] = torch.tensor(r.logps, dtype=torch.float32)
+    rollouts = Rollouts(
+        prompt_ids_BP=prompt_ids, prompt_mask_BP=prompt_mask, completion_ids_BC=completion_ids, completion_mask_BC=completion_mask,
+        loss_mask_BC=trained, sampler_logp_BC=logp, texts=[tokenizer.decode(r.ids, skip_special_tokens=True) for r in rows],
+        group_B=list(range(len(rows))),
+    )
+    return Episodes(
+        rollouts, [r.reward for r in rows], [r.turns for r in rows], [r.tool_calls for r in rows], [r.failed_calls for r in rows],
+        [r.cut for r in rows], [r.messages for r in rows],
+    )

@@ -1,0 +1,180 @@
+"""Multi-turn episodes: the driver's token bookkeeping (ids only grow, observation tokens untrained, the rendering
+of the conversation equals the row's text), tool results from a real BM25 index, malformed calls, the turn and
+token limits, stop strings in opd's own sampler on a real model, and a one-turn task equal to plain sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opd.episodes import EpisodeError, EpisodeLimits, OneTurn, ToolEnvironment, run_episodes
+from opd.rollout import HFSampler, Rollouts, left_pad, right_pad
+from opd.search import BM25Index, Passage
+from opd.sections import SamplingConfig
+from opd.tasks.base import Example
+from opd.tokenizer import build_char_tokenizer
+from opd.tool_calls import SearchTool
+
+TOOL_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|system|>tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}<|user|><tool_response>{{ message['content'] }}</tool_response>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizer():
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = TOOL_TEMPLATE
+    return tokenizer
+
+
+class QA:
+    """A task: the question as the user's message, exact answer somewhere in the final reply."""
+
+    def messages(self, example):
+        return [{"role": "user", "content": example.prompt}]
+
+    def reward(self, text, example):
+        return float(example.answer in text)
+
+
+class ScriptedPolicy:
+    """A policy that writes given replies (the driver is what is under test): episode i's k-th turn is
+    ``scripts[i][k]``, cut at a stop string or at max_new_tokens, EOS added where neither cut it. Records every
+    input row it was given, per episode."""
+
+    def __init__(self, tokenizer, prompts: list[list[int]], scripts: list[list[str]]):
+        self.tokenizer, self.prompts, self.scripts = tokenizer, prompts, scripts
+        self.inputs = [[] for _ in scripts]
+
+    def sample(self, prompts, params, generator=None, stop=()):
+        completions = []
+        for row in prompts:
+            i = next(i for i, p in enumerate(self.prompts) if list(row[: len(p)]) == p)
+            self.inputs[i].append(list(row))
+            text = self.scripts[i][len(self.inputs[i]) - 1]
+            cut = min([text.index(s) + len(s) for s in stop if s in text], default=None)
+            ids = self.tokenizer(text[:cut] if cut else text, add_special_tokens=False)["input_ids"]
+            if cut is None:
+                ids.append(self.tokenizer.eos_token_id)
+            completions.append(ids[: params.max_new_tokens])
+        prompt_ids, prompt_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        ids_BC, mask_BC = right_pad(completions, self.tokenizer.pad_token_id)
+        return Rollouts(prompt_ids, prompt_mask, ids_BC, mask_BC, mask_BC.clone(), torch.full(ids_BC.shape, -0.5) * mask_BC)
+
+
+CORPUS = [
+    Passage("1", "Mirentor", "Mirentor is a city founded in 1204 by the guild of Shovax."),
+    Passage("2", "Kalo", "The Kalo river flows past Mirentor into the grey sea."),
+    Passage("3", "Shovax", "The guild of Shovax built ships and traded salt."),
+]
+SEARCH = '<tool_call>{"name": "search", "arguments": {"query": "Mirentor founded"}}</tool_call>'
+
+
+def driver(tokenizer, examples, scripts, limits=EpisodeLimits(max_turns=4, max_tokens=600), tools=None):
+    tools = tools if tools is not None else [SearchTool(BM25Index(CORPUS), k=1)]
+    envs = [ToolEnvironment(QA(), e, tools) for e in examples]
+    prompts = [tokenizer(tokenizer.apply_chat_template(env.start(), tools=env.tools(), tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for env in envs]
+    policy = ScriptedPolicy(tokenizer, prompts, scripts)
+    episodes = run_episodes(envs, policy, tokenizer, SamplingConfig(max_new_tokens=200), limits)
+    return episodes, policy
+
+
+def row_tokens(episodes, i):
+    r = episodes.rollouts
+    n = int(r.completion_mask_BC[i].sum())
+    return r.completion_ids_BC[i, :n].tolist(), r.loss_mask_BC[i, :n].tolist()
+
+
+def test_a_search_episode_trains_the_agents_tokens_only_and_its_ids_spell_the_conversation(tool_tokenizer):
+    tok = tool_tokenizer
+    examples = [Example("When was Mirentor founded?", "1204"), Example("Where does the Kalo flow?", "grey sea")]
+    scripts = [[SEARCH + " and more text after the stop", "It was founded in 1204."], ["The grey sea, I think."]]
+    episodes, policy = driver(tok, examples, scripts)
+
+    assert episodes.rewards == [1.0, 1.0] and episodes.turns == [2, 1] and episodes.tool_calls == [1, 0] and episodes.cut == [None, None]
+    assert episodes.messages[0][2] == {"role": "tool", "name": "search", "content": "Doc 1 (Mirentor): " + CORPUS[0].text}
+    ids, trained = row_tokens(episodes, 0)
+    agent = [t for t, m in zip(ids, trained) if m]
+    observation = [t for t, m in zip(ids, trained) if not m]
+    # trained: exactly what the policy wrote (the first turn cut at the stop string; the last closed by its EOS)
+    assert tok.decode(agent, skip_special_tokens=False) == SEARCH + "It was founded in 1204.<eos>"
+    assert "Doc 1 (Mirentor)" in tok.decode(observation, skip_special_tokens=False)
+    # the row's ids spell the template's rendering of the whole conversation, closing EOS included
+    prompt = episodes.rollouts.prompt_ids_BP[0][episodes.rollouts.prompt_mask_BP[0].bool()].tolist()
+    rendered = tok.apply_chat_template(episodes.messages[0], tools=[SearchTool(None).schema()], tokenize=False)
+    assert tok.decode(prompt + ids, skip_special_tokens=False) == rendered
+    # each turn's input extends the previous turn's: ids only grow
+    first, second = policy.inputs[0]
+    assert second[: len(first)] == first and len(second) > len(first)
+    # the sampler's log-probs sit on the agent's tokens; observation positions hold 0
+    logp = episodes.rollouts.sampler_logp_BC[0, : len(ids)]
+    assert torch.equal(logp != 0, torch.tensor(trained, dtype=torch.bool))
+
+
+def test_a_malformed_call_is_answered_and_counted_and_the_episode_goes_on(tool_tokenizer):
+    scripts = [['<tool_call>{"name": "search", "arguments": {"query": }}</tool_call>', '<tool_call>{"name": "browse", "arguments": {}}</tool_call>', "1204"]]
+    episodes, _ = driver(tool_tokenizer, [Example("When was Mirentor founded?", "1204")], scripts)
+    assert episodes.turns == [3] and episodes.failed_calls == [2] and episodes.tool_calls == [1] and episodes.rewards == [1.0]
+    problems = [m["content"] for m in episodes.messages[0] if m["role"] == "tool"]
+    assert "not valid JSON" in problems[0] and "no tool 'browse'" in problems[1]
+
+
+def test_max_turns_and_max_tokens_cut_an_episode(tool_tokenizer):
+    loop = [[SEARCH] * 10]
+    episodes, _ = driver(tool_tokenizer, [Example("q?", "1204")], loop, EpisodeLimits(max_turns=3, max_tokens=10_000))
+    assert episodes.turns == [3] and episodes.cut == ["max_turns"] and episodes.rewards == [0.0]
+    episodes, _ = driver(tool_tokenizer, [Example("q?", "1204")], loop, EpisodeLimits(max_turns=10, max_tokens=150))
+    assert episodes.cut == ["max_tokens"] and int(episodes.rollouts.completion_mask_BC.sum()) == 150
+    assert episodes.metrics()["episode_cut_fraction"] == 1.0
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tool_tokenizer):
+    tok = build_char_tokenizer()
+    tok.chat_template = TOOL_TEMPLATE.replace("{{ message['content'] }}{{ eos_token }}", "{{ message['content'] | upper }}{{ eos_token }}")
+    with pytest.raises(EpisodeError, match="cannot be extended"):
+        driver(tok, [Example("q?", "1204")], [[SEARCH, "1204"]])
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_models):
+    from opd.models import load_model
+
+    return load_model(str(tiny_models[1]), "student.path")
+
+
+def test_the_hf_sampler_stops_a_row_at_a_stop_string(tiny_student, tokenizer):
+    sampler = HFSampler(tiny_student, tokenizer)
+    prompts = [tokenizer("<|user|>hello<|assistant|>", add_special_tokens=False)["input_ids"]] * 16
+    params = SamplingConfig(max_new_tokens=40, temperature=1.5)
+    free = sampler.sample(prompts, params, torch.Generator().manual_seed(0))
+    stopped = sampler.sample(prompts, params, torch.Generator().manual_seed(0), stop=("e", "a"))
+    hits = 0
+    for full, cut in zip(free.texts, stopped.texts):
+        first = min([full.index(s) + 1 for s in "ea" if s in full], default=None)
+        assert cut == (full[:first] if first else full)  # the same sample, ended right after the first stop string
+        hits += first is not None
+    assert hits >= 4
+
+
+def test_a_one_turn_task_is_plain_sampling(tiny_student, tokenizer):
+    from opd.config import load_config
+    from opd.tasks import build_task
+
+    task = build_task(load_config(None, ["student.path=x", "teacher.path=y"]).task, 0)
+    examples = task.eval_examples()[:6]
+    sampler = HFSampler(tiny_student, tokenizer)
+    params = SamplingConfig(max_new_tokens=12)
+    episodes = run_episodes([OneTurn(task, e) for e in examples], sampler, tokenizer, params, EpisodeLimits(stop=()), torch.Generator().manual_seed(3))
+    prompts = [tokenizer(tokenizer.apply_chat_template(task.messages(e), tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for e in examples]
+    plain = sampler.sample(prompts, params, torch.Generator().manual_seed(3))
+    assert torch.equal(episodes.rollouts.completion_ids_BC, plain.completion_ids_BC)
+    assert torch.equal(episodes.rollouts.loss_mask_BC, plain.loss_mask_BC)
+    assert episodes.rewards == [task.reward(t, e) for t, e in zip(plain.texts, examples)]
