@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,8 +37,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "opd" / "configs"
 
 
 def test_metrics_from_ranks_add_the_step_totals_and_average_the_rest():
-    merged = merge_rank_metrics([{"loss": 0.25, "kl": 1.0, "student_tokens": 10}, {"loss": 0.5, "kl": 3.0, "student_tokens": 6, "x": 4.0}], ("loss", "student_tokens"))
-    assert merged == {"loss": 0.75, "kl": 2.0, "student_tokens": 16, "x": 4.0}
+    # rank 0 ran two micro-batches, one of them reporting x; rank 1 two, both reporting it
+    rank0 = ({"loss": 0.25, "kl": 2.0, "student_tokens": 10, "x": 1.0}, {"loss": 2, "kl": 2, "student_tokens": 2, "x": 1})
+    rank1 = ({"loss": 0.5, "kl": 6.0, "student_tokens": 6, "x": 8.0}, {"loss": 2, "kl": 2, "student_tokens": 2, "x": 2})
+    merged = merge_rank_metrics([rank0, rank1], ("loss", "student_tokens"))
+    assert merged == {"loss": 0.75, "kl": 2.0, "student_tokens": 16, "x": 3.0}  # x: (1 + 8) / 3 micro-batches
 
 
 def test_gradient_buckets_keep_order_dtype_and_size():
@@ -61,6 +65,14 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_naming_the_key(tm
         make_config(tmp_path, tiny_models, "train.prompts_per_step=4")
 
 
+def test_one_explicit_gpu_for_every_rank_is_refused(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"train\.device.*one device for all 2 ranks"):
+        make_config(tmp_path, tiny_models, "train.device=cuda:1")
+
+
 def test_the_vllm_engine_is_refused_across_ranks(tmp_path, tiny_models, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"sampling\.engine.*one process"):
@@ -71,6 +83,15 @@ def test_an_accelerate_fsdp_launch_is_refused_before_any_model(tmp_path, tiny_mo
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="FSDP, which opd does not support yet"):
         make_config(tmp_path, tiny_models)
+
+
+def test_a_checkpoint_of_other_micro_batches_is_refused_unless_allowed(tmp_path, tiny_models):
+    from opd.train import RunDirError, check_micro_batches
+
+    cfg = make_config(tmp_path, tiny_models)
+    with pytest.raises(RunDirError, match=r"written with 2 micro-batches per step .* this resume has 1; launch it with ranks x train.grad_accum = 2"):
+        check_micro_batches(cfg, 2, 1, tmp_path / "step-000002")
+    check_micro_batches(make_config(tmp_path, tiny_models, "run.allow_changes=true"), 2, 1, tmp_path / "step-000002")
 
 
 # ----------------------------------------------------------------------------- real processes
@@ -125,13 +146,16 @@ def train_rows(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
+LORA_DROPOUT = ("student.lora.enabled=true", "student.lora.dropout=0.3", "train.lr=1e-2")  # dropout draws from torch's global RNG
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["opd", "gkd", "reopold"])
-def test_two_ranks_take_the_steps_of_one_process_accumulating_both_halves(tmp_path, tiny_models, method):
+@pytest.mark.parametrize("method, extra", [("opd", ()), ("gkd", ()), ("reopold", ()), ("opd", LORA_DROPOUT)], ids=["opd", "gkd", "reopold", "opd-lora-dropout"])
+def test_two_ranks_take_the_steps_of_one_process_accumulating_both_halves(tmp_path, tiny_models, method, extra):
     config = CONFIGS / ("demo.yaml" if method == "opd" else f"arithmetic/{method}.yaml")
     single, ranks = tmp_path / "one", tmp_path / "two"
-    ok(one_process(config, run_args(tiny_models, single, "train.steps=3", "train.grad_accum=2")))
-    ok(two_ranks(config, run_args(tiny_models, ranks, "train.steps=3", "train.grad_accum=1", "log.tensorboard=true")))
+    ok(one_process(config, run_args(tiny_models, single, "train.steps=3", "train.grad_accum=2", *extra)))
+    ok(two_ranks(config, run_args(tiny_models, ranks, "train.steps=3", "train.grad_accum=1", "log.tensorboard=true", *extra)))
     assert max_relative_difference(weights(ranks), weights(single)) <= 1e-5
     one, two = train_rows(single), train_rows(ranks)
     assert [r["step"] for r in two] == [1, 2, 3]  # each row once, written by rank 0 alone
@@ -162,7 +186,7 @@ def rank_pid(parent: int, rank: int) -> int | None:
 @pytest.mark.slow
 def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_models):
     config, steps = CONFIGS / "demo.yaml", 24
-    common = [f"train.steps={steps}", "checkpoint.every=1", "checkpoint.keep_last=2", "sampling.max_new_tokens=32"]
+    common = [f"train.steps={steps}", "checkpoint.every=1", "checkpoint.keep_last=2", "sampling.max_new_tokens=32", *LORA_DROPOUT]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ok(two_ranks(config, run_args(tiny_models, straight, *common)))
 
@@ -191,9 +215,15 @@ def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_resuming_on_another_number_of_micro_batches_is_refused(tmp_path, tiny_models):
+def test_a_resume_may_split_the_step_otherwise_but_keeps_its_micro_batches(tmp_path, tiny_models):
     config, run = CONFIGS / "demo.yaml", tmp_path / "run"
-    ok(two_ranks(config, run_args(tiny_models, run, "train.steps=2", "checkpoint.at_end=true")))
-    result = one_process(config, run_args(tiny_models, run, "train.steps=2", "checkpoint.at_end=true", "run.resume=true"))
-    assert result.returncode == 2
-    assert "2 micro-batches per step" in result.stderr and "this resume has 1" in result.stderr
+    common = ["train.steps=3", "checkpoint.every=1", "checkpoint.keep_last=3", *LORA_DROPOUT]
+    ok(two_ranks(config, run_args(tiny_models, run, *common)))
+    uninterrupted = weights(run)
+    shutil.rmtree(run / "checkpoints" / "step-000003")  # as if stopped after step 2
+    ok(one_process(config, run_args(tiny_models, run, *common, "train.grad_accum=2", "run.resume=true")))  # 1 process x 2 micro-batches
+    assert max_relative_difference(weights(run), uninterrupted) <= 1e-5
+    assert not (run / "resume_changes.jsonl").exists()  # not recorded as a change: it is the same run
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    result = one_process(config, run_args(tiny_models, run, *common, "train.grad_accum=1", "run.resume=true"))
+    assert result.returncode == 2 and "train.grad_accum: 2 -> 1" in result.stderr  # fewer micro-batches: another run

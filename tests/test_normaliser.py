@@ -12,7 +12,7 @@ from opd.assemble import build_session
 from opd.methods.data import Batch
 from opd.objectives import f_divergence_advantages, policy_gradient_loss, step_normaliser
 from opd.objectives.opd_plus import F_DIVERGENCES
-from opd.train import accumulate_gradients
+from opd.train import SUMMED_METRICS, accumulate_gradients
 
 
 # the embedded world's student stops at EOS, so completions (and micro-batches) differ in length
@@ -31,7 +31,8 @@ def split(batch: Batch, parts: int) -> list[Batch]:
 
 def step_gradients(s, batches, step=0):
     s.student.zero_grad(set_to_none=True)
-    metrics, finite = accumulate_gradients(s, batches, step)
+    sums, counts, finite = accumulate_gradients(s, batches, step)
+    metrics = s.ranks.merge_metrics(sums, counts, SUMMED_METRICS)
     assert finite
     return [p.grad.clone() for p in s.student.parameters() if p.grad is not None], metrics
 

@@ -324,6 +324,10 @@ def validate(c: Config) -> None:
         f"must split into {world} ranks x train.grad_accum={t.grad_accum} equal micro-batches, got {t.prompts_per_step}",
     )
     require(t.dist_timeout > 0, "train.dist_timeout", f"must be > 0 seconds, got {t.dist_timeout}")
+    require(
+        world == 1 or t.device in ("auto", "cpu", "cuda"), "train.device",
+        f"is {t.device!r}, one device for all {world} ranks; use auto or cuda (each rank takes cuda:LOCAL_RANK) or cpu",
+    )
     require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {t.grad_clip}")

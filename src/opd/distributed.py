@@ -101,14 +101,19 @@ class Ranks:
         return bool(t.item())
 
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        """Replace each parameter's ``.grad`` by its sum over ranks (a missing gradient counts as zeros).
+        """Replace each parameter's ``.grad`` by its sum over ranks. A parameter no rank has a gradient for keeps
+        none (so AdamW skips it, as in one process); one that only some ranks have counts as zeros on the others.
 
         Parameters are visited in the same order on every rank and packed into buckets of up to
         ``BUCKET_ELEMENTS`` elements of one dtype and device, one all-reduce per bucket."""
         if not self.several:
             return
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(has_grad, op=torch.distributed.ReduceOp.MAX)
         grads = []
-        for p in params:
+        for p, anywhere in zip(params, has_grad.tolist()):
+            if not anywhere:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
@@ -123,14 +128,15 @@ class Ranks:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
 
-    def merge_metrics(self, metrics: dict[str, float], summed: Iterable[str]) -> dict[str, float]:
-        """The step's metrics over all ranks: the keys in ``summed`` added, every other one averaged over the
-        ranks that report it (each rank runs the same number of micro-batches, so this is the mean over all)."""
-        if not self.several:
-            return metrics
-        gathered: list = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, metrics)
-        return merge_rank_metrics(gathered, summed)
+    def merge_metrics(self, sums: dict[str, float], counts: dict[str, int], summed: Iterable[str]) -> dict[str, float]:
+        """The step's metrics from every rank's per-key sums over its micro-batches and how many micro-batches
+        reported each key: the keys in ``summed`` added, every other one the mean over all the micro-batches that
+        report it — the same numbers one process with all the micro-batches gives."""
+        parts = [(sums, counts)]
+        if self.several:
+            parts = [None] * self.world_size
+            torch.distributed.all_gather_object(parts, (sums, counts))
+        return merge_rank_metrics(parts, summed)
 
     def gather_rows(self, tensor_RW: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Every rank's ``[R, W]`` tensor stacked in rank order (widths right-padded with zeros to the widest),
@@ -222,14 +228,14 @@ def gradient_buckets(grads: list[torch.Tensor], limit: int) -> list[list[torch.T
     return buckets
 
 
-def merge_rank_metrics(per_rank: list[dict[str, float]], summed: Iterable[str]) -> dict[str, float]:
-    """One metrics dict from every rank's: keys in ``summed`` added, the others averaged over the ranks that have them."""
+def merge_rank_metrics(per_rank: list[tuple[dict[str, float], dict[str, int]]], summed: Iterable[str]) -> dict[str, float]:
+    """One metrics dict from every rank's ``(sums, counts)``: keys in ``summed`` added, the others the sum over all
+    ranks divided by the number of micro-batches that reported them."""
     summed = set(summed)
-    keys = [k for d in per_rank for k in d]
     merged = {}
-    for key in dict.fromkeys(keys):
-        values = [d[key] for d in per_rank if key in d]
-        merged[key] = sum(values) if key in summed else sum(values) / len(values)
+    for key in dict.fromkeys(k for sums, _ in per_rank for k in sums):
+        total = sum(sums[key] for sums, _ in per_rank if key in sums)
+        merged[key] = total if key in summed else total / sum(counts[key] for sums, counts in per_rank if key in sums)
     return merged
 
 

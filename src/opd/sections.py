@@ -140,7 +140,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     threads: int | None = None  # torch intra-op threads; None = torch's default
     # several processes (torchrun / accelerate launch): seconds a rank waits for the others in one collective
-    # (rank 0 evaluates and writes checkpoints while the others wait)
+    # (rank 0 writes checkpoints and final/ while the others wait)
     dist_timeout: float = 3600.0
 
 

@@ -7,6 +7,7 @@ uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from .assemble import build_session
 from .checkpoint import CHECKPOINT_PREFIX, MANIFEST, fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint, write_manifest
 from .config import Config, redact, save_config, to_dict
-from .distributed import start_ranks, stop_ranks, thread_oversubscription
+from .distributed import launched_world, start_ranks, stop_ranks, thread_oversubscription
 from .evaluate import evaluate_rows, summarise
 from .methods.data import batch_metrics
 from .methods.losses import student_token_logprobs
@@ -99,14 +100,17 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
         rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
         with s.timer.phase("sample"):
-            batches.append(method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator))
+            batch = method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator)
+        batch.seed = micro_seed(cfg.run.seed, step, micro)
+        batches.append(batch)
     if cfg.train.updates_per_batch > 1:  # the ratio's denominator: the policy that made the batch, before any update
         with s.timer.phase("student"):
             for batch in batches:
-                batch.old_logp_BC = old_logprobs(s, batch)
+                with batch.rng(0):
+                    batch.old_logp_BC = old_logprobs(s, batch)
     totals, status = {}, "no_signal"
     for update in range(cfg.train.updates_per_batch):
-        metrics, update_status = optimizer_update(s, optimizer, batches, step)
+        metrics, update_status = optimizer_update(s, optimizer, batches, step, update)
         if update == 0:
             totals = metrics
         elif "clip_fraction" in metrics:  # the clip only binds from the second update on
@@ -123,6 +127,11 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     return totals, status
 
 
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """Micro-batch ``micro`` of ``step``'s own seed for its forward passes (dropout; ``Batch.rng``)."""
+    return int.from_bytes(hashlib.sha256(f"opd-forward-{seed}-{step}-{micro}".encode()).digest()[:8], "little") % (2**63)
+
+
 def sync_sampler(s: Session) -> None:
     """Sample from the student's current weights from now on (an engine gets them pushed; opd's own sampler has them)."""
     with s.timer.phase("sync"):
@@ -130,19 +139,18 @@ def sync_sampler(s: Session) -> None:
     s.sampler_behind = False
 
 
-def optimizer_update(s: Session, optimizer, batches: list, step: int) -> tuple[dict[str, float], str]:
+def optimizer_update(s: Session, optimizer, batches: list, step: int, update: int = 0) -> tuple[dict[str, float], str]:
     """Gradients of the step's loss on ``batches`` (summed over ranks), clipped, then one optimizer update (and the
     teacher's hook)."""
     cfg = s.cfg
     optimizer.zero_grad(set_to_none=True)
-    totals, finite = accumulate_gradients(s, batches, step)
+    sums, counts, finite = accumulate_gradients(s, batches, step, update)
     params = [p for p in s.student.parameters() if p.requires_grad]
-    if s.ranks.several:
-        with s.timer.phase("reduce"):
-            finite = s.ranks.all(finite)  # one rank's non-finite loss skips the update on all
-            totals = s.ranks.merge_metrics(totals, SUMMED_METRICS)
-            if finite:
-                s.ranks.sum_gradients(params)
+    with s.timer.phase("reduce") if s.ranks.several else contextlib.nullcontext():
+        finite = s.ranks.all(finite)  # one rank's non-finite loss skips the update on all
+        totals = s.ranks.merge_metrics(sums, counts, SUMMED_METRICS)
+        if finite:
+            s.ranks.sum_gradients(params)
     with s.timer.phase("optimizer"):
         if finite:
             clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
@@ -177,8 +185,10 @@ def old_logprobs(s: Session, batch) -> torch.Tensor:
 SUMMED_METRICS = ("loss", "student_tokens")  # parts of a step total; every other metric is averaged over micro-batches
 
 
-def accumulate_gradients(s: Session, batches: list, step: int) -> tuple[dict[str, float], bool]:
-    """Backpropagate the step's loss over its micro-batches into the student's ``.grad``; ``(metrics, finite)``.
+def accumulate_gradients(s: Session, batches: list, step: int, update: int = 0) -> tuple[dict[str, float], dict[str, int], bool]:
+    """Backpropagate the step's loss over its micro-batches into the student's ``.grad``; ``(sums, counts, finite)``:
+    each metric summed over the micro-batches that report it, and how many did (``Ranks.merge_metrics`` makes the
+    step's metrics of them: the ``SUMMED_METRICS`` totals, every other one the mean over its micro-batches).
 
     Every micro-batch is weighted by one normaliser taken over the whole step, on every rank (its
     token count, sequence count or rows × tokens per row), so the accumulated gradient — summed over
@@ -193,21 +203,23 @@ def accumulate_gradients(s: Session, batches: list, step: int) -> tuple[dict[str
         for batch in batches:
             batch.prepared = True
     normaliser = step_normaliser([b.trained_mask_BC for b in batches], method.reduction(), method.tokens_per_row(), total=s.ranks.sum)
-    totals: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     finite = True
     for batch in batches:
         batch.normaliser = normaliser
-        with s.timer.phase("student"):
+        with s.timer.phase("student"), batch.rng(1 + update):
             loss, metrics = method.loss(s, batch, step)
             finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
         metrics.update(batch_metrics(batch), loss=float(loss.detach()))
         for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + value / (1 if key in SUMMED_METRICS else len(batches))
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
         if not finite:
             break
-    return totals, finite
+    return sums, counts, finite
 
 
 # ----------------------------------------------------------------------------- the run
@@ -248,7 +260,7 @@ def check_resume(cfg: Config, run_dir: Path, checkpoint: Path) -> None:
     if saved is None:
         log.warning("%s has no readable config.yaml; cannot check what this resume changes", run_dir)
         return
-    changes = trajectory_changes(saved, redact(to_dict(cfg)))
+    changes = [c for c in trajectory_changes(saved, redact(to_dict(cfg))) if not same_micro_batches(c, cfg, checkpoint)]
     if changes and not cfg.run.allow_changes:
         raise RunDirError(
             f"resuming {run_dir} with settings that alter the run: {describe(changes)}; "
@@ -322,8 +334,10 @@ def train(cfg: Config) -> dict:
                 if sampler is not None:
                     sampler.close()
     finally:
-        stop_ranks(ranks, finished)
-        lock.release()
+        try:
+            stop_ranks(ranks, finished)
+        finally:
+            lock.release()
 
 
 def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float) -> dict:
@@ -442,6 +456,18 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
 
         plot_run(run_dir)
     return summary
+
+
+def same_micro_batches(change: tuple, cfg: Config, checkpoint: Path) -> bool:
+    """A ``train.grad_accum`` change that keeps ranks × grad_accum (e.g. 2 ranks × 1 resumed as 1 process × 2):
+    the same micro-batches with the same noise, so not a change of the run."""
+    if change[0] != "train.grad_accum":
+        return False
+    try:
+        saved = json.loads((checkpoint / "state.json").read_text()).get("micro_batches_per_step", change[1])
+    except (OSError, ValueError):
+        return False
+    return saved == cfg.train.grad_accum * launched_world()[1]
 
 
 def check_micro_batches(cfg: Config, saved: int, micro_batches: int, checkpoint: Path) -> None:

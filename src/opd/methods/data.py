@@ -6,7 +6,9 @@ and the privileged view of a batch (the same completions behind the problem + re
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -28,6 +30,21 @@ class Batch:
     teacher_logp_BC: torch.Tensor | None = None  # teacher log-probs already computed for this batch (prepare_step)
     old_logp_BC: torch.Tensor | None = None  # the student's log-probs before this step's first update (several updates)
     prepared: bool = False  # Method.prepare_step has seen this batch (with the rest of its step)
+    seed: int | None = None  # the micro-batch's own seed (run seed, step, micro-batch): dropout in its forward passes
+
+    @contextlib.contextmanager
+    def rng(self, salt: int) -> Iterator[None]:
+        """Torch's global RNG (what dropout draws from) seeded by this micro-batch's seed and ``salt`` (one per
+        forward pass: the loss of each update, the log-probs before the first), and restored afterwards. So a
+        micro-batch's dropout masks are the same whichever rank or position in the step it has, and a resumed
+        run draws the ones an uninterrupted run would. Without a seed (outside a training step): unchanged."""
+        if self.seed is None:
+            yield
+            return
+        device = self.rollouts.completion_ids_BC.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed((self.seed * 1_000_003 + salt) % (2**63))
+            yield
 
     @property
     def trained_mask_BC(self) -> torch.Tensor:

@@ -29,6 +29,9 @@ class ReopoldConfig:
     switch_step: int | None = None  # None = half of train.steps
 
 
+PREPARE_SALT = 1_000_001  # the entropy pass's dropout seed, apart from the loss passes' (Batch.rng)
+
+
 @register
 class Reopold(Method):
     name = "reopold"
@@ -54,7 +57,7 @@ class Reopold(Method):
         for batch in batches:
             r = batch.rollouts
             batch.teacher_logp_BC = teacher_token_logprobs(s, r)
-            with torch.no_grad():  # entropy at the training (sampling) temperature
+            with torch.no_grad(), batch.rng(PREPARE_SALT):  # entropy at the training (sampling) temperature
                 logp_BC, entropy_BC = student_token_logprobs(s, r, with_entropy=True)
             student.append(logp_BC), teacher.append(batch.teacher_logp_BC), entropy.append(entropy_BC), mask.append(r.loss_mask_BC.float())
         width = max(m.shape[1] for m in mask)
