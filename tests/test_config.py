@@ -103,6 +103,9 @@ def test_every_shipped_config_validates():
             cfg = load_config(path, ["student.path=/models/s", "teacher.path=/models/t", "task.path=train.jsonl"]
                               if path.stem not in ("opsd", "grpo") else ["student.path=/models/s", "task.path=train.jsonl"])
             assert cfg.task.name == "math" and cfg.method.name == (path.stem if path.stem != "base" else "opd")
+        elif path.parent.name == "search_qa":  # the user's questions and corpus
+            cfg = load_config(path, ["student.path=/models/s", "teacher.path=/models/t", "task.questions=q.jsonl", "task.corpus=c.jsonl"])
+            assert cfg.task.name == "search_qa"
         else:
             load_config(path)
 

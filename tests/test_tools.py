@@ -130,7 +130,7 @@ def test_corpus_rows_are_checked_naming_file_line_and_field(tmp_path):
         with pytest.raises(DataError, match=problem):
             read_corpus(bad)
     (tmp_path / "torn.jsonl").write_text('{"id": "1", "text": "a"}\n{"id": \n')
-    with pytest.raises(DataError, match=r"torn.jsonl:2: not a JSON object"):
+    with pytest.raises(DataError, match=r"torn.jsonl:2: not valid JSON"):
         read_corpus(tmp_path / "torn.jsonl")
 
 

@@ -474,6 +474,8 @@ def validate_needs(c: Config, name: str, needs) -> None:
             tau == 1.0, key,
             f"must be 1 with a served teacher (teacher.url): the server gives untempered top-k log-probs, got {tau}",
         )
+    refused = c.task.unsupported(needs)
+    require(refused is None, "method.name", f"'{name}' {refused}")
     missing = c.task.missing_solutions_key()
     if needs.privileged and missing:
         require(False, missing, f"must name the reference-solution field: {name}'s teacher needs privileged context")

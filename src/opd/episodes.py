@@ -248,3 +248,20 @@ def _episodes(rows: list[_Row], tokenizer) -> Episodes:
         rollouts, [r.reward for r in rows], [r.turns for r in rows], [r.tool_calls for r in rows], [r.failed_calls for r in rows],
         [r.cut for r in rows], [r.messages for r in rows],
     )
+
+
+def is_episodic(task) -> bool:
+    """Whether ``task``'s examples are environments (``task.environment(example)``) rather than single prompts."""
+    return callable(getattr(task, "environment", None))
+
+
+def sampler_eos(sampler) -> list[int] | None:
+    """The ids that end a sampler's turn, where it says (opd's samplers do)."""
+    eos = getattr(sampler, "eos_ids", None)
+    return None if eos is None else [int(i) for i in (eos.tolist() if hasattr(eos, "tolist") else eos)]
+
+
+def run_task_episodes(task, examples, sampler: Sampler, tokenizer, params: SamplingConfig, generator=None, template_kwargs=None) -> Episodes:
+    """One episode per example of an episodic task, with the task's limits."""
+    envs = [task.environment(e) for e in examples]
+    return run_episodes(envs, sampler, tokenizer, params, task.episode_limits(), generator, template_kwargs, sampler_eos(sampler))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .episodes import is_episodic, run_task_episodes
 from .prompts import PromptError, encode_prompt
 from .rollout import Sampler
 from .sections import SamplingConfig
@@ -58,7 +59,9 @@ def evaluate_rows(
     template_kwargs: dict | None = None,
 ) -> list[EvalRow]:
     """Each example's ``EvalRow`` (``evaluate``'s arguments); rows from several ranks concatenate, then
-    ``summarise``."""
+    ``summarise``. A task whose examples are environments is evaluated on whole episodes, graded by them."""
+    if is_episodic(task):
+        return episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, template_kwargs)
     prompts = []
     for e in examples:
         try:
@@ -82,6 +85,25 @@ def evaluate_rows(
             rollouts = sampler.sample([p for _, p in chunk], sampled, generator)
             for (i, _), text in zip(chunk, rollouts.texts):
                 rows[i].sampled.append(task.reward(text, examples[i]))
+    return rows
+
+
+def episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, template_kwargs) -> list[EvalRow]:
+    """``evaluate_rows`` on whole episodes: greedy, then ``k`` sampled ones per graded example."""
+    greedy, sampled = replace(sampling, temperature=0.0), replace(sampling, temperature=temperature)
+    rows = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        episodes = run_task_episodes(task, batch, sampler, tokenizer, greedy, None, template_kwargs)
+        lengths = episodes.rollouts.completion_lengths_B.tolist()
+        rows += [EvalRow(e.answer is not None, reward, int(n)) for e, reward, n in zip(batch, episodes.rewards, lengths)]
+    if k > 1:
+        flat = [i for i, row in enumerate(rows) if row.graded for _ in range(k)]
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            episodes = run_task_episodes(task, [examples[i] for i in chunk], sampler, tokenizer, sampled, generator, template_kwargs)
+            for i, reward in zip(chunk, episodes.rewards):
+                rows[i].sampled.append(reward)
     return rows
 
 

@@ -15,7 +15,6 @@ total deadline per request, bounded retries, a capped reply, the key only to the
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 from .http_client import JSONClient, ServiceError
-from .tasks.rows import DataError
+from .tasks.rows import DataError, read_rows
 
 WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -44,33 +43,23 @@ class Searcher(Protocol):
 
 
 def read_corpus(path: Path | str) -> list[Passage]:
-    """The passages of a corpus JSONL; a ``DataError`` names the file, line and field of a bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"corpus file '{path}' does not exist")
+    """The passages of a corpus (JSONL, or any file ``tasks.rows.read_rows`` reads); a ``DataError`` names the file,
+    row and field of a bad row."""
     passages, seen = [], set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not a JSON object ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: not a JSON object")
-            for field in ("id", "text"):
-                if not isinstance(row.get(field), (str, int)) or str(row[field]).strip() == "":
-                    raise DataError(f"{where}: field '{field}' is missing or empty")
-            title = row.get("title", "")
-            if not isinstance(title, str):
-                raise DataError(f"{where}: field 'title' must be a string")
-            passage_id = str(row["id"])
-            if passage_id in seen:
-                raise DataError(f"{where}: id '{passage_id}' appears twice")
-            seen.add(passage_id)
-            passages.append(Passage(passage_id, title, str(row["text"])))
+    for where, row in read_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: not a JSON object")
+        for name in ("id", "text"):
+            if not isinstance(row.get(name), (str, int)) or str(row[name]).strip() == "":
+                raise DataError(f"{where}: field '{name}' is missing or empty")
+        title = row.get("title", "")
+        if not isinstance(title, str):
+            raise DataError(f"{where}: field 'title' must be a string")
+        passage_id = str(row["id"])
+        if passage_id in seen:
+            raise DataError(f"{where}: id '{passage_id}' appears twice")
+        seen.add(passage_id)
+        passages.append(Passage(passage_id, title, str(row["text"])))
     if not passages:
         raise DataError(f"corpus file '{path}' holds no passages")
     return passages

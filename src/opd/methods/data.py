@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from ..episodes import is_episodic, run_task_episodes
 from ..objectives.common import Normaliser, step_normaliser
 from ..prompts import PromptError, encode_completion, encode_prompt
 from ..rollout import Rollouts, left_pad, rollouts_from_completions
@@ -72,18 +73,30 @@ def student_samples(s, examples: list[Example], generator: torch.Generator) -> B
     """``sampling.samples_per_prompt`` completions of each example by the student, graded by the task once."""
     k = s.cfg.sampling.samples_per_prompt
     rows = [e for e in examples for _ in range(k)]
-    rollouts = s.sampler.sample(encode_prompts(s, rows), s.cfg.sampling, generator)
+    rollouts, rewards, info = sample_rows(s, s.sampler, rows, generator)
     rollouts.group_B = [i // k for i in range(len(rows))]  # rows of one prompt share a group
     rollouts.route_B = [e.meta.get("teacher") for e in rows]
-    rewards = [s.task.reward(text, e) for text, e in zip(rollouts.texts, rows)]
-    return Batch(rollouts, rows, on_policy=True, rewards=rewards)
+    return Batch(rollouts, rows, on_policy=True, rewards=rewards, info=info)
+
+
+def sample_rows(
+    s, sampler, rows: list[Example], generator: torch.Generator, grade: bool = True,
+) -> tuple[Rollouts, list[float] | None, dict[str, float]]:
+    """``(rollouts, rewards, metrics)`` of ``sampler`` on ``rows``: one completion each, graded by the task (unless
+    ``grade`` is false: rewards None); or, for a task whose examples are environments (multi-turn tools), one whole
+    episode each, graded by its environment."""
+    if is_episodic(s.task):
+        episodes = run_task_episodes(s.task, rows, sampler, s.tokenizer, s.cfg.sampling, generator, s.cfg.task.chat_template_kwargs)
+        return episodes.rollouts.to(s.device), episodes.rewards, episodes.metrics()
+    rollouts = sampler.sample(encode_prompts(s, rows), s.cfg.sampling, generator)
+    return rollouts, [s.task.reward(text, e) for text, e in zip(rollouts.texts, rows)] if grade else None, {}
 
 
 def teacher_samples(s, examples: list[Example], generator: torch.Generator) -> Batch:
     if s.teacher_sampler is None:
         raise RuntimeError("teacher samples were requested but no teacher is loaded")
-    rollouts = s.teacher_sampler.sample(encode_prompts(s, examples), s.cfg.sampling, generator)
-    return Batch(rollouts, list(examples), on_policy=False)
+    rollouts, _, info = sample_rows(s, s.teacher_sampler, list(examples), generator, grade=False)
+    return Batch(rollouts, list(examples), on_policy=False, info=info)
 
 
 def reference_solutions(s, examples: list[Example], privileged_B: list[bool] | None = None) -> Batch:

@@ -77,6 +77,34 @@ class Task(Protocol):
         """Replace split ``name`` by ``keep`` of each example, dropping those it maps to None."""
 
 
+class FixedSplits:
+    """The ``Task`` methods of a task whose splits are fixed lists: ``self._train``, ``self._eval`` and
+    ``self._eval_source`` (where the held-out rows come from), set by the task."""
+
+    _train: list[Example]
+    _eval: list[Example]
+    _eval_source: str
+
+    def sample_train(self, n: int, rng: random.Random) -> list[Example]:
+        return [self._train[rng.randrange(len(self._train))] for _ in range(n)]
+
+    def eval_examples(self) -> list[Example]:
+        return list(self._eval)
+
+    def describe_eval(self) -> dict:
+        return {"source": self._eval_source, "rows": len(self._eval)}
+
+    def splits(self) -> dict[str, list[Example]]:
+        return {"train": list(self._train), "eval": list(self._eval)}
+
+    def filter_split(self, name: str, keep: Callable[[Example], Example | None]) -> None:
+        kept = [e for e in map(keep, self.splits()[name]) if e is not None]
+        if name == "train":
+            self._train = kept
+        else:
+            self._eval = kept
+
+
 @dataclass
 class TaskConfig:
     """The ``task`` section: ``name`` picks the registered task, whose config class adds its own fields."""
@@ -94,6 +122,10 @@ class TaskConfig:
 
     def validate(self, cfg: Any) -> None:
         """Refuse this section's values, and combinations with the rest of ``cfg`` (the whole run config)."""
+
+    def unsupported(self, needs: Any) -> str | None:
+        """What of a method's ``Needs`` this task cannot give, in words ("needs …"), or None."""
+        return None
 
     def missing_solutions_key(self) -> str | None:
         """None when every example carries a reference solution; else the key that would give them one."""

@@ -13,12 +13,12 @@ import functools
 import logging
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from ..sections import require
-from .base import Example, TaskConfig, register_task
+from .base import Example, FixedSplits, TaskConfig, register_task
 from .rows import DataError, Fields, dataset_splits, read_examples
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def eval_split_of(path: str, configured: str | None, required: bool, train_split
 
 @register_task("math", MathConfig)
 @dataclass
-class MathTask:
+class MathTask(FixedSplits):
     """The user's data: training rows from ``path``; held-out rows from ``eval_path``, a DatasetDict's eval split,
     or else ``eval_size`` rows of a seeded shuffle of ``path`` (announced with their number)."""
 
@@ -197,25 +197,6 @@ class MathTask:
             "(task.eval_size sets how many; task.eval_path gives a separate file)", n_eval, len(rows), self.path, len(rows) - n_eval,
         )
         return shuffled[:-n_eval], shuffled[-n_eval:]
-
-    def sample_train(self, n: int, rng: random.Random) -> list[Example]:
-        return [self._train[rng.randrange(len(self._train))] for _ in range(n)]
-
-    def eval_examples(self) -> list[Example]:
-        return list(self._eval)
-
-    def describe_eval(self) -> dict:
-        return {"source": self._eval_source, "rows": len(self._eval)}
-
-    def splits(self) -> dict[str, list[Example]]:
-        return {"train": list(self._train), "eval": list(self._eval)}
-
-    def filter_split(self, name: str, keep) -> None:
-        kept = [e for e in map(keep, self.splits()[name]) if e is not None]
-        if name == "train":
-            self._train = kept
-        else:
-            self._eval = kept
 
     def reward(self, completion: str, example: Example) -> float:
         if example.answer is None:
