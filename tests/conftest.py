@@ -22,6 +22,33 @@ TINY = ModelShape(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num
 TINY_SPEC = WorldSpec(teacher_shape=TINY, student_shape=TINY, max_positions=128)
 
 
+# the embedded chat template with a tool role (and the tools listed), for multi-turn episodes
+TOOL_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|system|>tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}<|user|><tool_response>{{ message['content'] }}</tool_response>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture
+def tool_models(tmp_path, tiny_models):
+    """Copies of the tiny (teacher, student) behind TOOL_TEMPLATE."""
+    import shutil
+
+    copies = []
+    for path in tiny_models:
+        copy = tmp_path / f"{path.name}_tools"
+        shutil.copytree(path, copy)
+        (copy / "chat_template.jinja").write_text(TOOL_TEMPLATE)
+        copies.append(copy)
+    return tuple(copies)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_char_tokenizer()

@@ -125,7 +125,7 @@ def test_no_module_outside_a_method_tests_its_name():
 
 
 def test_an_unknown_task_is_a_config_error():
-    with pytest.raises(ConfigError, match="config key 'task.name' must be one of 'arithmetic', 'math', 'search_qa', got 'poetry'"):
+    with pytest.raises(ConfigError, match="config key 'task.name' must be one of 'arithmetic', 'environment', 'math', 'search_qa', got 'poetry'"):
         load_config(None, ["student.path=s", "task.name=poetry"])
 
 

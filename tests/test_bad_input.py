@@ -34,7 +34,7 @@ CASES = [
     (GOOD, ["train.steps=lots"], "'train.steps' must be an integer, got 'lots'"),
     (GOOD, ["sampling.top_p=0"], "'sampling.top_p' must be in (0, 1], got 0.0"),
     (GOOD, ["method.name=dpo"], "'method.name' must be one of"),
-    (GOOD, ["task.name=poetry"], "'task.name' must be one of 'arithmetic', 'math', 'search_qa', got 'poetry'"),
+    (GOOD, ["task.name=poetry"], "'task.name' must be one of 'arithmetic', 'environment', 'math', 'search_qa', got 'poetry'"),
     (GOOD, ["task.path=x.jsonl"], "'task.path' belongs to task.name=math, not task.name=arithmetic"),
     (GOOD, ["task.name=math"], "'task.path' is required for task.name=math"),
     (GOOD, ["method.name=grpo", "method.clip_eps=0.2"], "'method.clip_eps' has no effect with train.updates_per_batch=1"),

@@ -15,17 +15,7 @@ from opd.tasks.base import Example
 from opd.tokenizer import build_char_tokenizer
 from opd.tool_calls import SearchTool
 
-TOOL_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if tools %}<|system|>tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}\n{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}"
-    "{% elif message['role'] == 'tool' %}<|user|><tool_response>{{ message['content'] }}</tool_response>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
+from conftest import TOOL_TEMPLATE
 
 @pytest.fixture(scope="module")
 def tool_tokenizer():

@@ -4,7 +4,6 @@ and the teacher scoring an agent's tokens with the search results in its context
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from conftest import make_config
 from opd.config import ConfigError
 from opd.tasks.rows import DataError
 from opd.tasks.search_qa import final_answer, normalise
-from test_episodes import SEARCH, TOOL_TEMPLATE, ScriptedPolicy
+from test_episodes import SEARCH, ScriptedPolicy
 
 CORPUS = [
     {"id": "1", "title": "Mirentor", "text": "Mirentor is a city founded in 1204 by the guild of Shovax."},
@@ -25,17 +24,11 @@ QUESTIONS = [{"question": f"When was city {i} founded?", "answer": str(1200 + i)
 
 
 @pytest.fixture
-def world(tmp_path, tiny_models):
+def world(tmp_path, tool_models):
     """The tiny models behind a chat template with a tool role, a corpus and questions."""
-    models = []
-    for path in tiny_models:
-        copy = tmp_path / f"{path.name}_tools"
-        shutil.copytree(path, copy)
-        (copy / "chat_template.jinja").write_text(TOOL_TEMPLATE)
-        models.append(copy)
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CORPUS))
     (tmp_path / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QUESTIONS))
-    return tuple(models)
+    return tool_models
 
 
 def search_config(tmp_path, models, *overrides):

@@ -77,32 +77,13 @@ class Task(Protocol):
         """Replace split ``name`` by ``keep`` of each example, dropping those it maps to None."""
 
 
-class FixedSplits:
-    """The ``Task`` methods of a task whose splits are fixed lists: ``self._train``, ``self._eval`` and
-    ``self._eval_source`` (where the held-out rows come from), set by the task."""
-
-    _train: list[Example]
-    _eval: list[Example]
-    _eval_source: str
-
-    def sample_train(self, n: int, rng: random.Random) -> list[Example]:
-        return [self._train[rng.randrange(len(self._train))] for _ in range(n)]
-
-    def eval_examples(self) -> list[Example]:
-        return list(self._eval)
-
-    def describe_eval(self) -> dict:
-        return {"source": self._eval_source, "rows": len(self._eval)}
-
-    def splits(self) -> dict[str, list[Example]]:
-        return {"train": list(self._train), "eval": list(self._eval)}
-
-    def filter_split(self, name: str, keep: Callable[[Example], Example | None]) -> None:
-        kept = [e for e in map(keep, self.splits()[name]) if e is not None]
-        if name == "train":
-            self._train = kept
-        else:
-            self._eval = kept
+def episodes_lack(needs: Any, task: str) -> str | None:
+    """What a method needs that a task of episodes does not give (its samples are whole episodes; there are no
+    reference solutions, privileged view or verbal judge over them yet), in words; None when nothing."""
+    for needed, what in ((needs.solutions, "reference solutions"), (needs.privileged, "a privileged view"), (needs.judge, "a verbal judge")):
+        if needed:
+            return f"needs {what}, which {task} does not give yet"
+    return None
 
 
 @dataclass

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..sections import require
-from .base import Example, FixedSplits, TaskConfig, register_task
+from .base import Example, TaskConfig, register_task
 from .rows import DataError, Fields, dataset_splits, read_examples
+from .splits import FixedSplits
 
 log = logging.getLogger(__name__)
 

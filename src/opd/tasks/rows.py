@@ -252,3 +252,4 @@ def read_examples(path: str | Path, fields: Fields, split: str | None = None) ->
     if not examples:
         raise DataError(f"{path}{f'[{split}]' if split else ''}: contains no rows")
     return examples
+

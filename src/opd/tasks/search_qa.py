@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import string
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from ..episodes import EpisodeLimits, ToolEnvironment
 from ..search import BM25Index, HTTPRetriever
 from ..sections import require
 from ..tool_calls import SearchTool
-from .base import Example, FixedSplits, TaskConfig, register_task
+from .base import Example, TaskConfig, episodes_lack, register_task
 from .rows import DataError, read_rows
+from .splits import FixedSplits
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,7 @@ class SearchQAConfig(TaskConfig):
             require(bool(os.environ.get(self.retriever_api_key_env)), "task.retriever_api_key_env", f"names {self.retriever_api_key_env}, which is not set")
 
     def unsupported(self, needs) -> str | None:
-        """Episodes give the student's (and teacher's) samples, not reference solutions, a privileged view or a judge."""
-        for needed, what in ((needs.solutions, "reference solutions"), (needs.privileged, "a privileged view"), (needs.judge, "a verbal judge")):
-            if needed:
-                return f"needs {what}, which task.name=search_qa does not give yet"
-        return None
+        return episodes_lack(needs, "task.name=search_qa")
 
 
 def normalise(text: str) -> str:
@@ -106,18 +102,7 @@ class SearchQATask(FixedSplits):
 
     def __init__(self, config: SearchQAConfig, seed: int = 0):
         c = self.config = config
-        rows = read_questions(c.questions, c.question_field, c.answer_field)
-        if c.eval_questions:
-            self._train, self._eval = rows, read_questions(c.eval_questions, c.question_field, c.answer_field)
-            self._eval_source = c.eval_questions
-        else:
-            n_eval = c.eval_size or max(1, len(rows) // 10)
-            if n_eval >= len(rows):
-                raise DataError(f"{c.questions}: holding out task.eval_size={n_eval} rows leaves none of its {len(rows)} for training")
-            shuffled = list(rows)
-            random.Random(seed).shuffle(shuffled)
-            self._train, self._eval = shuffled[:-n_eval], shuffled[-n_eval:]
-            self._eval_source = f"{c.questions}: {n_eval} of its {len(rows)} rows held out (task.eval_size; seed {seed})"
+        self.load_splits(lambda path: read_questions(path, c.question_field, c.answer_field), c.questions, c.eval_questions, c.eval_size, seed)
         if c.corpus:
             self.searcher = BM25Index.from_jsonl(c.corpus)
         else:
