@@ -37,7 +37,8 @@ TOOL_TEMPLATE = (
 
 @pytest.fixture
 def tool_models(tmp_path, tiny_models):
-    """Copies of the tiny (teacher, student) behind TOOL_TEMPLATE."""
+    """Copies of the tiny (teacher, student) behind TOOL_TEMPLATE, with a context long enough for a few turns."""
+    import json
     import shutil
 
     copies = []
@@ -45,6 +46,8 @@ def tool_models(tmp_path, tiny_models):
         copy = tmp_path / f"{path.name}_tools"
         shutil.copytree(path, copy)
         (copy / "chat_template.jinja").write_text(TOOL_TEMPLATE)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
         copies.append(copy)
     return tuple(copies)
 

@@ -126,11 +126,36 @@ def test_max_turns_and_max_tokens_cut_an_episode(tool_tokenizer):
     assert episodes.metrics()["episode_cut_fraction"] == 1.0
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused(tool_tokenizer):
+def test_a_template_that_rewrites_earlier_turns_still_extends_the_ids_the_model_saw():
+    """Like Qwen3, which drops the reasoning of earlier assistant turns when it renders later ones."""
+    tok = build_char_tokenizer()
+    tok.chat_template = TOOL_TEMPLATE.replace(
+        "{{ message['content'] }}{{ eos_token }}", "{{ message['content'] if loop.last else message['content'].split('</think>')[-1] }}{{ eos_token }}"
+    )
+    first = "<think>look it up</think>" + SEARCH
+    episodes, policy = driver(tok, [Example("When was Mirentor founded?", "1204")], [[first, "Answer: 1204"]])
+    assert episodes.rewards == [1.0] and episodes.turns == [2]
+    ids, trained = row_tokens(episodes, 0)
+    assert tok.decode([t for t, m in zip(ids, trained) if m], skip_special_tokens=False) == first + "Answer: 1204<eos>"
+    first_input, second_input = policy.inputs[0]
+    assert second_input[: len(first_input)] == first_input
+    assert tok.decode(second_input[len(first_input) :], skip_special_tokens=False).startswith(first)  # the reasoning the model wrote stays
+
+
+def test_a_template_that_does_not_render_replies_verbatim_is_refused():
     tok = build_char_tokenizer()
     tok.chat_template = TOOL_TEMPLATE.replace("{{ message['content'] }}{{ eos_token }}", "{{ message['content'] | upper }}{{ eos_token }}")
-    with pytest.raises(EpisodeError, match="cannot be extended"):
+    with pytest.raises(EpisodeError, match="does not render an assistant reply as it is"):
         driver(tok, [Example("q?", "1204")], [[SEARCH, "1204"]])
+
+
+def test_the_context_bounds_an_episode(tool_tokenizer):
+    tok = tool_tokenizer
+    envs = [ToolEnvironment(QA(), Example("q?", "1204"), [SearchTool(BM25Index(CORPUS), k=1)])]
+    prompt = tok(tok.apply_chat_template(envs[0].start(), tools=envs[0].tools(), tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    policy = ScriptedPolicy(tok, [prompt], [[SEARCH] * 10])
+    episodes = run_episodes(envs, policy, tok, SamplingConfig(max_new_tokens=200), EpisodeLimits(max_turns=10, max_tokens=10_000), context=len(prompt) + 120)
+    assert episodes.cut == ["context"] and int(episodes.rollouts.completion_mask_BC.sum()) == 120
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,8 @@ def search_config(tmp_path, models, *overrides):
 
 def test_exact_match_reads_the_final_answer_and_normalises_it():
     assert final_answer("I searched.\nAnswer: The Grey Sea.\nthanks") == "The Grey Sea."
+    assert final_answer("To answer: I will search first.\nAnswer: 1204") == "1204"  # the last one
+    assert final_answer("Answer: maybe 1200 ... Answer: 1204") == "1204"
     assert final_answer("1204") == "1204" and normalise("  The  Grey-Sea! ") == "greysea" and normalise("an answer") == "answer"
 
 

@@ -61,7 +61,8 @@ def evaluate_rows(
     """Each example's ``EvalRow`` (``evaluate``'s arguments); rows from several ranks concatenate, then
     ``summarise``. A task whose examples are environments is evaluated on whole episodes, graded by them."""
     if is_episodic(task):
-        return episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, template_kwargs)
+        context = max_prompt_tokens + sampling.max_new_tokens if max_prompt_tokens else None
+        return episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, template_kwargs, context)
     prompts = []
     for e in examples:
         try:
@@ -88,20 +89,20 @@ def evaluate_rows(
     return rows
 
 
-def episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, template_kwargs) -> list[EvalRow]:
+def episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, template_kwargs, context=None) -> list[EvalRow]:
     """``evaluate_rows`` on whole episodes: greedy, then ``k`` sampled ones per graded example."""
     greedy, sampled = replace(sampling, temperature=0.0), replace(sampling, temperature=temperature)
     rows = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        episodes = run_task_episodes(task, batch, sampler, tokenizer, greedy, None, template_kwargs)
+        episodes = run_task_episodes(task, batch, sampler, tokenizer, greedy, None, template_kwargs, context)
         lengths = episodes.rollouts.completion_lengths_B.tolist()
         rows += [EvalRow(e.answer is not None, reward, int(n)) for e, reward, n in zip(batch, episodes.rewards, lengths)]
     if k > 1:
         flat = [i for i, row in enumerate(rows) if row.graded for _ in range(k)]
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
-            episodes = run_task_episodes(task, [examples[i] for i in chunk], sampler, tokenizer, sampled, generator, template_kwargs)
+            episodes = run_task_episodes(task, [examples[i] for i in chunk], sampler, tokenizer, sampled, generator, template_kwargs, context)
             for i, reward in zip(chunk, episodes.rewards):
                 rows[i].sampled.append(reward)
     return rows

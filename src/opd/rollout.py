@@ -221,11 +221,12 @@ class HFSampler:
         )
 
     def _stopped(self, tokens: list[torch.Tensor], finished_B: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
-        """Rows still running whose text now ends with a stop string (each token is at least one character, so
-        the last ``len(longest stop)`` tokens hold it)."""
-        window = torch.stack(tokens[-max(map(len, stop)) :], 1).tolist()
+        """Rows still running whose latest tokens now hold a stop string in their text (special tokens not shown, as
+        vLLM matches stops; each token is at least one byte, so the last ``bytes of the longest stop`` + 1 tokens
+        hold any occurrence the newest token completed)."""
+        window = torch.stack(tokens[-(max(len(s.encode()) for s in stop) + 1) :], 1).tolist()
         hits = [
-            not done and self.tokenizer.decode(tail, skip_special_tokens=False).endswith(stop)
+            not done and any(s in self.tokenizer.decode(tail, skip_special_tokens=True) for s in stop)
             for tail, done in zip(window, finished_B.tolist())
         ]
         return torch.tensor(hits, dtype=torch.bool, device=finished_B.device)

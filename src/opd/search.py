@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 from .http_client import JSONClient, ServiceError
-from .tasks.rows import DataError, read_rows
 
 WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -45,6 +44,8 @@ class Searcher(Protocol):
 def read_corpus(path: Path | str) -> list[Passage]:
     """The passages of a corpus (JSONL, or any file ``tasks.rows.read_rows`` reads); a ``DataError`` names the file,
     row and field of a bad row."""
+    from .tasks.rows import DataError, read_rows  # here: the tasks package imports search_qa, which imports this module
+
     passages, seen = [], set()
     for where, row in read_rows(path):
         if not isinstance(row, dict):
@@ -142,7 +143,8 @@ def retrieved_passage(hit, rank: int) -> Passage:
     document = hit.get("document", hit) if isinstance(hit, dict) else None
     if not isinstance(document, dict):
         raise ServiceError("the retriever's reply: a passage is not a JSON object")
-    score = hit.get("score", -rank) if isinstance(hit, dict) else -rank
+    score = hit.get("score") if isinstance(hit, dict) else None
+    score = float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else float(-rank)
     if "contents" in document:
         title, _, text = str(document["contents"]).partition("\n")
         title = title.strip().strip('"')

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .http_client import ServiceError
 from .search import Searcher, format_passages
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -85,7 +86,7 @@ def run_call(tools: dict[str, Tool], call: ToolCall) -> tuple[str, bool]:
         return f"error: there is no tool '{call.name}' (available: {', '.join(sorted(tools))})", False
     try:
         return tool(call.arguments), True
-    except ValueError as err:
+    except (ValueError, ServiceError) as err:  # bad arguments, or a service that did not answer: the model is told
         return f"error: {call.name}: {err}", False
 
 

@@ -100,7 +100,8 @@ class Method:
 
     def tokens_per_row(self) -> int:
         """The constant normaliser's tokens per row."""
-        return self.cfg.method.normalizer_tokens or self.cfg.sampling.max_new_tokens
+        # an episodic task's rows run to its episode budget (task.max_tokens), not one turn's max_new_tokens
+        return self.cfg.method.normalizer_tokens or getattr(self.cfg.task, "max_tokens", None) or self.cfg.sampling.max_new_tokens
 
     def normaliser(self, batch: Batch) -> Normaliser:
         """What ``batch``'s per-token terms are divided by: the step's normaliser (set by the loop), or this batch's."""

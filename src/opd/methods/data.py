@@ -86,7 +86,8 @@ def sample_rows(
     ``grade`` is false: rewards None); or, for a task whose examples are environments (multi-turn tools), one whole
     episode each, graded by its environment."""
     if is_episodic(s.task):
-        episodes = run_task_episodes(s.task, rows, sampler, s.tokenizer, s.cfg.sampling, generator, s.cfg.task.chat_template_kwargs)
+        context = s.max_prompt_tokens + s.cfg.sampling.max_new_tokens if s.max_prompt_tokens else None
+        episodes = run_task_episodes(s.task, rows, sampler, s.tokenizer, s.cfg.sampling, generator, s.cfg.task.chat_template_kwargs, context)
         return episodes.rollouts.to(s.device), episodes.rewards, episodes.metrics()
     rollouts = sampler.sample(encode_prompts(s, rows), s.cfg.sampling, generator)
     return rollouts, [s.task.reward(text, e) for text, e in zip(rollouts.texts, rows)] if grade else None, {}
@@ -130,7 +131,7 @@ def batch_metrics(batch: Batch) -> dict[str, float]:
     r = batch.rollouts
     metrics = {"mean_length": float(r.completion_lengths_B.float().mean()), "student_tokens": 0.0}
     if batch.on_policy:
-        metrics["student_tokens"] = float(r.completion_mask_BC.sum())
+        metrics["student_tokens"] = float(r.loss_mask_BC.sum())  # an episode's observation tokens are not the student's
         graded = [reward for reward, e in zip(batch.rewards, batch.examples) if e.answer is not None]
         if graded:  # prompt-only rows have nothing to grade
             metrics["reward"] = sum(graded) / len(graded)

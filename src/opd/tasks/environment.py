@@ -35,6 +35,7 @@ class EnvironmentConfig(TaskConfig):
         require(self.environment is not None, "task.environment", "must name the environment class (module:Class) for task.name=environment")
         require(self.rows is not None, "task.rows", "is required for task.name=environment (a JSONL of example objects)")
         require(self.max_turns >= 1, "task.max_turns", f"must be >= 1, got {self.max_turns}")
+        require(all(isinstance(x, str) and x for x in self.stop), "task.stop", f"must be a list of non-empty strings, got {self.stop!r}")
         require(self.max_tokens >= cfg.sampling.max_new_tokens, "task.max_tokens", f"must be at least sampling.max_new_tokens ({cfg.sampling.max_new_tokens}), got {self.max_tokens}")
         require(cfg.sampling.engine == "hf", "sampling.engine", "must be hf for task.name=environment (turns end at stop strings, which the vLLM engine does not take yet)")
         environment_class(self.environment)

@@ -33,7 +33,7 @@ SYSTEM_PROMPT = (
     '<tool_call>{"name": "search", "arguments": {"query": "..."}}</tool_call> and the passages found come back. '
     "When you know the answer, reply without a tool call, ending with 'Answer: <the answer>'."
 )
-ANSWER = re.compile(r"answer\s*:\s*(.*)", re.IGNORECASE | re.DOTALL)
+ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
 @dataclass
@@ -75,8 +75,11 @@ def normalise(text: str) -> str:
 
 def final_answer(reply: str) -> str:
     """The text after the last ``Answer:`` of a reply, or the whole reply."""
-    found = ANSWER.findall(reply)
-    return found[-1].strip().splitlines()[0] if found and found[-1].strip() else reply
+    last = None
+    for last in ANSWER.finditer(reply):
+        pass
+    after = reply[last.end() :].strip() if last else ""
+    return after.splitlines()[0] if after else reply
 
 
 def read_questions(path: str, question_field: str, answer_field: str) -> list[Example]:
