@@ -110,10 +110,14 @@ def test_any_query_text_is_safe_and_k_bounds_the_hits():
     assert index.search("   ", 3) == [] and len(index.search("the", 2)) == 2 and index.size == 5
 
 
-def test_an_index_file_is_built_once_and_reopened(tmp_path):
+def test_an_index_file_is_reused_while_its_passages_are_the_same_and_rebuilt_when_they_change(tmp_path):
     path = tmp_path / "corpus.sqlite"
     first = BM25Index(CORPUS, path=path).search("guild", 3)
-    assert BM25Index([], path=path).search("guild", 3) == first
+    modified = path.stat().st_mtime_ns
+    assert BM25Index(CORPUS, path=path).search("guild", 3) == first and path.stat().st_mtime_ns == modified  # not rewritten
+    changed = CORPUS[:2] + [Passage("9", "", "a new guild of weavers")]
+    again = BM25Index(changed, path=path)
+    assert again.size == 3 and "9" in [p.id for p in again.search("guild", 3)] and "3" not in [p.id for p in again.search("guild", 3)]
 
 
 def test_corpus_rows_are_checked_naming_file_line_and_field(tmp_path):

@@ -15,6 +15,8 @@ total deadline per request, bounded retries, a capped reply, the key only to the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import sqlite3
 import threading
@@ -73,17 +75,27 @@ def match_expression(query: str) -> str | None:
 
 
 class BM25Index:
-    """BM25 over passages with SQLite FTS5, in memory or in a file (``path``: built once, reopened after)."""
+    """BM25 over passages with SQLite FTS5, in memory or in a file (``path``). A file index is reused while it
+    holds the same passages (a fingerprint of them is stored beside it) and rebuilt when they change."""
 
     def __init__(self, passages: Iterable[Passage], title_weight: float = 2.0, path: Path | str | None = None):
         self.title_weight = title_weight
         self._lock = threading.Lock()  # one connection, shared by the tool threads of an episode batch
         self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False)
-        built = self._db.execute("select name from sqlite_master where name = 'passages'").fetchone()
-        if not built:
-            with self._db:
+        passages = list(passages)
+        digest = hashlib.sha256()
+        for p in passages:
+            digest.update(json.dumps([p.id, p.title, p.text]).encode())
+        fingerprint = digest.hexdigest()
+        with self._db:
+            self._db.execute("create table if not exists fingerprint (value text)")
+            stored = self._db.execute("select value from fingerprint").fetchone()
+            if stored is None or stored[0] != fingerprint:
+                self._db.execute("drop table if exists passages")
                 self._db.execute("create virtual table passages using fts5(pid unindexed, title, text, tokenize='unicode61')")
                 self._db.executemany("insert into passages(pid, title, text) values (?, ?, ?)", ((p.id, p.title, p.text) for p in passages))
+                self._db.execute("delete from fingerprint")
+                self._db.execute("insert into fingerprint values (?)", (fingerprint,))
         self.size = self._db.execute("select count(*) from passages").fetchone()[0]
 
     @classmethod
