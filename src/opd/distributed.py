@@ -284,5 +284,5 @@ def stop_ranks(ranks: Ranks, finished: bool) -> None:
     one leaves at once, since the others may never arrive."""
     if ranks.several and torch.distributed.is_initialized():
         if finished:
-            torch.distributed.barrier()
+            ranks.barrier()
         torch.distributed.destroy_process_group()

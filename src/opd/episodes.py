@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
-from .prompts import render_prompt
+from .prompts import prompt_ids, render_prompt
 from .rollout import Rollouts, Sampler, left_pad, right_pad
 from .sections import SamplingConfig
 from .tool_calls import CLOSE, Tool, parse_tool_calls, run_call
@@ -138,7 +138,6 @@ class _Row:
     env: Environment
     messages: list[dict]
     tools: list[dict]
-    text: str  # the template's rendering of the prompt
     prompt_ids: list[int]
     budget: int = 0  # completion tokens this episode may have (task.max_tokens, or less where the context ends first)
     ids: list[int] = field(default_factory=list)  # completion: agent and observation tokens
@@ -170,8 +169,7 @@ def run_episodes(
     rows = []
     for env in envs:
         messages, tools = list(env.start()), env.tools()
-        text = render_prompt(tokenizer, messages, _kwargs(template_kwargs, tools))
-        row = _Row(env, messages, tools, text, tokenizer(text, add_special_tokens=False)["input_ids"])
+        row = _Row(env, messages, tools, prompt_ids(tokenizer, messages, _kwargs(template_kwargs, tools)))
         row.budget = min(limits.max_tokens, context - len(row.prompt_ids)) if context else limits.max_tokens
         if row.budget <= 0:
             row.done, row.cut = True, "context"
@@ -252,14 +250,14 @@ def _append_observations(tokenizer, row: _Row, ended_eos: bool, observations: li
 
 def _episodes(rows: list[_Row], tokenizer) -> Episodes:
     pad = tokenizer.pad_token_id
-    prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in rows], pad)
+    prompt_ids_BP, prompt_mask_BP = left_pad([r.prompt_ids for r in rows], pad)
     completion_ids, completion_mask = right_pad([r.ids for r in rows], pad)
     trained, _ = right_pad([r.trained for r in rows], 0)
     logp = torch.zeros(completion_ids.shape, dtype=torch.float32)
     for i, r in enumerate(rows):
         logp[i, : len(r.logps)] = torch.tensor(r.logps, dtype=torch.float32)
     rollouts = Rollouts(
-        prompt_ids_BP=prompt_ids, prompt_mask_BP=prompt_mask, completion_ids_BC=completion_ids, completion_mask_BC=completion_mask,
+        prompt_ids_BP=prompt_ids_BP, prompt_mask_BP=prompt_mask_BP, completion_ids_BC=completion_ids, completion_mask_BC=completion_mask,
         loss_mask_BC=trained, sampler_logp_BC=logp, texts=[tokenizer.decode(r.ids, skip_special_tokens=True) for r in rows],
         group_B=list(range(len(rows))),
     )

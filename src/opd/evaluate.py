@@ -23,26 +23,10 @@ class EvalRow:
     sampled: list[float] = field(default_factory=list)
 
 
-def evaluate(
-    sampler: Sampler,
-    tokenizer,
-    task: Task,
-    examples: list[Example],
-    sampling: SamplingConfig,
-    k: int = 1,
-    temperature: float = 1.0,
-    batch_size: int = 256,
-    generator: torch.Generator | None = None,
-    max_prompt_tokens: int | None = None,
-    template_kwargs: dict | None = None,
-) -> dict[str, float]:
-    """``accuracy`` (greedy), ``mean_length``; with ``k > 1`` also ``avg@k`` and ``pass@k`` at ``temperature``,
-    sampled with ``generator``. Prompts are the task's messages encoded with ``tokenizer``.
-
-    Accuracies are over the rows that have an answer (``graded`` of ``rows``); with none (prompt-only data) there
-    is no accuracy, only the lengths."""
-    rows = evaluate_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, max_prompt_tokens, template_kwargs)
-    return summarise(rows, k)
+def evaluate(sampler: Sampler, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, k: int = 1, *options, **named) -> dict[str, float]:
+    """``summarise`` of ``evaluate_rows`` (same arguments): ``accuracy`` (greedy), ``mean_length``; with ``k > 1``
+    also ``avg@k`` and ``pass@k``."""
+    return summarise(evaluate_rows(sampler, tokenizer, task, examples, sampling, k, *options, **named), k)
 
 
 def evaluate_rows(
@@ -58,8 +42,10 @@ def evaluate_rows(
     max_prompt_tokens: int | None = None,
     template_kwargs: dict | None = None,
 ) -> list[EvalRow]:
-    """Each example's ``EvalRow`` (``evaluate``'s arguments); rows from several ranks concatenate, then
-    ``summarise``. A task whose examples are environments is evaluated on whole episodes, graded by them."""
+    """Each example's ``EvalRow``: its greedy reward and length, and with ``k > 1`` its ``k`` rewards sampled at
+    ``temperature`` with ``generator``. Prompts are the task's messages encoded with ``tokenizer``; a row without an
+    answer (prompt-only data) is not graded. Rows from several ranks concatenate, then ``summarise``. A task whose
+    examples are environments is evaluated on whole episodes, graded by them."""
     if is_episodic(task):
         context = max_prompt_tokens + sampling.max_new_tokens if max_prompt_tokens else None
         return episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, batch_size, generator, template_kwargs, context)

@@ -129,8 +129,7 @@ class HTTPRetriever:
 
     def search_many(self, queries: list[str], k: int) -> list[list[Passage]]:
         """One request for all ``queries``; the passages of each, best first."""
-        reply = self.client.post({"queries": list(queries), "topk": k, "return_scores": True}, read=lambda r: read_retrieved(r, len(queries)))
-        return reply
+        return self.client.post({"queries": list(queries), "topk": k, "return_scores": True}, read=lambda r: read_retrieved(r, len(queries)))
 
     def close(self) -> None:
         self.client.close()
