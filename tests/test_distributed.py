@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -79,10 +80,33 @@ def test_the_vllm_engine_is_refused_across_ranks(tmp_path, tiny_models, monkeypa
         make_config(tmp_path, tiny_models, "sampling.engine=vllm")
 
 
-def test_an_accelerate_fsdp_launch_is_refused_before_any_model(tmp_path, tiny_models, monkeypatch):
+def test_an_accelerate_fsdp_launch_without_sharding_is_refused_naming_the_key(tmp_path, tiny_models, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="FSDP, which opd does not support yet"):
+    with pytest.raises(ConfigError, match=r"configured for FSDP but train\.sharding is 'none'.*set train\.sharding=fsdp"):
         make_config(tmp_path, tiny_models)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert make_config(tmp_path, tiny_models, "train.sharding=fsdp").train.sharding == "fsdp"  # the plugin asked for it
+
+
+def test_an_accelerate_deepspeed_launch_is_refused(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="configured for DeepSpeed, which opd does not support"):
+        make_config(tmp_path, tiny_models)
+
+
+def test_fsdp_in_one_process_is_refused_naming_the_key(tmp_path, tiny_models):
+    with pytest.raises(ConfigError, match=r"train\.sharding.*one process has nothing to shard over"):
+        make_config(tmp_path, tiny_models, "train.sharding=fsdp")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("student.lora.enabled=true",), r"train\.sharding.*LoRA"),
+    (("method.name=opsd", "teacher.path=null", "method.opsd.teacher_weights=ema"), r"method\.opsd\.teacher_weights.*'ema'"),
+], ids=["lora", "opsd-ema"])
+def test_what_fsdp_does_not_shard_yet_is_refused_before_any_model(tmp_path, tiny_models, monkeypatch, overrides, key):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=key):
+        make_config(tmp_path, tiny_models, "train.sharding=fsdp", *overrides)
 
 
 def test_a_checkpoint_of_other_micro_batches_is_refused_unless_allowed(tmp_path, tiny_models):
@@ -168,6 +192,67 @@ def test_two_ranks_take_the_steps_of_one_process_accumulating_both_halves(tmp_pa
         assert b["mean_length"] == pytest.approx(a["mean_length"], abs=1.0)  # greedy, in other batches: padding may flip a token
     assert len(list((ranks / "tensorboard").glob("events.*"))) == 1
     assert json.loads((ranks / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["opd", "gkd"])
+def test_fsdp_ranks_take_the_steps_of_one_unsharded_process(tmp_path, tiny_models, method):
+    """FSDP2 over 2 ranks (the student's weights, gradients and Adam state split in halves; the output layer gathered
+    for GKD's fused full-vocabulary loss) against 1 unsharded process accumulating both halves of each step."""
+    config = CONFIGS / ("demo.yaml" if method == "opd" else f"arithmetic/{method}.yaml")
+    single, sharded = tmp_path / "one", tmp_path / "fsdp"
+    ok(one_process(config, run_args(tiny_models, single, "train.steps=3", "train.grad_accum=2")))
+    result = two_ranks(config, run_args(tiny_models, sharded, "train.steps=3", "train.sharding=fsdp"))
+    ok(result)
+    assert "rank 0 holds" in result.stderr and "of the student's" in result.stderr
+    held, total = map(int, re.search(r"rank 0 holds (\d+) of the student's (\d+) parameters", result.stderr).groups())
+    assert held < 0.6 * total  # about half: layers and the root group each split over 2 ranks
+    assert max_relative_difference(weights(sharded), weights(single)) <= 1e-5
+    assert [r["loss"] for r in train_rows(sharded)] == pytest.approx([r["loss"] for r in train_rows(single)], rel=1e-5, abs=1e-9)
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(sharded / "final")  # a plain transformers checkpoint
+    assert type(final).__name__ == json.loads((sharded / "final" / "config.json").read_text())["architectures"][0] == "LlamaForCausalLM"
+    assert set(weights(sharded)) == set(weights(single))  # the tied output layer written once, as unsharded
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights_sharded_or_not(tmp_path, tiny_models):
+    """kill -9 of one FSDP rank at a random step, then a 2-rank FSDP resume → the uninterrupted run's weights; and the
+    same checkpoints resumed by one unsharded process (they hold whole tensors) → the same weights."""
+    config, steps = CONFIGS / "demo.yaml", 12
+    common = [f"train.steps={steps}", "checkpoint.every=1", "checkpoint.keep_last=2", "sampling.max_new_tokens=32", "train.sharding=fsdp"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    ok(two_ranks(config, run_args(tiny_models, straight, *common)))
+
+    kill_after = random.Random().randint(2, 8)
+    launcher = subprocess.Popen(torchrun(config, run_args(tiny_models, killed, *common)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (killed / "checkpoints" / f"step-{kill_after:06d}").exists():
+            assert launcher.poll() is None and time.time() < deadline, f"the run ended before step {kill_after}"
+            time.sleep(0.01)
+        victim = rank_pid(launcher.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert not (killed / "final").exists(), f"the run finished before the kill at step {kill_after}"
+    unsharded = tmp_path / "unsharded"
+    shutil.copytree(killed, unsharded)
+    saved = (unsharded / "config.yaml").read_text()
+    (unsharded / "config.yaml").write_text(saved.replace(str(killed), str(unsharded)))
+
+    ok(two_ranks(config, run_args(tiny_models, killed, *common, "run.resume=true")))
+    assert max_relative_difference(weights(killed), weights(straight)) <= 1e-5, f"killed after step {kill_after}"
+    assert [r["loss"] for r in train_rows(killed)] == pytest.approx([r["loss"] for r in train_rows(straight)], rel=1e-6)
+
+    alone = [a for a in common if a != "train.sharding=fsdp"]
+    ok(one_process(config, run_args(tiny_models, unsharded, *alone, "train.grad_accum=2", "run.resume=true")))
+    assert max_relative_difference(weights(unsharded), weights(straight)) <= 1e-5
+    assert not (unsharded / "resume_changes.jsonl").exists()  # sharding is how the run is held, not what it computes
 
 
 def rank_pid(parent: int, rank: int) -> int | None:

@@ -6,6 +6,7 @@ What to load is read from the method's ``Needs``; nothing here tests a method's 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -22,8 +23,11 @@ from .profiling import PhaseTimer
 from .rollout import HFSampler
 from .served import is_url, served_teacher
 from .session import Session, TrainingError
+from .sharding import shard_model
 from .tasks import build_task
 from .teachers import ModelTeacher, RoutedTeacher, initial_student
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str, ranks: Ranks = SINGLE) -> torch.device:
@@ -84,6 +88,10 @@ def build_session(cfg: Config, ranks: Ranks = SINGLE) -> Session:
     if st.lora.enabled:
         student = apply_lora(student, st.lora)
     student.train()
+    ranks.broadcast_parameters(student)  # every rank starts from rank 0's weights (before anything copies them)
+    if cfg.train.sharding == "fsdp" and ranks.several:
+        held, total = shard_model(student, ranks.device, ranks.world_size)  # before the teachers that share its parameters
+        log.info("train.sharding=fsdp: rank %d holds %d of the student's %d parameters (and their gradients and Adam state)", ranks.rank, held, total)
     student_eos = eos_token_ids(student, tokenizer)
     for served_model, _ in served.values():  # top-k ids must index the student's output layer itself
         served_model.vocab_size = output_size(student)
@@ -111,7 +119,6 @@ def build_session(cfg: Config, ranks: Ranks = SINGLE) -> Session:
             reference = build_reference(cfg, needs, tokenizer, student, autocast, device)
     sampler = student_sampler(cfg, student, tokenizer, student_eos, autocast, device, max_positions)
     judge = method.make_judge(task, teacher, device) if needs.judge else None
-    ranks.broadcast_parameters(student)
     return Session(
         cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, max_prompt, judge,
         PhaseTimer(device), data_report, ranks=ranks,

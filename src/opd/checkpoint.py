@@ -23,11 +23,14 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .sharding import is_sharded, like_param, load_into, whole_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,39 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state_dict = optimizer.state_dict()
+@dataclass
+class FullState:
+    """What a checkpoint writes, as whole tensors on rank 0 (``full_state``): the same files whether the run is
+    sharded or not, so either kind resumes the other."""
+
+    trainable: dict[str, torch.Tensor]  # trainable parameters by name
+    optimizer: dict  # ``optimizer.state_dict()`` layout: state by parameter index, param_groups
+    model: dict[str, torch.Tensor] | None = None  # the model's whole state dict when it is sharded (None: read the model)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> FullState:
+    """The model's and optimizer's state as whole tensors. For a sharded model this is a collective (every rank calls
+    it; rank 0 receives the tensors, in CPU memory, the others empty dicts)."""
+    if not is_sharded(model):
+        return FullState(trainable_state(model), optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    whole = whole_state_dict(model)
+    by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    trainable = {name: whole[name].contiguous() for name in names if name in whole}
+    return FullState(trainable, _by_index(by_name, names) if whole else {}, whole)
+
+
+def _by_index(state_dict: dict, names: list[str]) -> dict:
+    """A name-keyed optimizer state dict (torch.distributed.checkpoint's) in ``optimizer.state_dict()``'s layout,
+    parameter ``i`` being the ``i``-th trainable parameter (the order ``build_optimizer`` gives them)."""
+    index = {name: i for i, name in enumerate(names)}
+    groups = [dict(group, params=[index[name] for name in group["params"]]) for group in state_dict["param_groups"]]
+    return {"state": {index[name]: value for name, value in state_dict["state"].items()}, "param_groups": groups}
+
+
+def _optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for index, per_param in state_dict["state"].items():
         for key, value in per_param.items():
@@ -118,7 +152,11 @@ def save_checkpoint(
     state: dict,
     keep_last: int,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    whole: FullState | None = None,
 ) -> Path:
+    """Write ``<run>/checkpoints/step-NNNNNN``; ``whole`` is ``full_state(model, optimizer)`` (taken here when not
+    given; a sharded model's must be taken on every rank first)."""
+    whole = whole if whole is not None else full_state(model, optimizer)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
@@ -127,10 +165,10 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        model.save_pretrained(tmp / "model", safe_serialization=True, **({"state_dict": whole.model} if whole.model is not None else {}))
         tokenizer.save_pretrained(tmp / "model")
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_file(whole.trainable, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_to_files(whole.optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         rng = {"torch": torch.get_rng_state()}
@@ -140,8 +178,8 @@ def save_checkpoint(
         if extra_tensors:
             save_file(extra_tensors, tmp / "extra.safetensors")
         version, internal, gauss = random.getstate()
-        full_state = dict(state, step=step, scheduler=scheduler.state_dict(), python_rng=[version, list(internal), gauss])
-        (tmp / "state.json").write_text(json.dumps(full_state))
+        saved_state = dict(state, step=step, scheduler=scheduler.state_dict(), python_rng=[version, list(internal), gauss])
+        (tmp / "state.json").write_text(json.dumps(saved_state))
         write_manifest(tmp)
         fsync_tree(tmp)
     except OSError as err:
@@ -200,11 +238,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:3]} (different model or LoRA setting?)")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    for name, tensor in weights.items():
+        load_into(params[name], tensor)  # a sharded parameter takes its own share
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_files(load_file(path / "optimizer.safetensors"), meta))
+    for group in optimizer.param_groups:  # the saved state is whole; a sharded parameter's state is its share
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    optimizer.state[p][key] = like_param(p, value)
     state = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(state.pop("scheduler"))
     version, internal, gauss = state.pop("python_rng")

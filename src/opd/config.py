@@ -316,14 +316,16 @@ def validate(c: Config) -> None:
         f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.grad_accum}",
     )
     _, world, _ = launched_world()
-    if unsupported_launch():
-        raise ConfigError(unsupported_launch())
+    if unsupported_launch(t.sharding):
+        raise ConfigError(unsupported_launch(t.sharding))
     require(
         t.prompts_per_step % (t.grad_accum * world) == 0,
         "train.prompts_per_step",
         f"must split into {world} ranks x train.grad_accum={t.grad_accum} equal micro-batches, got {t.prompts_per_step}",
     )
     require(t.dist_timeout > 0, "train.dist_timeout", f"must be > 0 seconds, got {t.dist_timeout}")
+    if t.sharding == "fsdp":
+        validate_sharding(c, world)
     require(
         world == 1 or t.device in ("auto", "cpu", "cuda"), "train.device",
         f"is {t.device!r}, one device for all {world} ranks; use auto or cuda (each rank takes cuda:LOCAL_RANK) or cpu",
@@ -377,6 +379,20 @@ def validate(c: Config) -> None:
     method = method_class(m.name)
     method.validate(c)
     validate_needs(c, m.name, method.needs(c))
+
+
+def validate_sharding(c: Config, world: int) -> None:
+    """``train.sharding=fsdp``: what FSDP2 sharding of the student does not cover yet, refused before any model loads."""
+    require(
+        world > 1, "train.sharding",
+        "is 'fsdp', which shards the student over the ranks of a launch (torchrun / accelerate launch --multi_gpu); "
+        "one process has nothing to shard over: use train.sharding=none",
+    )
+    require(
+        not c.student.lora.enabled, "train.sharding",
+        "is 'fsdp', which does not shard a LoRA student yet (its frozen base would be the part worth sharding); "
+        "use train.sharding=none with LoRA",
+    )
 
 
 def validate_engine(c: Config) -> None:

@@ -40,24 +40,34 @@ def launched_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def unsupported_launch() -> str | None:
-    """What the launcher asked for that opd does not do, in words (None when nothing): accelerate's FSDP or
-    DeepSpeed plugins (opd's ranks each hold the whole model; sharding is not built yet)."""
-    for variable, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").lower() == "true":
-            return (
-                f"accelerate launch was configured for {what}, which opd does not support yet: every rank holds the "
-                "whole student and teacher (data parallel); launch without the plugin (accelerate launch --multi_gpu, or torchrun)"
-            )
+def unsupported_launch(sharding: str = "none") -> str | None:
+    """What the launcher asked for that opd does not do, in words (None when nothing): accelerate's DeepSpeed
+    plugin, or its FSDP plugin unless the config shards the student itself (``train.sharding=fsdp``)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return (
+            "accelerate launch was configured for DeepSpeed, which opd does not support; launch without the plugin "
+            "(accelerate launch --multi_gpu, or torchrun), with train.sharding=fsdp to shard the student"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and sharding != "fsdp":
+        return (
+            "accelerate launch was configured for FSDP but train.sharding is 'none' (every rank would hold the whole "
+            "student); set train.sharding=fsdp (opd applies FSDP2 itself) or launch without the plugin"
+        )
     return None
 
 
 def ignored_launch_settings() -> list[str]:
     """Launcher settings opd leaves to its own config (said once, as a warning)."""
+    ignored = []
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if precision not in ("", "no"):
-        return [f"accelerate's --mixed_precision {precision} (opd's precision is train.precision: auto, fp32 or bf16)"]
-    return []
+        ignored.append(f"accelerate's --mixed_precision {precision} (opd's precision is train.precision: auto, fp32 or bf16)")
+    plugin = sorted(k for k in os.environ if k.startswith("FSDP_")) if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else []
+    if plugin:
+        ignored.append(
+            f"accelerate's FSDP plugin settings ({', '.join(plugin)}; train.sharding=fsdp applies FSDP2 to every decoder layer)"
+        )
+    return ignored
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 # keys that change what is logged, kept or evaluated, but not the training trajectory
-NEUTRAL = ("run.resume", "run.overwrite", "run.allow_changes", "run.name", "log.", "checkpoint.", "eval.", "train.threads", "train.dist_timeout")
+NEUTRAL = ("run.resume", "run.overwrite", "run.allow_changes", "run.name", "log.", "checkpoint.", "eval.", "train.threads", "train.dist_timeout", "train.sharding")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

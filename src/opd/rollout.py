@@ -19,6 +19,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .sections import SamplingConfig
+from .sharding import is_gathered
 
 
 @dataclass
@@ -192,6 +193,8 @@ class HFSampler:
     def sample(
         self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
     ) -> Rollouts:
+        if not is_gathered(self.model):  # each sharded forward is a collective; ranks decode different numbers of tokens
+            raise RuntimeError("HFSampler needs a sharded model gathered first (sharding.gathered, entered by every rank)")
         device = self.device
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .objectives.fused import OutputHead, output_head
 from .rollout import Rollouts
+from .sharding import in_root_forward
 
 Projection = Callable[[torch.Tensor], torch.Tensor]  # hidden_NH -> logits_NV
 
@@ -23,7 +24,9 @@ def completion_hidden_states(model: torch.nn.Module, rollouts: Rollouts) -> torc
     ids_BL, mask_BL = rollouts.input_ids_BL(), rollouts.attention_mask_BL()
     position_ids_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
     decoder = model.get_decoder()
-    hidden_BLH = decoder(input_ids=ids_BL, attention_mask=mask_BL, position_ids=position_ids_BL).last_hidden_state
+    hidden_BLH = in_root_forward(  # a sharded model's root group (embeddings, norm, output layer) gathered for it
+        model, lambda: decoder(input_ids=ids_BL, attention_mask=mask_BL, position_ids=position_ids_BL).last_hidden_state
+    )
     start = rollouts.prompt_length - 1
     return hidden_BLH[:, start : start + rollouts.completion_ids_BC.shape[1]]
 

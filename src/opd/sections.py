@@ -142,6 +142,9 @@ class TrainConfig:
     # several processes (torchrun / accelerate launch): seconds a rank waits for the others in one collective
     # (rank 0 writes checkpoints and final/ while the others wait)
     dist_timeout: float = 3600.0
+    # several processes: none = every rank holds the whole student (data parallel); fsdp = FSDP2 shards the
+    # student's weights, gradients and optimizer state over the ranks (teachers stay whole on every rank)
+    sharding: Literal["none", "fsdp"] = "none"
 
 
 @dataclass

@@ -26,7 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .assemble import build_session
-from .checkpoint import CHECKPOINT_PREFIX, MANIFEST, fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint, write_manifest
+from .checkpoint import (
+    CHECKPOINT_PREFIX, MANIFEST, fsync_dir, fsync_tree, full_state, latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint,
+    write_manifest,
+)
 from .config import Config, redact, save_config, to_dict
 from .distributed import launched_world, start_ranks, stop_ranks, thread_oversubscription
 from .evaluate import evaluate_rows, summarise
@@ -40,6 +43,7 @@ from .resume import describe, read_saved_config, record, trajectory_changes
 from .run_lock import RunDirLock
 from .rollout import Sampler
 from .session import Session, TrainingError
+from .sharding import full_tensor, gathered, is_sharded, local_part, whole_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +101,13 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     per_micro = len(examples) // (accum * ranks.world_size)
     optimizer.zero_grad(set_to_none=True)
     batches = []
-    for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
-        rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
-        with s.timer.phase("sample"):
-            batch = method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator)
-        batch.seed = micro_seed(cfg.run.seed, step, micro)
-        batches.append(batch)
+    with gathered(s.student):  # a sharded student is whole while the ranks sample (each decodes on its own)
+        for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
+            rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
+            with s.timer.phase("sample"):
+                batch = method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator)
+            batch.seed = micro_seed(cfg.run.seed, step, micro)
+            batches.append(batch)
     if cfg.train.updates_per_batch > 1:  # the ratio's denominator: the policy that made the batch, before any update
         with s.timer.phase("student"):
             for batch in batches:
@@ -149,18 +154,18 @@ def optimizer_update(s: Session, optimizer, batches: list, step: int, update: in
     with s.timer.phase("reduce") if s.ranks.several else contextlib.nullcontext():
         finite = s.ranks.all(finite)  # one rank's non-finite loss skips the update on all
         totals = s.ranks.merge_metrics(sums, counts, SUMMED_METRICS)
-        if finite:
+        if finite and not is_sharded(s.student):  # FSDP reduce-scattered them in the backward
             s.ranks.sum_gradients(params)
     with s.timer.phase("optimizer"):
         if finite:
             clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))  # over all shards when sharded
             totals["grad_norm"] = float(grad_norm)
             finite = bool(torch.isfinite(grad_norm))
         status = "nonfinite" if not finite else "no_signal" if totals["grad_norm"] == 0 else "applied"
         if status == "applied":
             optimizer.step()
-            if not weights_finite(params):
+            if not s.ranks.all(weights_finite(params)):
                 raise TrainingError(
                     f"the update at step {step + 1} made the student's weights non-finite (e.g. float16 full fine-tuning "
                     "overflowing, or too high a train.lr); use student.dtype=bfloat16/float32 or LoRA, or lower train.lr"
@@ -172,7 +177,8 @@ def optimizer_update(s: Session, optimizer, batches: list, step: int, update: in
 
 
 def weights_finite(params: list[torch.Tensor]) -> bool:
-    norms = torch._foreach_norm([p.detach() for p in params])
+    """Whether this rank's weights (its shards, when sharded) are all finite."""
+    norms = torch._foreach_norm([local_part(p.detach()) for p in params])
     return bool(torch.isfinite(torch.stack(norms)).all())
 
 
@@ -206,11 +212,14 @@ def accumulate_gradients(s: Session, batches: list, step: int, update: int = 0) 
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     finite = True
+    sharded = is_sharded(s.student)
     for batch in batches:
         batch.normaliser = normaliser
         with s.timer.phase("student"), batch.rng(1 + update):
             loss, metrics = method.loss(s, batch, step)
             finite = bool(torch.isfinite(loss))
+            if sharded:  # a sharded backward is a collective: every rank runs it, or none
+                finite = s.ranks.all(finite)
             if finite:
                 loss.backward()
         metrics.update(batch_metrics(batch), loss=float(loss.detach()))
@@ -300,7 +309,8 @@ def run_eval(s: Session, model_sampler: Sampler, examples, step_seed: int) -> di
         except PromptError as err:
             raise PromptError(f"{err} (evaluation generates up to {sampling.max_new_tokens} tokens: eval.max_new_tokens / sampling.max_new_tokens)") from None
 
-    return summarise(ranks.gather(rows), e.k)
+    with gathered(s.student):  # a sharded student is whole while each rank decodes its share
+        return summarise(ranks.gather(rows), e.k)
 
 
 def train(cfg: Config) -> dict:
@@ -410,8 +420,9 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
             if periodic or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 state["wall_seconds"] += time.time() - segment_start
                 segment_start = time.time()
+                whole = full_state(s.student, optimizer)  # every rank: a sharded student's tensors are gathered to rank 0
                 ranks.from_main(lambda: save_checkpoint(
-                    run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, cfg.checkpoint.keep_last, teacher_tensors(s),
+                    run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, cfg.checkpoint.keep_last, teacher_tensors(s), whole,
                 ))
     finally:
         bar.close()
@@ -426,7 +437,8 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     after = run_eval(s, s.sampler, eval_examples, cfg.run.seed)
     metrics_log.write("eval", cfg.train.steps, after)
     metrics_log.close()
-    ranks.from_main(lambda: save_final_model(s, run_dir / "final"))
+    whole = whole_state_dict(s.student)  # every rank (a collective when sharded); None when unsharded
+    ranks.from_main(lambda: save_final_model(s, run_dir / "final", whole))
     summary = {
         "method": cfg.method.name,
         "task": cfg.task.name,
@@ -522,8 +534,9 @@ def exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def save_final_model(s: Session, path: Path) -> None:
-    """A checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads: LoRA adapters merged into the weights.
+def save_final_model(s: Session, path: Path, whole: dict | None = None) -> None:
+    """A checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads: LoRA adapters merged into the weights; the
+    weights of a sharded student from ``whole`` (``sharding.whole_state_dict``).
 
     Written beside ``path``, fsynced with a manifest, then swapped in atomically (``renameat2`` exchange on Linux;
     elsewhere two renames, after which a complete one is always ready for ``recover_final_model`` to put back)."""
@@ -533,7 +546,7 @@ def save_final_model(s: Session, path: Path) -> None:
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(tmp / "adapter")
         model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": whole} if whole is not None else {}))
     s.tokenizer.save_pretrained(tmp)
     write_manifest(tmp)
     fsync_tree(tmp)

@@ -48,6 +48,11 @@ class OPSD(Method):
         require(c.temperature is None or c.temperature > 0, "method.opsd.temperature", "must be > 0 or null")
         require(0 < c.ema_decay < 1, "method.opsd.ema_decay", f"must be in (0, 1), got {c.ema_decay}")
         require(
+            c.teacher_weights != "ema" or cfg.train.sharding != "fsdp", "method.opsd.teacher_weights",
+            "is 'ema', which train.sharding=fsdp does not support yet (the EMA copy would be a whole unsharded student "
+            "on every rank); use fixed or current, or train.sharding=none",
+        )
+        require(
             c.temperature is not None or cfg.sampling.temperature > 0 or c.loss == "sampled",
             "method.opsd.temperature",
             "must be set when sampling.temperature=0 (the JSD divides both logit sets by it; greedy sampling has none)",
