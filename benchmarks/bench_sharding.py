@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_sharding.py            # 2 ranks (gloo), 1 thread each, both settings
 
 One random Llama student (``--hidden`` wide, ``--layers`` deep, the embedded char tokenizer) distils
-from a copy of itself with OPD on the arithmetic task, ``--steps`` steps, launched with ``torchrun
+from a copy of itself with OPD (or ``--method gkd``: the fused full-vocabulary loss) on the arithmetic task, ``--steps`` steps, launched with ``torchrun
 --nproc_per_node 2`` twice: ``train.sharding=none`` (every rank holds the whole student, its gradients
 and Adam state) and ``train.sharding=fsdp``. Per rank it reports the training state it holds between
 steps (parameters + gradients + Adam's two moments, float32, counted from the local shards), its peak
@@ -45,7 +45,8 @@ def worker(args) -> None:
         return session
 
     train_module.build_session = measured_build
-    cfg = load_config(ROOT / "configs" / "demo.yaml", args.overrides)
+    config = [o.removeprefix("--config=") for o in args.overrides if o.startswith("--config=")][0]
+    cfg = load_config(ROOT / "configs" / config, [o for o in args.overrides if not o.startswith("--config=")])
     summary = train_module.train(cfg)
     rank = int(os.environ["RANK"])
     state_bytes = held["elements"] * 4 * 4  # float32 parameter, gradient, exp_avg, exp_avg_sq
@@ -56,7 +57,10 @@ def worker(args) -> None:
     }))
 
 
-def launch(sharding: str, student: Path, out: Path, steps: int) -> list[dict]:
+CONFIGS = {"opd": "demo.yaml", "gkd": "arithmetic/gkd.yaml"}  # gkd: the fused full-vocabulary loss on the gathered output layer
+
+
+def launch(sharding: str, student: Path, out: Path, steps: int, method: str) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -68,7 +72,7 @@ def launch(sharding: str, student: Path, out: Path, steps: int) -> list[dict]:
     ]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-        __file__, "--worker", *overrides,
+        __file__, "--worker", f"--config={CONFIGS[method]}", *overrides,
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--method", choices=sorted(CONFIGS), default="opd")
     args, overrides = parser.parse_known_args()
     if args.worker:
         args.overrides = overrides
@@ -94,8 +99,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shape = ModelShape(args.hidden, args.layers, 4 * args.hidden, max(1, args.hidden // 64))
         student = init_model(Path(tmp) / "student", shape, build_char_tokenizer(), WorldSpec(max_positions=256), seed=0)
-        results = {sharding: launch(sharding, student, Path(tmp) / sharding, args.steps) for sharding in ("none", "fsdp")}
-    print(f"student: hidden {args.hidden}, {args.layers} layers; 2 ranks x 1 thread (gloo); OPD, {args.steps} steps of 4 prompts x 2 samples x 32 tokens")
+        results = {sharding: launch(sharding, student, Path(tmp) / sharding, args.steps, args.method) for sharding in ("none", "fsdp")}
+    print(f"student: hidden {args.hidden}, {args.layers} layers; 2 ranks x 1 thread (gloo); {args.method.upper()}, {args.steps} steps of 4 prompts x 2 samples x 32 tokens")
     print("| sharding | rank | training state held (MiB) | peak RSS (MiB) | step (s) |")
     print("|---|---|---|---|---|")
     for sharding, rows in results.items():
