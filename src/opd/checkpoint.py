@@ -104,8 +104,11 @@ class FullState:
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> FullState:
     """The model's and optimizer's state as whole tensors. For a sharded model this is a collective (every rank calls
     it; rank 0 receives the tensors, in CPU memory, the others empty dicts)."""
-    if not is_sharded(model):
-        return FullState(trainable_state(model), optimizer.state_dict())
+    if not is_sharded(model) or not optimizer.state:  # no state yet (no update applied): nothing sharded to gather,
+        # and torch's get_optimizer_state_dict would create it by stepping the optimizer at lr 0 (its step count with it)
+        whole = whole_state_dict(model)
+        trainable = trainable_state(model) if whole is None else {n: whole[n].contiguous() for n, p in model.named_parameters() if p.requires_grad and n in whole}
+        return FullState(trainable, optimizer.state_dict(), whole)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     whole = whole_state_dict(model)

@@ -220,6 +220,8 @@ def accumulate_gradients(s: Session, batches: list, step: int, update: int = 0) 
             finite = bool(torch.isfinite(loss))
             if sharded:  # a sharded backward is a collective: every rank runs it, or none
                 finite = s.ranks.all(finite)
+                if not finite:  # no backward will reshard the root group its forward gathered
+                    s.student.reshard()
             if finite:
                 loss.backward()
         metrics.update(batch_metrics(batch), loss=float(loss.detach()))
