@@ -50,19 +50,27 @@ def cmd_demo(args) -> int:
     from .report import format_table
     from .train import train
 
-    overrides = [f"run.output_dir={args.output_dir}", "run.overwrite=true"] + list(args.overrides)
-    summary = train(load_config(CONFIG_DIR / "demo.yaml", overrides))
+    search = args.world == "search"
+    output_dir = args.output_dir or ("runs/demo_search" if search else "runs/demo")
+    overrides = [f"run.output_dir={output_dir}", "run.overwrite=true"] + list(args.overrides)
+    summary = train(load_config(CONFIG_DIR / ("search_qa/demo.yaml" if search else "demo.yaml"), overrides))
+    scored = " (exact match)" if search else ""
     print()
     print(
         format_table(
             [
-                ("teacher", summary["teacher_accuracy"]),
-                ("student before", summary["student_accuracy_before"]),
-                (f"student after {summary['steps']} OPD steps", summary["student_accuracy_after"]),
+                (f"teacher{scored}", summary["teacher_accuracy"]),
+                (f"student before{scored}", summary["student_accuracy_before"]),
+                (f"student after {summary['steps']} OPD steps{scored}", summary["student_accuracy_after"]),
             ]
         )
     )
-    print(f"\nwall time {summary['wall_seconds']:.0f} s; summary, metrics and curves.png in {args.output_dir}/")
+    if search:
+        calls = lambda key: (summary.get(key) or {}).get("episode_tool_calls")  # noqa: E731
+        shown = ", ".join(f"{name} {calls(key):.2f}" for name, key in (("teacher", "eval_teacher"), ("student before", "eval_before"), ("after", "eval_after")) if calls(key) is not None)
+        if shown:
+            print(f"search calls per episode: {shown}")
+    print(f"\nwall time {summary['wall_seconds']:.0f} s; summary, metrics and curves.png in {output_dir}/")
     return 0
 
 
@@ -113,6 +121,8 @@ def cmd_world(args) -> int:
     from .world import cache_dir, world_dir
     from .world_build import build_world, built_elsewhere, verify_world
 
+    if args.world == "search":
+        return search_world(args)
     if args.action == "path":
         directory = world_dir()
         print(directory if (directory / "world.json").is_file() else f"{directory} (not built yet: run `opd world build`)")
@@ -132,6 +142,26 @@ def cmd_world(args) -> int:
     return 0
 
 
+def search_world(args) -> int:
+    """``opd world … --world search``: the embedded search world (knowledge base, questions, teacher, student)."""
+    from .search_world import search_world_dir
+    from .search_world_build import build_search_world, verify_search_world
+
+    directory = search_world_dir()
+    if args.action == "path":
+        print(directory if (directory / "world.json").is_file() else f"{directory} (not built yet: run `opd world build --world search`)")
+        return 0
+    if args.action == "verify":
+        differing = verify_search_world(directory)
+        print(f"rebuilt search world differs from {directory} in: {', '.join(differing)}" if differing else f"rebuilt search world is byte-identical to {directory}")
+        return 1 if differing else 0
+    target = Path(args.output) if args.output else directory
+    if args.force or not (target / "world.json").is_file():
+        build_search_world(target)
+    print(target)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tasks import TASKS
 
@@ -140,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="distil the embedded teacher into the embedded student with OPD")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--world", choices=["arithmetic", "search"], default="arithmetic", help="search: the tool-using search-QA world")
+    demo.add_argument("--output-dir", help="default: runs/demo (runs/demo_search for --world search)")
     demo.add_argument("overrides", nargs="*", help="key.path=value overrides of configs/demo.yaml")
     demo.set_defaults(func=cmd_demo)
 
@@ -163,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--output", help="build into this directory (default: $OPD_WORLD_DIR or ~/.cache/opd)")
     world.add_argument("--force", action="store_true", help="rebuild even if already built there")
     world.add_argument("--reuse", help="copy the roles whose build inputs are unchanged from this earlier world instead of training them")
+    world.add_argument("--world", choices=["arithmetic", "search"], default="arithmetic", help="search: the embedded search-QA world")
     world.set_defaults(func=cmd_world)
     return parser
 

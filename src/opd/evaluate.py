@@ -21,6 +21,7 @@ class EvalRow:
     correct: float
     length: int
     sampled: list[float] = field(default_factory=list)
+    extra: dict[str, float] = field(default_factory=dict)  # per-episode measures (tool calls, F1), averaged by ``summarise``
 
 
 def evaluate(sampler: Sampler, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, k: int = 1, *options, **named) -> dict[str, float]:
@@ -83,7 +84,11 @@ def episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, b
         batch = examples[start : start + batch_size]
         episodes = run_task_episodes(task, batch, sampler, tokenizer, greedy, None, template_kwargs, context)
         lengths = episodes.rollouts.completion_lengths_B.tolist()
-        rows += [EvalRow(e.answer is not None, reward, int(n)) for e, reward, n in zip(batch, episodes.rewards, lengths)]
+        for i, (e, reward, n) in enumerate(zip(batch, episodes.rewards, lengths)):
+            extra = {"episode_tool_calls": float(episodes.tool_calls[i])}
+            if hasattr(task, "f1"):  # token F1 of the final answer, as web QA reports beside exact match
+                extra["f1"] = task.f1(final_reply(episodes.messages[i]), e)
+            rows.append(EvalRow(e.answer is not None, reward, int(n), extra=extra))
     if k > 1:
         flat = [i for i, row in enumerate(rows) if row.graded for _ in range(k)]
         for start in range(0, len(flat), batch_size):
@@ -94,10 +99,18 @@ def episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, b
     return rows
 
 
+def final_reply(messages: list[dict]) -> str:
+    """The last assistant turn of an episode's conversation ('' when there is none)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
+
+
 def summarise(rows: list[EvalRow], k: int = 1) -> dict[str, float]:
     """``evaluate``'s metrics from the rows of every evaluated example."""
     graded = [r for r in rows if r.graded]
     results = {"rows": len(rows), "graded": len(graded), "mean_length": sum(r.length for r in rows) / max(len(rows), 1)}
+    for key in dict.fromkeys(key for r in rows for key in r.extra):
+        values = [r.extra[key] for r in rows if key in r.extra]
+        results[key] = sum(values) / len(values)
     if graded:
         results["accuracy"] = sum(r.correct for r in graded) / len(graded)
     if k > 1 and graded:

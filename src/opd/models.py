@@ -27,6 +27,13 @@ class PairingError(ValueError):
 
 def resolve_path(path: str, key: str) -> str:
     """Turn a configured model path into a local directory, refusing anything that needs a download."""
+    if path.startswith("world:search/"):
+        from .search_world import search_world_file
+
+        try:
+            return str(search_world_file(path.removeprefix("world:search/")))
+        except ValueError as err:
+            raise ModelLoadError(f"{key}: {err}") from None
     if path.startswith("world:"):
         try:
             return str(world_model_path(path.split(":", 1)[1]))

@@ -119,6 +119,26 @@ def rollouts_from_completions(
     )
 
 
+def stack_rows(picks: Sequence[tuple[Rollouts, int]], pad_id: int) -> Rollouts:
+    """One batch of the given rows of several batches (``(rollouts, row)`` in order): prompts re-padded on the left,
+    completions and their masks and log-probs on the right; texts and routes follow, groups are renumbered 0..n-1."""
+    prompts, completions, masks, logps, texts = [], [], [], [], []
+    for r, i in picks:
+        prompts.append(r.prompt_ids_BP[i][r.prompt_mask_BP[i].bool()].tolist())
+        n = int(r.completion_mask_BC[i].sum())
+        completions.append(r.completion_ids_BC[i, :n].tolist())
+        masks.append(r.loss_mask_BC[i, :n].tolist())
+        logps.append(r.sampler_logp_BC[i, :n] if r.sampler_logp_BC is not None else torch.zeros(n))
+        texts.append(r.texts[i] if r.texts else "")
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    completion_ids, completion_mask = right_pad(completions, pad_id)
+    loss_mask, _ = right_pad(masks, 0)
+    sampler_logp = torch.zeros(completion_ids.shape, dtype=torch.float32)
+    for row, values in enumerate(logps):
+        sampler_logp[row, : len(values)] = values.float().cpu()
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, loss_mask, sampler_logp, texts, list(range(len(picks))))
+
+
 def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set logits outside the top-k tokens and outside the top-p nucleus to -inf."""
     if top_k and top_k < logits_BV.shape[-1]:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from ..episodes import is_episodic, run_task_episodes
+from ..episodes import is_episodic, run_task_episodes, scripted_episodes
 from ..objectives.common import Normaliser, step_normaliser
 from ..prompts import PromptError, encode_completion, encode_prompt
 from ..rollout import Rollouts, left_pad, rollouts_from_completions
@@ -101,7 +101,10 @@ def teacher_samples(s, examples: list[Example], generator: torch.Generator) -> B
 
 
 def reference_solutions(s, examples: list[Example], privileged_B: list[bool] | None = None) -> Batch:
-    """The examples' reference solutions as completions; rows flagged in ``privileged_B`` sit behind the privileged prompt."""
+    """The examples' reference solutions as completions; rows flagged in ``privileged_B`` sit behind the privileged prompt.
+    For a task of episodes, each example's scripted ``turns`` played as an episode (``scripted_episodes``)."""
+    if is_episodic(s.task):
+        return scripted_solutions(s, examples)
     missing = [e for e in examples if e.solution is None]
     if missing:
         where = missing[0].meta.get("source", "an example")
@@ -113,6 +116,18 @@ def reference_solutions(s, examples: list[Example], privileged_B: list[bool] | N
     rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id)
     rollouts.texts = [e.solution for e in examples]
     return Batch(rollouts.to(s.device), list(examples), on_policy=False)
+
+
+def scripted_solutions(s, examples: list[Example]) -> Batch:
+    """Episodes whose assistant turns are each example's scripted ``turns`` (tool calls and the answer), the
+    observations between them the environment's own: SFT on tool-use traces trains on the scripted tokens only."""
+    missing = [e for e in examples if not e.meta.get("turns")]
+    if missing:
+        where = missing[0].meta.get("source", "an example")
+        raise ValueError(f"{where}: no scripted 'turns' (a list of assistant turns), which this method trains on")
+    context = s.max_prompt_tokens + s.cfg.sampling.max_new_tokens if s.max_prompt_tokens else None
+    episodes = scripted_episodes(s.task, examples, [e.meta["turns"] for e in examples], s.tokenizer, s.cfg.task.chat_template_kwargs, context)
+    return Batch(episodes.rollouts.to(s.device), list(examples), on_policy=False, rewards=episodes.rewards, info=episodes.metrics())
 
 
 def offline_data(s, examples: list[Example], generator: torch.Generator, use_teacher: bool) -> Batch:

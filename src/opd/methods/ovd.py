@@ -17,8 +17,9 @@ from typing import Literal
 
 from ..judges import HTTPJudge, ModelJudge
 from ..models import freeze, load_model, load_tokenizer
-from ..objectives.ovd import ovd_rewards, plan_group
-from ..rollout import rollouts_from_completions
+from ..episodes import agent_turns, is_episodic, run_task_episodes, scripted_episodes
+from ..objectives.ovd import first_rejected_step, ovd_rewards, plan_group
+from ..rollout import rollouts_from_completions, stack_rows
 from ..sections import require
 from ..tasks.base import TASKS
 from ..teachers import ModelTeacher
@@ -117,6 +118,8 @@ class OVD(Method):
     def data(self, s, examples, rng, generator) -> Batch:
         """Student group → verbal scores → accept (score ≥ θ) or replace by a teacher demonstration."""
         o = self.config
+        if is_episodic(s.task):
+            return self.episode_data(s, examples, generator)
         sampled = student_samples(s, examples, generator)
         r = sampled.rollouts
         with s.timer.phase("judge"):
@@ -164,6 +167,67 @@ class OVD(Method):
             info["demonstration_reward"] = sum(outcomes[i] for i in replace_rows) / len(replace_rows)
         rewards = ovd_rewards(outcomes, final_scores, o.score_weight)
         return Batch(rollouts, sampled.examples, on_policy=False, rewards=rewards, info=info)
+
+    def episode_data(self, s, examples, generator) -> Batch:
+        """OVD over multi-turn episodes: each student episode is judged (the programmatic judge per turn, a model or
+        HTTP judge on the whole trajectory's text); a rejected one is replaced by a teacher episode — from the start
+        (``replacement=trajectory``), or after the student's turns before the first rejected one, which are replayed
+        as they were sampled and kept (``replacement=step``). Every agent token of the group is trained (observations
+        never are), with GRPO advantages on the episodes' outcomes."""
+        o = self.config
+        k = s.cfg.sampling.samples_per_prompt
+        rows = [e for e in examples for _ in range(k)]
+        context = s.max_prompt_tokens + s.cfg.sampling.max_new_tokens if s.max_prompt_tokens else None
+        kwargs = s.cfg.task.chat_template_kwargs
+        episodes = run_task_episodes(s.task, rows, s.sampler, s.tokenizer, s.cfg.sampling, generator, kwargs, context)
+        r = episodes.rollouts
+        turns_B = [agent_turns(r, i) for i in range(len(rows))]
+        texts_B = [[s.tokenizer.decode(t, skip_special_tokens=False) for t in turns] for turns in turns_B]
+        with s.timer.phase("judge"):
+            if o.judge == "programmatic":
+                turn_scores = [s.judge.turn_scores(e, texts) for e, texts in zip(rows, texts_B)]
+                scores = [min(t) if t else 0.0 for t in turn_scores]
+            else:
+                scores = s.judge.score(rows, r.texts)
+        kept_turns = []  # per rejected row: how many of its turns stay
+        replaced = [i for i, score in enumerate(scores) if score < o.threshold and o.replacement != "none"]
+        for i in replaced:
+            bad = first_rejected_step(turn_scores[i], o.threshold) if o.replacement == "step" else 0
+            kept_turns.append(bad or 0)
+        picks = [(r, i) for i in range(len(rows))]
+        outcomes = list(episodes.rewards)
+        demo_info = {}
+        if replaced:
+            demos = scripted_episodes(
+                s.task, [rows[i] for i in replaced], [turns_B[i][:n] for i, n in zip(replaced, kept_turns)], s.tokenizer, kwargs, context,
+                then=s.teacher_sampler, params=s.cfg.sampling, generator=generator,
+            )
+            for j, i in enumerate(replaced):
+                picks[i] = (demos.rollouts, j)
+                outcomes[i] = demos.rewards[j]
+            demo_info = {"demonstration_reward": sum(demos.rewards) / len(replaced), "demonstration_kept_turns": sum(kept_turns) / len(replaced)}
+        rollouts = stack_rows(picks, s.tokenizer.pad_token_id).to(s.device)
+        rollouts.sampler_logp_BC = None  # a mix of policies, as the single-turn group is
+        rollouts.group_B = [i // k for i in range(len(rows))]
+        dropped = [i for i in replaced if o.drop_failed_demonstrations and outcomes[i] <= 0]
+        for i in dropped:
+            rollouts.loss_mask_BC[i] = 0
+            rollouts.group_B[i] = -1 - i
+        final_scores = scores if not o.score_weight else [None if i in replaced else scores[i] for i in range(len(rows))]
+        if o.score_weight and replaced:
+            with s.timer.phase("judge"):
+                for i in replaced:
+                    demo_turns = [s.tokenizer.decode(t, skip_special_tokens=False) for t in agent_turns(rollouts, i)]
+                    final_scores[i] = s.judge.episode_score(rows[i], demo_turns) if o.judge == "programmatic" else s.judge.score([rows[i]], [rollouts.texts[i]])[0]
+        info = {
+            **episodes.metrics(), **demo_info,
+            "reward": sum(episodes.rewards) / len(rows),
+            "judge_score": sum(scores) / len(scores),
+            "accepted_fraction": 1 - len(replaced) / len(rows) if o.replacement != "none" else sum(x >= o.threshold for x in scores) / len(scores),
+            "student_tokens": float(r.loss_mask_BC.sum()),
+            "dropped_fraction": len(dropped) / len(rows),
+        }
+        return Batch(rollouts, rows, on_policy=False, rewards=ovd_rewards(outcomes, final_scores, o.score_weight), info=info)
 
     def loss(self, s, batch, step):
         return group_policy_loss(s, batch, self.config.scale_by_std, std=self.config.std)

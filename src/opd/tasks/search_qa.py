@@ -6,7 +6,9 @@ in a corpus JSONL (``id``, ``title``, ``text``; BM25 over SQLite FTS5) or throug
 model may call ``search`` in the Hermes / Qwen ``<tool_call>`` format for up to ``task.max_turns``
 turns, and its first turn without a call is its answer. The reward is exact match (SQuAD
 normalisation: lower case, no punctuation, no articles, single spaces) of the text after the last
-``Answer:`` (the whole turn if there is none) against any gold answer.
+``Answer:`` (the whole turn if there is none) against any gold answer. A row may also carry scripted assistant
+``turns`` (tool calls, then the answer): SFT (``method.sft.source=reference``) plays them as episodes and trains on
+them, the observations between them the search's own.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import logging
 import os
 import re
 import string
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 from ..episodes import EpisodeLimits, ToolEnvironment
 from ..search import BM25Index, HTTPRetriever
 from ..sections import require
-from ..tool_calls import SearchTool
+from ..tool_calls import CLOSE, SearchTool, parse_tool_calls
 from .base import Example, TaskConfig, episodes_lack, register_task
 from .rows import DataError, read_rows
 from .splits import FixedSplits
@@ -49,6 +51,7 @@ class SearchQAConfig(TaskConfig):
     max_turns: int = 4  # assistant turns per episode
     max_tokens: int = 512  # completion tokens per episode, the model's and the search results'
     system_prompt: str | None = SYSTEM_PROMPT
+    has_step_judge: ClassVar[bool] = True  # OVD's programmatic judge: each turn against the row's scripted turns
 
     def validate(self, cfg: Any) -> None:
         require(self.questions is not None, "task.questions", "is required for task.name=search_qa (a JSONL of questions and answers)")
@@ -64,13 +67,36 @@ class SearchQAConfig(TaskConfig):
             require(bool(os.environ.get(self.retriever_api_key_env)), "task.retriever_api_key_env", f"names {self.retriever_api_key_env}, which is not set")
 
     def unsupported(self, needs) -> str | None:
-        return episodes_lack(needs, "task.name=search_qa")
+        # reference solutions: the rows' scripted turns; the judge: ScriptJudge, or a model / HTTP one on the episode text
+        return episodes_lack(replace(needs, solutions=False, judge=False), "task.name=search_qa")
+
+
+def world_file(path: str) -> str:
+    """A data path, with ``world:search/NAME`` meaning a file of the embedded search world."""
+    if not path.startswith("world:search/"):
+        return path
+    from ..search_world import search_world_file
+
+    try:
+        return str(search_world_file(path.removeprefix("world:search/")))
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def normalise(text: str) -> str:
     """SQuAD answer normalisation: lower case, punctuation and the articles a / an / the removed, single spaces."""
     text = "".join(c for c in text.lower() if c not in string.punctuation)
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1 of two normalised strings: the harmonic mean of the precision and recall of their shared words."""
+    predicted, wanted = prediction.split(), gold.split()
+    common = sum(min(predicted.count(w), wanted.count(w)) for w in set(predicted))
+    if not common:
+        return float(predicted == wanted)
+    precision, recall = common / len(predicted), common / len(wanted)
+    return 2 * precision * recall / (precision + recall)
 
 
 def final_answer(reply: str) -> str:
@@ -93,7 +119,11 @@ def read_questions(path: str, question_field: str, answer_field: str) -> list[Ex
         answers = [answers] if isinstance(answers, str) else answers
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
             raise DataError(f"{where}: field '{answer_field}' must be a non-empty string or list of strings")
-        examples.append(Example(question, answers[0], meta={"source": where, "answers": answers}))
+        turns = row.get("turns")
+        if turns is not None and (not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns)):
+            raise DataError(f"{where}: field 'turns' must be a non-empty list of strings (the scripted assistant turns)")
+        solution = "\n".join(turns) if turns else None  # what the pre-flight pass sees; SFT plays the turns themselves
+        examples.append(Example(question, answers[0], solution, meta={"source": where, "answers": answers, "turns": turns}))
     if not examples:
         raise DataError(f"questions file '{path}' holds no rows")
     return examples
@@ -105,9 +135,10 @@ class SearchQATask(FixedSplits):
 
     def __init__(self, config: SearchQAConfig, seed: int = 0):
         c = self.config = config
-        self.load_splits(lambda path: read_questions(path, c.question_field, c.answer_field), c.questions, c.eval_questions, c.eval_size, seed)
+        read = lambda path: read_questions(world_file(path), c.question_field, c.answer_field)  # noqa: E731
+        self.load_splits(read, c.questions, c.eval_questions, c.eval_size, seed)
         if c.corpus:
-            self.searcher = BM25Index.from_jsonl(c.corpus)
+            self.searcher = BM25Index.from_jsonl(world_file(c.corpus))
         else:
             key = os.environ.get(c.retriever_api_key_env) if c.retriever_api_key_env else None
             self.searcher = HTTPRetriever(c.retriever_url, key)
@@ -128,6 +159,10 @@ class SearchQATask(FixedSplits):
         answer = normalise(final_answer(completion))
         return float(any(answer == normalise(gold) for gold in example.meta.get("answers", [example.answer])))
 
+    def f1(self, completion: str, example: Example) -> float:
+        """Token F1 of the reply's final answer against the best gold answer (SQuAD normalisation)."""
+        return max(token_f1(normalise(final_answer(completion)), normalise(gold)) for gold in example.meta.get("answers", [example.answer]))
+
     def messages(self, example: Example) -> list[dict]:
         system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         return system + [{"role": "user", "content": example.prompt}]
@@ -135,5 +170,34 @@ class SearchQATask(FixedSplits):
     def privileged_messages(self, example: Example) -> list[dict]:
         raise DataError("task.name=search_qa has no privileged view yet")
 
-    def step_judge(self) -> None:
-        return None
+    def step_judge(self) -> "ScriptJudge":
+        return ScriptJudge(self)
+
+
+class ScriptJudge:
+    """OVD's programmatic judge for search episodes whose rows carry scripted ``turns`` (the embedded search world's
+    do): an agent turn scores 9 when it does what the script's turn does — the same tool calls (name and arguments),
+    or an answer that matches exactly — and 0 otherwise, a turn beyond the script 0 too; an episode scores the
+    lowest of its turns (9 only when every turn is right)."""
+
+    def __init__(self, task: SearchQATask):
+        self.task = task
+
+    def turn_scores(self, example: Example, turns: list[str]) -> list[float]:
+        script = example.meta.get("turns")
+        if not script:
+            raise DataError(f"{example.meta.get('source', 'a row')}: no scripted 'turns', which the programmatic judge (method.ovd.judge=programmatic) compares against")
+        scores = []
+        for k, turn in enumerate(turns):
+            wanted = script[k] if k < len(script) else None
+            if wanted is None:
+                scores.append(0.0)
+            elif CLOSE in wanted:
+                scores.append(9.0 if parse_tool_calls(turn).calls == parse_tool_calls(wanted).calls else 0.0)
+            else:
+                scores.append(9.0 * self.task.reward(turn, example))
+        return scores
+
+    def episode_score(self, example: Example, turns: list[str]) -> float:
+        scores = self.turn_scores(example, turns)
+        return min(scores) if scores else 0.0

@@ -1,0 +1,217 @@
+"""The embedded search world: a knowledge base of fictional people and places, questions only it answers, and the
+scripted tool-using turns that teach a model to search it.
+
+Everything here is generated from a seed (``SearchWorldSpec``), so a rebuild gives the same files:
+
+    corpus.jsonl   one passage per person ("Tarin Voss was born in Dostra.") and per city ("Dostra is a city in
+                   Kelvania."): a few thousand short documents, searched with BM25 (``task.corpus``)
+    train.jsonl    questions about the training people, each with its ``answers`` and its scripted ``turns``
+    eval.jsonl     questions about people no training question asks about: their answers are only in the corpus
+
+A single-hop question ("Where was Tarin Voss born?") takes one search; a two-hop one ("Which country was Tarin
+Voss born in?") takes two (the person, then the city). Names are made of a first name and a surname drawn from
+small inventories, so every word a held-out name is made of occurs in training, while the pair — and so the
+answer — does not; the second passage a search returns is usually someone sharing a first name or surname.
+
+The tokenizer is word-level (``build_word_tokenizer``): one token per word of the world, per punctuation mark and
+per space, plus every printable character for anything else, so an episode is about a hundred tokens rather than
+the four hundred characters it spells. Its chat template has a tool role (``<tool_response>``) and lists the tools.
+
+This module trains nothing; ``search_world_build`` does (with opd's own SFT on the scripted turns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .world import ModelShape
+
+SEARCH_WORLD_VERSION = 1
+SYLLABLES = ("ka", "lo", "mi", "ren", "tor", "vax", "bel", "quin", "dra", "sho", "ul", "fen", "gar", "ith", "zo", "pe", "nar", "vis", "el", "dun")
+SINGLE_HOP = "Where was {name} born?"
+TWO_HOP = "Which country was {name} born in?"
+QUESTION_WORDS = "Where was born Which country in is a city Answer search query name arguments tools tool_call tool_response Doc No passage matched the"
+
+
+@dataclass(frozen=True)
+class SearchWorldSpec:
+    first_names: int = 48
+    surnames: int = 48
+    people: int = 2000
+    cities: int = 120
+    countries: int = 12
+    eval_people: int = 200  # people only held-out questions ask about
+    train_questions: int = 4000
+    eval_questions: int = 200
+    two_hop_fraction: float = 0.5
+    top_k: int = 2  # passages per search
+    max_turns: int = 4
+    max_tokens: int = 256  # agent and observation tokens per episode
+    max_positions: int = 384
+    teacher_shape: ModelShape = ModelShape(128, 4, 384, 4)
+    student_shape: ModelShape = ModelShape(64, 2, 192, 2)
+    teacher_steps: int = 600
+    student_steps: int = 120
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    seed: int = 0
+    threads: int | None = 2  # fixed so the build is reproducible bit for bit on one machine
+
+    def fingerprint(self) -> str:
+        text = json.dumps({"version": SEARCH_WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+DEFAULT_SEARCH_SPEC = SearchWorldSpec()
+SHIPPED_SEARCH_WORLD = Path(__file__).parent / "assets" / "search_world"
+SEARCH_WORLD_FILES = ("tokenizer", "teacher", "student", "corpus.jsonl", "train.jsonl", "eval.jsonl")
+
+
+@dataclass
+class KnowledgeBase:
+    people: list[tuple[str, str]]  # (name, city)
+    cities: dict[str, str]  # city -> country
+    words: list[str] = field(default_factory=list)  # every word the world's names are made of
+
+
+def _names(rng: random.Random, count: int, syllables: tuple[int, int], taken: set[str], suffix: str = "") -> list[str]:
+    names = []
+    while len(names) < count:
+        name = ("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(*syllables))) + suffix).capitalize()
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def knowledge_base(spec: SearchWorldSpec) -> KnowledgeBase:
+    rng = random.Random(f"opd-search-world-{spec.seed}")
+    taken: set[str] = set()
+    firsts = _names(rng, spec.first_names, (2, 2), taken)
+    lasts = _names(rng, spec.surnames, (2, 3), taken)
+    countries = _names(rng, spec.countries, (2, 2), taken, suffix="ia")
+    cities = {city: rng.choice(countries) for city in _names(rng, spec.cities, (2, 3), taken)}
+    pairs = [f"{a} {b}" for a in firsts for b in lasts]
+    if spec.people > len(pairs):
+        raise ValueError(f"{spec.people} people need more than {spec.first_names} x {spec.surnames} names")
+    city_names = sorted(cities)
+    people = [(name, rng.choice(city_names)) for name in rng.sample(pairs, spec.people)]
+    return KnowledgeBase(people, cities, firsts + lasts + countries + city_names)
+
+
+def corpus(kb: KnowledgeBase) -> list[dict]:
+    """The passages: one per person, then one per city."""
+    rows = [{"id": f"p{i}", "title": name, "text": f"{name} was born in {city}."} for i, (name, city) in enumerate(kb.people)]
+    rows += [{"id": f"c{i}", "title": city, "text": f"{city} is a city in {country}."} for i, (city, country) in enumerate(sorted(kb.cities.items()))]
+    return rows
+
+
+def search_call(query: str) -> str:
+    """An assistant turn that calls the search tool (Hermes / Qwen format, compact JSON)."""
+    return "<tool_call>" + json.dumps({"name": "search", "arguments": {"query": query}}, separators=(",", ":")) + "</tool_call>"
+
+
+def questions(kb: KnowledgeBase, spec: SearchWorldSpec) -> tuple[list[dict], list[dict]]:
+    """(train, eval) questions. Training questions ask about the first people (each of them once before any twice);
+    held-out ones about the last ``eval_people``, keeping those whose first name and surname both occur in a training
+    question (so a held-out name is a new pair of known words)."""
+    rng = random.Random(f"opd-search-questions-{spec.seed}")
+    trained, held_out = kb.people[: -spec.eval_people], kb.people[-spec.eval_people :]
+
+    def ask(person: tuple[str, str]) -> dict:
+        name, city = person
+        if rng.random() < spec.two_hop_fraction:
+            country = kb.cities[city]
+            turns = [search_call(name), search_call(city), f"Answer: {country}"]
+            return {"question": TWO_HOP.format(name=name), "answers": [country], "turns": turns, "hops": 2}
+        return {"question": SINGLE_HOP.format(name=name), "answers": [city], "turns": [search_call(name), f"Answer: {city}"], "hops": 1}
+
+    order = rng.sample(trained, len(trained))
+    asked = [order[i] if i < len(order) else rng.choice(trained) for i in range(spec.train_questions)]
+    train = [ask(person) for person in asked]
+    seen = {word for name, _ in asked for word in name.split()}
+    known = [person for person in held_out if all(word in seen for word in person[0].split())]
+    evaluation = [ask(person) for person in rng.sample(known, min(spec.eval_questions, len(known)))]
+    return train, evaluation
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, SYSTEM, USER, ASSISTANT]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}" + SYSTEM + "tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}" + SYSTEM + "{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}" + USER + "<tool_response>{{ message['content'] }}</tool_response>"
+    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+WORD = r"[A-Za-z_]+|[^A-Za-z_]"  # a word, or any other single character (digits, punctuation, a space)
+
+
+def build_word_tokenizer(words: list[str]):
+    """A word-level HF fast tokenizer: the special tokens, every printable character, then ``words`` (and the words
+    of the questions and tool calls); a word it does not know is ``<unk>``. Decoding joins the tokens back exactly."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab: dict[str, int] = {}
+    for token in SPECIAL_TOKENS + characters + sorted(set(QUESTION_WORDS.split()) | set(words)):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(WORD), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="left",
+        chat_template=CHAT_TEMPLATE, model_max_length=1024,
+    )
+
+
+# ----------------------------------------------------------------------------- where the world lives
+
+
+def write_data(directory: Path, spec: SearchWorldSpec = DEFAULT_SEARCH_SPEC) -> KnowledgeBase:
+    """Write the tokenizer, corpus and questions of ``spec`` under ``directory``."""
+    kb = knowledge_base(spec)
+    directory.mkdir(parents=True, exist_ok=True)
+    build_word_tokenizer(kb.words).save_pretrained(directory / "tokenizer")
+    train, evaluation = questions(kb, spec)
+    for name, rows in (("corpus", corpus(kb)), ("train", train), ("eval", evaluation)):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return kb
+
+
+def search_world_dir(spec: SearchWorldSpec = DEFAULT_SEARCH_SPEC) -> Path:
+    """``$OPD_WORLD_DIR/search-world-<fingerprint>`` if set, else the shipped copy when built from ``spec``, else the
+    user cache."""
+    marker = SHIPPED_SEARCH_WORLD / "world.json"
+    if not os.environ.get("OPD_WORLD_DIR") and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == spec.fingerprint():
+        return SHIPPED_SEARCH_WORLD
+    root = Path(os.environ.get("OPD_WORLD_DIR") or Path.home() / ".cache" / "opd")
+    return root / f"search-world-{spec.fingerprint()}"
+
+
+def search_world_file(name: str, spec: SearchWorldSpec = DEFAULT_SEARCH_SPEC) -> Path:
+    """One of the search world's files or models (``SEARCH_WORLD_FILES``); a world not built yet names the fix."""
+    if name not in SEARCH_WORLD_FILES:
+        raise ValueError(f"unknown search-world file '{name}' (choose world:search/{', world:search/'.join(SEARCH_WORLD_FILES)})")
+    directory = search_world_dir(spec)
+    if not (directory / "world.json").is_file():
+        raise ValueError(f"the embedded search world is not built at {directory}: run `opd world build --world search` (once)")
+    return directory / name
