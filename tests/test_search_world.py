@@ -185,6 +185,17 @@ def test_ovd_over_episodes_keeps_accepted_episodes_and_the_accepted_turns_of_rej
         assert batch.rewards[row] == s.task.reward(turns[-1], example)  # each row graded on what it holds
         assert len(judged) == len(turns)
     assert 0 <= batch.info["accepted_fraction"] <= 1 and "demonstration_reward" in batch.info  # the random student fails
+    from opd.methods.ovd import turn_text
+
+    example = examples[0]  # the scripted episode itself is accepted: every turn, the answer's EOS dropped, is right
+    scripted = reference_solutions_of(s, [example])
+    assert s.judge.turn_scores(example, [turn_text(s.tokenizer, t) for t in agent_turns(scripted, 0)]) == [9.0] * len(example.meta["turns"])
+
+
+def reference_solutions_of(s, examples):
+    from opd.methods.data import reference_solutions
+
+    return reference_solutions(s, examples).rollouts
 
 
 def test_the_script_judge_scores_each_turn_against_the_script():
@@ -201,3 +212,33 @@ def test_the_script_judge_scores_each_turn_against_the_script():
     assert judge.turn_scores(example, [search_call("Tarin"), "Answer: Dostra"]) == [0.0, 9.0]
     assert judge.turn_scores(example, [search_call("Tarin Voss"), search_call("Dostra"), "Answer: Dostra"]) == [9.0, 0.0, 0.0]
     assert judge.episode_score(example, ["Answer: Dostra"]) == 0.0 and SearchQAConfig.has_step_judge
+
+
+def test_a_search_world_that_is_not_built_is_named_with_the_command_that_builds_it(tmp_path, monkeypatch):
+    from opd.models import ModelLoadError, resolve_path
+    from opd.tasks.rows import DataError
+    from opd.tasks.search_qa import world_file
+
+    monkeypatch.setenv("OPD_WORLD_DIR", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"student\.path: the embedded search world is not built .*opd world build --world search"):
+        resolve_path("world:search/student", "student.path")
+    with pytest.raises(DataError, match="opd world build --world search"):
+        world_file("world:search/train.jsonl")
+    with pytest.raises(DataError, match="unknown search-world file 'nope'"):
+        world_file("world:search/nope")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [
+    ("opd", ()), ("gopd", ("method.gopd.reward_scale=1.5",)), ("opd_plus", ()), ("reopold", ()), ("grpo", ()),
+    ("gkd", ("method.gkd.lambda_onpolicy=0.5",)), ("ovd", ("method.ovd.replacement=step",)), ("opd_task_reward", ()),
+])
+def test_every_method_trains_across_turns_on_the_search_world(tmp_path, search_world, method, extra):
+    """Each method's loss over whole episodes (GKD's off-policy half on the scripted turns): finite, agent tokens only."""
+    from opd.train import train
+
+    summary = train(world_config(tmp_path, search_world, f"method.name={method}", "train.steps=2", "eval.num_prompts=2", *extra))
+    assert summary["nonfinite_skips"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 2 and all(r["loss"] == r["loss"] for r in train_rows)

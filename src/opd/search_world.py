@@ -54,13 +54,17 @@ class SearchWorldSpec:
     max_turns: int = 4
     max_tokens: int = 256  # agent and observation tokens per episode
     max_positions: int = 384
-    teacher_shape: ModelShape = ModelShape(128, 4, 384, 4)
-    student_shape: ModelShape = ModelShape(64, 2, 192, 2)
-    teacher_steps: int = 600
-    student_steps: int = 120
+    teacher_shape: ModelShape = ModelShape(192, 4, 512, 6)
+    student_shape: ModelShape = ModelShape(160, 4, 448, 5)
+    # measured: these models sit at a plateau (the right kind of word in each slot, never the right word) for about
+    # 500 SFT steps before they learn to copy the name from the question, and longer before they read the passage
+    teacher_steps: int = 2400
+    teacher_anneal_steps: int = 1000  # then this many more at anneal_lr, from the first stage's weights
+    anneal_lr: float = 7.5e-4
+    student_steps: int = 600
     batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 20
+    lr: float = 1.5e-3
+    warmup_steps: int = 30
     seed: int = 0
     threads: int | None = 2  # fixed so the build is reproducible bit for bit on one machine
 

@@ -1,7 +1,7 @@
 """Building the embedded search world: its data (``search_world``), then a teacher and a student trained with opd's
 own SFT on the scripted tool-using turns (the observations between them are the BM25 search's real results).
 
-The teacher gets ``teacher_steps`` of SFT and learns to search for the person, read the city off the passage,
+The teacher gets ``teacher_steps`` of SFT (then ``teacher_anneal_steps`` more at ``anneal_lr``) and learns to search for the person, read the city off the passage,
 search the city for a two-hop question, and answer; the smaller student gets ``student_steps`` of the same and is
 left searching badly, so distillation has something to do. Seeded, with a fixed thread count: a rebuild on one
 machine and torch version reproduces the files byte for byte.
@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import load_config
@@ -79,11 +79,17 @@ def build_search_world(directory: Path | None = None, spec: SearchWorldSpec = DE
     for role, shape, steps, seed_offset in (("teacher", spec.teacher_shape, spec.teacher_steps, 0), ("student", spec.student_shape, spec.student_steps, 1)):
         init = init_model(work / f"{role}-init", shape, tokenizer, spec, spec.seed + seed_offset)
         summary = train(sft_config(work, init, work / f"{role}-sft", steps, spec, progress))
-        (work / f"{role}-sft" / "final").rename(work / role)
+        seconds, final = summary["wall_seconds"], work / f"{role}-sft" / "final"
+        if role == "teacher" and spec.teacher_anneal_steps:  # a second stage at a lower learning rate
+            anneal = replace(spec, lr=spec.anneal_lr, warmup_steps=0)
+            summary = train(sft_config(work, final, work / f"{role}-anneal", spec.teacher_anneal_steps, anneal, progress))
+            seconds, final = seconds + summary["wall_seconds"], work / f"{role}-anneal" / "final"
+        final.rename(work / role)
         shutil.rmtree(init)
         report[role] = {
-            "exact_match": summary["student_accuracy_after"], "sft_steps": steps, "sft_seconds": summary["wall_seconds"],
-            "parameters": _count(work / role), "machine": _machine(),
+            "exact_match": summary["student_accuracy_after"], "f1": summary["eval_after"].get("f1"),
+            "tool_calls": summary["eval_after"].get("episode_tool_calls"), "sft_steps": steps + (spec.teacher_anneal_steps if role == "teacher" else 0),
+            "sft_seconds": round(seconds, 2), "parameters": _count(work / role), "machine": _machine(),
         }
         log.info("search world %s: %.1f%% held-out exact match after %d SFT steps", role, 100 * summary["student_accuracy_after"], steps)
     (work / "world.json").write_text(json.dumps(report, indent=2) + "\n")

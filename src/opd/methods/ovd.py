@@ -70,6 +70,12 @@ def sampled_prefix(tokenizer, ids: list[int], text_prefix: str) -> tuple[list[in
     return [], ""
 
 
+def turn_text(tokenizer, ids: list[int]) -> str:
+    """An agent turn's text as its environment read it: special tokens kept (a template's tool-call tags may be
+    special), the EOS that closed it not."""
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids, skip_special_tokens=False)
+
+
 @register
 class OVD(Method):
     name = "ovd"
@@ -182,7 +188,7 @@ class OVD(Method):
         episodes = run_task_episodes(s.task, rows, s.sampler, s.tokenizer, s.cfg.sampling, generator, kwargs, context)
         r = episodes.rollouts
         turns_B = [agent_turns(r, i) for i in range(len(rows))]
-        texts_B = [[s.tokenizer.decode(t, skip_special_tokens=False) for t in turns] for turns in turns_B]
+        texts_B = [[turn_text(s.tokenizer, t) for t in turns] for turns in turns_B]
         with s.timer.phase("judge"):
             if o.judge == "programmatic":
                 turn_scores = [s.judge.turn_scores(e, texts) for e, texts in zip(rows, texts_B)]
@@ -217,7 +223,7 @@ class OVD(Method):
         if o.score_weight and replaced:
             with s.timer.phase("judge"):
                 for i in replaced:
-                    demo_turns = [s.tokenizer.decode(t, skip_special_tokens=False) for t in agent_turns(rollouts, i)]
+                    demo_turns = [turn_text(s.tokenizer, t) for t in agent_turns(rollouts, i)]
                     final_scores[i] = s.judge.episode_score(rows[i], demo_turns) if o.judge == "programmatic" else s.judge.score([rows[i]], [rollouts.texts[i]])[0]
         info = {
             **episodes.metrics(), **demo_info,
