@@ -61,7 +61,7 @@ def cmd_demo(args) -> int:
             [
                 (f"teacher{scored}", summary["teacher_accuracy"]),
                 (f"student before{scored}", summary["student_accuracy_before"]),
-                (f"student after {summary['steps']} OPD steps{scored}", summary["student_accuracy_after"]),
+                (f"student after {summary['steps']} {summary['method'].upper()} steps{scored}", summary["student_accuracy_after"]),
             ]
         )
     )
