@@ -225,20 +225,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights_sharded_or_not(t
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ok(two_ranks(config, run_args(tiny_models, straight, *common)))
 
-    kill_after = random.Random().randint(2, 8)
-    launcher = subprocess.Popen(torchrun(config, run_args(tiny_models, killed, *common)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not (killed / "checkpoints" / f"step-{kill_after:06d}").exists():
-            assert launcher.poll() is None and time.time() < deadline, f"the run ended before step {kill_after}"
-            time.sleep(0.01)
-        victim = rank_pid(launcher.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    kill_after = kill_rank_one_after(config, run_args(tiny_models, killed, *common), killed, random.Random().randint(2, 8))
     assert not (killed / "final").exists(), f"the run finished before the kill at step {kill_after}"
     unsharded = tmp_path / "unsharded"
     shutil.copytree(killed, unsharded)
@@ -253,6 +240,25 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights_sharded_or_not(t
     ok(one_process(config, run_args(tiny_models, unsharded, *alone, "train.grad_accum=2", "run.resume=true")))
     assert max_relative_difference(weights(unsharded), weights(straight)) <= 1e-5
     assert not (unsharded / "resume_changes.jsonl").exists()  # sharding is how the run is held, not what it computes
+
+
+def kill_rank_one_after(config: Path, args: list[str], run: Path, step: int) -> int:
+    """Launch 2 ranks, SIGKILL rank 1 once the checkpoint of ``step`` exists, and wait for torchrun to report it."""
+    launcher = subprocess.Popen(torchrun(config, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "checkpoints" / f"step-{step:06d}").exists():
+            assert launcher.poll() is None and time.time() < deadline, f"the run ended before step {step}"
+            time.sleep(0.01)
+        victim = rank_pid(launcher.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0, "torchrun should report the killed rank"
+    return step
 
 
 def rank_pid(parent: int, rank: int) -> int | None:
@@ -275,21 +281,7 @@ def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path, ti
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ok(two_ranks(config, run_args(tiny_models, straight, *common)))
 
-    kill_after = random.Random().randint(2, 10)  # a random step; the run goes on past it for a while
-    launcher = subprocess.Popen(torchrun(config, run_args(tiny_models, killed, *common)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not (killed / "checkpoints" / f"step-{kill_after:06d}").exists():
-            assert launcher.poll() is None and time.time() < deadline, f"the run ended before step {kill_after}"
-            time.sleep(0.01)
-        victim = rank_pid(launcher.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        _, stderr = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode != 0, "torchrun should report the killed rank"
+    kill_after = kill_rank_one_after(config, run_args(tiny_models, killed, *common), killed, random.Random().randint(2, 10))  # the run goes on past it
     assert not (killed / "final").exists(), f"the run finished before the kill at step {kill_after}"
 
     ok(two_ranks(config, run_args(tiny_models, killed, *common, "run.resume=true")))
