@@ -1,4 +1,4 @@
-"""The ``opd`` command: demo | train | eval | world."""
+"""The ``opd`` command: demo | train | eval | world | compare | inspect."""
 
 from __future__ import annotations
 
@@ -45,6 +45,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare
+    from .config import ConfigError
+
+    paths = [x for x in args.items if "=" not in x]
+    overrides = [x for x in args.items if "=" in x] + list(args.overrides)
+    if not paths:
+        raise ConfigError("opd compare: name at least one claim set directory (e.g. configs/claims/*) or config file")
+    command = " ".join(["opd", "compare", *sys.argv[2:]]) if sys.argv[1:2] == ["compare"] else "opd compare " + " ".join(paths)
+    report, failures = compare(paths, args.seeds, args.out, overrides, args.jobs, args.threads, args.docs, command)
+    print(f"report: {report}")
+    for line in failures:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_run import inspect_run
+
+    print(inspect_run(args.run, args.step, args.rows, args.out, list(args.overrides)))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .config import load_config
     from .report import format_table
@@ -53,7 +76,8 @@ def cmd_demo(args) -> int:
     search = args.world == "search"
     output_dir = args.output_dir or ("runs/demo_search" if search else "runs/demo")
     overrides = [f"run.output_dir={output_dir}", "run.overwrite=true"] + list(args.overrides)
-    summary = train(load_config(CONFIG_DIR / ("search_qa/demo.yaml" if search else "demo.yaml"), overrides))
+    cfg = load_config(CONFIG_DIR / ("search_qa/demo.yaml" if search else "demo.yaml"), overrides)
+    summary = train(cfg)
     scored = " (exact match)" if search else ""
     print()
     print(
@@ -70,7 +94,7 @@ def cmd_demo(args) -> int:
         shown = ", ".join(f"{name} {calls(key):.2f}" for name, key in (("teacher", "eval_teacher"), ("student before", "eval_before"), ("after", "eval_after")) if calls(key) is not None)
         if shown:
             print(f"search calls per episode: {shown}")
-    print(f"\nwall time {summary['wall_seconds']:.0f} s; summary, metrics and curves.png in {output_dir}/")
+    print(f"\nwall time {summary['wall_seconds']:.0f} s; summary, metrics and curves.png in {cfg.run.output_dir}/")
     return 0
 
 
@@ -196,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--reuse", help="copy the roles whose build inputs are unchanged from this earlier world instead of training them")
     world.add_argument("--world", choices=["arithmetic", "search"], default="arithmetic", help="search: the embedded search-QA world")
     world.set_defaults(func=cmd_world)
+
+    cmp = sub.add_parser("compare", help="run claim sets over several seeds and write the evidence report")
+    cmp.add_argument("items", nargs="+", help="claim set directories (configs/claims/NAME), config files, and key.path=value overrides for every run")
+    cmp.add_argument("--seeds", type=int, default=3, help="seeds per arm: run.seed = 0 … N-1 (default 3)")
+    cmp.add_argument("--out", default="runs/compare", help="report and run directories (default runs/compare); finished runs there are reused")
+    cmp.add_argument("--jobs", type=int, help="runs at a time (default: cores ÷ --threads)")
+    cmp.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    cmp.add_argument("--docs", help="also write the report into this Markdown file between its opd-compare markers (e.g. docs/methods.md)")
+    cmp.set_defaults(func=cmd_compare, overrides=[])
+
+    ins = sub.add_parser("inspect", help="HTML page colouring each sampled token by what the loss said about it at a step of a run")
+    ins.add_argument("run", help="a run directory (run.output_dir)")
+    ins.add_argument("--step", type=int, help="the student after this many steps: 0, a kept checkpoint, or the last (default)")
+    ins.add_argument("--rows", type=int, default=4, help="completions to show (default 4)")
+    ins.add_argument("--out", help="default: RUN/inspect-stepN.html")
+    ins.add_argument("overrides", nargs="*", help="key.path=value overrides of the run's config (e.g. train.device=cpu)")
+    ins.set_defaults(func=cmd_inspect)
     return parser
 
 

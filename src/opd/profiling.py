@@ -9,6 +9,7 @@ phase that launched them.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Iterator
 
@@ -46,3 +47,34 @@ def phase_shares(seconds: dict[str, float]) -> dict[str, float]:
     """Each phase's fraction of the total."""
     total = sum(seconds.values())
     return {name: value / total for name, value in seconds.items()} if total > 0 else {}
+
+
+class PeakMemory:
+    """The memory high-water mark of one step, in MiB: on CUDA ``torch.cuda.max_memory_allocated`` since ``reset``;
+    on Linux the process's resident-set peak (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``), which
+    counts the loaded models too; None where neither can be read."""
+
+    def __init__(self, device: torch.device | None = None):
+        self._cuda = device is not None and device.type == "cuda"
+        self._linux = os.path.exists("/proc/self/clear_refs")
+
+    def reset(self) -> None:
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elif self._linux:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self._linux = False
+
+    def peak_mb(self) -> float | None:
+        if self._cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        if not self._linux:
+            return None
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return None

@@ -37,7 +37,7 @@ from .methods.data import batch_metrics
 from .methods.losses import student_token_logprobs
 from .metrics import MetricsLog, NoMetrics
 from .objectives.common import step_normaliser
-from .profiling import phase_shares
+from .profiling import PeakMemory, phase_shares
 from .prompts import PromptError
 from .resume import describe, read_saved_config, record, trajectory_changes
 from .run_lock import RunDirLock
@@ -387,10 +387,14 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     last_eval = state.get("before_eval", {})
     bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps, disable=not (cfg.log.progress_bar and ranks.main), desc=cfg.run.name, dynamic_ncols=True)
     segment_start = time.time()
+    memory = PeakMemory(s.device)
     try:
         for step in bar:
             step_start = time.time()
+            memory.reset()
             metrics, status = train_step(s, optimizer, step)
+            if (peak := memory.peak_mb()) is not None:
+                metrics["peak_memory_mb"] = peak
             with warnings.catch_warnings():  # a skipped update still advances the schedule
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()

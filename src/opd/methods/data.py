@@ -32,6 +32,7 @@ class Batch:
     old_logp_BC: torch.Tensor | None = None  # the student's log-probs before this step's first update (several updates)
     prepared: bool = False  # Method.prepare_step has seen this batch (with the rest of its step)
     seed: int | None = None  # the micro-batch's own seed (run seed, step, micro-batch): dropout in its forward passes
+    row_notes: list[str] | None = None  # per row, where its tokens came from (OVD: accepted / replaced), for opd inspect
 
     @contextlib.contextmanager
     def rng(self, salt: int) -> Iterator[None]:

@@ -15,6 +15,7 @@ import torch
 
 from ..objectives import group_advantages, k3_kl, masked_mean, policy_gradient_loss
 from ..sections import require
+from . import token_views
 from .base import Method, Needs, register
 from .losses import importance_weights, old_logprobs, reference_token_logprobs, student_token_logprobs
 
@@ -40,6 +41,7 @@ def group_policy_loss(s, batch, scale_by_std: bool, kl_coef: float = 0.0, std: s
     normaliser = s.method.normaliser(batch)
     weights = importance_weights(s, r, old_logp_BC)
     loss, metrics = policy_gradient_loss(logp_BC, old_logp_BC, advantages_BC, mask_BC, m.clip_eps, normaliser, weights)
+    token_views.record(r, advantages_BC, mask_BC, logp_BC=logp_BC)
     if s.reference is not None and kl_coef > 0:
         ref_logp_BC = reference_token_logprobs(s, r)
         kl = masked_mean(k3_kl(logp_BC, ref_logp_BC), mask_BC, normaliser)

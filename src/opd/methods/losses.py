@@ -16,6 +16,7 @@ from ..objectives.fused import SparseTeacher, fused_divergence, output_head
 from ..rollout import Rollouts
 from ..scoring import completion_hidden_states, loss_head, projection, rollout_logprobs, token_logprobs
 from ..teachers import HiddenStates, TopLogprobs
+from . import token_views
 from .data import Batch
 
 # (student_logp_BC, teacher_logp_BC, mask_BC) -> (advantages_BC, train_mask_BC, metrics)
@@ -45,6 +46,7 @@ def sampled_token_loss(s, batch: Batch, advantages: AdvantageFn, teacher_rollout
     normaliser = s.method.normaliser(batch)
     loss, pg_metrics = policy_gradient_loss(logp_BC, old_logp_BC, advantages_BC, train_mask_BC, m.clip_eps, normaliser, weights)
     metrics.update(pg_metrics, kl=float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC)))
+    token_views.record(r, advantages_BC, train_mask_BC, teacher_logp_BC, logp_BC)
     return loss, metrics
 
 

@@ -172,7 +172,10 @@ class OVD(Method):
         if replace_rows:
             info["demonstration_reward"] = sum(outcomes[i] for i in replace_rows) / len(replace_rows)
         rewards = ovd_rewards(outcomes, final_scores, o.score_weight)
-        return Batch(rollouts, sampled.examples, on_policy=False, rewards=rewards, info=info)
+        notes = [f"score {score:g}: " + ("accepted" if m.source == "student" else "replaced by the teacher" if m.source == "teacher"
+                 else "student prefix kept, the rest the teacher's") + (" (dropped: the demonstration failed)" if i in dropped else "")
+                 for i, (score, m) in enumerate(zip(scores, plan))]
+        return Batch(rollouts, sampled.examples, on_policy=False, rewards=rewards, info=info, row_notes=notes)
 
     def episode_data(self, s, examples, generator) -> Batch:
         """OVD over multi-turn episodes: each student episode is judged (the programmatic judge per turn, a model or
@@ -233,7 +236,11 @@ class OVD(Method):
             "student_tokens": float(r.loss_mask_BC.sum()),
             "dropped_fraction": len(dropped) / len(rows),
         }
-        return Batch(rollouts, rows, on_policy=False, rewards=ovd_rewards(outcomes, final_scores, o.score_weight), info=info)
+        kept_of = dict(zip(replaced, kept_turns))
+        notes = [f"score {scores[i]:g}: " + ("accepted" if i not in kept_of else "replaced by a teacher episode" if not kept_of[i]
+                 else f"{kept_of[i]} student turn(s) kept, the rest the teacher's") + (" (dropped: the demonstration failed)" if i in dropped else "")
+                 for i in range(len(rows))]
+        return Batch(rollouts, rows, on_policy=False, rewards=ovd_rewards(outcomes, final_scores, o.score_weight), info=info, row_notes=notes)
 
     def loss(self, s, batch, step):
         return group_policy_loss(s, batch, self.config.scale_by_std, std=self.config.std)

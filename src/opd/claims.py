@@ -1,0 +1,293 @@
+"""A paper's claim as something a set of runs can confirm or refute: the claim file, the per-run curves it reads, and
+the test that turns several seeds of each arm into numbers and a verdict in words.
+
+A claim set is a directory holding ``claim.yaml`` and the arms' configs::
+
+    claim: OPD reaches a target accuracy with several times fewer generated tokens than GRPO
+    source: Thinking Machines, "On-Policy Distillation" (2025)
+    test: {kind: tokens_to_target, baseline: [grpo], targets: [0.8, 0.9], min_ratio: 2.0}
+    arms: {grpo: grpo.yaml, opd: opd.yaml}
+
+The kinds of test (``TESTS``): ``tokens_to_target`` (baseline tokens ÷ arm tokens to the first evaluation at each
+target, paired by seed; several baseline arms are a tuning sweep and the best one per target is the baseline),
+``final_at_least`` (arm ``better`` ends at least as accurate as arm ``than``, paired by seed), ``collapse`` (the
+arms in ``collapses`` end ``drop`` below their best accuracy so far, those in ``stable`` do not) and ``lower``
+(arm ``lower`` has a smaller mean per-step ``metric`` than arm ``than``, e.g. ``peak_memory_mb``).
+Pure: reading files and computing; running the arms is ``compare.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .metrics import read_metrics
+from .sections import ConfigError
+
+CLAIM_FILE = "claim.yaml"
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str  # the claim set's directory name
+    claim: str  # the paper's claim, in words
+    source: str
+    test: dict
+    arms: dict[str, Path]  # label -> config file
+
+
+@dataclass
+class Curve:
+    """One finished run, as the tests read it: evaluations against generated tokens and training seconds."""
+
+    label: str
+    seed: int
+    steps_E: list[int]
+    accuracy_E: list[float]
+    tokens_E: list[float]  # student-generated tokens before the evaluation at steps_E[i]
+    seconds_E: list[float]  # training seconds (steps only, evaluations excluded) before it
+    teacher_accuracy: float | None = None
+    step_means: dict[str, float] = field(default_factory=dict)  # mean over steps of each numeric train metric
+
+    @property
+    def before(self) -> float:
+        return self.accuracy_E[0]
+
+    @property
+    def after(self) -> float:
+        return self.accuracy_E[-1]
+
+
+TESTS = {
+    "tokens_to_target": ("baseline", "targets"),
+    "final_at_least": ("better", "than"),
+    "collapse": ("collapses", "stable"),
+    "lower": ("lower", "than", "metric"),
+}
+
+
+def load_claim(directory: str | Path) -> Claim:
+    """The claim set in ``directory``, checked: a known test kind with its keys, arms whose configs exist, and every
+    arm the test names among them (``ConfigError`` naming the file and key otherwise)."""
+    directory = Path(directory)
+    path = directory / CLAIM_FILE
+    if not path.is_file():
+        raise ConfigError(f"{directory}: not a claim set (no {CLAIM_FILE})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping")
+    for key in ("claim", "test", "arms"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key '{key}'")
+    test, arms = raw["test"], raw["arms"]
+    if not isinstance(arms, dict) or not arms:
+        raise ConfigError(f"{path}: 'arms' must map labels to config files")
+    files = {}
+    for label, file in arms.items():
+        files[str(label)] = (directory / str(file)).resolve()
+        if not files[str(label)].is_file():
+            raise ConfigError(f"{path}: arms.{label}: no config file {directory / str(file)}")
+    kind = test.get("kind") if isinstance(test, dict) else None
+    if kind not in TESTS:
+        raise ConfigError(f"{path}: test.kind must be one of {sorted(TESTS)}, got {kind!r}")
+    for key in TESTS[kind]:
+        if key not in test:
+            raise ConfigError(f"{path}: test.{key} is required for a {kind} test")
+    named = [a for key in TESTS[kind] if key not in ("targets", "metric") for a in _as_list(test[key])]
+    for label in named:
+        if label not in files:
+            raise ConfigError(f"{path}: test names arm '{label}', which is not under arms ({', '.join(files)})")
+    return Claim(directory.name, str(raw["claim"]).strip(), str(raw.get("source", "")).strip(), dict(test), files)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def read_curve(run_dir: str | Path, label: str, seed: int) -> Curve:
+    """The curve of the finished run in ``run_dir`` (its ``metrics.jsonl``)."""
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    train = {r["step"]: r for r in rows if r["kind"] == "train"}
+    seconds, total = {0: 0.0}, 0.0
+    for step in sorted(train):
+        total += train[step].get("step_seconds", 0.0)
+        seconds[step] = total
+    evals = {r["step"]: r for r in rows if r["kind"] == "eval" and r.get("accuracy") is not None}  # a resume rewrites
+    steps = sorted(evals)
+    teacher = [r for r in rows if r["kind"] == "teacher_eval"]
+    numeric = {}
+    for r in train.values():
+        for key, value in r.items():
+            if key not in ("kind", "step") and isinstance(value, (int, float)) and math.isfinite(value):
+                numeric.setdefault(key, []).append(float(value))
+    return Curve(
+        label, seed, steps, [evals[k]["accuracy"] for k in steps],
+        [train[k]["generated_tokens"] if k in train else 0.0 for k in steps],
+        [seconds.get(k, total) for k in steps],
+        teacher[0].get("accuracy") if teacher else None,
+        {key: statistics.fmean(values) for key, values in numeric.items()},
+    )
+
+
+def tokens_to(curve: Curve, target: float) -> float | None:
+    """Generated tokens before the first evaluation at or above ``target`` (None: never reached)."""
+    for accuracy, tokens in zip(curve.accuracy_E, curve.tokens_E):
+        if accuracy >= target:
+            return tokens
+    return None
+
+
+@dataclass(frozen=True)
+class Spread:
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3g} ± {self.std:.2g}"
+
+
+@dataclass
+class Verdict:
+    holds: bool | None  # None: not decidable (a target not reached, no runs)
+    words: str  # one sentence: what was found
+    table: list[list[str]]  # rows of the claim's table, the first one its header
+
+
+def judge(claim: Claim, curves: dict[str, list[Curve]]) -> Verdict:
+    """Apply ``claim``'s test to the curves of its arms (label -> one curve per seed)."""
+    missing = [label for label in claim.arms if not curves.get(label)]
+    if missing:
+        return Verdict(None, f"no finished runs of {', '.join(missing)}", [["arm"], *[[m] for m in missing]])
+    return {"tokens_to_target": _tokens_to_target, "final_at_least": _final_at_least, "collapse": _collapse, "lower": _lower}[
+        claim.test["kind"]
+    ](claim.test, curves)
+
+
+def _pct(spread: Spread) -> str:
+    return f"{100 * spread.mean:.1f} ± {100 * spread.std:.1f}%"
+
+
+def _by_seed(curves: list[Curve]) -> dict[int, Curve]:
+    return {c.seed: c for c in curves}
+
+
+def accuracy_rows(curves: dict[str, list[Curve]]) -> list[list[str]]:
+    """Per arm: seeds, accuracy before and after (mean ± std), best accuracy and the teacher's."""
+    rows = [["arm", "seeds", "before", "after", "best", "teacher"]]
+    for label, runs in curves.items():
+        teacher = [c.teacher_accuracy for c in runs if c.teacher_accuracy is not None]
+        rows.append([
+            label, str(len(runs)), _pct(Spread(tuple(c.before for c in runs))), _pct(Spread(tuple(c.after for c in runs))),
+            _pct(Spread(tuple(max(c.accuracy_E) for c in runs))), _pct(Spread(tuple(teacher))) if teacher else "—",
+        ])
+    return rows
+
+
+def _tokens_to_target(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
+    baselines = _as_list(test["baseline"])
+    targets = [float(t) for t in _as_list(test["targets"])]
+    min_ratio = float(test.get("min_ratio", 2.0))
+    arms = [label for label in curves if label not in baselines]
+    header = ["arm", *[f"tokens to {100 * t:g}%" for t in targets], *[f"{baselines[0] if len(baselines) == 1 else 'best baseline'} ÷ arm at {100 * t:g}%" for t in targets]]
+    rows, found = [header], []
+    best = {}  # target -> the baseline arm with the fewest mean tokens among those reaching it on every seed
+    for t in targets:
+        reached = {b: [tokens_to(c, t) for c in curves[b]] for b in baselines}
+        full = {b: v for b, v in reached.items() if None not in v}
+        best[t] = min(full, key=lambda b: statistics.fmean(full[b])) if full else None
+    for label in baselines + arms:
+        cells = []
+        for t in targets:
+            tokens = [tokens_to(c, t) for c in curves[label]]
+            got = [x for x in tokens if x is not None]
+            cells.append(f"{Spread(tuple(got)).mean:,.0f} ± {Spread(tuple(got)).std:,.0f} ({len(got)}/{len(tokens)})" if got else f"not reached (0/{len(tokens)})")
+        ratios_cells = []
+        for t in targets:
+            if label in baselines:
+                ratios_cells.append("(baseline, best)" if best[t] == label else "(baseline)")
+                continue
+            base = best[t]
+            if base is None:
+                ratios_cells.append("baseline never reached it")
+                continue
+            base_by_seed, arm_by_seed = _by_seed(curves[base]), _by_seed(curves[label])
+            ratios = [tokens_to(base_by_seed[k], t) / tokens_to(arm_by_seed[k], t) for k in arm_by_seed
+                      if k in base_by_seed and tokens_to(arm_by_seed[k], t) not in (None, 0)]
+            unreached = sum(tokens_to(c, t) is None for c in curves[label])
+            ratio = Spread(tuple(ratios)) if ratios else None
+            ratios_cells.append(f"{ratio}×" + (f" ({unreached} seeds not reached)" if unreached else "") if ratio else "—")
+            found.append((label, t, ratio, unreached))
+        rows.append([label, *cells, *ratios_cells])
+    words, verdicts = [], []
+    for label in arms:
+        mine = [(t, r, u) for lab, t, r, u in found if lab == label]
+        if not mine or any(r is None or u for _, r, u in mine):
+            verdicts.append(None)
+            words.append(f"{label}: undecided (a target not reached on every seed)")
+            continue
+        low = min(r.mean for _, r, _ in mine)
+        high = max(r.mean for _, r, _ in mine)
+        ok = low >= min_ratio
+        verdicts.append(ok)
+        span = f"{low:.2g}×" if math.isclose(low, high, rel_tol=0.005) else f"{low:.2g}–{high:.2g}×"
+        words.append(f"{label}: {'holds' if ok else 'does not hold'} ({span} fewer tokens than the baseline; the claim needs ≥ {min_ratio:g}×)")
+    holds = None if None in verdicts or not verdicts else all(verdicts)
+    return Verdict(holds, "; ".join(words), rows)
+
+
+def _final_at_least(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
+    better, than = test["better"], test["than"]
+    a, b = _by_seed(curves[better]), _by_seed(curves[than])
+    diffs = Spread(tuple(a[k].after - b[k].after for k in a if k in b))
+    wins = sum(a[k].after >= b[k].after for k in a if k in b)
+    holds = diffs.mean >= 0
+    rows = [["comparison", "final accuracy difference", f"seeds with {better} ≥ {than}"],
+            [f"{better} − {than}", f"{100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points", f"{wins}/{len(diffs.values)}"]]
+    words = f"{'holds' if holds else 'does not hold'}: {better} ends {100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points against {than} (at least as accurate on {wins} of {len(diffs.values)} seeds)"
+    return Verdict(holds, words, rows)
+
+
+def collapsed(curve: Curve, drop: float) -> bool:
+    """The run ends more than ``drop`` below the best accuracy it had reached (its start included)."""
+    return curve.after < max(curve.accuracy_E) - drop
+
+
+def _collapse(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
+    drop = float(test.get("drop", 0.1))
+    expect = {**{a: True for a in _as_list(test["collapses"])}, **{a: False for a in _as_list(test["stable"])}}
+    rows = [["arm", "expected", "collapsed seeds", "after", "drop from best"]]
+    words, ok = [], True
+    for label, should in expect.items():
+        runs = curves[label]
+        n = sum(collapsed(c, drop) for c in runs)
+        fell = Spread(tuple(max(c.accuracy_E) - c.after for c in runs))
+        rows.append([label, "collapses" if should else "stable", f"{n}/{len(runs)}", _pct(Spread(tuple(c.after for c in runs))), f"{100 * fell.mean:.1f} ± {100 * fell.std:.1f} points"])
+        as_expected = (n * 2 > len(runs)) == should
+        ok &= as_expected
+        words.append(f"{label} {'collapsed' if n * 2 > len(runs) else 'stayed stable'} ({n}/{len(runs)} seeds{'' if as_expected else ', against the claim'})")
+    return Verdict(ok, f"{'holds' if ok else 'does not hold'}: " + "; ".join(words) + f" (collapse: ending more than {100 * drop:g} points below the run's best)", rows)
+
+
+def _lower(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
+    lower, than, metric = test["lower"], test["than"], test["metric"]
+    values = {}
+    for label in (lower, than):
+        got = [c.step_means[metric] for c in curves[label] if metric in c.step_means]
+        if not got:
+            return Verdict(None, f"the runs of {label} logged no '{metric}'", [["arm"], [label]])
+        values[label] = Spread(tuple(got))
+    ratio = values[lower].mean / values[than].mean
+    holds = values[lower].mean < values[than].mean
+    rows = [["arm", f"mean per-step {metric}"], *[[label, str(v)] for label, v in values.items()], [f"{lower} ÷ {than}", f"{ratio:.3f}"]]
+    return Verdict(holds, f"{'holds' if holds else 'does not hold'}: {lower}'s mean per-step {metric} is {ratio:.3f}× {than}'s", rows)
