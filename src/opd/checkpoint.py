@@ -233,16 +233,21 @@ def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(extra) if extra.is_file() else {}
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return its state dict."""
-    path = Path(path)
-    weights = load_file(path / "trainable.safetensors")
+def load_trainable(path: Path, model: torch.nn.Module) -> None:
+    """Copy the checkpoint's trainable tensors (the whole student, or its LoRA adapters) into ``model``."""
+    weights = load_file(Path(path) / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:3]} (different model or LoRA setting?)")
     for name, tensor in weights.items():
         load_into(params[name], tensor)  # a sharded parameter takes its own share
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return its state dict."""
+    path = Path(path)
+    load_trainable(path, model)
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_files(load_file(path / "optimizer.safetensors"), meta))
     for group in optimizer.param_groups:  # the saved state is whole; a sharded parameter's state is its share

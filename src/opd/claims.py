@@ -9,7 +9,8 @@ A claim set is a directory holding ``claim.yaml`` and the arms' configs::
     arms: {grpo: grpo.yaml, opd: opd.yaml}
 
 The kinds of test (``TESTS``): ``tokens_to_target`` (baseline tokens ÷ arm tokens to the first evaluation at each
-target, paired by seed; several baseline arms are a tuning sweep and the best one per target is the baseline),
+target, paired by seed; several baseline arms are a tuning sweep and the best one per target is the baseline; arms
+under ``shown`` are tabulated and plotted, not judged),
 ``final_at_least`` (arm ``better`` ends at least as accurate as arm ``than``, paired by seed), ``collapse`` (the
 arms in ``collapses`` end ``drop`` below their best accuracy so far, those in ``stable`` do not) and ``lower``
 (arm ``lower`` has a smaller mean per-step ``metric`` than arm ``than``, e.g. ``peak_memory_mb``).
@@ -97,7 +98,7 @@ def load_claim(directory: str | Path) -> Claim:
     for key in TESTS[kind]:
         if key not in test:
             raise ConfigError(f"{path}: test.{key} is required for a {kind} test")
-    named = [a for key in TESTS[kind] if key not in ("targets", "metric") for a in _as_list(test[key])]
+    named = [a for key in (*TESTS[kind], "shown") if key in test and key not in ("targets", "metric") for a in _as_list(test[key])]
     for label in named:
         if label not in files:
             raise ConfigError(f"{path}: test names arm '{label}', which is not under arms ({', '.join(files)})")
@@ -118,6 +119,8 @@ def read_curve(run_dir: str | Path, label: str, seed: int) -> Curve:
         seconds[step] = total
     evals = {r["step"]: r for r in rows if r["kind"] == "eval" and r.get("accuracy") is not None}  # a resume rewrites
     steps = sorted(evals)
+    if not steps:
+        raise ValueError(f"{run_dir}: no graded evaluation (prompt-only evaluation data has no accuracy to compare)")
     teacher = [r for r in rows if r["kind"] == "teacher_eval"]
     numeric = {}
     for r in train.values():
@@ -194,67 +197,133 @@ def accuracy_rows(curves: dict[str, list[Curve]]) -> list[list[str]]:
     return rows
 
 
+def _ratio_cell(kind: str, ratio: Spread | None, bound: float | None, unreached: int) -> str:
+    if kind == "both_start":
+        return "both start at the target"
+    if kind == "arm_starts":
+        return "∞ (the arm starts at the target)"
+    if kind == "no_baseline":
+        return f"> {bound:.3g}× (no baseline reached it on every seed; bound from the baseline's total tokens)" if bound else "no baseline reached it on every seed"
+    if ratio is None:
+        return f"— (the arm missed it on {unreached} seeds)"
+    return f"{ratio}×" + (f" ({unreached} seeds not reached)" if unreached else "")
+
+
 def _tokens_to_target(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
+    """Per judged arm and target: baseline tokens ÷ arm tokens to the target, paired by seed. The baseline for a
+    target is the baseline arm with the fewest mean tokens among those reaching it on every seed. If none does but
+    the arm does on every seed, the ratio is bounded below by the best baseline's total tokens ÷ the arm's."""
     baselines = _as_list(test["baseline"])
+    shown = set(_as_list(test.get("shown", [])))  # arms plotted and tabulated but not judged
     targets = [float(t) for t in _as_list(test["targets"])]
     min_ratio = float(test.get("min_ratio", 2.0))
-    arms = [label for label in curves if label not in baselines]
-    header = ["arm", *[f"tokens to {100 * t:g}%" for t in targets], *[f"{baselines[0] if len(baselines) == 1 else 'best baseline'} ÷ arm at {100 * t:g}%" for t in targets]]
-    rows, found = [header], []
-    best = {}  # target -> the baseline arm with the fewest mean tokens among those reaching it on every seed
+    arms = [label for label in curves if label not in baselines and label not in shown]
+    header = ["arm", *[f"tokens to {100 * t:g}%" for t in targets], *[f"baseline ÷ arm at {100 * t:g}%" for t in targets]]
+    rows = [header]
+    best = {}
     for t in targets:
         reached = {b: [tokens_to(c, t) for c in curves[b]] for b in baselines}
         full = {b: v for b, v in reached.items() if None not in v}
         best[t] = min(full, key=lambda b: statistics.fmean(full[b])) if full else None
-    for label in baselines + arms:
+    outcome = {}  # (arm, target) -> (kind, ratio Spread | None, lower bound | None, unreached seeds)
+    for label in arms:
+        arm_by_seed = _by_seed(curves[label])
+        for t in targets:
+            arm_tokens = {k: tokens_to(c, t) for k, c in arm_by_seed.items()}
+            unreached = sum(v is None for v in arm_tokens.values())
+            base = best[t]
+            if base is None:
+                bound = None
+                if not unreached and all(v > 0 for v in arm_tokens.values()):
+                    most = min(statistics.fmean(c.tokens_E[-1] for c in curves[b]) for b in baselines)
+                    bound = most / statistics.fmean(arm_tokens.values())
+                outcome[(label, t)] = ("no_baseline", None, bound, unreached)
+                continue
+            base_by_seed = _by_seed(curves[base])
+            pairs = [(tokens_to(base_by_seed[k], t), v) for k, v in arm_tokens.items() if k in base_by_seed and v is not None]
+            if pairs and all(b == 0 for b, _ in pairs):
+                outcome[(label, t)] = ("both_start", None, None, unreached)
+            elif pairs and all(a == 0 for _, a in pairs):
+                outcome[(label, t)] = ("arm_starts", None, None, unreached)
+            else:
+                ratios = [b / a for b, a in pairs if a > 0]
+                outcome[(label, t)] = ("ratio", Spread(tuple(ratios)) if ratios else None, None, unreached)
+    for label in [*baselines, *[a for a in curves if a in shown], *arms]:
         cells = []
         for t in targets:
             tokens = [tokens_to(c, t) for c in curves[label]]
             got = [x for x in tokens if x is not None]
             cells.append(f"{Spread(tuple(got)).mean:,.0f} ± {Spread(tuple(got)).std:,.0f} ({len(got)}/{len(tokens)})" if got else f"not reached (0/{len(tokens)})")
-        ratios_cells = []
-        for t in targets:
-            if label in baselines:
-                ratios_cells.append("(baseline, best)" if best[t] == label else "(baseline)")
-                continue
-            base = best[t]
-            if base is None:
-                ratios_cells.append("baseline never reached it")
-                continue
-            base_by_seed, arm_by_seed = _by_seed(curves[base]), _by_seed(curves[label])
-            ratios = [tokens_to(base_by_seed[k], t) / tokens_to(arm_by_seed[k], t) for k in arm_by_seed
-                      if k in base_by_seed and tokens_to(arm_by_seed[k], t) not in (None, 0)]
-            unreached = sum(tokens_to(c, t) is None for c in curves[label])
-            ratio = Spread(tuple(ratios)) if ratios else None
-            ratios_cells.append(f"{ratio}×" + (f" ({unreached} seeds not reached)" if unreached else "") if ratio else "—")
-            found.append((label, t, ratio, unreached))
-        rows.append([label, *cells, *ratios_cells])
+        if label in baselines:
+            ratio_cells = ["(baseline, the best)" if best[t] == label else "(baseline)" for t in targets]
+        elif label in shown:
+            ratio_cells = ["(shown, not judged)"] * len(targets)
+        else:
+            ratio_cells = [_ratio_cell(*outcome[(label, t)]) for t in targets]
+        rows.append([label, *cells, *ratio_cells])
     words, verdicts = [], []
     for label in arms:
-        mine = [(t, r, u) for lab, t, r, u in found if lab == label]
-        if not mine or any(r is None or u for _, r, u in mine):
+        ratios, bounds, failing, undecided = [], [], [], []
+        for t in targets:
+            kind, ratio, bound, unreached = outcome[(label, t)]
+            if kind == "arm_starts":
+                continue
+            if kind == "ratio" and ratio is not None and not unreached:
+                ratios.append(ratio.mean)
+                if ratio.mean < min_ratio:
+                    failing.append(t)
+            elif kind == "no_baseline" and bound is not None and bound >= min_ratio:
+                bounds.append(bound)  # a lower bound: enough to say "holds" at this target, never "does not"
+            elif kind == "no_baseline":
+                undecided.append(f"{100 * t:g}%: no baseline reached it on every seed" + (f" (ratio > {bound:.3g}× only)" if bound else ""))
+            elif kind == "both_start":
+                undecided.append(f"{100 * t:g}%: both start at it")
+            else:
+                undecided.append(f"{100 * t:g}%: the arm missed it on {unreached} seed(s)")
+        span = ""
+        if ratios:
+            low, high = min(ratios), max(ratios)
+            span = f"baseline ÷ arm tokens {low:.3g}×" if math.isclose(low, high, rel_tol=0.005) else f"baseline ÷ arm tokens {low:.3g}–{high:.3g}×"
+            span += " (below 1: the arm needs more tokens)" if low < 1 else ""
+        span += (", " if span else "") + ", ".join(f"> {b:.3g}× where the baseline never got there" for b in bounds) if bounds else ""
+        need = f"the claim needs ≥ {min_ratio:g}× at every target"
+        if failing:
+            verdicts.append(False)
+            words.append(f"{label}: does not hold ({span}; {need})")
+        elif undecided:
             verdicts.append(None)
-            words.append(f"{label}: undecided (a target not reached on every seed)")
-            continue
-        low = min(r.mean for _, r, _ in mine)
-        high = max(r.mean for _, r, _ in mine)
-        ok = low >= min_ratio
-        verdicts.append(ok)
-        span = f"{low:.2g}×" if math.isclose(low, high, rel_tol=0.005) else f"{low:.2g}–{high:.2g}×"
-        words.append(f"{label}: {'holds' if ok else 'does not hold'} ({span} fewer tokens than the baseline; the claim needs ≥ {min_ratio:g}×)")
-    holds = None if None in verdicts or not verdicts else all(verdicts)
+            words.append(f"{label}: undecided ({'; '.join(undecided)}" + (f"; elsewhere {span}" if span else "") + ")")
+        else:
+            verdicts.append(True)
+            words.append(f"{label}: holds ({span or 'it starts at every target'}; {need})")
+    holds = None if not verdicts or None in verdicts else all(verdicts)
     return Verdict(holds, "; ".join(words), rows)
 
 
+def _paired(a: list[Curve], b: list[Curve]) -> list[tuple[Curve, Curve]]:
+    first, second = _by_seed(a), _by_seed(b)
+    return [(first[k], second[k]) for k in sorted(first) if k in second]
+
+
+def _standard_error(spread: Spread) -> float:
+    return spread.std / math.sqrt(len(spread.values)) if len(spread.values) > 1 else 0.0
+
+
 def _final_at_least(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
+    """Holds if the mean over seeds of (final accuracy of ``better`` − that of ``than``) is ≥ 0; does not hold if it is
+    below 0 by more than two standard errors of that mean; otherwise undecided (within the seeds' noise)."""
     better, than = test["better"], test["than"]
-    a, b = _by_seed(curves[better]), _by_seed(curves[than])
-    diffs = Spread(tuple(a[k].after - b[k].after for k in a if k in b))
-    wins = sum(a[k].after >= b[k].after for k in a if k in b)
-    holds = diffs.mean >= 0
-    rows = [["comparison", "final accuracy difference", f"seeds with {better} ≥ {than}"],
-            [f"{better} − {than}", f"{100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points", f"{wins}/{len(diffs.values)}"]]
-    words = f"{'holds' if holds else 'does not hold'}: {better} ends {100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points against {than} (at least as accurate on {wins} of {len(diffs.values)} seeds)"
+    pairs = _paired(curves[better], curves[than])
+    if not pairs:
+        return Verdict(None, f"no seed has finished runs of both {better} and {than}", [["comparison"], [f"{better} − {than}"]])
+    diffs = Spread(tuple(a.after - b.after for a, b in pairs))
+    wins = sum(a.after >= b.after for a, b in pairs)
+    se = _standard_error(diffs)
+    holds = True if diffs.mean >= 0 else (False if diffs.mean + 2 * se < 0 else None)
+    rows = [["comparison", "final accuracy difference (mean ± std)", "standard error", f"seeds with {better} ≥ {than}"],
+            [f"{better} − {than}", f"{100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points", f"{100 * se:.1f} points", f"{wins}/{len(pairs)}"]]
+    status = {True: "holds", False: "does not hold", None: "undecided (behind by less than two standard errors)"}[holds]
+    words = f"{status}: {better} ends {100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points against {than} (at least as accurate on {wins} of {len(pairs)} seeds)"
     return Verdict(holds, words, rows)
 
 
@@ -267,19 +336,27 @@ def _collapse(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
     drop = float(test.get("drop", 0.1))
     expect = {**{a: True for a in _as_list(test["collapses"])}, **{a: False for a in _as_list(test["stable"])}}
     rows = [["arm", "expected", "collapsed seeds", "after", "drop from best"]]
-    words, ok = [], True
+    words, ok, tie = [], True, False
     for label, should in expect.items():
         runs = curves[label]
         n = sum(collapsed(c, drop) for c in runs)
         fell = Spread(tuple(max(c.accuracy_E) - c.after for c in runs))
         rows.append([label, "collapses" if should else "stable", f"{n}/{len(runs)}", _pct(Spread(tuple(c.after for c in runs))), f"{100 * fell.mean:.1f} ± {100 * fell.std:.1f} points"])
+        if n * 2 == len(runs):  # as many seeds each way
+            tie = True
+            words.append(f"{label} collapsed on {n} of {len(runs)} seeds (a tie)")
+            continue
         as_expected = (n * 2 > len(runs)) == should
         ok &= as_expected
         words.append(f"{label} {'collapsed' if n * 2 > len(runs) else 'stayed stable'} ({n}/{len(runs)} seeds{'' if as_expected else ', against the claim'})")
-    return Verdict(ok, f"{'holds' if ok else 'does not hold'}: " + "; ".join(words) + f" (collapse: ending more than {100 * drop:g} points below the run's best)", rows)
+    holds = False if not ok else (None if tie else True)
+    status = {True: "holds", False: "does not hold", None: "undecided"}[holds]
+    return Verdict(holds, f"{status}: " + "; ".join(words) + f" (collapse: ending more than {100 * drop:g} points below the run's best, on most seeds)", rows)
 
 
 def _lower(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
+    """Holds if ``lower``'s per-step ``metric`` (mean over steps, then over seeds) is smaller than ``than``'s by more
+    than two standard errors of the difference; does not hold if it is not smaller; otherwise undecided."""
     lower, than, metric = test["lower"], test["than"], test["metric"]
     values = {}
     for label in (lower, than):
@@ -287,7 +364,10 @@ def _lower(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
         if not got:
             return Verdict(None, f"the runs of {label} logged no '{metric}'", [["arm"], [label]])
         values[label] = Spread(tuple(got))
-    ratio = values[lower].mean / values[than].mean
-    holds = values[lower].mean < values[than].mean
-    rows = [["arm", f"mean per-step {metric}"], *[[label, str(v)] for label, v in values.items()], [f"{lower} ÷ {than}", f"{ratio:.3f}"]]
-    return Verdict(holds, f"{'holds' if holds else 'does not hold'}: {lower}'s mean per-step {metric} is {ratio:.3f}× {than}'s", rows)
+    a, b = values[lower], values[than]
+    gap_se = math.sqrt(_standard_error(a) ** 2 + _standard_error(b) ** 2)
+    holds = False if a.mean >= b.mean else (True if b.mean - a.mean > 2 * gap_se else None)
+    ratio = f"{a.mean / b.mean:.3f}×" if b.mean else "—"
+    rows = [["arm", f"mean per-step {metric}", "seeds"], *[[label, str(v), str(len(v.values))] for label, v in values.items()], [f"{lower} ÷ {than}", ratio, ""]]
+    status = {True: "holds", False: "does not hold", None: "undecided (within two standard errors)"}[holds]
+    return Verdict(holds, f"{status}: {lower}'s mean per-step {metric} is {ratio} {than}'s ({a} against {b})", rows)

@@ -37,7 +37,11 @@ class Arm:
     labels: list[str] = field(default_factory=list)  # every claim label this arm goes by
 
     def run_dir(self, out: Path, seed: int) -> Path:
-        return out / "runs" / f"{self.label}-{self.key}" / f"seed{seed}"
+        """``OUT/runs/<label>-<key>/seed<k>``; an existing directory of the same configuration under another label
+        (an earlier call named it differently) is reused, so its finished runs are not repeated."""
+        existing = sorted((out / "runs").glob(f"*-{self.key}")) if (out / "runs").is_dir() else []
+        home = existing[0] if existing and not (out / "runs" / f"{self.label}-{self.key}").is_dir() else out / "runs" / f"{self.label}-{self.key}"
+        return home / f"seed{seed}"
 
 
 @dataclass
@@ -70,7 +74,10 @@ def make_plan(paths: list[str], seeds: int, overrides: list[str], first_seed: in
             claims.append(claim)
             entries = [(claim.name, label, cfg) for label, cfg in claim.arms.items()]
         elif p.is_file():
-            entries = [("", p.stem, p.resolve())]
+            label, n = p.stem, 2
+            while ("", label) in arm_of:  # two configs with one file name (a/opd.yaml, b/opd.yaml)
+                label, n = f"{p.stem}_{n}", n + 1
+            entries = [("", label, p.resolve())]
         else:
             raise ConfigError(f"{item}: neither a config file nor a claim set directory")
         for claim_name, label, cfg in entries:

@@ -139,13 +139,13 @@ def write_report(plan, out: Path, command: str = "", docs: Path | None = None) -
 
 
 def put_in_docs(docs: Path, text: str, plots: list[Path]) -> None:
-    """Replace what lies between the markers of ``docs`` with ``text`` (headings one level down, plots from
-    ``claims/``, without the table of run directories); copy the plots to ``docs.parent/claims/``."""
+    """Replace what lies between the markers of ``docs`` with ``text`` (without its title, headings one level down,
+    plots from ``claims/``, without the table of run directories); copy the plots to ``docs.parent/claims/``."""
     target = docs.parent / "claims"
     target.mkdir(parents=True, exist_ok=True)
     for png in plots:
         shutil.copyfile(png, target / png.name)
-    body = text.replace("\n## ", "\n### ").replace("# opd compare:", "## opd compare:", 1)
+    body = text.split("\n", 1)[1].lstrip("\n").replace("\n## ", "\n### ")  # the file has its own heading
     for png in plots:
         body = body.replace(f"]({png.name})", f"](claims/{png.name})")
     body = body.split("\n### Every run\n")[0].rstrip("\n")  # the run directories mean nothing in the docs

@@ -1,8 +1,9 @@
 """``opd inspect RUN --step N``: an HTML page showing, token by token, what the method's loss said about a few of
 the student's completions at step N of a run.
 
-The student is the run's as it stood after N steps (step 0: its initial weights; a checkpoint; the final model);
-the prompts are those the run drew for step N + 1 (the data RNG is a function of the seed and the step), sampled
+The session is built from the run's saved config (its teacher, reference and self-teacher as the run had them),
+then the student's weights after N steps are loaded into it (step 0: the initial ones; a kept checkpoint, with an
+EMA teacher's state; the final model); the prompts are those the run drew for step N + 1 (the data RNG is a function of the seed and the step), sampled
 afresh by that student. Each sampled token is coloured by the advantage the loss trained it with (green raises its
 probability, red lowers it) — the teacher–student log-ratio ℓ^T − ℓ^S for a full-vocabulary loss, which has no
 per-token advantage — with the numbers on hover. Tokens the loss skipped (REOPOLD's filtered ones) are struck
@@ -21,15 +22,36 @@ from .checkpoint import CHECKPOINT_PREFIX
 from .config import ConfigError, load_config
 
 
-def available_steps(run_dir: Path, total: int) -> dict[int, str | None]:
-    """Step -> the student directory to load for it (None: the config's own student, step 0)."""
-    steps: dict[int, str | None] = {0: None}
+def available_steps(run_dir: Path, total: int) -> dict[int, Path | None]:
+    """Step -> where the student's weights after that step are: a checkpoint directory (its trainable tensors and
+    teacher state), the final model (``final/``, when no checkpoint was kept at the last step), or None for step 0
+    (the config's own student)."""
+    steps: dict[int, Path | None] = {0: None}
     for ckpt in sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")):
-        if (ckpt / "model").is_dir():
-            steps[int(ckpt.name.removeprefix(CHECKPOINT_PREFIX))] = str(ckpt / "model")
+        if (ckpt / "trainable.safetensors").is_file():
+            steps[int(ckpt.name.removeprefix(CHECKPOINT_PREFIX))] = ckpt
     if (run_dir / "final" / "config.json").is_file() and total not in steps:
-        steps[total] = str(run_dir / "final")
+        steps[total] = run_dir / "final"
     return steps
+
+
+def load_student_at(s, source: Path, run_dir: Path) -> None:
+    """Put the run's student weights after the chosen step into the session built from the run's own config (so
+    its teacher, reference and self-teacher are the run's, not rebuilt from the checkpoint); an EMA teacher gets its
+    checkpointed state too."""
+    from .checkpoint import load_extra_tensors, load_trainable
+
+    if source.name == "final":
+        if s.cfg.student.lora.enabled:
+            raise ConfigError(f"{run_dir}: a LoRA run's last step needs its checkpoint (checkpoint.at_end); final/ holds the merged model")
+        from transformers import AutoModelForCausalLM
+
+        s.student.load_state_dict(AutoModelForCausalLM.from_pretrained(source).state_dict())
+    else:
+        load_trainable(source, s.student)
+        if s.teacher is not None and (state := load_extra_tensors(source)):
+            s.teacher.load_state_tensors(state)
+    s.sampler.update_weights(s.student)
 
 
 def _colour(value: float, scale: float) -> str:
@@ -38,17 +60,18 @@ def _colour(value: float, scale: float) -> str:
 
 
 def token_rows(s, step: int, rows: int):
-    """``(rollouts, values_BC, trained_BC, teacher_BC, student_BC, notes, what)`` of ``rows`` completions of step
-    ``step + 1``'s prompts under the session's student."""
+    """``(rollouts, values_BC, trained_BC, teacher_BC, student_BC, notes, what)`` of the first ``rows`` completions of
+    step ``step + 1``'s first micro-batch (the whole micro-batch goes through the method, so a selection made over
+    the step — REOPOLD's — is the one training made) under the session's student."""
     from .methods import token_views
+    from .methods.data import privileged_view
     from .scoring import rollout_logprobs
     from .train import step_generators
 
     cfg = s.cfg
     rng, generator = step_generators(cfg.run.seed, step, s.device)
     examples = s.task.sample_train(cfg.train.prompts_per_step, rng)
-    k = max(1, cfg.sampling.samples_per_prompt)
-    examples = examples[: max(1, -(-rows // k))]
+    examples = examples[: max(1, len(examples) // cfg.train.grad_accum)]
     batch = s.method.data(s, examples, rng, generator)
     with token_views.recording() as views, torch.no_grad():
         s.method.prepare_step(s, [batch], step)
@@ -57,16 +80,19 @@ def token_rows(s, step: int, rows: int):
     if views:
         v = views[-1]
         values, trained, teacher, student, what = v.advantages_BC, v.train_mask_BC, v.teacher_logp_BC, v.logp_BC, "advantage"
-    else:  # a full-vocabulary loss: no per-token advantage; show the log-ratio of the sampled tokens
+    else:  # a full-vocabulary loss: no per-token advantage; the sampled tokens' log-ratio at the loss's temperature
+        _, tau = s.method.loss_temperature(cfg)
+        view = privileged_view(s, batch) if s.method.needs(cfg).privileged else r
         with torch.no_grad():
-            student, _ = rollout_logprobs(s.student, r, s.method.student_temperature())
-            teacher = s.teacher.token_logprobs(r) if s.teacher is not None else None
+            student, _ = rollout_logprobs(s.student, r, tau)
+            teacher = s.teacher.token_logprobs(view, tau) if s.teacher is not None else None
         student = student.float().cpu()
         teacher = teacher.float().cpu() if teacher is not None else None
         values = teacher - student if teacher is not None else torch.zeros_like(student)
-        trained, what = r.loss_mask_BC.float().cpu(), "teacher − student log-ratio (ℓ^T − ℓ^S)"
+        trained, what = r.loss_mask_BC.float().cpu(), f"teacher − student log-ratio at τ = {tau:g} (ℓ^T − ℓ^S)"
     n = min(rows, r.batch_size)
-    return r, values[:n], trained[:n], None if teacher is None else teacher[:n], None if student is None else student[:n], (batch.row_notes or [None] * n)[:n], what
+    notes = batch.row_notes or [None if batch.on_policy else "not the student's sample: this step's batch is off-policy (reference solutions or teacher samples)"] * r.batch_size
+    return r, values[:n], trained[:n], None if teacher is None else teacher[:n], None if student is None else student[:n], notes[:n], what
 
 
 def render(s, step: int, rows: int) -> str:
@@ -117,9 +143,9 @@ def inspect_run(run_dir: str | Path, step: int | None = None, rows: int = 4, out
     if step not in steps:
         raise ConfigError(f"--step {step}: {run_dir} has the student at steps {', '.join(map(str, sorted(steps)))} only "
                           "(checkpoint.every decides which steps a run keeps)")
-    if steps[step] is not None:
-        cfg = load_config(run_dir / "config.yaml", [*overrides, f"student.path={steps[step]}"])
     s = build_session(cfg)
+    if steps[step] is not None:
+        load_student_at(s, steps[step], run_dir)
     page = Path(out) if out else run_dir / f"inspect-step{step}.html"
     page.write_text(render(s, step, rows))
     return page
