@@ -285,7 +285,8 @@ def _tokens_to_target(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
             low, high = min(ratios), max(ratios)
             span = f"baseline ÷ arm tokens {low:.3g}×" if math.isclose(low, high, rel_tol=0.005) else f"baseline ÷ arm tokens {low:.3g}–{high:.3g}×"
             span += " (below 1: the arm needs more tokens)" if low < 1 else ""
-        span += (", " if span else "") + ", ".join(f"> {b:.3g}× where the baseline never got there" for b in bounds) if bounds else ""
+        if bounds:
+            span += (", " if span else "") + ", ".join(f"> {b:.3g}×" for b in bounds) + " where no baseline got there on every seed"
         need = f"the claim needs ≥ {min_ratio:g}× at every target"
         if failing:
             verdicts.append(False)

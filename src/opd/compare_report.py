@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import statistics
+import textwrap
 from pathlib import Path
 
 from .claims import Curve, accuracy_rows, judge, read_curve
@@ -55,7 +56,7 @@ def plot_claim(title: str, curves: dict[str, list[Curve]], path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 130), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
