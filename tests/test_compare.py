@@ -100,6 +100,9 @@ def test_collapse_compares_the_end_with_the_best_so_far():
     assert v.holds is True and v.table[1][2] == "3/3" and v.table[2][2] == "0/3"
     v = judge(claim({"kind": "collapse", "collapses": ["plus"], "stable": ["standard"], "drop": 0.1}, *curves), curves)
     assert v.holds is False and "against the claim" in v.words
+    recovered = {"standard": curves["standard"], "plus": [curve("plus", s, [0.5, 0.05, 0.6, 0.9]) for s in range(3)]}
+    v = judge(claim({"kind": "collapse", "collapses": ["standard"], "stable": ["plus"], "drop": 0.1}, *recovered), recovered)
+    assert v.holds is False and v.table[2][2] == "3/3"  # it crashed to 5% and recovered: a collapse all the same
     split = {"standard": [curve("standard", 0, [0.5, 0.8, 0.0]), curve("standard", 1, [0.5, 0.9])], "plus": curves["plus"]}
     v = judge(claim({"kind": "collapse", "collapses": ["standard"], "stable": ["plus"]}, *split), split)
     assert v.holds is None and "a tie" in v.words

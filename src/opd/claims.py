@@ -12,7 +12,8 @@ The kinds of test (``TESTS``): ``tokens_to_target`` (baseline tokens ÷ arm toke
 target, paired by seed; several baseline arms are a tuning sweep and the best one per target is the baseline; arms
 under ``shown`` are tabulated and plotted, not judged),
 ``final_at_least`` (arm ``better`` ends at least as accurate as arm ``than``, paired by seed), ``collapse`` (the
-arms in ``collapses`` end ``drop`` below their best accuracy so far, those in ``stable`` do not) and ``lower``
+arms in ``collapses`` fall more than ``drop`` below their best accuracy so far at some evaluation, those in
+``stable`` do not) and ``lower``
 (arm ``lower`` has a smaller mean per-step ``metric`` than arm ``than``, e.g. ``peak_memory_mb``).
 Pure: reading files and computing; running the arms is ``compare.py``.
 """
@@ -328,31 +329,42 @@ def _final_at_least(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
     return Verdict(holds, words, rows)
 
 
+def drawdown(curve: Curve) -> float:
+    """The largest fall of held-out accuracy below the best it had reached before (its start included), at any
+    evaluation — a run that crashes and recovers has one too."""
+    best, worst = -math.inf, 0.0
+    for accuracy in curve.accuracy_E:
+        best = max(best, accuracy)
+        worst = max(worst, best - accuracy)
+    return worst
+
+
 def collapsed(curve: Curve, drop: float) -> bool:
-    """The run ends more than ``drop`` below the best accuracy it had reached (its start included)."""
-    return curve.after < max(curve.accuracy_E) - drop
+    """At some evaluation the run fell more than ``drop`` below the best accuracy it had reached so far."""
+    return drawdown(curve) > drop
 
 
 def _collapse(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
     drop = float(test.get("drop", 0.1))
     expect = {**{a: True for a in _as_list(test["collapses"])}, **{a: False for a in _as_list(test["stable"])}}
-    rows = [["arm", "expected", "collapsed seeds", "after", "drop from best"]]
+    rows = [["arm", "expected", "collapsed seeds", "after", "largest fall below its best so far", "lowest"]]
     words, ok, tie = [], True, False
     for label, should in expect.items():
         runs = curves[label]
         n = sum(collapsed(c, drop) for c in runs)
-        fell = Spread(tuple(max(c.accuracy_E) - c.after for c in runs))
-        rows.append([label, "collapses" if should else "stable", f"{n}/{len(runs)}", _pct(Spread(tuple(c.after for c in runs))), f"{100 * fell.mean:.1f} ± {100 * fell.std:.1f} points"])
+        fell = Spread(tuple(drawdown(c) for c in runs))
+        rows.append([label, "collapses" if should else "stable", f"{n}/{len(runs)}", _pct(Spread(tuple(c.after for c in runs))),
+                     f"{100 * fell.mean:.1f} ± {100 * fell.std:.1f} points", _pct(Spread(tuple(min(c.accuracy_E) for c in runs)))])
         if n * 2 == len(runs):  # as many seeds each way
             tie = True
             words.append(f"{label} collapsed on {n} of {len(runs)} seeds (a tie)")
             continue
         as_expected = (n * 2 > len(runs)) == should
         ok &= as_expected
-        words.append(f"{label} {'collapsed' if n * 2 > len(runs) else 'stayed stable'} ({n}/{len(runs)} seeds{'' if as_expected else ', against the claim'})")
+        words.append(f"{label} {'collapsed' if n * 2 > len(runs) else 'stayed stable'} (collapsed on {n}/{len(runs)} seeds{'' if as_expected else ', against the claim'})")
     holds = False if not ok else (None if tie else True)
     status = {True: "holds", False: "does not hold", None: "undecided"}[holds]
-    return Verdict(holds, f"{status}: " + "; ".join(words) + f" (collapse: ending more than {100 * drop:g} points below the run's best, on most seeds)", rows)
+    return Verdict(holds, f"{status}: " + "; ".join(words) + f" (collapse: falling more than {100 * drop:g} points below the run's best so far at some evaluation, on most seeds)", rows)
 
 
 def _lower(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
