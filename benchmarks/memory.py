@@ -18,13 +18,14 @@ from contextlib import contextmanager
 
 import torch
 
+from opd.profiling import proc_status_kib, reset_resident_peak
+
 
 def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    kib = proc_status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return kib
 
 
 @contextmanager
@@ -37,8 +38,8 @@ def measure(device: torch.device):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        if not reset_resident_peak():
+            raise RuntimeError("cannot reset the resident-set peak (/proc/self/clear_refs)")
         before = _status_kib("VmRSS") * 1024
     start = time.perf_counter()
     yield out

@@ -6,6 +6,7 @@ read back from the run directories, so a report can be rewritten without running
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -93,7 +94,7 @@ def write_report(plan, out: Path, command: str = "", docs: Path | None = None) -
         for label in claim.arms:
             arm = plan.arm_of[(claim.name, label)]
             runs = [curves_of[(arm.key, s)] for s in plan.seeds if (arm.key, s) in curves_of]
-            curves[label] = [Curve(label, c.seed, c.steps_E, c.accuracy_E, c.tokens_E, c.seconds_E, c.teacher_accuracy, c.step_means) for c in runs]
+            curves[label] = [dataclasses.replace(c, label=label) for c in runs]  # the claim's own name for the arm
         verdict = judge(claim, curves)
         png = None
         if any(curves.values()):

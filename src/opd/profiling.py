@@ -9,7 +9,6 @@ phase that launched them.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Iterator
 
@@ -49,32 +48,46 @@ def phase_shares(seconds: dict[str, float]) -> dict[str, float]:
     return {name: value / total for name, value in seconds.items()} if total > 0 else {}
 
 
+def proc_status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``), or None where there is no such file or field."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_resident_peak() -> bool:
+    """Reset the process's resident-set high-water mark (``VmHWM``) to its current size by writing 5 to
+    ``/proc/self/clear_refs`` (Linux); False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
     """The memory high-water mark of one step, in MiB: on CUDA ``torch.cuda.max_memory_allocated`` since ``reset``;
-    on Linux the process's resident-set peak (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``), which
-    counts the loaded models too; None where neither can be read."""
+    on Linux the process's resident-set peak (``VmHWM``, reset each step by ``reset_resident_peak``), which counts
+    the loaded models too; None where neither can be read."""
 
     def __init__(self, device: torch.device | None = None):
         self._cuda = device is not None and device.type == "cuda"
-        self._linux = os.path.exists("/proc/self/clear_refs")
+        self._resident = not self._cuda
 
     def reset(self) -> None:
         if self._cuda:
             torch.cuda.reset_peak_memory_stats()
-        elif self._linux:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                self._linux = False
+        elif self._resident:
+            self._resident = reset_resident_peak()
 
     def peak_mb(self) -> float | None:
         if self._cuda:
             return torch.cuda.max_memory_allocated() / 2**20
-        if not self._linux:
-            return None
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return None
+        kib = proc_status_kib("VmHWM") if self._resident else None
+        return None if kib is None else kib / 1024

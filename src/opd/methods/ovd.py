@@ -70,6 +70,11 @@ def sampled_prefix(tokenizer, ids: list[int], text_prefix: str) -> tuple[list[in
     return [], ""
 
 
+def row_note(score: float, source: str, dropped: bool) -> str:
+    """Where a group row's tokens came from, for ``opd inspect``."""
+    return f"score {score:g}: {source}" + (" (dropped: the demonstration failed)" if dropped else "")
+
+
 def turn_text(tokenizer, ids: list[int]) -> str:
     """An agent turn's text as its environment read it: special tokens kept (a template's tool-call tags may be
     special), the EOS that closed it not."""
@@ -172,9 +177,8 @@ class OVD(Method):
         if replace_rows:
             info["demonstration_reward"] = sum(outcomes[i] for i in replace_rows) / len(replace_rows)
         rewards = ovd_rewards(outcomes, final_scores, o.score_weight)
-        notes = [f"score {score:g}: " + ("accepted" if m.source == "student" else "replaced by the teacher" if m.source == "teacher"
-                 else "student prefix kept, the rest the teacher's") + (" (dropped: the demonstration failed)" if i in dropped else "")
-                 for i, (score, m) in enumerate(zip(scores, plan))]
+        source = {"student": "accepted", "teacher": "replaced by the teacher", "student_prefix+teacher": "student prefix kept, the rest the teacher's"}
+        notes = [row_note(score, source[m.source], i in dropped) for i, (score, m) in enumerate(zip(scores, plan))]
         return Batch(rollouts, sampled.examples, on_policy=False, rewards=rewards, info=info, row_notes=notes)
 
     def episode_data(self, s, examples, generator) -> Batch:
@@ -237,9 +241,8 @@ class OVD(Method):
             "dropped_fraction": len(dropped) / len(rows),
         }
         kept_of = dict(zip(replaced, kept_turns))
-        notes = [f"score {scores[i]:g}: " + ("accepted" if i not in kept_of else "replaced by a teacher episode" if not kept_of[i]
-                 else f"{kept_of[i]} student turn(s) kept, the rest the teacher's") + (" (dropped: the demonstration failed)" if i in dropped else "")
-                 for i in range(len(rows))]
+        notes = [row_note(scores[i], "accepted" if i not in kept_of else "replaced by a teacher episode" if not kept_of[i]
+                          else f"{kept_of[i]} student turn(s) kept, the rest the teacher's", i in dropped) for i in range(len(rows))]
         return Batch(rollouts, rows, on_policy=False, rewards=ovd_rewards(outcomes, final_scores, o.score_weight), info=info, row_notes=notes)
 
     def loss(self, s, batch, step):
