@@ -106,7 +106,8 @@ def test_every_shipped_config_validates():
                               if path.stem not in ("opsd", "grpo") else ["student.path=/models/s", "task.path=train.jsonl"])
             assert cfg.task.name == "math" and cfg.method.name == (path.stem if path.stem != "base" else "opd")
         elif path.parent.name == "search_qa":  # the user's questions and corpus
-            cfg = load_config(path, ["student.path=/models/s", "teacher.path=/models/t", "task.questions=q.jsonl", "task.corpus=c.jsonl"])
+            teacher = [] if path.stem == "world_opsd" else ["teacher.path=/models/t"]  # OPSD's teacher is the student
+            cfg = load_config(path, ["student.path=/models/s", *teacher, "task.questions=q.jsonl", "task.corpus=c.jsonl"])
             assert cfg.task.name == "search_qa"
         else:
             load_config(path)

@@ -89,7 +89,7 @@ def test_the_teacher_scores_the_agents_tokens_with_the_search_results_in_context
     [
         (["task.questions=null"], "task.questions"),
         (["task.retriever_url=http://127.0.0.1:9/retrieve"], "task.corpus"),
-        (["method.name=opsd", "teacher.path=null"], "method.name"),  # a privileged view: none for search episodes yet
+        (["method.name=opsd", "teacher.path=null", "task.privileged_instruction=no placeholder"], "task.privileged_instruction"),
         (["task.max_tokens=4"], "task.max_tokens"),
     ],
 )

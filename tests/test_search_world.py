@@ -113,13 +113,106 @@ def test_sft_on_the_world_teaches_the_scripted_turns_and_the_eval_reports_calls_
 
     summary = train(world_config(
         tmp_path, search_world, "method.name=sft", "teacher.path=null", "train.steps=12", "train.lr=1e-2", "eval.num_prompts=2",
-        "sampling.max_new_tokens=24",
+        "sampling.max_new_tokens=24", "task.group_field=hops", "eval.num_prompts=6",
     ))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3])  # the scripted tokens become likelier
     after = summary["eval_after"]
     assert {"accuracy", "f1", "episode_tool_calls"} <= set(after) and 0 <= after["f1"] <= 1
+    hops = [json.loads(line)["hops"] for line in (search_world[0] / "eval.jsonl").read_text().splitlines()][:6]
+    by_hop = {h: after[f"accuracy_hops_{h}"] for h in set(hops)}  # exact match within each group of task.group_field
+    assert after["accuracy"] == pytest.approx(sum(by_hop[h] for h in hops) / len(hops))
+
+
+def test_a_group_field_missing_from_a_row_is_named(tmp_path, search_world):
+    from opd.tasks.rows import DataError
+    from opd.tasks.search_qa import read_questions
+
+    path = search_world[0] / "eval.jsonl"
+    assert {e.meta["group"] for e in read_questions(str(path), "question", "answer", "hops")} == {("hops", "1"), ("hops", "2")}
+    with pytest.raises(DataError, match=r"eval\.jsonl:1: field 'level' \(task\.group_field\) is missing"):
+        read_questions(str(path), "question", "answer", "level")
+
+
+def test_the_student_scripts_mostly_stop_one_search_early_and_answer_the_bridge_city():
+    from opd.search_world import student_scripts
+
+    kb = knowledge_base(SMALL)
+    train, _ = questions(kb, SMALL)
+    spec = replace(SMALL, student_second_search=0.25)
+    ours = student_scripts(train, spec)
+    assert student_scripts(train, spec) == ours and len(ours) == len(train)
+    city_of = dict(kb.people)
+    early = 0
+    for row, script in zip(train, ours):
+        assert script["answers"] == row["answers"] and script["question"] == row["question"]
+        if row["hops"] == 1 or script["turns"] == row["turns"]:
+            continue
+        name = row["question"].removeprefix("Which country was ").removesuffix(" born in?")
+        assert script["turns"] == [search_call(name), f"Answer: {city_of[name]}"]  # one search, then the city found there
+        early += 1
+    two_hop = sum(row["hops"] == 2 for row in train)
+    assert abs(early / two_hop - 0.75) < 0.1
+    assert student_scripts(train, replace(SMALL, student_second_search=1.0)) == train  # the default: the teacher's scripts
+
+
+def test_the_shipped_search_world_matches_the_default_spec():
+    """The shipped world's report is for the default spec (so world:search/... finds it); its student learned the
+    teacher's own scripts in one stage."""
+    from opd.search_world import DEFAULT_SEARCH_SPEC, SHIPPED_SEARCH_WORLD, search_world_dir
+
+    report = json.loads((SHIPPED_SEARCH_WORLD / "world.json").read_text())
+    assert report["fingerprint"] == DEFAULT_SEARCH_SPEC.fingerprint() and search_world_dir() == SHIPPED_SEARCH_WORLD
+    assert DEFAULT_SEARCH_SPEC.student_second_search == 1.0 and DEFAULT_SEARCH_SPEC.student_anneal_steps == 0
+    for role in ("teacher", "student"):
+        assert report[role]["fingerprint"] == DEFAULT_SEARCH_SPEC.role_fingerprint(role)
+
+
+def test_a_student_only_change_keeps_the_teachers_fingerprint_and_the_rebuild_copies_it(tmp_path):
+    from opd.search_world_build import build_search_world
+    from opd.world import ModelShape
+
+    tiny = replace(  # one turn of a few tokens: a random model never stops on its own
+        SMALL, teacher_shape=ModelShape(16, 1, 32, 2), student_shape=ModelShape(16, 1, 32, 2), teacher_steps=1, max_turns=1,
+        max_tokens=48, teacher_anneal_steps=1, student_steps=1, student_anneal_steps=1, batch_size=2, warmup_steps=0,
+        eval_questions=2,
+    )
+    other = replace(tiny, student_second_search=0.5)
+    assert other.role_fingerprint("teacher") == tiny.role_fingerprint("teacher")
+    assert other.role_fingerprint("student") != tiny.role_fingerprint("student")
+    assert replace(tiny, cities=31).role_fingerprint("teacher") != tiny.role_fingerprint("teacher")  # the data is both roles'
+    first = build_search_world(tmp_path / "a", tiny, progress=False)
+    second = build_search_world(tmp_path / "b", other, progress=False, reuse=first)
+    report = json.loads((second / "world.json").read_text())
+    assert report["teacher"]["reused_from"] == tiny.fingerprint() and "reused_from" not in report["student"]
+    assert (second / "teacher" / "model.safetensors").read_bytes() == (first / "teacher" / "model.safetensors").read_bytes()
+    assert not (second / "student_train.jsonl").exists()
+
+
+def test_opsd_scores_the_student_episode_behind_the_question_with_its_script_and_tools(tmp_path, search_world):
+    """OPSD across turns: the privileged teacher sees the tools line, the question and the row's scripted turns, then
+    the very completion the student sampled (agent and observation tokens); only the agent's tokens are trained."""
+    import torch
+
+    from opd.assemble import build_session
+    from opd.methods.data import privileged_view, student_samples
+
+    # the world's word tokenizer knows only its own words: the instruction is the script alone
+    s = build_session(world_config(
+        tmp_path, search_world, "method.name=opsd", "teacher.path=null", "sampling.samples_per_prompt=1", "task.privileged_instruction='{solution}'",
+    ))
+    examples = s.task.splits()["train"][:3]
+    batch = student_samples(s, examples, torch.Generator().manual_seed(0))
+    view = privileged_view(s, batch)
+    assert torch.equal(view.completion_ids_BC, batch.rollouts.completion_ids_BC) and torch.equal(view.loss_mask_BC, batch.rollouts.loss_mask_BC)
+    for row, example in enumerate(examples):
+        prompt = s.tokenizer.decode(view.prompt_ids_BP[row][view.prompt_mask_BP[row].bool()].tolist())
+        assert prompt == (
+            "<bos><|system|>tools: search<|user|>" + example.prompt + "\n\n" + "\n".join(example.meta["turns"]) + "<|assistant|>"
+        )
+    loss, _ = s.method.loss(s, batch, 0)  # the loss runs over the episodes behind the privileged prompts
+    assert torch.isfinite(loss)
 
 
 def test_a_row_without_scripted_turns_is_named_when_sft_needs_them(tmp_path, search_world):
@@ -232,6 +325,8 @@ def test_a_search_world_that_is_not_built_is_named_with_the_command_that_builds_
 @pytest.mark.parametrize("method, extra", [
     ("opd", ()), ("gopd", ("method.gopd.reward_scale=1.5",)), ("opd_plus", ()), ("reopold", ()), ("grpo", ()),
     ("gkd", ("method.gkd.lambda_onpolicy=0.5",)), ("ovd", ("method.ovd.replacement=step",)), ("opd_task_reward", ()),
+    ("opsd", ("teacher.path=null", "task.privileged_instruction='{solution}'")),
+    ("opsd", ("teacher.path=null", "task.privileged_instruction='{solution}'", "method.opsd.loss=sampled")),
 ])
 def test_every_method_trains_across_turns_on_the_search_world(tmp_path, search_world, method, extra):
     """Each method's loss over whole episodes (GKD's off-policy half on the scripted turns): finite, agent tokens only."""

@@ -181,7 +181,7 @@ def search_world(args) -> int:
         return 1 if differing else 0
     target = Path(args.output) if args.output else directory
     if args.force or not (target / "world.json").is_file():
-        build_search_world(target)
+        build_search_world(target, reuse=Path(args.reuse) if args.reuse else None)
     print(target)
     return 0
 

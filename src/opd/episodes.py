@@ -169,7 +169,7 @@ def run_episodes(
     rows = []
     for env in envs:
         messages, tools = list(env.start()), env.tools()
-        row = _Row(env, messages, tools, prompt_ids(tokenizer, messages, _kwargs(template_kwargs, tools)))
+        row = _Row(env, messages, tools, prompt_ids(tokenizer, messages, template_kwargs_with_tools(template_kwargs, tools)))
         row.budget = min(limits.max_tokens, context - len(row.prompt_ids)) if context else limits.max_tokens
         if row.budget <= 0:
             row.done, row.cut = True, "context"
@@ -219,7 +219,8 @@ def _limit(row: "_Row", limits: EpisodeLimits) -> str:
 MARK = "\u2063opd-reply\u2063"  # stands in for the reply when the template renders what follows it
 
 
-def _kwargs(template_kwargs: dict | None, tools: list[dict]) -> dict:
+def template_kwargs_with_tools(template_kwargs: dict | None, tools: list[dict]) -> dict:
+    """The chat template's extra arguments with an episode's tool schemas (``tools=``) when it has any."""
     return {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
 
 
@@ -227,7 +228,7 @@ def _append_observations(tokenizer, row: _Row, ended_eos: bool, observations: li
     """Append, untrained, the tokens the template puts after this turn's reply: the turn's closing (unless the
     model sampled it), the observations and the next generation prompt."""
     marked = row.messages[:-1] + [{"role": "assistant", "content": MARK}] + observations
-    rendered = render_prompt(tokenizer, marked, _kwargs(template_kwargs, row.tools))
+    rendered = render_prompt(tokenizer, marked, template_kwargs_with_tools(template_kwargs, row.tools))
     if rendered.count(MARK) != 1:
         raise EpisodeError(
             f"the chat template does not render an assistant reply as it is (turn {row.turns}), so what follows the reply "
@@ -371,7 +372,7 @@ def scripted_episodes(
     not sampled) and the rest, if ``then`` is given, sampled by it with ``params``; the task's limits and its
     environments' real observations. Every agent token — scripted or sampled — is a trained one."""
     envs = [task.environment(e) for e in examples]
-    prompts = [prompt_ids(tokenizer, env.start(), _kwargs(template_kwargs, env.tools())) for env in envs]
+    prompts = [prompt_ids(tokenizer, env.start(), template_kwargs_with_tools(template_kwargs, env.tools())) for env in envs]
     sampler = ScriptedSampler(tokenizer, prompts, scripts, tokenizer.eos_token_id, then)
     params = params or SamplingConfig(max_new_tokens=max(1, task.episode_limits().max_tokens))
     eos = sampler_eos(then) if then is not None else [tokenizer.eos_token_id]

@@ -88,6 +88,8 @@ def episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, b
             extra = {"episode_tool_calls": float(episodes.tool_calls[i])}
             if hasattr(task, "f1"):  # token F1 of the final answer, as web QA reports beside exact match
                 extra["f1"] = task.f1(final_reply(episodes.messages[i]), e)
+            if e.meta.get("group") and e.answer is not None:  # exact match within the example's group (task.group_field)
+                extra["accuracy_{}_{}".format(*e.meta["group"])] = reward
             rows.append(EvalRow(e.answer is not None, reward, int(n), extra=extra))
     if k > 1:
         flat = [i for i, row in enumerate(rows) if row.graded for _ in range(k)]

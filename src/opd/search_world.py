@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .world import ModelShape
 
-SEARCH_WORLD_VERSION = 1
+SEARCH_WORLD_VERSION = 1  # the role fingerprints include it: bump it only when the build itself changes
 SYLLABLES = ("ka", "lo", "mi", "ren", "tor", "vax", "bel", "quin", "dra", "sho", "ul", "fen", "gar", "ith", "zo", "pe", "nar", "vis", "el", "dun")
 SINGLE_HOP = "Where was {name} born?"
 TWO_HOP = "Which country was {name} born in?"
@@ -62,6 +62,11 @@ class SearchWorldSpec:
     teacher_anneal_steps: int = 1000  # then this many more at anneal_lr, from the first stage's weights
     anneal_lr: float = 7.5e-4
     student_steps: int = 600
+    student_anneal_steps: int = 0  # then this many more at anneal_lr, as the teacher
+    # the student's scripts make a two-hop question's second search this often; otherwise they answer with the city the
+    # first search found (one hop early). Measured (docs/tools.md): 0.2 with 1600 steps gives a student that reads the
+    # passage (89% single-hop) but never makes a second search (0% two-hop)
+    student_second_search: float = 1.0
     batch_size: int = 32
     lr: float = 1.5e-3
     warmup_steps: int = 30
@@ -71,6 +76,20 @@ class SearchWorldSpec:
     def fingerprint(self) -> str:
         text = json.dumps({"version": SEARCH_WORLD_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def role_fingerprint(self, role: str) -> str:
+        """What the teacher's or the student's build depends on: the world's data and that role's own settings, so a
+        rebuild that changes only the student (``student_second_search``, say) can copy the teacher it had."""
+        own = _ROLE_FIELDS[role]
+        text = json.dumps({"version": SEARCH_WORLD_VERSION, "role": role, **{k: v for k, v in asdict(self).items() if k not in _ROLE_OWN or k in own}}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+_ROLE_FIELDS = {
+    "teacher": ("teacher_shape", "teacher_steps", "teacher_anneal_steps", "anneal_lr"),
+    "student": ("student_shape", "student_steps", "student_anneal_steps", "anneal_lr", "student_second_search"),
+}
+_ROLE_OWN = {name for fields in _ROLE_FIELDS.values() for name in fields}  # every other field is shared by both roles
 
 
 DEFAULT_SEARCH_SPEC = SearchWorldSpec()
@@ -144,6 +163,21 @@ def questions(kb: KnowledgeBase, spec: SearchWorldSpec) -> tuple[list[dict], lis
     known = [person for person in held_out if all(word in seen for word in person[0].split())]
     evaluation = [ask(person) for person in rng.sample(known, min(spec.eval_questions, len(known)))]
     return train, evaluation
+
+
+def student_scripts(rows: list[dict], spec: SearchWorldSpec) -> list[dict]:
+    """The student's SFT rows: the training rows, where a two-hop row keeps its second search with probability
+    ``spec.student_second_search`` and otherwise answers with the city its first search found (the bridge, not the
+    country asked for). Single-hop rows, the order and every row's ``answers`` are unchanged; at 1.0 (the default)
+    the student learns the teacher's scripts."""
+    rng = random.Random(f"opd-search-student-{spec.seed}")
+    out = []
+    for row in rows:
+        if row["hops"] == 2 and rng.random() >= spec.student_second_search:
+            city = json.loads(row["turns"][1][len("<tool_call>") : -len("</tool_call>")])["arguments"]["query"]
+            row = {**row, "turns": [row["turns"][0], f"Answer: {city}"]}
+        out.append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------- tokenizer

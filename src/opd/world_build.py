@@ -137,15 +137,21 @@ def build_world(
 
 def _earlier_world(directory: Path) -> tuple[dict, WorldSpec]:
     """An earlier build's report and the spec it was built from."""
+    # worlds built before the field had no instruction line
+    return earlier_build(directory, WorldSpec, {"privileged_instruction": ""})
+
+
+def earlier_build(directory: Path, spec_class: type, defaults: dict) -> tuple[dict, object]:
+    """An earlier world's report (``world.json``) and the ``spec_class`` it was built from, with ``defaults`` for the
+    fields added since (their values then)."""
     marker = Path(directory) / "world.json"
     if not marker.is_file():
         raise ValueError(f"--reuse {directory}: no world.json there (not a built world)")
     report = json.loads(marker.read_text())
-    fields = dict(report["spec"])
+    fields = {**defaults, **report["spec"]}
     for shape in ("teacher_shape", "student_shape"):
         fields[shape] = ModelShape(**fields[shape])
-    fields.setdefault("privileged_instruction", "")  # worlds built before the field had no instruction line
-    return report, WorldSpec(**fields)
+    return report, spec_class(**fields)
 
 
 def _machine() -> str:

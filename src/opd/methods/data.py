@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from ..episodes import is_episodic, run_task_episodes, scripted_episodes
+from ..episodes import is_episodic, run_task_episodes, scripted_episodes, template_kwargs_with_tools
 from ..objectives.common import Normaliser, step_normaliser
 from ..prompts import PromptError, encode_completion, encode_prompt
 from ..rollout import Rollouts, left_pad, rollouts_from_completions
@@ -60,10 +60,14 @@ class Batch:
 def encode_prompts(s, examples: list[Example], privileged: bool = False) -> list[list[int]]:
     """Token ids of each example's prompt (the privileged one: problem + reference solution), naming any that fails."""
     messages = s.task.privileged_messages if privileged else s.task.messages
+    episodic = is_episodic(s.task)
     encoded = []
     for e in examples:
+        kwargs = s.cfg.task.chat_template_kwargs
+        if episodic:  # an episode's prompt lists its environment's tools, as the sampled one did
+            kwargs = template_kwargs_with_tools(kwargs, s.task.environment(e).tools())
         try:
-            encoded.append(encode_prompt(s.tokenizer, messages(e), s.max_prompt_tokens, s.cfg.task.chat_template_kwargs))
+            encoded.append(encode_prompt(s.tokenizer, messages(e), s.max_prompt_tokens, kwargs))
         except PromptError as err:
             where = e.meta.get("source") or repr(e.prompt[:40])
             raise PromptError(f"{where}: {err} (sampling.max_new_tokens={s.cfg.sampling.max_new_tokens})") from None

@@ -35,6 +35,7 @@ SYSTEM_PROMPT = (
     '<tool_call>{"name": "search", "arguments": {"query": "..."}}</tool_call> and the passages found come back. '
     "When you know the answer, reply without a tool call, ending with 'Answer: <the answer>'."
 )
+PRIVILEGED_INSTRUCTION = "A reference solution (the searches to make, then the answer):\n{solution}"
 ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
@@ -47,10 +48,13 @@ class SearchQAConfig(TaskConfig):
     retriever_api_key_env: str | None = None  # environment variable holding its key (sent only to that host)
     question_field: str = "question"
     answer_field: str = "answer"  # a string, or a list of accepted answers
+    group_field: str | None = None  # a row field (e.g. hops, or HotpotQA's type): held-out exact match per value too
     top_k: int = 3  # passages per search
     max_turns: int = 4  # assistant turns per episode
     max_tokens: int = 512  # completion tokens per episode, the model's and the search results'
     system_prompt: str | None = SYSTEM_PROMPT
+    # OPSD's privileged teacher sees the question followed by this ({solution}: the row's scripted turns, or its answers)
+    privileged_instruction: str = PRIVILEGED_INSTRUCTION
     has_step_judge: ClassVar[bool] = True  # OVD's programmatic judge: each turn against the row's scripted turns
 
     def validate(self, cfg: Any) -> None:
@@ -63,12 +67,14 @@ class SearchQAConfig(TaskConfig):
             f"must be at least sampling.max_new_tokens ({cfg.sampling.max_new_tokens}), got {self.max_tokens}",
         )
         require(cfg.sampling.engine == "hf", "sampling.engine", "must be hf for task.name=search_qa (turns end at stop strings, which the vLLM engine does not take yet)")
+        require("{solution}" in self.privileged_instruction, "task.privileged_instruction", "must contain {solution}")
         if self.retriever_api_key_env:
             require(bool(os.environ.get(self.retriever_api_key_env)), "task.retriever_api_key_env", f"names {self.retriever_api_key_env}, which is not set")
 
     def unsupported(self, needs) -> str | None:
-        # reference solutions: the rows' scripted turns; the judge: ScriptJudge, or a model / HTTP one on the episode text
-        return episodes_lack(replace(needs, solutions=False, judge=False), "task.name=search_qa")
+        # reference solutions: the rows' scripted turns; the judge: ScriptJudge, or a model / HTTP one on the episode
+        # text; the privileged view: the question with the row's script or answers (privileged_messages)
+        return episodes_lack(replace(needs, solutions=False, judge=False, privileged=False), "task.name=search_qa")
 
 
 def world_file(path: str) -> str:
@@ -108,8 +114,9 @@ def final_answer(reply: str) -> str:
     return after.splitlines()[0] if after else reply
 
 
-def read_questions(path: str, question_field: str, answer_field: str) -> list[Example]:
-    """Questions and their accepted answers (JSONL, JSON, Parquet or a saved dataset); a bad row names where it is."""
+def read_questions(path: str, question_field: str, answer_field: str, group_field: str | None = None) -> list[Example]:
+    """Questions and their accepted answers (JSONL, JSON, Parquet or a saved dataset); a bad row names where it is.
+    With ``group_field``, each example's ``meta["group"]`` is ``(group_field, str(row[group_field]))``."""
     examples = []
     for where, row in read_rows(path):
         question = row.get(question_field) if isinstance(row, dict) else None
@@ -123,7 +130,12 @@ def read_questions(path: str, question_field: str, answer_field: str) -> list[Ex
         if turns is not None and (not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns)):
             raise DataError(f"{where}: field 'turns' must be a non-empty list of strings (the scripted assistant turns)")
         solution = "\n".join(turns) if turns else None  # what the pre-flight pass sees; SFT plays the turns themselves
-        examples.append(Example(question, answers[0], solution, meta={"source": where, "answers": answers, "turns": turns}))
+        meta = {"source": where, "answers": answers, "turns": turns}
+        if group_field is not None:
+            if row.get(group_field) is None:
+                raise DataError(f"{where}: field '{group_field}' (task.group_field) is missing")
+            meta["group"] = (group_field, str(row[group_field]))
+        examples.append(Example(question, answers[0], solution, meta=meta))
     if not examples:
         raise DataError(f"questions file '{path}' holds no rows")
     return examples
@@ -135,7 +147,7 @@ class SearchQATask(FixedSplits):
 
     def __init__(self, config: SearchQAConfig, seed: int = 0):
         c = self.config = config
-        read = lambda path: read_questions(world_file(path), c.question_field, c.answer_field)  # noqa: E731
+        read = lambda path: read_questions(world_file(path), c.question_field, c.answer_field, c.group_field)  # noqa: E731
         self.load_splits(read, c.questions, c.eval_questions, c.eval_size, seed)
         if c.corpus:
             self.searcher = BM25Index.from_jsonl(world_file(c.corpus))
@@ -168,7 +180,13 @@ class SearchQATask(FixedSplits):
         return system + [{"role": "user", "content": example.prompt}]
 
     def privileged_messages(self, example: Example) -> list[dict]:
-        raise DataError("task.name=search_qa has no privileged view yet")
+        """OPSD's privileged view: the question followed by what the row knows — its scripted turns when it has them
+        (the searches and the answer), else its accepted answers — filled into ``task.privileged_instruction``."""
+        script = example.meta.get("turns")
+        known = "\n".join(script) if script else "Answer: " + " / ".join(example.meta.get("answers", [example.answer]))
+        messages = self.messages(example)
+        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + "\n\n" + self.config.privileged_instruction.replace("{solution}", known)}
+        return messages
 
     def step_judge(self) -> "ScriptJudge":
         return ScriptJudge(self)
