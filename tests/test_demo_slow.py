@@ -17,3 +17,16 @@ def test_demo_lifts_the_student(tmp_path):
     assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.25
     assert (out / "curves.png").stat().st_size > 10_000
     assert summary["wall_seconds"] < 600
+
+
+@pytest.mark.slow
+def test_search_demo_teaches_the_second_search(tmp_path):
+    """OPD across turns on the shipped search world: the student, which reads a passage but answers a two-hop
+    question after one search, learns the second search from the teacher's per-token signal (25 of the demo's steps)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--world", "search", "--output-dir", str(out), "train.steps=25", "eval.num_prompts=100", "eval.teacher=false"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["episode_tool_calls"] == 1.0 and before["accuracy_hops_2"] == 0.0
+    assert after["episode_tool_calls"] > 1.4 and after["accuracy_hops_2"] > 0.5
+    assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.20
