@@ -30,6 +30,7 @@ import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .tool_calls import parse_tool_calls
 from .world import ModelShape
 
 SEARCH_WORLD_VERSION = 1  # the role fingerprints include it: bump it only when the build itself changes
@@ -74,15 +75,17 @@ class SearchWorldSpec:
     threads: int | None = 2  # fixed so the build is reproducible bit for bit on one machine
 
     def fingerprint(self) -> str:
-        text = json.dumps({"version": SEARCH_WORLD_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return _digest({"version": SEARCH_WORLD_VERSION, **asdict(self)})
 
     def role_fingerprint(self, role: str) -> str:
         """What the teacher's or the student's build depends on: the world's data and that role's own settings, so a
         rebuild that changes only the student (``student_second_search``, say) can copy the teacher it had."""
-        own = _ROLE_FIELDS[role]
-        text = json.dumps({"version": SEARCH_WORLD_VERSION, "role": role, **{k: v for k, v in asdict(self).items() if k not in _ROLE_OWN or k in own}}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        fields = {k: v for k, v in asdict(self).items() if k not in _ROLE_OWN or k in _ROLE_FIELDS[role]}
+        return _digest({"version": SEARCH_WORLD_VERSION, "role": role, **fields})
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 _ROLE_FIELDS = {
@@ -168,13 +171,13 @@ def questions(kb: KnowledgeBase, spec: SearchWorldSpec) -> tuple[list[dict], lis
 def student_scripts(rows: list[dict], spec: SearchWorldSpec) -> list[dict]:
     """The student's SFT rows: the training rows, where a two-hop row keeps its second search with probability
     ``spec.student_second_search`` and otherwise answers with the city its first search found (the bridge, not the
-    country asked for). Single-hop rows, the order and every row's ``answers`` are unchanged; at 1.0 (the default)
-    the student learns the teacher's scripts."""
+    country asked for). Single-hop rows, the order and every row's ``answers`` are unchanged; at 1.0 the student
+    learns the teacher's scripts."""
     rng = random.Random(f"opd-search-student-{spec.seed}")
     out = []
     for row in rows:
         if row["hops"] == 2 and rng.random() >= spec.student_second_search:
-            city = json.loads(row["turns"][1][len("<tool_call>") : -len("</tool_call>")])["arguments"]["query"]
+            city = parse_tool_calls(row["turns"][1]).calls[0].arguments["query"]
             row = {**row, "turns": [row["turns"][0], f"Answer: {city}"]}
         out.append(row)
     return out
