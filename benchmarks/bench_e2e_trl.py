@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import machine  # noqa: E402
 
-from opd.config import load_config  # noqa: E402
+from opd.config.loading import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,8 +65,8 @@ OPD_RUNS = {
 
 
 def run_opd(args, out_dir: Path, impl: str = "opd") -> dict:
-    from opd.metrics import read_metrics
-    from opd.train import train
+    from opd.training.loop import train
+    from opd.training.metrics import read_metrics
 
     cfg = load_config(ROOT / "configs/demo.yaml", settings(args) + OPD_RUNS[impl] + [f"run.output_dir={out_dir / impl}"])
     started = time.time()
@@ -87,10 +87,10 @@ def run_trl(args, out_dir: Path) -> dict:
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from opd.evaluate import evaluate
-    from opd.models import eos_token_ids, load_model, load_tokenizer
-    from opd.rollout import HFSampler
+    from opd.engines.hf import HFSampler
+    from opd.models.loading import eos_token_ids, load_model, load_tokenizer
     from opd.tasks import build_task
+    from opd.training.evaluation import evaluate
 
     cfg = load_config(ROOT / "configs/demo.yaml", settings(args))
     torch.manual_seed(args.seed)

@@ -33,7 +33,7 @@ def word_tokenizer(vocab_size: int):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from opd.tokenizer import BOS, CHARACTERS, EOS, PAD, SPECIAL_TOKENS, UNK, CHAT_TEMPLATE
+    from opd.worlds.tokenizer import BOS, CHARACTERS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, UNK
 
     base = SPECIAL_TOKENS + CHARACTERS
     vocab = {t: i for i, t in enumerate(base)}
@@ -72,10 +72,10 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def throughput(path: Path, batches: list[int], new_tokens: int) -> list[dict]:
-    from opd.models import eos_token_ids, load_model, load_tokenizer
-    from opd.rollout import HFSampler
-    from opd.sections import SamplingConfig, VLLMConfig
-    from opd.vllm_engine import VLLMSampler
+    from opd.config.sections import SamplingConfig
+    from opd.engines.hf import HFSampler
+    from opd.engines.vllm import VLLMConfig, VLLMSampler
+    from opd.models.loading import eos_token_ids, load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(str(path)), load_model(str(path), "student.path")
     model.eval()
@@ -107,8 +107,8 @@ def throughput(path: Path, batches: list[int], new_tokens: int) -> list[dict]:
 
 
 def opd_steps(student: Path, teacher: Path, steps: int, new_tokens: int, out: Path) -> dict:
-    from opd.config import load_config
-    from opd.train import train
+    from opd.config.loading import load_config
+    from opd.training.loop import train
 
     results = {}
     for engine in ("hf", "vllm"):

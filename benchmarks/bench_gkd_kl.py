@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import machine  # noqa: E402
 
+from opd.models.scoring import token_logprobs  # noqa: E402
 from opd.objectives import gkd_loss  # noqa: E402
 from opd.objectives.fused import OutputHead  # noqa: E402
-from opd.scoring import token_logprobs  # noqa: E402
 
 
 def main() -> None:

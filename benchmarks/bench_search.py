@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import machine  # noqa: E402
 
-from opd.search import BM25Index, Passage  # noqa: E402
+from opd.episodes.search import BM25Index, Passage  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "tor", "vax", "bel", "quin", "dra", "sho", "ul", "fen", "gar", "ith", "zo", "pe"]
 

@@ -32,12 +32,13 @@ def worker(args) -> None:
     """One rank: train, then write what this rank held and its peak memory beside the run."""
     import torch
 
-    from opd.config import load_config
-    from opd.sharding import local_part
-    from opd import assemble, train as train_module
+    import opd.training.loop as train_module
+    from opd.config.loading import load_config
+    from opd.parallel.sharding import local_part
+    from opd.training import assembly
 
     held: dict = {}
-    build = assemble.build_session
+    build = assembly.build_session
 
     def measured_build(cfg, ranks):
         session = build(cfg, ranks)
@@ -91,9 +92,9 @@ def main() -> None:
     if args.worker:
         args.overrides = overrides
         return worker(args)
-    from opd.tokenizer import build_char_tokenizer
-    from opd.world import ModelShape, WorldSpec
-    from opd.world_build import init_model
+    from opd.worlds.arithmetic import ModelShape, WorldSpec
+    from opd.worlds.build.common import init_model
+    from opd.worlds.tokenizer import build_char_tokenizer
 
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from opd.profiling import proc_status_kib, reset_resident_peak
+from opd.training.profiling import proc_status_kib, reset_resident_peak
 
 
 def _status_kib(field: str) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import machine  # noqa: E402
 
-from opd.config import load_config  # noqa: E402
-from opd.train import train  # noqa: E402
+from opd.config.loading import load_config  # noqa: E402
+from opd.training.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/demo.yaml", "configs/arithmetic/gkd.yaml", "configs/arithmetic/grpo.yaml", "configs/arithmetic/ovd.yaml"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from opd.config import load_config
-from opd.train import train
+from opd.config.loading import load_config
+from opd.training.loop import train
 
 args = sys.argv[1:]
 out = Path(args.pop(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -9,11 +10,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from opd.config import load_config
-from opd.tokenizer import build_char_tokenizer
-from opd.world import ModelShape, WorldSpec
-from opd.world_build import init_model
+from opd.config.loading import load_config
+from opd.models.rollouts import Rollouts, left_pad, right_pad
+from opd.worlds.arithmetic import ModelShape, WorldSpec
+from opd.worlds.build.common import init_model
+from opd.worlds.tokenizer import build_char_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -121,3 +124,41 @@ class Server:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+SEARCH = '<tool_call>{"name": "search", "arguments": {"query": "Mirentor founded"}}</tool_call>'
+
+
+class ScriptedPolicy:
+    """A policy that writes given replies (the driver is what is under test): episode i's k-th turn is
+    ``scripts[i][k]``, cut at a stop string or at max_new_tokens, EOS added where neither cut it. Records every
+    input row it was given, per episode."""
+
+    def __init__(self, tokenizer, prompts: list[list[int]], scripts: list[list[str]]):
+        self.tokenizer, self.prompts, self.scripts = tokenizer, prompts, scripts
+        self.inputs = [[] for _ in scripts]
+        self.eos_ids = [tokenizer.eos_token_id]
+
+    def sample(self, prompts, params, generator=None, stop=()):
+        completions = []
+        for row in prompts:
+            i = next(i for i, p in enumerate(self.prompts) if list(row[: len(p)]) == p)
+            self.inputs[i].append(list(row))
+            text = self.scripts[i][len(self.inputs[i]) - 1]
+            cut = min([text.index(s) + len(s) for s in stop if s in text], default=None)
+            ids = self.tokenizer(text[:cut] if cut else text, add_special_tokens=False)["input_ids"]
+            if cut is None:
+                ids.append(self.tokenizer.eos_token_id)
+            completions.append(ids[: params.max_new_tokens])
+        prompt_ids, prompt_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        ids_BC, mask_BC = right_pad(completions, self.tokenizer.pad_token_id)
+        return Rollouts(prompt_ids, prompt_mask, ids_BC, mask_BC, mask_BC.clone(), torch.full(ids_BC.shape, -0.5) * mask_BC)
+
+
+def final_weights(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def train_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]

@@ -46,10 +46,16 @@ CASES = [
     (GOOD, ["student.dtype=float16"], "'student.dtype' float16 full fine-tuning keeps no float32 master weights"),
     (GOOD, ["task.name=math", "task.path=d.jsonl", "task.answer_pattern=(unclosed"], "'task.answer_pattern' is not a valid regular expression"),
     (GOOD, ["task.name=math", "task.path=d.jsonl", "task.too_long=chop"], "'task.too_long' must be one of 'error', 'skip', 'truncate'"),
-    (GOOD, ["method.ovd.http.url=http://x", "method.name=ovd", "method.ovd.judge=http", "method.ovd.http.timeout=0"], "'method.ovd.http.timeout' must be > 0"),
+    (GOOD, ["method.ovd.http.url=http://x", "method.name=ovd", "method.ovd.judge=http", "method.ovd.http.deadline=0"], "'method.ovd.http.deadline' must be > 0"),
     (GOOD, ["teacher.temperature=0"], "'teacher.temperature' must be > 0"),
     # engines and served teachers (issue 12): refused when the config is read, before any model or server is touched
     (GOOD, ["sampling.sync_every=4"], "'sampling.sync_every' only applies to sampling.engine=vllm"),
+    # what the engine declares against what the task needs: tool-using turns end at stop strings
+    (GOOD, ["task.name=search_qa", "sampling.engine=vllm"], "'sampling.engine' must be hf for task.name=search_qa (turns end at stop strings"),
+    (GOOD, ["task.name=environment", "sampling.engine=vllm"], "'sampling.engine' must be hf for task.name=environment (turns end at stop strings"),
+    # one spelling for the HTTP client's settings: the old keys name the new ones
+    (GOOD, ["method.ovd.http.timeout=2"], "'method.ovd.http.timeout' is now 'method.ovd.http.deadline'"),
+    (GOOD, ["method.ovd.http.max_reply_bytes=2048"], "'method.ovd.http.max_reply_bytes' is now 'method.ovd.http.max_reply_mb'"),
     (GOOD, ["sampling.engine=sglang"], "'sampling.engine' must be one of 'hf', 'vllm'"),
     (GOOD, ["teacher.url=http://127.0.0.1:9"], "'teacher.url' and teacher.path are both set; give one"),
     (GOOD, ["teacher.path=null", "teacher.url=127.0.0.1:8000"], "'teacher.url' must be an http:// or https:// URL"),
@@ -168,7 +174,7 @@ def test_an_evaluation_prompt_longer_than_the_context(tmp_path, tiny_models, cap
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, tiny_models, capsys, monkeypatch):
     import errno
 
-    import opd.checkpoint as checkpoint
+    import opd.training.checkpoints as checkpoint
 
     real = checkpoint.save_file
     calls = {"n": 0}
@@ -190,11 +196,11 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
 def test_a_run_in_which_nothing_trained_says_so(tmp_path, tiny_models, caplog):
     import logging
 
-    from opd.config import load_config
-    from opd.train import train
+    from opd.config.loading import load_config
+    from opd.training.loop import train
 
     args = tiny_run(tmp_path, tiny_models, "method.name=grpo")[2:]  # random tiny models: every reward 0, no signal
-    with caplog.at_level(logging.WARNING, logger="opd.train"):
+    with caplog.at_level(logging.WARNING, logger="opd.training.loop"):
         summary = train(load_config(tmp_path / "cfg.yaml", args))
     assert summary["trained"] is False and summary["no_signal_steps"] == 2
     assert "no step of this run changed the student" in caplog.text

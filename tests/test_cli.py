@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-
 from opd.cli import main
 
 

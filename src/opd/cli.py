@@ -13,30 +13,31 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .http_client import ServiceError
-    from .judges import JudgeError
-    from .models import ModelLoadError, PairingError
-    from .prompts import PromptError
-    from .tasks import DataError
-    from .session import TrainingError
-    from .run_lock import RunDirBusy
-    from .train import RunDirError
+    from .config.sections import ConfigError
+    from .models.loading import ModelLoadError
+    from .models.pairing import PairingError
+    from .models.prompts import PromptError
+    from .services.http import ServiceError
+    from .tasks.rows import DataError
+    from .teachers.judges import JudgeError
+    from .training.checkpoints import CheckpointError
+    from .training.errors import TrainingError
+    from .training.resume import RunDirError
+    from .training.run_lock import RunDirBusy
 
     return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, RunDirBusy, TrainingError, JudgeError, ServiceError, CheckpointError)
 
 
 def launched_rank() -> int:
     """This process's rank when a launcher (torchrun, accelerate launch) started several; 0 otherwise."""
-    from .distributed import launched_world
+    from .parallel.launchers import launched_world
 
     return launched_world()[0]
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import train
+    from .config.loading import load_config
+    from .training.loop import train
 
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
     summary = train(load_config(args.config, overrides))
@@ -46,8 +47,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
-    from .config import ConfigError
+    from .config.sections import ConfigError
+    from .evidence.compare import compare
 
     paths = [x for x in args.items if "=" not in x]
     overrides = [x for x in args.items if "=" in x] + list(args.overrides)
@@ -62,16 +63,16 @@ def cmd_compare(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_run import inspect_run
+    from .evidence.inspection import inspect_run
 
     print(inspect_run(args.run, args.step, args.rows, args.out, list(args.overrides)))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .config import load_config
-    from .report import format_table
-    from .train import train
+    from .config.loading import load_config
+    from .training.curves import format_table
+    from .training.loop import train
 
     search = args.world == "search"
     output_dir = args.output_dir or ("runs/demo_search" if search else "runs/demo")
@@ -101,18 +102,13 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .assemble import autocast_factory, pick_device
-    from .config import load_config
-    from .evaluate import evaluate
-    from .methods import Needs
-    from .models import eos_token_ids, load_model, load_model_config, load_tokenizer
-    from .preflight import check_task_data, context_length
-    from .rollout import HFSampler
-    from .tasks import build_task
+    from .config.loading import load_config
     from .tasks.math import eval_split_of
     from .tasks.rows import dataset_splits
+    from .training.assembly import build_eval_session
+    from .training.evaluation import evaluate
 
-    # Only the task, sampling and eval sections matter here; method sft is named because it needs no teacher.
+    # Only the student, task, sampling and eval sections matter here; method sft is named because it needs no teacher.
     args.task = args.task or ("math" if args.data else "arithmetic")
     overrides = [f"task.name={args.task}", f"student.path={args.model}", f"eval.k={args.k}", "method.name=sft"]
     if args.data:  # evaluate every row of the given data (a DatasetDict: its test / validation split, or task.eval_split)
@@ -122,72 +118,51 @@ def cmd_eval(args) -> int:
     if args.data and dataset_splits(args.data) is not None and cfg.task.split is None:
         # a DatasetDict: its evaluation split alone is read (it need not have a training split)
         cfg.task.split = cfg.task.eval_split = eval_split_of(args.data, cfg.task.eval_split, required=True)
-    device = pick_device(cfg.train.device)
-    tokenizer = load_tokenizer(args.model, "MODEL")
-    task = build_task(cfg.task, cfg.run.seed)
-    context = context_length(load_model_config(args.model, "MODEL"), tokenizer)
-    checks = check_task_data(task, tokenizer, Needs(), cfg, context, splits=("eval",))  # before the model is loaded
-    model = load_model(args.model, "MODEL", cfg.student.dtype, device=device)
-    sampler = HFSampler(model, tokenizer, eos_token_ids(model, tokenizer), autocast_factory(cfg, device))
-    examples = task.eval_examples()[: cfg.eval.num_prompts]
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    results = evaluate(
-        sampler, tokenizer, task, examples, cfg.sampling, cfg.eval.k, cfg.eval.temperature, cfg.eval.batch_size, generator,
-        template_kwargs=cfg.task.chat_template_kwargs,
-    )
-    summary = {"model": args.model, "task": args.task, "prompts": len(examples), "eval_set": task.describe_eval(), **results}
-    summary["data_checks"] = checks.get("eval")
+    s = build_eval_session(cfg)  # the same set-up as a training run's: the data checked, the engine sampling.engine names
+    try:
+        examples = s.task.eval_examples()[: cfg.eval.num_prompts]
+        generator = torch.Generator(device=s.device).manual_seed(cfg.run.seed)
+        results = evaluate(
+            s.sampler, s.tokenizer, s.task, examples, cfg.sampling, cfg.eval.k, cfg.eval.temperature, cfg.eval.batch_size, generator,
+            s.context, cfg.task.chat_template_kwargs,
+        )
+    finally:
+        s.sampler.close()
+    summary = {"model": args.model, "task": args.task, "engine": cfg.sampling.engine, "prompts": len(examples), "eval_set": s.task.describe_eval(), **results}
+    summary["data_checks"] = s.data_report.get("eval")
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_world(args) -> int:
-    from .world import cache_dir, world_dir
-    from .world_build import build_world, built_elsewhere, verify_world
+    """``opd world build | verify | path [--world arithmetic | search]``: the embedded worlds, one command for both."""
+    from .worlds.locate import WORLDS, cache_dir, world_dir
 
-    if args.world == "search":
-        return search_world(args)
+    world = WORLDS[args.world]
+    directory = world_dir(world.name)
     if args.action == "path":
-        directory = world_dir()
-        print(directory if (directory / "world.json").is_file() else f"{directory} (not built yet: run `opd world build`)")
+        print(directory if (directory / "world.json").is_file() else f"{directory} (not built yet: run `{world.build_command}`)")
         return 0
+    from .worlds.build import build, verify
+    from .worlds.build.common import built_elsewhere
+
     if args.action == "verify":
-        differing = verify_world(world_dir())
+        differing = verify(world.name, directory)
         if differing:
-            print(f"rebuilt world differs from {world_dir()} in: {', '.join(differing)}")
-            print(built_elsewhere(world_dir(), differing))
+            print(f"rebuilt {world.label.removeprefix('the embedded ')} differs from {directory} in: {', '.join(differing)}")
+            print(built_elsewhere(directory, differing))
             return 1
-        print(f"rebuilt world is byte-identical to {world_dir()}")
+        print(f"rebuilt {world.label.removeprefix('the embedded ')} is byte-identical to {directory}")
         return 0
-    directory = Path(args.output) if args.output else cache_dir()
-    if args.force or not (directory / "world.json").is_file():
-        build_world(directory, reuse=Path(args.reuse) if args.reuse else None)
-    print(directory)
-    return 0
-
-
-def search_world(args) -> int:
-    """``opd world … --world search``: the embedded search world (knowledge base, questions, teacher, student)."""
-    from .search_world import search_world_dir
-    from .search_world_build import build_search_world, verify_search_world
-
-    directory = search_world_dir()
-    if args.action == "path":
-        print(directory if (directory / "world.json").is_file() else f"{directory} (not built yet: run `opd world build --world search`)")
-        return 0
-    if args.action == "verify":
-        differing = verify_search_world(directory)
-        print(f"rebuilt search world differs from {directory} in: {', '.join(differing)}" if differing else f"rebuilt search world is byte-identical to {directory}")
-        return 1 if differing else 0
-    target = Path(args.output) if args.output else directory
+    target = Path(args.output) if args.output else cache_dir(world.name)
     if args.force or not (target / "world.json").is_file():
-        build_search_world(target, reuse=Path(args.reuse) if args.reuse else None)
+        build(world.name, target, reuse=Path(args.reuse) if args.reuse else None)
     print(target)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tasks import TASKS
+    from .tasks import TASK_REGISTRY
 
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
@@ -207,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="held-out accuracy of a model")
     ev.add_argument("model", help="a HF checkpoint directory, or world:teacher / world:student")
-    ev.add_argument("--task", choices=sorted(TASKS), help="default: math with --data, else arithmetic")
+    ev.add_argument("--task", choices=sorted(TASK_REGISTRY), help="default: math with --data, else arithmetic")
     ev.add_argument("--data", help="evaluate every row of this data (JSONL / JSON / Parquet / saved dataset; task math)")
     ev.add_argument("--k", type=int, default=1, help="samples per prompt for avg@k / pass@k")
     ev.add_argument("overrides", nargs="*", help="key.path=value overrides (task.*, eval.*, sampling.*)")

@@ -4,10 +4,10 @@ so a new method is one new file here."""
 import importlib
 import pkgutil
 
-from .base import METHODS, Method, Needs, create_method, method_class, register
-from .data import Batch
+from .base import METHOD_REGISTRY, Method, Needs, Session, create_method, method_class, register
+from .batch import Batch
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Batch", "Method", "Needs", "create_method", "method_class", "register"]
+__all__ = ["METHOD_REGISTRY", "Batch", "Method", "Needs", "Session", "create_method", "method_class", "register"]

@@ -1,32 +1,41 @@
-"""What a method is, what it needs, and the registry of methods by name.
+"""What a method is, what it reads (the ``Session``), what it needs, and the registry of methods by name.
 
 A method is one module in ``methods/``: a ``Method`` subclass that owns its config section
 (``method.<name>``), what it refuses (``validate``), what it needs from the run (``needs``:
 a teacher, a reference, a judge, privileged context, …), where a batch's completions come
-from (``data``) and which pure objective scores them (``loss``). ``@register`` files it under
-its name; the package imports every module in it, so a new method touches only its own
-file (and a config, a test and docs). Nothing outside a method's module tests its name.
+from (``data``; by default the student's own samples, ``student_samples`` below) and which pure
+objective scores them (``loss``). ``@register`` files it under its name; the package imports every
+module in it, so a new method touches only its own file (and a config, a test and docs). Nothing
+outside a method's module tests its name.
 
-The run's config is passed as a whole (``opd.config.Config``, not imported here:
-``config.py`` builds its ``method`` section from this registry).
+The run's config is passed as a whole (``opd.config.schema.Config``, not imported here: it builds
+its ``method`` section from this registry).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
-from ..sections import ConfigError
-from ..tasks.base import Example
+from ..config.sections import ConfigError
+from ..engines.base import Sampler, engine_class
+from ..episodes.driver import run_task_episodes, template_kwargs_with_tools
+from ..episodes.environments import is_episodic
+from ..models.prompts import PromptError, encode_prompt
+from ..models.rollouts import Rollouts
 from ..objectives.common import Normaliser
-from .data import Batch, student_samples
+from ..parallel.ranks import SINGLE, Ranks
+from ..tasks.base import Example, Judge, StepJudge, Task, TurnJudge
+from ..teachers.base import Teacher
+from .batch import Batch
 
-RunConfig = Any  # the whole opd.config.Config
+RunConfig = Any  # the whole opd.config.schema.Config
 
-DEFAULT_IMPORTANCE_CAP = 5.0  # METHODS.md, "The shared update rule"
+DEFAULT_IMPORTANCE_CAP = 5.0  # docs/methods.md, "The shared update rule"
 
 
 @dataclass(frozen=True)
@@ -90,58 +99,145 @@ class Method:
         return self.cfg.sampling.temperature or 1.0
 
     def importance_cap(self) -> float | None:
-        """The truncated importance weight's cap: configured, or 5 when the sampler truncates (top-p / top-k) or is
-        an inference engine (its log-probs come from other kernels and, between weight pushes, older weights)."""
+        """The truncated importance weight's cap: configured, or 5 when the sampler truncates (top-p / top-k) or its
+        engine's log-probs are not the trainer's (other kernels and, between weight pushes, older weights)."""
         m, sampling = self.cfg.method, self.cfg.sampling
         if m.is_correction_cap is not None:
             return m.is_correction_cap
-        differs = sampling.top_p < 1 or sampling.top_k > 0 or sampling.engine != "hf"
+        differs = sampling.top_p < 1 or sampling.top_k > 0 or engine_class(sampling.engine).logprobs != "trainer"
         return DEFAULT_IMPORTANCE_CAP if differs else None
 
     def tokens_per_row(self) -> int:
-        """The constant normaliser's tokens per row."""
-        # an episodic task's rows run to its episode budget (task.max_tokens), not one turn's max_new_tokens
-        return self.cfg.method.normalizer_tokens or getattr(self.cfg.task, "max_tokens", None) or self.cfg.sampling.max_new_tokens
+        """The constant normaliser's tokens per row: ``method.normalizer_tokens``, else the most a row can hold (an
+        episodic task's rows run to its episode budget, not one turn's ``sampling.max_new_tokens``)."""
+        return self.cfg.method.normalizer_tokens or self.cfg.task.completion_budget(self.cfg.sampling.max_new_tokens)
 
     def normaliser(self, batch: Batch) -> Normaliser:
         """What ``batch``'s per-token terms are divided by: the step's normaliser (set by the loop), or this batch's."""
         return batch.normaliser_for(self.reduction(), self.tokens_per_row())
 
-    def prepare_step(self, s, batches: list[Batch], step: int) -> None:
+    def prepare_step(self, s: Session, batches: list[Batch], step: int) -> None:
         """Called with all of a step's micro-batches before any loss: a method that selects tokens across the
         whole step (REOPOLD) sets each batch's ``train_mask_BC`` here."""
 
-    def make_teacher(self, student: torch.nn.Module, autocast, device: torch.device):
+    def make_teacher(self, student: torch.nn.Module, autocast, device: torch.device) -> Teacher | None:
         """The teacher, for methods whose ``needs`` say the student is its own teacher."""
         return None
 
-    def make_judge(self, task, teacher, device: torch.device):
+    def make_judge(self, task: Task, teacher: Teacher | None, device: torch.device) -> Judge | StepJudge | TurnJudge | None:
         """The verbal judge, for methods whose ``needs`` ask for one."""
         return None
 
-    def data(self, s, examples: list[Example], rng: random.Random, generator: torch.Generator) -> Batch:
+    def data(self, s: Session, examples: list[Example], rng: random.Random, generator: torch.Generator) -> Batch:
         """The batch's completions. Default: the student's own samples."""
         return student_samples(s, examples, generator)
 
-    def loss(self, s, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, s: Session, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
 
-METHODS: dict[str, type[Method]] = {}
+class Timer(Protocol):
+    """Where a step's time goes (``training.profiling.PhaseTimer``): time inside ``phase(name)`` is that phase's."""
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager: ...
+
+    def pop(self) -> dict[str, float]:
+        """Seconds per phase since the last ``pop``."""
+
+
+@dataclass
+class Session:
+    """The state a step reads, passed to a method's ``data`` and ``loss`` as ``s``; built by
+    ``training.assembly.build_session``. ``context`` is the run's context length (prompt + completion tokens: the
+    shortest of the student's and its teachers'; None when none states one), ``max_prompt_tokens`` what it leaves a
+    training prompt."""
+
+    cfg: RunConfig
+    method: Method  # the configured method: its batches and its loss
+    task: Task
+    tokenizer: Any  # the student's tokenizer (a transformers tokenizer)
+    student: torch.nn.Module
+    sampler: Sampler  # samples from the student
+    teacher: Teacher | None
+    teacher_sampler: Sampler | None  # samples from the teacher (teacher demonstrations, seq-KD)
+    reference: Teacher | None  # π_ref, for methods that need one
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    device: torch.device
+    timer: Timer  # seconds per phase of the current step
+    context: int | None = None
+    judge: Judge | StepJudge | TurnJudge | None = None
+    data_report: dict = field(default_factory=dict)  # what the pre-flight pass kept, skipped and truncated per split
+    ranks: Ranks = SINGLE  # this process's place in a several-process run (one process: SINGLE)
+    sampler_behind: bool = False  # updates applied since the sampler last got the student's weights (sampling.sync_every)
+
+    def prompt_room(self, new_tokens: int) -> int | None:
+        """The most prompt tokens that leave room for ``new_tokens`` in the context (None when it is unknown)."""
+        return self.context - new_tokens if self.context else None
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The most prompt tokens a training prompt may have (room for ``sampling.max_new_tokens``)."""
+        return self.prompt_room(self.cfg.sampling.max_new_tokens)
+
+
+# ----------------------------------------------------------------------------- the default data source
+
+
+def encode_prompts(s: Session, examples: list[Example], privileged: bool = False) -> list[list[int]]:
+    """Token ids of each example's prompt (the privileged one: problem + reference solution), naming any that fails."""
+    messages = s.task.privileged_messages if privileged else s.task.messages
+    episodic = is_episodic(s.task)
+    encoded = []
+    for e in examples:
+        kwargs = s.cfg.task.chat_template_kwargs
+        if episodic:  # an episode's prompt lists its environment's tools, as the sampled one did
+            kwargs = template_kwargs_with_tools(kwargs, s.task.environment(e).tools())
+        try:
+            encoded.append(encode_prompt(s.tokenizer, messages(e), s.max_prompt_tokens, kwargs))
+        except PromptError as err:
+            where = e.meta.get("source") or repr(e.prompt[:40])
+            raise PromptError(f"{where}: {err} (sampling.max_new_tokens={s.cfg.sampling.max_new_tokens})") from None
+    return encoded
+
+
+def student_samples(s: Session, examples: list[Example], generator: torch.Generator) -> Batch:
+    """``sampling.samples_per_prompt`` completions of each example by the student, graded by the task once."""
+    k = s.cfg.sampling.samples_per_prompt
+    rows = [e for e in examples for _ in range(k)]
+    rollouts, rewards, info = sample_rows(s, s.sampler, rows, generator)
+    rollouts.group_B = [i // k for i in range(len(rows))]  # rows of one prompt share a group
+    rollouts.route_B = [e.meta.get("teacher") for e in rows]
+    return Batch(rollouts, rows, on_policy=True, rewards=rewards, info=info)
+
+
+def sample_rows(
+    s: Session, sampler: Sampler, rows: list[Example], generator: torch.Generator, grade: bool = True,
+) -> tuple[Rollouts, list[float] | None, dict[str, float]]:
+    """``(rollouts, rewards, metrics)`` of ``sampler`` on ``rows``: one completion each, graded by the task (unless
+    ``grade`` is false: rewards None); or, for a task whose examples are environments (multi-turn tools), one whole
+    episode each, graded by its environment."""
+    if is_episodic(s.task):
+        episodes = run_task_episodes(s.task, rows, sampler, s.tokenizer, s.cfg.sampling, generator, s.cfg.task.chat_template_kwargs, s.context)
+        return episodes.rollouts.to(s.device), episodes.rewards, episodes.metrics()
+    rollouts = sampler.sample(encode_prompts(s, rows), s.cfg.sampling, generator)
+    return rollouts, [s.task.reward(text, e) for text, e in zip(rollouts.texts, rows)] if grade else None, {}
+
+
+METHOD_REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: file ``cls`` under ``cls.name``."""
-    if cls.name in METHODS:
+    if cls.name in METHOD_REGISTRY:
         raise ValueError(f"method '{cls.name}' is registered twice")
-    METHODS[cls.name] = cls
+    METHOD_REGISTRY[cls.name] = cls
     return cls
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise ConfigError(f"config key 'method.name' must be one of {', '.join(repr(n) for n in METHODS)}, got {name!r}")
-    return METHODS[name]
+    if name not in METHOD_REGISTRY:
+        raise ConfigError(f"config key 'method.name' must be one of {', '.join(repr(n) for n in METHOD_REGISTRY)}, got {name!r}")
+    return METHOD_REGISTRY[name]
 
 
 def create_method(cfg: RunConfig) -> Method:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..sections import require
-from .base import Method, Needs, register
-from .data import offline_data, student_samples
+from ..config.sections import require
+from .base import Method, Needs, Session, register, student_samples
+from .batch import Batch
+from .data import offline_data
 from .losses import full_vocabulary_loss
 
 
 @dataclass
 class GKDConfig:
-    """Generalised JSD over the full vocabulary (METHODS §2)."""
+    """Generalised JSD over the full vocabulary (docs/methods.md#gkd)."""
 
     beta: float = 0.5
     temperature: float = 0.9
@@ -58,12 +59,12 @@ class GKD(Method):
     def loss_temperature(cls, cfg) -> tuple[str, float]:
         return "method.gkd.temperature", cls.section(cfg).temperature
 
-    def data(self, s, examples, rng, generator):
+    def data(self, s: Session, examples, rng, generator):
         c = self.config
         if rng.random() < c.lambda_onpolicy:
             return student_samples(s, examples, generator)
         return offline_data(s, examples, generator, use_teacher=c.seq_kd)
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
         return full_vocabulary_loss(s, batch, batch.rollouts, c.beta, c.temperature, c.chunk_size, c.top_k, c.top_k_tail)

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config.sections import require
 from ..objectives import gopd_advantages
-from ..sections import require
-from .base import Method, Needs, register
+from .base import Method, Needs, Session, register
+from .batch import Batch
 from .losses import reference_token_logprobs, sampled_token_loss
 
 
 @dataclass
 class GOPDConfig:
-    """G-OPD / ExOPD reward scaling with a reference model (METHODS §4)."""
+    """G-OPD / ExOPD reward scaling with a reference model (docs/methods.md#g-opd-and-exopd)."""
 
     reward_scale: float = 1.25  # λ; 1 = OPD, > 1 = ExOPD
     reference: str | None = "student_init"  # the student's initial weights, or a HF checkpoint path
@@ -52,7 +53,7 @@ class GOPD(Method):
         reference = c.reference if c.reward_scale != 1.0 else None
         return Needs(teacher=True, routable=True, reference=reference, reference_key="method.gopd.reference")
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
         ref_logp_BC = reference_token_logprobs(s, batch.rollouts) if s.reference is not None else None
         return sampled_token_loss(

@@ -1,7 +1,9 @@
-"""The two loss bodies most methods share: the sampled-token policy-gradient loss and the full-vocabulary divergence.
+"""The loss bodies most methods share: the policy-gradient surrogate (fed by the teacher's sampled-token log-probs,
+or by group-normalised rewards) and the full-vocabulary divergence.
 
-A method supplies the piece that is its own — the per-token advantages, or β / τ / top-k — and
-these run the teacher, the student and the surrogate. ``s`` is the run's ``Session``.
+A method supplies the piece that is its own — the per-token advantages, the rewards, or β / τ / top-k —
+and these run the teacher, the student and the one surrogate (``policy_gradient_surrogate``;
+docs/methods.md, "The shared update rule").
 """
 
 from __future__ import annotations
@@ -10,20 +12,43 @@ from typing import Callable
 
 import torch
 
-from ..objectives import gkd_loss, masked_mean, policy_gradient_loss, truncated_importance_weights
+from ..models.rollouts import Rollouts
+from ..models.scoring import completion_hidden_states, loss_head, projection, rollout_logprobs, token_logprobs
+from ..objectives import (
+    gkd_loss,
+    group_advantages,
+    k3_kl,
+    masked_mean,
+    policy_gradient_loss,
+    truncated_importance_weights,
+)
 from ..objectives.common import reduction_weights
 from ..objectives.fused import SparseTeacher, fused_divergence, output_head
-from ..rollout import Rollouts
-from ..scoring import completion_hidden_states, loss_head, projection, rollout_logprobs, token_logprobs
-from ..teachers import HiddenStates, TopLogprobs
+from ..teachers.base import HiddenStates, TopLogprobs
 from . import token_views
-from .data import Batch
+from .base import Session
+from .batch import Batch
 
 # (student_logp_BC, teacher_logp_BC, mask_BC) -> (advantages_BC, train_mask_BC, metrics)
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
-def sampled_token_loss(s, batch: Batch, advantages: AdvantageFn, teacher_rollouts: Rollouts | None = None) -> tuple[torch.Tensor, dict]:
+def policy_gradient_surrogate(
+    s: Session, batch: Batch, logp_BC: torch.Tensor, old_logp_BC: torch.Tensor, advantages_BC: torch.Tensor,
+    train_mask_BC: torch.Tensor, teacher_logp_BC: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The shared update rule on ``batch``: ``-Σ w · ρ · A`` over the trained tokens, weighted by the step's normaliser,
+    ``ρ = exp(ℓ^θ − sg(ℓ^old))`` (PPO-clipped with ``method.clip_eps``), times the truncated importance weight where
+    one applies; the advantages are recorded for ``opd inspect``."""
+    weights = importance_weights(s, batch.rollouts, old_logp_BC)
+    loss, metrics = policy_gradient_loss(
+        logp_BC, old_logp_BC, advantages_BC, train_mask_BC, s.cfg.method.clip_eps, s.method.normaliser(batch), weights
+    )
+    token_views.record(batch.rollouts, advantages_BC, train_mask_BC, teacher_logp_BC, logp_BC)
+    return loss, metrics
+
+
+def sampled_token_loss(s: Session, batch: Batch, advantages: AdvantageFn, teacher_rollouts: Rollouts | None = None) -> tuple[torch.Tensor, dict]:
     """Teacher log-probs of the sampled tokens → per-token advantages → the shared surrogate.
 
     Advantages are computed from ``ℓ^old`` (fixed across a step's updates). The advantage function
@@ -31,7 +56,7 @@ def sampled_token_loss(s, batch: Batch, advantages: AdvantageFn, teacher_rollout
     normaliser counts). Teacher log-probs already in ``batch.teacher_logp_BC`` are reused;
     ``teacher_rollouts`` are the same completions behind the teacher's own prompts (OPSD).
     """
-    m, r = s.cfg.method, batch.rollouts
+    r = batch.rollouts
     mask_BC = r.loss_mask_BC.float()
     teacher_logp_BC = batch.teacher_logp_BC
     if teacher_logp_BC is None:
@@ -42,15 +67,32 @@ def sampled_token_loss(s, batch: Batch, advantages: AdvantageFn, teacher_rollout
     impossible = int((~torch.isfinite(teacher_logp_BC) & r.loss_mask_BC.bool()).sum())
     if impossible:  # the teacher gives probability 0 to tokens the student sampled
         metrics["teacher_impossible_tokens"] = float(impossible)
-    weights = importance_weights(s, r, old_logp_BC)
-    normaliser = s.method.normaliser(batch)
-    loss, pg_metrics = policy_gradient_loss(logp_BC, old_logp_BC, advantages_BC, train_mask_BC, m.clip_eps, normaliser, weights)
+    loss, pg_metrics = policy_gradient_surrogate(s, batch, logp_BC, old_logp_BC, advantages_BC, train_mask_BC, teacher_logp_BC)
     metrics.update(pg_metrics, kl=float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC)))
-    token_views.record(r, advantages_BC, train_mask_BC, teacher_logp_BC, logp_BC)
     return loss, metrics
 
 
-def student_token_logprobs(s, r: Rollouts, with_entropy: bool = False):
+def group_policy_loss(s: Session, batch: Batch, scale_by_std: bool, kl_coef: float = 0.0, std: str = "sample") -> tuple[torch.Tensor, dict]:
+    """Each row's reward as its group-normalised advantage (``A_i = (r_i − mean_g r) / (std_g r + ε)``, the same for
+    every token of the row; ``objectives.group_advantages``) in the shared surrogate, plus ``kl_coef`` times a k3 KL
+    to ``s.reference`` (GRPO, OVD)."""
+    r = batch.rollouts
+    mask_BC = r.loss_mask_BC.float()
+    rewards_B = torch.tensor(batch.rewards, device=mask_BC.device)
+    groups_B = torch.tensor(r.group_B, device=mask_BC.device)
+    advantages_BC = group_advantages(rewards_B, groups_B, scale=scale_by_std, unbiased=std == "sample")[:, None].expand_as(mask_BC)
+    logp_BC, _ = student_token_logprobs(s, r)
+    old_logp_BC = old_logprobs(batch, logp_BC)
+    loss, metrics = policy_gradient_surrogate(s, batch, logp_BC, old_logp_BC, advantages_BC, mask_BC)
+    if s.reference is not None and kl_coef > 0:
+        ref_logp_BC = reference_token_logprobs(s, r)
+        kl = masked_mean(k3_kl(logp_BC, ref_logp_BC), mask_BC, s.method.normaliser(batch))
+        loss = loss + kl_coef * kl
+        metrics["kl_ref"] = float(kl.detach())
+    return loss, metrics
+
+
+def student_token_logprobs(s: Session, r: Rollouts, with_entropy: bool = False):
     """``(ℓ^S_BC, entropy_BC)`` of the sampled tokens under the policy that sampled them: the student's softmax at
     the sampling temperature (so the estimators are on-policy whatever τ is), with gradient."""
     with s.autocast():
@@ -63,19 +105,19 @@ def old_logprobs(batch: Batch, logp_BC: torch.Tensor) -> torch.Tensor:
     return batch.old_logp_BC if batch.old_logp_BC is not None else logp_BC.detach()
 
 
-def teacher_token_logprobs(s, r: Rollouts) -> torch.Tensor:
+def teacher_token_logprobs(s: Session, r: Rollouts) -> torch.Tensor:
     """``ℓ^T_BC``: the teacher's log-probs of the sampled tokens at its own scoring temperature (``teacher.temperature``)."""
     with s.timer.phase("teacher"):
         return s.teacher.token_logprobs(r, s.cfg.teacher.temperature)
 
 
-def reference_token_logprobs(s, r: Rollouts) -> torch.Tensor:
+def reference_token_logprobs(s: Session, r: Rollouts) -> torch.Tensor:
     """``ℓ^ref_BC``: the reference (e.g. the initial student) at the student's sampling temperature."""
     with s.timer.phase("teacher"):
         return s.reference.token_logprobs(r, s.method.student_temperature())
 
 
-def importance_weights(s, r: Rollouts, logp_BC: torch.Tensor) -> torch.Tensor | None:
+def importance_weights(s: Session, r: Rollouts, logp_BC: torch.Tensor) -> torch.Tensor | None:
     """``sg(min(exp(ℓ^S - ℓ^sampler), C))`` where a cap applies and the sampler reported its log-probs, else None."""
     cap = s.method.importance_cap()
     if cap is None or r.sampler_logp_BC is None:
@@ -84,7 +126,7 @@ def importance_weights(s, r: Rollouts, logp_BC: torch.Tensor) -> torch.Tensor | 
 
 
 def full_vocabulary_loss(
-    s, batch: Batch, teacher_rollouts: Rollouts, beta: float, temperature: float,
+    s: Session, batch: Batch, teacher_rollouts: Rollouts, beta: float, temperature: float,
     chunk_size: int | None, top_k: int | None, top_k_tail: bool,
 ) -> tuple[torch.Tensor, dict]:
     """GKD's JSD_β between the teacher (scoring ``teacher_rollouts``: the batch, or OPSD's privileged view) and the student.
@@ -113,7 +155,7 @@ def full_vocabulary_loss(
     return result.loss, metrics
 
 
-def _sparse_teacher_loss(s, batch: Batch, student_hidden_BCH, teacher: TopLogprobs, beta, temperature, chunk_size, top_k):
+def _sparse_teacher_loss(s: Session, batch: Batch, student_hidden_BCH, teacher: TopLogprobs, beta, temperature, chunk_size, top_k):
     if top_k is not None:
         raise ValueError("a teacher that gives only its top-k log-probs fixes k itself; leave the method's top_k unset")
     head = output_head(s.student)
@@ -136,7 +178,7 @@ def _sparse_teacher_loss(s, batch: Batch, student_hidden_BCH, teacher: TopLogpro
     return result.loss, metrics
 
 
-def sampled_kl(s, r: Rollouts, student_hidden_BCH: torch.Tensor, teacher: HiddenStates) -> float:
+def sampled_kl(s: Session, r: Rollouts, student_hidden_BCH: torch.Tensor, teacher: HiddenStates) -> float:
     """The per-token reverse-KL estimate mean(ℓ^S - ℓ^T) on the sampled tokens, from hidden states already computed."""
     valid = r.loss_mask_BC.bool()
     ids_N = r.completion_ids_BC[valid]

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config.sections import require
 from ..objectives import reverse_kl_advantages
-from ..sections import require
-from .base import Method, Needs, register
+from .base import Method, Needs, Session, register
+from .batch import Batch
 from .losses import sampled_token_loss
 
 
 @dataclass
 class OPDConfig:
-    """Reverse-KL OPD (METHODS §1)."""
+    """Reverse-KL OPD (docs/methods.md#opd)."""
 
     coef: float = 1.0
     discount: float = 0.0  # γ: 0 = per-token advantage, 1 = full return
@@ -37,7 +38,7 @@ class OPD(Method):
     def needs(cls, cfg) -> Needs:
         return Needs(teacher=True, routable=True)
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
         return sampled_token_loss(
             s, batch, lambda lp, tlp, mask: (reverse_kl_advantages(lp, tlp, mask, c.coef, c.discount), mask, {})

@@ -10,15 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..config.sections import require
 from ..objectives import f_divergence_advantages
-from ..sections import require
-from .base import Method, Needs, register
+from .base import Method, Needs, Session, register
+from .batch import Batch
 from .losses import sampled_token_loss
 
 
 @dataclass
 class OPDPlusConfig:
-    """Sampled-token f-divergence distillation, standard or unbiased (METHODS §5)."""
+    """Sampled-token f-divergence distillation, standard or unbiased (docs/methods.md#opd-f-divergences)."""
 
     divergence: Literal["reverse_kl", "forward_kl", "jsd", "hellinger", "tv"] = "jsd"
     unbiased: bool = True  # false = standard OPD advantage -f(u) (biased unless reverse KL)
@@ -50,7 +51,7 @@ class OPDPlus(Method):
         """The unbiased estimator needs a normaliser that does not depend on the sampled lengths."""
         return "constant" if cls.section(cfg).unbiased else "token_mean"
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
 
         def advantages(lp, tlp, mask):

@@ -1,7 +1,7 @@
 """OPD with a task reward: the verifier's group-normalised reward added to the reverse-KL advantage.
 
-METHODS §1 ("can be added to an environment/task advantage, A = A_task + A_kl"; the combination
-of Thinking Machines' on-policy distillation with GRPO's advantage, arXiv 2402.03300). For
+``A = A_task + A_kl`` (docs/methods.md#opd-with-a-task-reward): Thinking Machines' on-policy distillation
+combined with GRPO's advantage (arXiv 2402.03300). For
 sample i of a group (the ``samples_per_prompt`` completions of one prompt) and token t:
 
     A_{i,t} = α · (r_i - mean_group(r)) / (std_group(r) + ε)  +  Σ_{u≥t} γ^{u-t} · (-c · (ℓ^S_{i,u} - ℓ^T_{i,u}))
@@ -19,9 +19,10 @@ from typing import Literal
 
 import torch
 
+from ..config.sections import require
 from ..objectives import group_advantages, reverse_kl_advantages
-from ..sections import require
-from .base import Method, Needs, register
+from .base import Method, Needs, Session, register
+from .batch import Batch
 from .losses import sampled_token_loss
 
 
@@ -67,7 +68,7 @@ class OPDTaskReward(Method):
     def needs(cls, cfg) -> Needs:
         return Needs(teacher=True, group=True, routable=True, answers=True)
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         c, r = self.config, batch.rollouts
         rewards_B = torch.tensor(batch.rewards, device=r.loss_mask_BC.device)
         groups_B = torch.tensor(r.group_B, device=r.loss_mask_BC.device)

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..config.sections import require
 from ..objectives import reverse_kl_advantages
-from ..sections import require
-from ..teachers import EmaTeacher, ModelTeacher, initial_student
-from .base import Method, Needs, register
+from ..teachers.model import EmaTeacher, ModelTeacher, initial_student
+from .base import Method, Needs, Session, register
+from .batch import Batch
 from .data import privileged_view
 from .gkd import validate_full_vocabulary_keys
 from .losses import full_vocabulary_loss, sampled_token_loss
@@ -24,7 +25,7 @@ from .losses import full_vocabulary_loss, sampled_token_loss
 
 @dataclass
 class OPSDConfig:
-    """On-policy self-distillation with a privileged-context teacher (METHODS §3)."""
+    """On-policy self-distillation with a privileged-context teacher (docs/methods.md#opsd)."""
 
     loss: Literal["jsd", "sampled"] = "jsd"  # full-vocabulary JSD_β, or the sampled-token advantage ℓ^T - ℓ^S
     beta: float = 0.5
@@ -70,7 +71,7 @@ class OPSD(Method):
             return EmaTeacher(student, c.ema_decay, autocast)
         return ModelTeacher(student, autocast, freeze=False)
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
         teacher_view = privileged_view(s, batch)
         if c.loss == "sampled":  # A_n = ℓ^T_n - ℓ^S_n, the reverse-KL advantage with c = 1

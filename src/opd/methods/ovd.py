@@ -15,17 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..judges import HTTPJudge, ModelJudge
-from ..models import freeze, load_model, load_tokenizer
-from ..episodes import agent_turns, is_episodic, run_task_episodes, scripted_episodes
+from ..config.sections import require, validate_client_settings
+from ..episodes.driver import run_task_episodes
+from ..episodes.environments import is_episodic
+from ..episodes.scripted import agent_turns, scripted_episodes
+from ..models.loading import freeze, load_model, load_tokenizer
+from ..models.rollouts import Rollouts, build_rollouts, stack_rows
 from ..objectives.ovd import first_rejected_step, ovd_rewards, plan_group
-from ..rollout import rollouts_from_completions, stack_rows
-from ..sections import require
-from ..tasks.base import TASKS
-from ..teachers import ModelTeacher
-from .base import Method, Needs, register
-from .data import Batch, student_samples
-from .grpo import group_policy_loss
+from ..tasks.base import TASK_REGISTRY, Example
+from ..teachers.judges import HTTPJudge, ModelJudge
+from ..teachers.model import ModelTeacher
+from .base import Method, Needs, Session, register, student_samples
+from .batch import Batch
+from .losses import group_policy_loss
 
 
 @dataclass
@@ -33,15 +35,15 @@ class HTTPJudgeConfig:
     url: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000
     model: str = "judge"
     api_key_env: str | None = None  # name of the environment variable holding the key (never the key)
-    timeout: float = 30.0  # total seconds per request: connecting, sending and the whole reply
-    retries: int = 3
-    backoff: float = 1.0
-    max_reply_bytes: int = 1 << 20  # a longer reply is an error, never read into memory
+    deadline: float = 30.0  # total seconds per request: connecting, sending and the whole reply
+    retries: int = 3  # further attempts after a transient failure, with exponential backoff
+    backoff: float = 1.0  # seconds before the first retry (doubled for each next one)
+    max_reply_mb: float = 1.0  # a longer reply is an error, never read into memory
 
 
 @dataclass
 class OVDConfig:
-    """On-policy verbal distillation (METHODS §7)."""
+    """On-policy verbal distillation (docs/methods.md#ovd)."""
 
     judge: Literal["programmatic", "model", "http"] = "programmatic"
     judge_path: str | None = None  # model judge checkpoint; None = teacher.path
@@ -90,11 +92,9 @@ class OVD(Method):
     def validate(cls, cfg) -> None:
         o = cls.section(cfg)
         require(0 <= o.threshold <= 9, "method.ovd.threshold", f"must be in [0, 9], got {o.threshold}")
-        require(o.http.timeout > 0, "method.ovd.http.timeout", f"must be > 0, got {o.http.timeout}")
-        require(o.http.retries >= 0, "method.ovd.http.retries", f"must be >= 0, got {o.http.retries}")
-        require(o.http.max_reply_bytes >= 1024, "method.ovd.http.max_reply_bytes", f"must be >= 1024, got {o.http.max_reply_bytes}")
+        validate_client_settings(o.http, "method.ovd.http")
         if o.judge == "programmatic" or o.replacement == "step":
-            checkable = [name for name, spec in TASKS.items() if spec.config_class.has_step_judge]
+            checkable = [name for name, spec in TASK_REGISTRY.items() if spec.config_class.has_step_judge]
             require(
                 type(cfg.task).has_step_judge,
                 "method.ovd.judge" if o.judge == "programmatic" else "method.ovd.replacement",
@@ -119,14 +119,14 @@ class OVD(Method):
             return task.step_judge()
         if o.judge == "http":
             h = o.http
-            return HTTPJudge(h.url, h.model, h.api_key_env, h.timeout, h.retries, h.backoff, max_reply_bytes=h.max_reply_bytes)
+            return HTTPJudge(h.url, h.model, h.api_key_env, h.deadline, h.retries, h.backoff, max_reply_mb=h.max_reply_mb)
         path = o.judge_path or self.cfg.teacher.path
         judge_tok = load_tokenizer(path, "method.ovd.judge_path")
         if path == self.cfg.teacher.path and isinstance(teacher, ModelTeacher):
             return ModelJudge(teacher.model, judge_tok)  # the teacher judges: no second copy
         return ModelJudge(freeze(load_model(path, "method.ovd.judge_path", self.cfg.teacher.dtype, device=device)), judge_tok)
 
-    def data(self, s, examples, rng, generator) -> Batch:
+    def data(self, s: Session, examples, rng, generator) -> Batch:
         """Student group → verbal scores → accept (score ≥ θ) or replace by a teacher demonstration."""
         o = self.config
         if is_episodic(s.task):
@@ -143,45 +143,28 @@ class OVD(Method):
         completions = [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)]
         texts = list(r.texts)
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(r.prompt_ids_BP, r.prompt_mask_BP)]
-        replace_rows = [i for i, member in enumerate(plan) if member.source != "student"]
-        if replace_rows:  # kept prefixes are the student's own sampled tokens, never re-tokenised text
-            kept = [sampled_prefix(s.tokenizer, completions[i], texts[i][: plan[i].keep_prefix_chars]) for i in replace_rows]
-            demos = s.teacher_sampler.sample([prompts[i] + ids for i, (ids, _) in zip(replace_rows, kept)], s.cfg.sampling, generator)
-            for j, i in enumerate(replace_rows):
+        replaced = [i for i, member in enumerate(plan) if member.source != "student"]
+        if replaced:  # kept prefixes are the student's own sampled tokens, never re-tokenised text
+            kept = [sampled_prefix(s.tokenizer, completions[i], texts[i][: plan[i].keep_prefix_chars]) for i in replaced]
+            demos = s.teacher_sampler.sample([prompts[i] + ids for i, (ids, _) in zip(replaced, kept)], s.cfg.sampling, generator)
+            for j, i in enumerate(replaced):
                 tail = demos.completion_ids_BC[j][demos.completion_mask_BC[j].bool()].tolist()
                 completions[i] = kept[j][0] + tail
                 texts[i] = kept[j][1] + demos.texts[j]
         outcomes = list(sampled.rewards)  # kept samples keep their reward; replaced ones are graded anew
-        for i in replace_rows:
+        for i in replaced:
             outcomes[i] = s.task.reward(texts[i], sampled.examples[i])
-        final_scores = scores
-        if o.score_weight:
-            final_scores = [scores[i] if plan[i].source == "student" else None for i in range(len(plan))]
-            with s.timer.phase("judge"):
-                rescored = s.judge.score([sampled.examples[i] for i in replace_rows], [texts[i] for i in replace_rows]) if replace_rows else []
-            for i, value in zip(replace_rows, rescored):
-                final_scores[i] = value
-        rollouts = rollouts_from_completions(prompts, completions, s.tokenizer.pad_token_id, texts).to(s.device)
+        rollouts = build_rollouts(prompts, completions, s.tokenizer.pad_token_id, texts=texts, device=s.device)
         rollouts.group_B = list(r.group_B)
-        dropped = [i for i in replace_rows if o.drop_failed_demonstrations and outcomes[i] <= 0]
-        for i in dropped:  # a group of its own (zero advantage) with no trained tokens
-            rollouts.loss_mask_BC[i] = 0
-            rollouts.group_B[i] = -1 - i
-        info = {
-            "reward": sum(sampled.rewards) / len(sampled.rewards),
-            "judge_score": sum(scores) / len(scores),
-            "accepted_fraction": sum(m.source == "student" for m in plan) / len(plan),
-            "student_tokens": float(r.completion_mask_BC.sum()),
-            "dropped_fraction": len(dropped) / len(plan),
-        }
-        if replace_rows:
-            info["demonstration_reward"] = sum(outcomes[i] for i in replace_rows) / len(replace_rows)
-        rewards = ovd_rewards(outcomes, final_scores, o.score_weight)
         source = {"student": "accepted", "teacher": "replaced by the teacher", "student_prefix+teacher": "student prefix kept, the rest the teacher's"}
-        notes = [row_note(score, source[m.source], i in dropped) for i, (score, m) in enumerate(zip(scores, plan))]
-        return Batch(rollouts, sampled.examples, on_policy=False, rewards=rewards, info=info, row_notes=notes)
+        return self.group_batch(
+            s, sampled.examples, rollouts, scores, sampled.rewards, outcomes, replaced,
+            accepted_B=[m.source == "student" for m in plan], sources=[source[m.source] for m in plan],
+            rescore=lambda rows: s.judge.score([sampled.examples[i] for i in rows], [texts[i] for i in rows]),
+            info={"student_tokens": float(r.completion_mask_BC.sum())},
+        )
 
-    def episode_data(self, s, examples, generator) -> Batch:
+    def episode_data(self, s: Session, examples, generator) -> Batch:
         """OVD over multi-turn episodes: each student episode is judged (the programmatic judge per turn, a model or
         HTTP judge on the whole trajectory's text); a rejected one is replaced by a teacher episode — from the start
         (``replacement=trajectory``), or after the student's turns before the first rejected one, which are replayed
@@ -190,9 +173,8 @@ class OVD(Method):
         o = self.config
         k = s.cfg.sampling.samples_per_prompt
         rows = [e for e in examples for _ in range(k)]
-        context = s.max_prompt_tokens + s.cfg.sampling.max_new_tokens if s.max_prompt_tokens else None
         kwargs = s.cfg.task.chat_template_kwargs
-        episodes = run_task_episodes(s.task, rows, s.sampler, s.tokenizer, s.cfg.sampling, generator, kwargs, context)
+        episodes = run_task_episodes(s.task, rows, s.sampler, s.tokenizer, s.cfg.sampling, generator, kwargs, s.context)
         r = episodes.rollouts
         turns_B = [agent_turns(r, i) for i in range(len(rows))]
         texts_B = [[turn_text(s.tokenizer, t) for t in turns] for turns in turns_B]
@@ -202,48 +184,67 @@ class OVD(Method):
                 scores = [min(t) if t else 0.0 for t in turn_scores]
             else:
                 scores = s.judge.score(rows, r.texts)
-        kept_turns = []  # per rejected row: how many of its turns stay
         replaced = [i for i, score in enumerate(scores) if score < o.threshold and o.replacement != "none"]
-        for i in replaced:
-            bad = first_rejected_step(turn_scores[i], o.threshold) if o.replacement == "step" else 0
-            kept_turns.append(bad or 0)
+        kept_turns = [(first_rejected_step(turn_scores[i], o.threshold) or 0) if o.replacement == "step" else 0 for i in replaced]
         picks = [(r, i) for i in range(len(rows))]
         outcomes = list(episodes.rewards)
-        demo_info = {}
+        info = episodes.metrics()
         if replaced:
             demos = scripted_episodes(
-                s.task, [rows[i] for i in replaced], [turns_B[i][:n] for i, n in zip(replaced, kept_turns)], s.tokenizer, kwargs, context,
+                s.task, [rows[i] for i in replaced], [turns_B[i][:n] for i, n in zip(replaced, kept_turns)], s.tokenizer, kwargs, s.context,
                 then=s.teacher_sampler, params=s.cfg.sampling, generator=generator,
             )
             for j, i in enumerate(replaced):
                 picks[i] = (demos.rollouts, j)
                 outcomes[i] = demos.rewards[j]
-            demo_info = {"demonstration_reward": sum(demos.rewards) / len(replaced), "demonstration_kept_turns": sum(kept_turns) / len(replaced)}
+            info["demonstration_kept_turns"] = sum(kept_turns) / len(replaced)
         rollouts = stack_rows(picks, s.tokenizer.pad_token_id).to(s.device)
         rollouts.sampler_logp_BC = None  # a mix of policies, as the single-turn group is
         rollouts.group_B = [i // k for i in range(len(rows))]
+        kept_of = dict(zip(replaced, kept_turns))
+        sources = [
+            "accepted" if i not in kept_of else "replaced by a teacher episode" if not kept_of[i] else f"{kept_of[i]} student turn(s) kept, the rest the teacher's"
+            for i in range(len(rows))
+        ]
+        accepted_B = [i not in kept_of for i in range(len(rows))] if o.replacement != "none" else [x >= o.threshold for x in scores]
+        return self.group_batch(
+            s, rows, rollouts, scores, episodes.rewards, outcomes, replaced, accepted_B, sources,
+            rescore=lambda picked: [self.episode_score(s, rows[i], rollouts, i) for i in picked],
+            info={**info, "student_tokens": float(r.loss_mask_BC.sum())},
+        )
+
+    def episode_score(self, s: Session, example: Example, rollouts: Rollouts, row: int) -> float:
+        """The judge's score of episode ``row`` of ``rollouts`` (its agent turns, for the programmatic judge)."""
+        if self.config.judge == "programmatic":
+            return s.judge.episode_score(example, [turn_text(s.tokenizer, t) for t in agent_turns(rollouts, row)])
+        return s.judge.score([example], [rollouts.texts[row]])[0]
+
+    def group_batch(
+        self, s: Session, rows: list[Example], rollouts: Rollouts, scores: list[float], student_rewards: list[float],
+        outcomes: list[float], replaced: list[int], accepted_B: list[bool], sources: list[str], rescore, info: dict,
+    ) -> Batch:
+        """The group both paths end in: demonstrations that failed the task left out (``drop_failed_demonstrations``),
+        the replaced rows re-scored when the score is part of the reward (``rescore``), the rewards
+        ``r_i + w · s_i / 9``, the group's metrics and where each row came from (``row_note``)."""
+        o, n = self.config, len(rows)
         dropped = [i for i in replaced if o.drop_failed_demonstrations and outcomes[i] <= 0]
-        for i in dropped:
+        for i in dropped:  # a group of its own (zero advantage) with no trained tokens
             rollouts.loss_mask_BC[i] = 0
             rollouts.group_B[i] = -1 - i
-        final_scores = scores if not o.score_weight else [None if i in replaced else scores[i] for i in range(len(rows))]
-        if o.score_weight and replaced:
+        final_scores = scores
+        if o.score_weight:
+            final_scores = [None if i in replaced else score for i, score in enumerate(scores)]
             with s.timer.phase("judge"):
-                for i in replaced:
-                    demo_turns = [turn_text(s.tokenizer, t) for t in agent_turns(rollouts, i)]
-                    final_scores[i] = s.judge.episode_score(rows[i], demo_turns) if o.judge == "programmatic" else s.judge.score([rows[i]], [rollouts.texts[i]])[0]
+                for i, value in zip(replaced, rescore(replaced) if replaced else []):
+                    final_scores[i] = value
         info = {
-            **episodes.metrics(), **demo_info,
-            "reward": sum(episodes.rewards) / len(rows),
-            "judge_score": sum(scores) / len(scores),
-            "accepted_fraction": 1 - len(replaced) / len(rows) if o.replacement != "none" else sum(x >= o.threshold for x in scores) / len(scores),
-            "student_tokens": float(r.loss_mask_BC.sum()),
-            "dropped_fraction": len(dropped) / len(rows),
+            **info, "reward": sum(student_rewards) / n, "judge_score": sum(scores) / n, "accepted_fraction": sum(accepted_B) / n,
+            "dropped_fraction": len(dropped) / n,
         }
-        kept_of = dict(zip(replaced, kept_turns))
-        notes = [row_note(scores[i], "accepted" if i not in kept_of else "replaced by a teacher episode" if not kept_of[i]
-                          else f"{kept_of[i]} student turn(s) kept, the rest the teacher's", i in dropped) for i in range(len(rows))]
+        if replaced:
+            info["demonstration_reward"] = sum(outcomes[i] for i in replaced) / len(replaced)
+        notes = [row_note(scores[i], sources[i], i in dropped) for i in range(n)]
         return Batch(rollouts, rows, on_policy=False, rewards=ovd_rewards(outcomes, final_scores, o.score_weight), info=info, row_notes=notes)
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         return group_policy_loss(s, batch, self.config.scale_by_std, std=self.config.std)

@@ -13,15 +13,16 @@ from typing import Literal
 
 import torch
 
+from ..config.sections import require
 from ..objectives import reopold_rewards_and_mask, reward_floor
-from ..sections import require
-from .base import Method, Needs, register
+from .base import Method, Needs, Session, register
+from .batch import Batch
 from .losses import sampled_token_loss, student_token_logprobs, teacher_token_logprobs
 
 
 @dataclass
 class ReopoldConfig:
-    """REOPOLD relaxed OPD (METHODS §6)."""
+    """REOPOLD relaxed OPD (docs/methods.md#reopold)."""
 
     mixture_lambda: float = 0.2
     floor_form: Literal["log_lambda_over_one_minus_lambda", "log_of_lambda_ratio"] = "log_lambda_over_one_minus_lambda"
@@ -47,7 +48,7 @@ class Reopold(Method):
     def needs(cls, cfg) -> Needs:
         return Needs(teacher=True, routable=True)
 
-    def prepare_step(self, s, batches, step):
+    def prepare_step(self, s: Session, batches: list[Batch], step: int):
         """Choose the trained tokens over the whole step (all micro-batches): the exploration mask, or the top-β
         entropy tokens of the step's valid tokens. Teacher log-probs are kept for the loss; the student's entropy
         costs one extra forward pass without gradient per micro-batch."""
@@ -70,7 +71,7 @@ class Reopold(Method):
             batch.info.update(metrics)  # the step's selection statistics
             start += m.shape[0]
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
         floor = reward_floor(c.mixture_lambda, c.floor_form)
         if batch.train_mask_BC is None:  # called outside a training step: select within this batch

@@ -1,4 +1,4 @@
-"""SFT: cross-entropy on reference solutions or teacher samples (METHODS §8; sequence-level KD, arXiv 1606.07947).
+"""SFT: cross-entropy on reference solutions or teacher samples (docs/methods.md#sft; sequence-level KD, arXiv 1606.07947).
 
     L = -mean over valid tokens of log π_θ(y_t | s_t)       (``objectives.sft.sft_loss``)
 
@@ -11,16 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..config.sections import require
+from ..models.scoring import rollout_logprobs
 from ..objectives import sft_loss
-from ..scoring import rollout_logprobs
-from ..sections import require
-from .base import Method, Needs, register
+from .base import Method, Needs, Session, register
+from .batch import Batch
 from .data import offline_data, reference_solutions
 
 
 @dataclass
 class SFTConfig:
-    """Cross-entropy on reference solutions or teacher samples (METHODS §8)."""
+    """Cross-entropy on reference solutions or teacher samples (docs/methods.md#sft)."""
 
     source: Literal["reference", "teacher"] = "reference"
     # fraction of reference-solution examples shown behind their privileged prompt (the task's problem + reference
@@ -49,13 +50,13 @@ class SFT(Method):
         # privileged: part of the rows sit behind the privileged prompt, whose length the pre-flight pass checks
         return Needs(teacher=c.source == "teacher", solutions=c.source == "reference", privileged=c.privileged_fraction > 0)
 
-    def data(self, s, examples, rng, generator):
+    def data(self, s: Session, examples, rng, generator):
         c = self.config
         if c.privileged_fraction > 0:
             return reference_solutions(s, examples, [rng.random() < c.privileged_fraction for _ in examples])
         return offline_data(s, examples, generator, use_teacher=c.source == "teacher")
 
-    def loss(self, s, batch, step):
+    def loss(self, s: Session, batch: Batch, step: int):
         r = batch.rollouts
         with s.autocast():
             logp_BC, _ = rollout_logprobs(s.student, r)

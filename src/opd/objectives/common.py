@@ -1,4 +1,4 @@
-"""The shared update rule most methods reduce to (METHODS.md, "The shared update rule").
+"""The shared update rule most methods reduce to (docs/methods.md#the-shared-update-rule).
 
     loss = -(1/N) Σ_{i,t} m_{i,t} · ρ_{i,t} · A_{i,t},   ρ = exp(ℓ^θ - sg(ℓ^old))
 

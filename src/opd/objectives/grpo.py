@@ -1,4 +1,4 @@
-"""GRPO baseline (Shao et al. 2024, arXiv 2402.03300), as METHODS §8 specifies it.
+"""GRPO baseline (Shao et al. 2024, arXiv 2402.03300), as docs/methods.md#grpo specifies it.
 
 G samples per prompt, scalar reward r from a verifier, group-normalised advantage
 

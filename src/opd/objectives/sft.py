@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (METHODS §8): cross-entropy on given completions.
+"""Supervised fine-tuning (docs/methods.md#sft): cross-entropy on given completions.
 
     L = -(1/N) Σ_{i,t} m_{i,t} · log π_θ(y_{i,t} | x_i, y_{i,<t})
 

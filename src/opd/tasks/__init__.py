@@ -4,7 +4,7 @@ registers itself by name (``task.name``)."""
 import importlib
 import pkgutil
 
-from .base import TASKS, Example, StepJudge, Task, TaskConfig, build_task, register_task
+from .base import TASK_REGISTRY, Example, Judge, StepJudge, Task, TaskConfig, TurnJudge, build_task, register_task
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -12,4 +12,7 @@ for _module in pkgutil.iter_modules(__path__):
 from .arithmetic import ArithmeticTask  # noqa: E402
 from .math import DataError, MathTask  # noqa: E402
 
-__all__ = ["TASKS", "ArithmeticTask", "DataError", "Example", "MathTask", "StepJudge", "Task", "TaskConfig", "build_task", "register_task"]
+__all__ = [
+    "TASK_REGISTRY", "ArithmeticTask", "DataError", "Example", "Judge", "MathTask", "StepJudge", "Task", "TaskConfig", "TurnJudge",
+    "build_task", "register_task",
+]

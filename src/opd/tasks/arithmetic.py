@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
-from ..sections import require
-from ..world import PRIVILEGED_INSTRUCTION
+from ..config.sections import require
+from ..worlds.arithmetic import PRIVILEGED_INSTRUCTION
 from .base import Example, TaskConfig, register_task
 
 ANSWER_SEPARATOR = "|"
@@ -147,6 +147,9 @@ class ArithmeticTask:
 
     def step_judge(self) -> "StepCheckingJudge":
         return StepCheckingJudge()
+
+    def eval_metrics(self, example: Example, completion: str, reward: float) -> dict[str, float]:
+        return {}
 
 
 class StepCheckingJudge:

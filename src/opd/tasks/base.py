@@ -34,15 +34,30 @@ class Example:
         return [dict(m) for m in self.messages] if self.messages else [{"role": "user", "content": self.prompt}]
 
 
-class StepJudge(Protocol):
-    """Scores each step of a completion (and the whole of it) against the example, 0–9."""
+class Judge(Protocol):
+    """A verbal judge (OVD's teacher): a score in [0, 9] per completion. Implementations: a task's own step checker
+    (``Task.step_judge``), and a local model or an HTTP endpoint (``teachers.judges``)."""
+
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]: ...
+
+
+class StepJudge(Judge, Protocol):
+    """A judge that also scores each step of a single-turn completion (0–9 each), and says where each step begins."""
 
     def step_scores(self, example: Example, completion: str) -> list[float]: ...
 
     def step_starts(self, example: Example, completion: str) -> list[int]:
         """Where each scored step begins in ``completion`` (for a step it lacks: where it would begin)."""
 
-    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]: ...
+
+class TurnJudge(Protocol):
+    """A judge of multi-turn episodes: a score (0–9) per agent turn, and one for the whole episode."""
+
+    def turn_scores(self, example: Example, turns: list[str]) -> list[float]:
+        """Each agent turn's score, the turns as their environment read them."""
+
+    def episode_score(self, example: Example, turns: list[str]) -> float:
+        """The episode's score."""
 
 
 class Task(Protocol):
@@ -63,8 +78,13 @@ class Task(Protocol):
     def privileged_messages(self, example: Example) -> list[dict]:
         """The chat messages a privileged-context teacher is prompted with."""
 
-    def step_judge(self) -> StepJudge | None:
-        """A programmatic judge of each step, for tasks whose steps can be checked; None otherwise."""
+    def step_judge(self) -> StepJudge | TurnJudge | None:
+        """A programmatic judge of each step (of each turn, for a task of episodes), for tasks whose steps can be
+        checked; None otherwise."""
+
+    def eval_metrics(self, example: Example, completion: str, reward: float) -> dict[str, float]:
+        """The held-out measures this task reports for one example beside its reward (``reward``) — e.g. token F1 of a
+        short answer — averaged over the evaluated rows; {} for none. ``completion``: its reply (an episode's last)."""
 
     def describe_eval(self) -> dict:
         """What the held-out split is: ``{"source": <where its rows come from>, "rows": <how many>}``."""
@@ -112,24 +132,32 @@ class TaskConfig:
         """None when every example carries a reference solution; else the key that would give them one."""
         return None
 
+    def completion_budget(self, max_new_tokens: int) -> int:
+        """The most completion tokens a row of this task can hold, given ``sampling.max_new_tokens``: one completion's
+        (the default), or a whole episode's for a task of episodes (its agent and observation tokens)."""
+        return max_new_tokens
+
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     config_class: type[TaskConfig]
-    build: Callable[[Any, int], Task]  # (its TaskConfig, run seed) -> Task
+    task_class: type  # a class following ``Task`` (an ``episodes.EpisodicTask`` for a task of episodes)
+
+    def build(self, config: TaskConfig, seed: int = 0) -> Task:
+        return self.task_class.from_config(config, seed)
 
 
-TASKS: dict[str, TaskSpec] = {}
+TASK_REGISTRY: dict[str, TaskSpec] = {}
 
 
 def register_task(name: str, config_class: type[TaskConfig]):
     """Class decorator: the task class (with a ``from_config(config, seed)`` classmethod) under ``name``."""
 
     def decorate(cls):
-        if name in TASKS:
+        if name in TASK_REGISTRY:
             raise ValueError(f"task '{name}' is registered twice")
-        TASKS[name] = TaskSpec(name, config_class, cls.from_config)
+        TASK_REGISTRY[name] = TaskSpec(name, config_class, cls)
         return cls
 
     return decorate
@@ -137,4 +165,4 @@ def register_task(name: str, config_class: type[TaskConfig]):
 
 def build_task(config: TaskConfig, seed: int = 0) -> Task:
     """The task a ``task`` section describes."""
-    return TASKS[config.name].build(config, seed)
+    return TASK_REGISTRY[config.name].build(config, seed)

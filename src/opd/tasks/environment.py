@@ -2,7 +2,7 @@
 
 ``task.environment: mypackage.envs:Calculator`` names a class (``module:Class`` or ``module.Class``)
 that is built once per example as ``Class(row, **task.environment_kwargs)`` — ``row`` being the
-example's JSON object from ``task.rows`` — and follows ``episodes.Environment``: ``start()`` (the
+example's JSON object from ``task.rows`` — and follows ``episodes.environments.Environment``: ``start()`` (the
 initial messages), ``tools()`` (JSON schemas for the chat template, [] for none) and
 ``step(assistant_text) -> StepResult``. Every batch and every evaluation is then a batch of its
 episodes; a row's ``answer`` field, when it has one, marks it graded for accuracy.
@@ -14,8 +14,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..episodes import EpisodeLimits, Environment
-from ..sections import ConfigError, require
+from ..config.sections import ConfigError, require
+from ..episodes.environments import Environment, EpisodeLimits, EpisodicTask
 from .base import Example, TaskConfig, episodes_lack, register_task
 from .rows import DataError, read_rows
 from .splits import FixedSplits
@@ -37,8 +37,10 @@ class EnvironmentConfig(TaskConfig):
         require(self.max_turns >= 1, "task.max_turns", f"must be >= 1, got {self.max_turns}")
         require(all(isinstance(x, str) and x for x in self.stop), "task.stop", f"must be a list of non-empty strings, got {self.stop!r}")
         require(self.max_tokens >= cfg.sampling.max_new_tokens, "task.max_tokens", f"must be at least sampling.max_new_tokens ({cfg.sampling.max_new_tokens}), got {self.max_tokens}")
-        require(cfg.sampling.engine == "hf", "sampling.engine", "must be hf for task.name=environment (turns end at stop strings, which the vLLM engine does not take yet)")
         environment_class(self.environment)
+
+    def completion_budget(self, max_new_tokens: int) -> int:
+        return self.max_tokens  # an episode's agent and observation tokens
 
     def unsupported(self, needs) -> str | None:
         return episodes_lack(needs, "task.name=environment")
@@ -70,7 +72,7 @@ def read_objects(path: str) -> list[Example]:
 
 
 @register_task("environment", EnvironmentConfig)
-class EnvironmentTask(FixedSplits):
+class EnvironmentTask(FixedSplits, EpisodicTask):
     name = "environment"
 
     def __init__(self, config: EnvironmentConfig, seed: int = 0):

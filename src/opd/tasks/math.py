@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..sections import require
+from ..config.sections import require
 from .base import Example, TaskConfig, register_task
 from .rows import DataError, Fields, dataset_splits, read_examples
 from .splits import FixedSplits

@@ -18,12 +18,14 @@ import os
 import re
 import string
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
-from ..episodes import EpisodeLimits, ToolEnvironment
-from ..search import BM25Index, HTTPRetriever
-from ..sections import require
-from ..tool_calls import CLOSE, SearchTool, parse_tool_calls
+from ..config.sections import require
+from ..episodes.environments import EpisodeLimits, EpisodicTask, ToolEnvironment
+from ..episodes.search import BM25Index, HTTPRetriever, Passage
+from ..episodes.tool_calls import CLOSE, SearchTool, parse_tool_calls
+from ..worlds.locate import world_part
 from .base import Example, TaskConfig, episodes_lack, register_task
 from .rows import DataError, read_rows
 from .splits import FixedSplits
@@ -66,10 +68,12 @@ class SearchQAConfig(TaskConfig):
             self.max_tokens >= cfg.sampling.max_new_tokens, "task.max_tokens",
             f"must be at least sampling.max_new_tokens ({cfg.sampling.max_new_tokens}), got {self.max_tokens}",
         )
-        require(cfg.sampling.engine == "hf", "sampling.engine", "must be hf for task.name=search_qa (turns end at stop strings, which the vLLM engine does not take yet)")
         require("{solution}" in self.privileged_instruction, "task.privileged_instruction", "must contain {solution}")
         if self.retriever_api_key_env:
             require(bool(os.environ.get(self.retriever_api_key_env)), "task.retriever_api_key_env", f"names {self.retriever_api_key_env}, which is not set")
+
+    def completion_budget(self, max_new_tokens: int) -> int:
+        return self.max_tokens  # an episode's agent and observation tokens
 
     def unsupported(self, needs) -> str | None:
         # reference solutions: the rows' scripted turns; the judge: ScriptJudge, or a model / HTTP one on the episode
@@ -79,14 +83,34 @@ class SearchQAConfig(TaskConfig):
 
 def world_file(path: str) -> str:
     """A data path, with ``world:search/NAME`` meaning a file of the embedded search world."""
-    if not path.startswith("world:search/"):
-        return path
-    from ..search_world import search_world_file
-
     try:
-        return str(search_world_file(path.removeprefix("world:search/")))
+        found = world_part(path)
     except ValueError as err:
         raise DataError(str(err)) from None
+    return path if found is None else str(found)
+
+
+def read_corpus(path: Path | str) -> list[Passage]:
+    """The passages of a corpus (JSONL, or any file ``tasks.rows.read_rows`` reads); a ``DataError`` names the file,
+    row and field of a bad row."""
+    passages, seen = [], set()
+    for where, row in read_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: not a JSON object")
+        for name in ("id", "text"):
+            if not isinstance(row.get(name), (str, int)) or str(row[name]).strip() == "":
+                raise DataError(f"{where}: field '{name}' is missing or empty")
+        title = row.get("title", "")
+        if not isinstance(title, str):
+            raise DataError(f"{where}: field 'title' must be a string")
+        passage_id = str(row["id"])
+        if passage_id in seen:
+            raise DataError(f"{where}: id '{passage_id}' appears twice")
+        seen.add(passage_id)
+        passages.append(Passage(passage_id, title, str(row["text"])))
+    if not passages:
+        raise DataError(f"corpus file '{path}' holds no passages")
+    return passages
 
 
 def normalise(text: str) -> str:
@@ -142,7 +166,7 @@ def read_questions(path: str, question_field: str, answer_field: str, group_fiel
 
 
 @register_task("search_qa", SearchQAConfig)
-class SearchQATask(FixedSplits):
+class SearchQATask(FixedSplits, EpisodicTask):
     name = "search_qa"
 
     def __init__(self, config: SearchQAConfig, seed: int = 0):
@@ -150,7 +174,7 @@ class SearchQATask(FixedSplits):
         read = lambda path: read_questions(world_file(path), c.question_field, c.answer_field, c.group_field)  # noqa: E731
         self.load_splits(read, c.questions, c.eval_questions, c.eval_size, seed)
         if c.corpus:
-            self.searcher = BM25Index.from_jsonl(world_file(c.corpus))
+            self.searcher = BM25Index(read_corpus(world_file(c.corpus)))
         else:
             key = os.environ.get(c.retriever_api_key_env) if c.retriever_api_key_env else None
             self.searcher = HTTPRetriever(c.retriever_url, key)
@@ -174,6 +198,14 @@ class SearchQATask(FixedSplits):
     def f1(self, completion: str, example: Example) -> float:
         """Token F1 of the reply's final answer against the best gold answer (SQuAD normalisation)."""
         return max(token_f1(normalise(final_answer(completion)), normalise(gold)) for gold in example.meta.get("answers", [example.answer]))
+
+    def eval_metrics(self, example: Example, completion: str, reward: float) -> dict[str, float]:
+        """Token F1 of the final answer, as web QA reports beside exact match; with ``task.group_field``, the exact match
+        within the example's group too (``accuracy_<field>_<value>``)."""
+        metrics = {"f1": self.f1(completion, example)}
+        if example.meta.get("group"):
+            metrics["accuracy_{}_{}".format(*example.meta["group"])] = reward
+        return metrics
 
     def messages(self, example: Example) -> list[dict]:
         system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []

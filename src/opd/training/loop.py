@@ -1,0 +1,403 @@
+"""The one training loop: sample → score → loss → optimizer step; evaluate; checkpoint; resume.
+
+``train`` claims the run directory, builds the session and runs it; ``run_session`` is the run from
+its first (or resumed) step to the final model; ``train_step`` is one step. Every step draws its
+prompts and its sampling noise from generators seeded by ``(run.seed, step, micro-batch)``
+(``seeds``), so a run resumed from a checkpoint replays exactly the steps an uninterrupted run would
+have taken. What a run directory may hold (``run_dir``), what a resume may change (``resume``), the
+checkpoints (``checkpoints``) and the final model (``final_model``) are their own modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config.saving import save_config
+from ..methods.base import Session
+from ..methods.batch import Batch
+from ..methods.data import batch_metrics
+from ..methods.losses import student_token_logprobs
+from ..objectives.common import step_normaliser
+from ..parallel.ranks import start_ranks, stop_ranks, thread_oversubscription
+from ..parallel.sharding import full_tensor, gathered, is_sharded, whole_state_dict
+from .assembly import build_session
+from .checkpoints import full_state, load_checkpoint, load_extra_tensors, save_checkpoint
+from .errors import TrainingError
+from .evaluation import evaluate_session
+from .final_model import save_final_model
+from .metrics import MetricsLog, NoMetrics
+from .optimizer import apply_optimizer_settings, build_optimizer, weights_finite
+from .profiling import PeakMemory, phase_shares
+from .resume import check_micro_batches
+from .run_dir import prepare_run_dir
+from .run_lock import RunDirLock
+from .seeds import micro_seed, step_generators
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(cfg) -> dict:
+    """Run ``cfg`` to completion; return (and write) the summary. Launched across several processes (torchrun,
+    accelerate launch) every rank calls this and they run one job together (``parallel.ranks``)."""
+    started = time.time()
+    ranks = start_ranks(cfg.train.device, cfg.train.dist_timeout)
+    if ranks.main and (warning := thread_oversubscription(ranks, cfg.train.threads)):
+        log.warning(warning)
+    lock = RunDirLock(Path(cfg.run.output_dir))  # rank 0 holds it until the run ends, however it ends
+
+    def claim_run_dir() -> tuple[Path, Path | None]:
+        lock.acquire()
+        try:
+            return prepare_run_dir(cfg)
+        except BaseException:
+            lock.release()
+            raise
+
+    finished = False
+    try:
+        run_dir, resume_from = ranks.from_main(claim_run_dir)  # every rank resumes from the checkpoint rank 0 chose
+        torch.manual_seed(cfg.run.seed)
+        s = build_session(cfg, ranks)
+        try:
+            summary = run_session(s, run_dir, resume_from, started)
+            finished = True
+            return summary
+        finally:
+            for sampler in (s.sampler, s.teacher_sampler):
+                if sampler is not None:
+                    sampler.close()
+    finally:
+        try:
+            stop_ranks(ranks, finished)
+        finally:
+            lock.release()
+
+
+def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float) -> dict:
+    """Train the built session from ``resume_from`` (or the start) to the end; evaluate; save; summarise."""
+    cfg = s.cfg
+    if s.ranks.main:
+        save_config(cfg, run_dir / "config.yaml")
+    optimizer, scheduler = build_optimizer(cfg, s.student)
+    state = restore(s, optimizer, scheduler, resume_from)
+    start_step = state.get("step", 0)
+    sync_sampler(s)  # an engine starts from the checkpoint on disk; the student may be a resumed one
+    metrics_log = MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None, cfg.train.steps) if s.ranks.main else NoMetrics()
+    eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
+    if resume_from is None:
+        evaluate_before(s, state, eval_examples, metrics_log)
+    run_steps(s, optimizer, scheduler, state, start_step, run_dir, eval_examples, metrics_log)
+    if cfg.train.steps and state["no_signal_steps"] + state["nonfinite_skips"] >= cfg.train.steps - start_step > 0:
+        log.warning(
+            "no step of this run changed the student: every gradient was exactly zero or non-finite "
+            "(e.g. GRPO/OVD groups whose samples all got the same reward); the final model is the initial one"
+        )
+    if s.sampler_behind:
+        sync_sampler(s)
+    after = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
+    metrics_log.write("eval", cfg.train.steps, after)
+    metrics_log.close()
+    whole = whole_state_dict(s.student)  # every rank (a collective when sharded); None when unsharded
+    s.ranks.from_main(lambda: save_final_model(s.student, s.tokenizer, run_dir / "final", whole))
+    summary = run_summary(s, state, after, len(eval_examples), started)
+    if s.ranks.main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.log.plot:
+            from .curves import plot_run
+
+            plot_run(run_dir)
+    return summary
+
+
+def restore(s: Session, optimizer, scheduler, resume_from: Path | None) -> dict:
+    """The run's counters: fresh, or restored with the student, optimizer, scheduler, RNG and teacher state from the
+    checkpoint ``resume_from`` (then ``step`` is the step it resumes at)."""
+    cfg = s.cfg
+    micro_batches = cfg.train.grad_accum * s.ranks.world_size
+    state = {"nonfinite_skips": 0, "consecutive_nonfinite": 0, "no_signal_steps": 0, "generated_tokens": 0.0, "wall_seconds": 0.0, "phase_seconds": {}}
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, s.student, optimizer, scheduler)
+        check_micro_batches(cfg, saved.get("micro_batches_per_step", cfg.train.grad_accum), micro_batches, resume_from)
+        state.update(saved)
+        apply_optimizer_settings(cfg, optimizer, scheduler)
+        if s.teacher is not None:
+            s.teacher.load_state_tensors(load_extra_tensors(resume_from))
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+    state["micro_batches_per_step"] = micro_batches
+    return state
+
+
+def evaluate_before(s: Session, state: dict, eval_examples: list, metrics_log) -> None:
+    """The teacher's held-out accuracy (once, when asked and there is a teacher to sample) and the student's before
+    training."""
+    if s.cfg.eval.teacher and s.teacher_sampler is not None:
+        state["teacher_eval"] = evaluate_session(s, s.teacher_sampler, eval_examples, s.cfg.run.seed)
+        metrics_log.write("teacher_eval", 0, state["teacher_eval"])
+    state["before_eval"] = evaluate_session(s, s.sampler, eval_examples, s.cfg.run.seed)
+    metrics_log.write("eval", 0, state["before_eval"])
+
+
+def run_steps(s: Session, optimizer, scheduler, state: dict, start_step: int, run_dir: Path, eval_examples: list, metrics_log) -> None:
+    """Steps ``start_step`` … ``train.steps`` − 1, each logged, evaluated and checkpointed as configured."""
+    cfg = s.cfg
+    last_eval = state.get("before_eval", {})
+    bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps, disable=not (cfg.log.progress_bar and s.ranks.main), desc=cfg.run.name, dynamic_ncols=True)
+    segment_start = time.time()
+    memory = PeakMemory(s.device)
+    try:
+        for step in bar:
+            step_start = time.time()
+            memory.reset()
+            metrics, status = train_step(s, optimizer, step)
+            if (peak := memory.peak_mb()) is not None:
+                metrics["peak_memory_mb"] = peak
+            with warnings.catch_warnings():  # a skipped update still advances the schedule
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                scheduler.step()
+            count_step(s, state, metrics, status, step)
+            metrics.update(lr=scheduler.get_last_lr()[0], step_seconds=time.time() - step_start, skipped=float(status != "applied"), generated_tokens=state["generated_tokens"])
+            done = step + 1
+            metrics_log.write("train", done, metrics)  # the step that stops the run gets its row too
+            if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
+                raise TrainingError(
+                    f"{state['consecutive_nonfinite']} steps in a row had a non-finite loss or gradient "
+                    f"(last at step {done}); lower train.lr or check the teacher's outputs"
+                )
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
+                last_eval = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
+                metrics_log.write("eval", done, last_eval)
+            bar.set_postfix(_postfix(metrics, last_eval))
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (cfg.checkpoint.at_end and done == cfg.train.steps):
+                state["wall_seconds"] += time.time() - segment_start
+                segment_start = time.time()
+                checkpoint(s, run_dir, done, optimizer, scheduler, state)
+    finally:
+        bar.close()
+    state["wall_seconds"] += time.time() - segment_start
+
+
+def count_step(s: Session, state: dict, metrics: dict, status: str, step: int) -> None:
+    """The run's counters after a step with ``status``; the step's time per phase into its metrics and the totals."""
+    if status == "applied":
+        state["consecutive_nonfinite"] = 0
+    elif status == "no_signal":
+        state["no_signal_steps"] += 1
+    else:
+        state["nonfinite_skips"] += 1
+        state["consecutive_nonfinite"] += 1
+        log.warning("step %d: non-finite loss or gradient%s; update skipped", step + 1, nonfinite_reason(metrics))
+    state["generated_tokens"] += metrics.get("student_tokens", 0.0)
+    for phase, seconds in s.timer.pop().items():
+        metrics[f"time/{phase}"] = seconds
+        state["phase_seconds"][phase] = state["phase_seconds"].get(phase, 0.0) + seconds
+
+
+def checkpoint(s: Session, run_dir: Path, done: int, optimizer, scheduler, state: dict) -> None:
+    """The checkpoint after ``done`` steps, written by rank 0 (a sharded student's tensors gathered from every rank)."""
+    whole = full_state(s.student, optimizer)  # every rank: a sharded student's tensors are gathered to rank 0
+    s.ranks.from_main(lambda: save_checkpoint(
+        run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, s.cfg.checkpoint.keep_last, teacher_tensors(s), whole,
+    ))
+
+
+def run_summary(s: Session, state: dict, after: dict, evaluated: int, started: float) -> dict:
+    """What ``summary.json`` (and ``opd train``) reports of the finished run."""
+    cfg = s.cfg
+    return {
+        "method": cfg.method.name,
+        "task": cfg.task.name,
+        "teacher_accuracy": state.get("teacher_eval", {}).get("accuracy"),
+        "student_accuracy_before": state.get("before_eval", {}).get("accuracy"),
+        "student_accuracy_after": after.get("accuracy"),  # None for prompt-only eval data (nothing to grade)
+        "steps": cfg.train.steps,
+        "train_seconds": round(state["wall_seconds"], 2),
+        "wall_seconds": round(time.time() - started, 2),
+        "generated_tokens": state["generated_tokens"],
+        "nonfinite_skips": state["nonfinite_skips"],
+        "no_signal_steps": state["no_signal_steps"],
+        "trained": state["no_signal_steps"] + state["nonfinite_skips"] < cfg.train.steps,
+        "phase_seconds": {k: round(v, 2) for k, v in state["phase_seconds"].items()},
+        "phase_shares": {k: round(v, 4) for k, v in phase_shares(state["phase_seconds"]).items()},
+        "eval_before": state.get("before_eval"),
+        "eval_after": after,
+        "eval_teacher": state.get("teacher_eval"),
+        "eval_set": {**s.task.describe_eval(), "evaluated": evaluated},
+        "data_checks": s.data_report,
+    }
+
+
+def teacher_tensors(s: Session) -> dict | None:
+    """Teacher state that a checkpoint must carry for an exact resume (an EMA teacher's weights), or None."""
+    return (s.teacher.state_tensors() or None) if s.teacher is not None else None
+
+
+def nonfinite_reason(metrics: dict) -> str:
+    """What the step's metrics say about why its loss was not finite ('' when they say nothing)."""
+    if metrics.get("teacher_impossible_tokens"):
+        return (
+            f" (the teacher gave probability 0 to {int(metrics['teacher_impossible_tokens'])} sampled tokens, "
+            "where a reverse KL is infinite; a log-ratio clip, e.g. opd_plus, or a bounded divergence keeps it finite)"
+        )
+    return ""
+
+
+def _postfix(metrics: dict, last_eval: dict) -> dict:
+    shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+    if "kl" in metrics:
+        shown["kl"] = f"{metrics['kl']:.4f}"
+    if "reward" in metrics:
+        shown["reward"] = f"{metrics['reward']:.2f}"
+    if "accuracy" in last_eval:
+        shown["acc"] = f"{last_eval['accuracy']:.3f}"
+    return shown
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]:
+    """One training step: sample ``grad_accum`` micro-batches, then ``train.updates_per_batch`` optimizer updates
+    on them (the policy-gradient ratio against the log-probs from before the first). Returns (metrics, status).
+
+    status is ``applied``; ``nonfinite`` (a non-finite loss or gradient: no update); or
+    ``no_signal`` (every gradient exactly zero, e.g. a GRPO/OVD batch whose groups all got
+    the same reward: no update, since Adam would otherwise keep moving on stale momentum).
+    """
+    cfg, method, ranks = s.cfg, s.method, s.ranks
+    step_rng, step_generator = step_generators(cfg.run.seed, step, s.device)
+    examples = s.task.sample_train(cfg.train.prompts_per_step, step_rng)
+    accum = cfg.train.grad_accum
+    per_micro = len(examples) // (accum * ranks.world_size)
+    optimizer.zero_grad(set_to_none=True)
+    batches = []
+    with gathered(s.student):  # a sharded student is whole while the ranks sample (each decodes on its own)
+        for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
+            rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
+            with s.timer.phase("sample"):
+                batch = method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator)
+            batch.seed = micro_seed(cfg.run.seed, step, micro)
+            batches.append(batch)
+    if cfg.train.updates_per_batch > 1:  # the ratio's denominator: the policy that made the batch, before any update
+        with s.timer.phase("student"):
+            for batch in batches:
+                with batch.rng(0):
+                    batch.old_logp_BC = old_logprobs(s, batch)
+    totals, status = {}, "no_signal"
+    for update in range(cfg.train.updates_per_batch):
+        metrics, update_status = optimizer_update(s, optimizer, batches, step, update)
+        if update == 0:
+            totals = metrics
+        elif "clip_fraction" in metrics:  # the clip only binds from the second update on
+            totals["clip_fraction_last"] = metrics["clip_fraction"]
+        if update_status == "nonfinite":
+            status = "nonfinite"
+            break
+        if update_status == "applied":
+            status = "applied"
+    if status == "applied":
+        s.sampler_behind = True
+    if s.sampler_behind and (step + 1) % cfg.sampling.sync_every == 0:
+        sync_sampler(s)
+    return totals, status
+
+
+def sync_sampler(s: Session) -> None:
+    """Sample from the student's current weights from now on (an engine gets them pushed; opd's own sampler has them)."""
+    with s.timer.phase("sync"):
+        s.sampler.update_weights(s.student)
+    s.sampler_behind = False
+
+
+def optimizer_update(s: Session, optimizer, batches: list[Batch], step: int, update: int = 0) -> tuple[dict[str, float], str]:
+    """Gradients of the step's loss on ``batches`` (summed over ranks), clipped, then one optimizer update (and the
+    teacher's hook)."""
+    cfg = s.cfg
+    optimizer.zero_grad(set_to_none=True)
+    sums, counts, finite = accumulate_gradients(s, batches, step, update)
+    params = [p for p in s.student.parameters() if p.requires_grad]
+    with s.timer.phase("reduce") if s.ranks.several else contextlib.nullcontext():
+        finite = s.ranks.all(finite)  # one rank's non-finite loss skips the update on all
+        totals = s.ranks.merge_metrics(sums, counts, SUMMED_METRICS)
+        if finite and not is_sharded(s.student):  # FSDP reduce-scattered them in the backward
+            s.ranks.sum_gradients(params)
+    with s.timer.phase("optimizer"):
+        if finite:
+            clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))  # over all shards when sharded
+            totals["grad_norm"] = float(grad_norm)
+            finite = bool(torch.isfinite(grad_norm))
+        status = "nonfinite" if not finite else "no_signal" if totals["grad_norm"] == 0 else "applied"
+        if status == "applied":
+            optimizer.step()
+            if not s.ranks.all(weights_finite(params)):
+                raise TrainingError(
+                    f"the update at step {step + 1} made the student's weights non-finite (e.g. float16 full fine-tuning "
+                    "overflowing, or too high a train.lr); use student.dtype=bfloat16/float32 or LoRA, or lower train.lr"
+                )
+            if s.teacher is not None:
+                s.teacher.after_optimizer_step(s.student)
+        optimizer.zero_grad(set_to_none=True)
+    return totals, status
+
+
+def old_logprobs(s: Session, batch: Batch) -> torch.Tensor:
+    """The batch's sampled-token log-probs under the student as it is now (before this step's updates), no gradient."""
+    with torch.no_grad():
+        return student_token_logprobs(s, batch.rollouts)[0]
+
+
+SUMMED_METRICS = ("loss", "student_tokens")  # parts of a step total; every other metric is averaged over micro-batches
+
+
+def accumulate_gradients(s: Session, batches: list[Batch], step: int, update: int = 0) -> tuple[dict[str, float], dict[str, int], bool]:
+    """Backpropagate the step's loss over its micro-batches into the student's ``.grad``; ``(sums, counts, finite)``:
+    each metric summed over the micro-batches that report it, and how many did (``Ranks.merge_metrics`` makes the
+    step's metrics of them: the ``SUMMED_METRICS`` totals, every other one the mean over its micro-batches).
+
+    Every micro-batch is weighted by one normaliser taken over the whole step, on every rank (its
+    token count, sequence count or rows × tokens per row), so the accumulated gradient — summed over
+    ranks — is that of the one big batch, whatever ``grad_accum`` and the number of ranks are. A
+    method may first choose its tokens over the whole step (``Method.prepare_step``). Stops at the
+    first micro-batch with a non-finite loss.
+    """
+    method = s.method
+    if not all(b.prepared for b in batches):  # once per step, not once per update
+        with s.timer.phase("student"):
+            method.prepare_step(s, batches, step)
+        for batch in batches:
+            batch.prepared = True
+    normaliser = step_normaliser([b.trained_mask_BC for b in batches], method.reduction(), method.tokens_per_row(), total=s.ranks.sum)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    finite = True
+    sharded = is_sharded(s.student)
+    for batch in batches:
+        batch.normaliser = normaliser
+        with s.timer.phase("student"), batch.rng(1 + update):
+            loss, metrics = method.loss(s, batch, step)
+            finite = bool(torch.isfinite(loss))
+            if sharded:  # a sharded backward is a collective: every rank runs it, or none
+                finite = s.ranks.all(finite)
+                if not finite:  # no backward will reshard the root group its forward gathered
+                    s.student.reshard()
+            if finite:
+                loss.backward()
+        metrics.update(batch_metrics(batch), loss=float(loss.detach()))
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+        if not finite:
+            break
+    return sums, counts, finite

@@ -1,0 +1,127 @@
+import pytest
+
+from opd.config.loading import load_config
+from opd.config.saving import save_config
+from opd.config.sections import ConfigError
+
+
+def test_defaults_need_a_student():
+    with pytest.raises(ConfigError, match="config key 'student.path' is required"):
+        load_config(None, [])
+
+
+def test_override_types_are_parsed():
+    cfg = load_config(None, ["student.path=x", "method.name=sft", "train.lr=3e-4", "train.steps=7", "student.lora.enabled=true", "train.grad_clip=null"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.steps == 7
+    assert cfg.student.lora.enabled is True
+    assert cfg.train.grad_clip is None
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["student.path=x", "method.name=sft", "train.lrr=1e-4"])
+    assert str(err.value) == "unknown config key 'train.lrr' (did you mean 'train.lr'?)"
+
+
+def test_unknown_section_suggests_closest():
+    with pytest.raises(ConfigError, match=r"^unknown config key 'sampeling' \(did you mean 'sampling'\?\)$"):
+        load_config(None, ["student.path=x", "sampeling.temperature=1.0"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["student.path=x", "method.name=sft", "train.steps=ten"])
+    assert str(err.value) == "config key 'train.steps' must be an integer, got 'ten'"
+
+
+def test_impossible_value_names_key():
+    with pytest.raises(ConfigError, match=r"config key 'sampling.top_p' must be in \(0, 1\], got 1.5"):
+        load_config(None, ["student.path=x", "method.name=sft", "sampling.top_p=1.5"])
+    with pytest.raises(ConfigError, match="config key 'train.lr' must be a finite number > 0"):
+        load_config(None, ["student.path=x", "method.name=sft", "train.lr=0"])
+
+
+def test_literal_choices_listed():
+    with pytest.raises(ConfigError, match="config key 'method.name' must be one of 'gkd', .*'opd', .*'sft', got 'dpo'"):
+        load_config(None, ["student.path=x", "method.name=dpo"])
+
+
+def test_method_needing_teacher_refused_without_one():
+    with pytest.raises(ConfigError, match="config key 'teacher.path' is required by method 'opd'"):
+        load_config(None, ["student.path=x", "method.name=opd"])
+
+
+def test_grad_accum_must_divide_batch():
+    with pytest.raises(ConfigError, match="'train.grad_accum' must divide train.prompts_per_step"):
+        load_config(None, ["student.path=x", "method.name=sft", "train.prompts_per_step=6", "train.grad_accum=4"])
+
+
+def test_yaml_file_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("student:\n  path: s\nmethod:\n  name: sft\ntrain:\n  steps: 3\n")
+    cfg = load_config(path, ["train.steps=5"])
+    assert cfg.train.steps == 5 and cfg.method.name == "sft"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips_and_redacts(tmp_path):
+    cfg = load_config(None, ["student.path=s", "method.name=sft", "train.betas=[0.8,0.95]"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    from opd.config.saving import redact
+
+    assert redact({"judge": {"api_key": "sk-123", "url": "u"}}) == {"judge": {"api_key": "<redacted>", "url": "u"}}
+
+
+def test_base_config_is_overlaid(tmp_path):
+    (tmp_path / "base.yaml").write_text("student:\n  path: s\nmethod:\n  name: sft\ntrain:\n  steps: 3\n  lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  steps: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.steps, cfg.train.lr, cfg.method.name) == (9, 0.5, "sft")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="'base' chain loops back"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    import opd.cli
+
+    files = sorted(Path(opd.cli.CONFIG_DIR).rglob("*.yaml"))
+    assert len(files) >= 8
+    for path in files:
+        if path.name == "claim.yaml":  # a claim set's test, not a run config (test_compare.py loads them)
+            continue
+        if path.parent.name == "own_models":  # the user gives the models and data
+            cfg = load_config(path, ["student.path=/models/s", "teacher.path=/models/t", "task.path=train.jsonl"]
+                              if path.stem not in ("opsd", "grpo") else ["student.path=/models/s", "task.path=train.jsonl"])
+            assert cfg.task.name == "math" and cfg.method.name == (path.stem if path.stem != "base" else "opd")
+        elif path.parent.name == "search_qa":  # the user's questions and corpus
+            teacher = [] if path.stem == "world_opsd" else ["teacher.path=/models/t"]  # OPSD's teacher is the student
+            cfg = load_config(path, ["student.path=/models/s", *teacher, "task.questions=q.jsonl", "task.corpus=c.jsonl"])
+            assert cfg.task.name == "search_qa"
+        else:
+            load_config(path)
+
+
+def test_credentials_inside_urls_are_redacted(tmp_path):
+    from opd.config.saving import redact
+
+    saved = redact({"http": {"url": "https://bob:hunter2@judge.example.com/v1?api_key=abc&model=m"}, "path": "world:student"})
+    assert saved["http"]["url"] == "https://<redacted>@judge.example.com/v1?api_key=<redacted>&model=m"
+    assert saved["path"] == "world:student"
+    cfg = load_config(None, ["student.path=s", "teacher.path=t", "method.name=ovd", "method.ovd.judge=http",
+                             "method.ovd.http.url=https://bob:hunter2@judge.example.com"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert "hunter2" not in (tmp_path / "c.yaml").read_text()

@@ -1,0 +1,59 @@
+"""Resume continues the same run or says why not: trajectory-changing settings are refused (or, when allowed, take
+effect and are recorded), a checkpoint past train.steps is refused, and no metrics row is duplicated."""
+
+import json
+
+import pytest
+from conftest import make_config
+
+from opd.training.loop import train
+from opd.training.resume import RunDirError
+
+FIRST = ["train.steps=4", "checkpoint.every=2", "train.schedule=constant"]
+
+
+def rows(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("train.lr=1e-2", "train.lr: 0.001 -> 0.01"),
+        ("method.name=sft", "method.name: 'opd' -> 'sft'"),
+        ("run.seed=7", "run.seed: 0 -> 7"),
+        ("student.lora.enabled=true", "student.lora.enabled: False -> True"),  # a full-weight checkpoint under LoRA
+    ],
+)
+def test_a_changed_trajectory_setting_is_refused_naming_the_key(tmp_path, tiny_models, change, named):
+    train(make_config(tmp_path, tiny_models, *FIRST))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match=f"settings that alter the run: {named}.*run.allow_changes=true"):
+        train(make_config(tmp_path, tiny_models, *FIRST, "run.resume=true", change))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_an_allowed_change_takes_effect_and_is_recorded(tmp_path, tiny_models):
+    train(make_config(tmp_path, tiny_models, "train.steps=2", "checkpoint.every=2", "train.schedule=constant"))
+    train(make_config(tmp_path, tiny_models, "train.steps=4", "checkpoint.every=2", "train.schedule=constant",
+                      "run.resume=true", "run.allow_changes=true", "train.lr=5e-4", "eval.every=1"))
+    lrs = [r["lr"] for r in rows(tmp_path) if r["kind"] == "train"]
+    assert lrs == [1e-3, 1e-3, 5e-4, 5e-4]  # the new rate is used, not the checkpoint's
+    (recorded,) = [json.loads(line) for line in (tmp_path / "run" / "resume_changes.jsonl").read_text().splitlines()]
+    assert recorded == {"resumed_at_step": 2, "changes": {"train.lr": {"from": 0.001, "to": 0.0005}, "train.steps": {"from": 2, "to": 4}}}
+
+
+def test_a_checkpoint_past_the_configured_steps_is_refused(tmp_path, tiny_models):
+    train(make_config(tmp_path, tiny_models, *FIRST))
+    with pytest.raises(RunDirError, match="the newest checkpoint is at step 4, past train.steps=2"):
+        train(make_config(tmp_path, tiny_models, "train.steps=2", "checkpoint.every=2", "run.resume=true", "run.allow_changes=true"))
+
+
+def test_resuming_a_finished_run_does_not_duplicate_its_final_evaluation(tmp_path, tiny_models):
+    train(make_config(tmp_path, tiny_models, *FIRST))
+    first = rows(tmp_path)
+    train(make_config(tmp_path, tiny_models, *FIRST, "run.resume=true"))
+    again = rows(tmp_path)
+    key = lambda r: (r["kind"], r["step"])  # noqa: E731
+    assert [key(r) for r in again] == [key(r) for r in first]
+    assert [r for r in again if r["kind"] == "eval"][-1]["accuracy"] == [r for r in first if r["kind"] == "eval"][-1]["accuracy"]
