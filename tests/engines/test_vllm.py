@@ -21,20 +21,18 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
+from opd.cli import main  # noqa: E402
 from opd.config.loading import load_config  # noqa: E402
 from opd.config.sections import SamplingConfig, TeacherConfig  # noqa: E402
 from opd.engines.hf import HFSampler  # noqa: E402
 from opd.engines.served import ServedModel, ServedSampler, check_served_pairing  # noqa: E402
-from opd.engines.vllm import (
-    VLLMConfig,
-    VLLMSampler,  # noqa: E402
-)
+from opd.engines.vllm import VLLMConfig, VLLMSampler  # noqa: E402
 from opd.models.loading import eos_token_ids, load_model, load_tokenizer, resolve_path  # noqa: E402
-from opd.models.pairing import PairingError
+from opd.models.pairing import PairingError  # noqa: E402
 from opd.models.scoring import completion_hidden_states, projection, rollout_logprobs  # noqa: E402
 from opd.tasks.arithmetic import make_example  # noqa: E402
 from opd.teachers.model import ModelTeacher  # noqa: E402
-from opd.teachers.served import ServedTeacher
+from opd.teachers.served import ServedTeacher  # noqa: E402
 from opd.training.loop import train  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -232,6 +230,25 @@ def test_greedy_samples_from_the_server_equal_local_greedy_samples(served, token
     local = HFSampler(teacher, tokenizer, eos_token_ids(teacher, tokenizer)).sample(ids, greedy)
     remote = ServedSampler(served, tokenizer, eos_token_ids(teacher, tokenizer)).sample(ids, greedy)
     assert remote.texts == local.texts
+
+
+def test_opd_eval_samples_with_the_engine_the_config_names(monkeypatch, capsys):
+    """``opd eval`` is set up by the training assembly, so ``sampling.engine=vllm`` evaluates through the vLLM engine
+    (every greedy prompt is sampled by it), to the HF sampler's greedy accuracy (both float32)."""
+    sampled = []
+    real_sample = VLLMSampler.sample
+
+    def counted(self, prompts, *args, **kwargs):
+        sampled.append(len(prompts))
+        return real_sample(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(VLLMSampler, "sample", counted)  # the real engine samples; its calls are counted
+    results = {}
+    for engine in ("hf", "vllm"):
+        assert main(["eval", "world:student", f"sampling.engine={engine}", "eval.num_prompts=128"]) == 0
+        results[engine] = json.loads(capsys.readouterr().out)
+    assert sum(sampled) == 128 and results["vllm"]["engine"] == "vllm" and results["vllm"]["prompts"] == 128
+    assert abs(results["vllm"]["accuracy"] - results["hf"]["accuracy"]) <= 0.03, results
 
 
 def run_config(tmp_path, name, *overrides):

@@ -148,9 +148,7 @@ def _unknown_key_error(cls: type, prefix: str, name: str) -> ConfigError:
 def _task_section(raw: Any) -> TaskConfig:
     """The ``task`` section as the config class of the task it names."""
     name = raw.get("name", DEFAULT_TASK) if isinstance(raw, dict) else DEFAULT_TASK
-    if name not in TASK_REGISTRY:
-        raise ConfigError(f"config key 'task.name' must be one of {', '.join(repr(n) for n in TASK_REGISTRY)}, got {name!r}")
-    return from_dict(TASK_REGISTRY[name].config_class, raw, "task.")
+    return from_dict(TASK_REGISTRY.named(name).config_class, raw, "task.")
 
 
 def from_dict(cls: type, raw: Any, prefix: str) -> Any:

@@ -27,23 +27,21 @@ from .sections import (
 
 DEFAULT_TASK = "arithmetic"
 
-# The method section: the shared keys plus one subsection per registered method (``method.<name>.*``).
-MethodConfig = dataclasses.make_dataclass(
-    "MethodConfig",
-    [("name", Literal[tuple(METHOD_REGISTRY)], field(default="opd"))]
-    + [(name, cls.config_class, field(default_factory=cls.config_class)) for name, cls in METHOD_REGISTRY.items() if cls.config_class],
-    bases=(MethodCommonConfig,),
-)
-MethodConfig.__module__ = __name__
+def with_subsections(name: str, base: type, picker: str, default: str, registry: dict) -> type:
+    """Section ``base`` whose ``picker`` key names one entry of ``registry`` (a ``Literal`` of its names), with one
+    subsection per entry that has keys (its ``config_class``), under the entry's name."""
+    section = dataclasses.make_dataclass(
+        name,
+        [(picker, Literal[tuple(registry)], field(default=default))]
+        + [(key, cls.config_class, field(default_factory=cls.config_class)) for key, cls in registry.items() if cls.config_class],
+        bases=(base,),
+    )
+    section.__module__ = __name__
+    return section
 
-# The sampling section: the shared keys plus one subsection per registered engine that has keys (``sampling.<engine>.*``).
-SamplingSection = dataclasses.make_dataclass(
-    "SamplingSection",
-    [("engine", Literal[tuple(ENGINE_REGISTRY)], field(default="hf"))]
-    + [(name, cls.config_class, field(default_factory=cls.config_class)) for name, cls in ENGINE_REGISTRY.items() if cls.config_class],
-    bases=(SamplingConfig,),
-)
-SamplingSection.__module__ = __name__
+
+MethodConfig = with_subsections("MethodConfig", MethodCommonConfig, "name", "opd", METHOD_REGISTRY)  # method.<name>.*
+SamplingSection = with_subsections("SamplingSection", SamplingConfig, "engine", "hf", ENGINE_REGISTRY)  # sampling.<engine>.*
 
 
 @dataclass

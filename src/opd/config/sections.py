@@ -22,6 +22,26 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}' {message}")
 
 
+class Registry(dict):
+    """What a config key picks from by name (``method.name``, ``task.name``, ``sampling.engine``): entries filed by
+    their modules at import, looked up with a one-line ``ConfigError`` naming the key and the choices."""
+
+    def __init__(self, key: str, what: str):
+        super().__init__()
+        self.key, self.what = key, what
+
+    def add(self, name: str, entry):
+        if name in self:
+            raise ValueError(f"{self.what} '{name}' is registered twice")
+        self[name] = entry
+        return entry
+
+    def named(self, name: str):
+        if name not in self:
+            raise ConfigError(f"config key '{self.key}' must be one of {', '.join(repr(n) for n in self)}, got {name!r}")
+        return self[name]
+
+
 def validate_client_settings(section, prefix: str) -> None:
     """The HTTP client keys every remote service's section spells the same way (``teacher``, ``method.ovd.http``):
     ``deadline`` (seconds per request, everything included), ``retries`` and ``max_reply_mb``."""

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal, Protocol, Sequence
 
 import torch
 
-from ..config.sections import ConfigError, SamplingConfig
+from ..config.sections import Registry, SamplingConfig
 from ..models.rollouts import Rollouts
 
 RunConfig = Any  # the whole opd.config.schema.Config (not imported: it is assembled from this registry)
@@ -77,21 +77,16 @@ class Engine:
         raise NotImplementedError
 
 
-ENGINE_REGISTRY: dict[str, type[Engine]] = {}
+ENGINE_REGISTRY = Registry("sampling.engine", "engine")  # name -> Engine subclass
 
 
 def register_engine(cls: type[Engine]) -> type[Engine]:
     """Class decorator: file ``cls`` under ``cls.name``."""
-    if cls.name in ENGINE_REGISTRY:
-        raise ValueError(f"engine '{cls.name}' is registered twice")
-    ENGINE_REGISTRY[cls.name] = cls
-    return cls
+    return ENGINE_REGISTRY.add(cls.name, cls)
 
 
 def engine_class(name: str) -> type[Engine]:
-    if name not in ENGINE_REGISTRY:
-        raise ConfigError(f"config key 'sampling.engine' must be one of {', '.join(repr(n) for n in ENGINE_REGISTRY)}, got {name!r}")
-    return ENGINE_REGISTRY[name]
+    return ENGINE_REGISTRY.named(name)
 
 
 def row_seeds(generator: torch.Generator | None, rows: int) -> list[int]:

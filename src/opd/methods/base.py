@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
-from ..config.sections import ConfigError
+from ..config.sections import Registry
 from ..engines.base import Sampler, engine_class
 from ..episodes.driver import run_task_episodes, template_kwargs_with_tools
 from ..episodes.environments import is_episodic
@@ -223,21 +223,16 @@ def sample_rows(
     return rollouts, [s.task.reward(text, e) for text, e in zip(rollouts.texts, rows)] if grade else None, {}
 
 
-METHOD_REGISTRY: dict[str, type[Method]] = {}
+METHOD_REGISTRY = Registry("method.name", "method")  # name -> Method subclass
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: file ``cls`` under ``cls.name``."""
-    if cls.name in METHOD_REGISTRY:
-        raise ValueError(f"method '{cls.name}' is registered twice")
-    METHOD_REGISTRY[cls.name] = cls
-    return cls
+    return METHOD_REGISTRY.add(cls.name, cls)
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in METHOD_REGISTRY:
-        raise ConfigError(f"config key 'method.name' must be one of {', '.join(repr(n) for n in METHOD_REGISTRY)}, got {name!r}")
-    return METHOD_REGISTRY[name]
+    return METHOD_REGISTRY.named(name)
 
 
 def create_method(cfg: RunConfig) -> Method:

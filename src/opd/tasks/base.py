@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
 
+from ..config.sections import Registry
+
 
 @dataclass(frozen=True)
 class Example:
@@ -148,16 +150,14 @@ class TaskSpec:
         return self.task_class.from_config(config, seed)
 
 
-TASK_REGISTRY: dict[str, TaskSpec] = {}
+TASK_REGISTRY = Registry("task.name", "task")  # name -> TaskSpec
 
 
 def register_task(name: str, config_class: type[TaskConfig]):
     """Class decorator: the task class (with a ``from_config(config, seed)`` classmethod) under ``name``."""
 
     def decorate(cls):
-        if name in TASK_REGISTRY:
-            raise ValueError(f"task '{name}' is registered twice")
-        TASK_REGISTRY[name] = TaskSpec(name, config_class, cls)
+        TASK_REGISTRY.add(name, TaskSpec(name, config_class, cls))
         return cls
 
     return decorate
