@@ -1,14 +1,26 @@
-"""OVD: acceptance and replacement on hand-built scores; the three judges; the method through the loop."""
+"""OVD: acceptance and replacement on hand-built scores; the group baseline against the formula written out; the three
+judges; the method through the loop."""
 
 import json
+import random
+import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import Server, make_config
 from transformers import AutoModelForCausalLM
 
-from opd.objectives.ovd import GroupMember, accept, first_rejected_step, ovd_rewards, plan_group
+from opd.objectives.grpo import group_advantages
+from opd.objectives.ovd import (
+    GroupMember,
+    accept,
+    first_rejected_step,
+    ovd_rewards,
+    plan_group,
+    student_baseline_advantages,
+)
 from opd.tasks.arithmetic import StepCheckingJudge, make_example
 from opd.teachers.judges import HTTPJudge, JudgeError, ModelJudge
 from opd.training.loop import train
@@ -70,6 +82,46 @@ def test_the_kept_prefix_is_the_students_own_tokens(tokenizer):
 def test_score_weight_in_reward():
     assert ovd_rewards([1.0, 0.0], [9.0, 4.5]) == [1.0, 0.0]
     assert ovd_rewards([1.0, 0.0], [9.0, 4.5], score_weight=0.5) == [1.5, 0.25]
+
+
+def students_baseline(rewards, student_rewards, groups, scale=True, sample=True, eps=1e-6):
+    """The baseline written out: per group, b = mean of the student's rewards, σ their std; (r − b) / (σ + ε), or
+    r − b when σ is 0 or scaling is off."""
+    out = []
+    for r, g in zip(rewards, groups):
+        own = [x for x, h in zip(student_rewards, groups) if h == g]
+        b = statistics.fmean(own)
+        sigma = (statistics.stdev(own) if sample else statistics.pstdev(own)) if len(own) > 1 else 0.0
+        out.append((r - b) / (sigma + eps) if scale and sigma > 0 else r - b)
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, rewards, student_rewards",
+    [
+        ("every row replaced, the student failing all", [1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]),  # A = r − 0: σ = 1
+        ("mixed: two accepted, two replaced", [1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]),
+        ("every row solved by the student", [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]),  # A = 0
+        ("with the score in the reward (w = 0.5)", [1.5, 1.0 + 0.5 * 8 / 9, 0.25, 0.5 * 3 / 9], [1.5, 0.5 * 2 / 9, 0.25, 0.5 * 3 / 9]),
+    ],
+)
+def test_the_students_own_rewards_are_the_baseline(case, rewards, student_rewards):
+    groups = [0, 0, 0, 0]
+    for scale in (True, False):
+        for sample in (True, False):
+            got = student_baseline_advantages(torch.tensor(rewards), torch.tensor(student_rewards), torch.tensor(groups), scale, sample)
+            assert got.tolist() == pytest.approx(students_baseline(rewards, student_rewards, groups, scale, sample), abs=1e-6), case
+    if case.startswith("every row replaced"):
+        assert student_baseline_advantages(torch.tensor(rewards), torch.tensor(student_rewards), torch.tensor(groups)).tolist() == rewards
+
+
+def test_each_group_has_its_own_baseline():
+    rewards, student_rewards, groups = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0, 0.0], [0, 0, 0, 1, 1, 1]
+    got = student_baseline_advantages(torch.tensor(rewards), torch.tensor(student_rewards), torch.tensor(groups))
+    assert got.tolist() == pytest.approx(students_baseline(rewards, student_rewards, groups), abs=1e-6)
+    # the final group's baseline (GRPO's) differs: a group of all-successful demonstrations gets nothing from it
+    final = group_advantages(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]))
+    assert final.tolist() == [0.0, 0.0] and student_baseline_advantages(torch.tensor([1.0, 1.0]), torch.zeros(2), torch.tensor([0, 0])).tolist() == [1.0, 1.0]
 
 
 def test_programmatic_judge_scores_steps():
@@ -171,21 +223,64 @@ def test_ovd_config_refusals():
 
 
 def test_failed_demonstrations_can_be_left_out_of_the_group(tmp_path, tiny_models):
-    """A random tiny teacher never solves a problem: with the option every replaced row leaves the loss and its group."""
-    import random
-
+    """A random tiny teacher never solves a problem: with the option every replaced row leaves the loss; against the
+    final group it leaves the group too, against the student's baseline it keeps its place (its sample counts in b)."""
     from opd.training.assembly import build_session
 
-    for drop in (False, True):
-        cfg = make_config(tmp_path, tiny_models, "method.name=ovd", "method.ovd.threshold=5", f"method.ovd.drop_failed_demonstrations={drop}")
+    for drop, baseline in ((False, "student"), (True, "student"), (True, "final_group")):
+        cfg = make_config(
+            tmp_path, tiny_models, "method.name=ovd", "method.ovd.threshold=5", f"method.ovd.drop_failed_demonstrations={drop}",
+            f"method.ovd.baseline={baseline}",
+        )
         s = build_session(cfg)
         examples = s.task.sample_train(3, random.Random(0))
         batch = s.method.data(s, examples, random.Random(0), torch.Generator().manual_seed(0))
         r = batch.rollouts
         assert batch.info["accepted_fraction"] == 0.0 and batch.info["demonstration_reward"] == 0.0
+        assert batch.info["dropped_fraction"] == float(drop)
         if drop:
-            assert batch.info["dropped_fraction"] == 1.0
-            assert r.loss_mask_BC.sum() == 0 and len(set(r.group_B)) == len(r.group_B)  # each its own group
+            assert r.loss_mask_BC.sum() == 0
         else:
-            assert batch.info["dropped_fraction"] == 0.0
-            assert torch.equal(r.loss_mask_BC, r.completion_mask_BC) and len(set(r.group_B)) == len(examples)
+            assert torch.equal(r.loss_mask_BC, r.completion_mask_BC)
+        distinct = len(set(r.group_B))
+        assert distinct == (len(r.group_B) if baseline == "final_group" else len(examples))
+        assert batch.baseline_rewards == [0.0] * len(r.group_B)  # the random student solves nothing either
+
+
+@pytest.mark.parametrize("baseline, score_weight", [("student", 0.0), ("student", 0.5), ("final_group", 0.0)])
+def test_each_row_is_trained_with_the_advantage_its_baseline_gives(baseline, score_weight, tmp_path):
+    """The embedded student (about half right) and teacher (nearly always right) on a group: the rows' advantages, as the
+    loss trained them, equal the formula written out — against the student's own samples, graded here again from an
+    independent draw of the same samples, or against the final group's rewards."""
+    from opd.config.loading import load_config
+    from opd.methods import token_views
+    from opd.methods.base import student_samples
+    from opd.training.assembly import build_session
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "src/opd/configs/arithmetic/ovd.yaml",
+        [f"run.output_dir={tmp_path}", f"method.ovd.baseline={baseline}", f"method.ovd.score_weight={score_weight}", "train.threads=1"],
+    )
+    s = build_session(cfg)
+    examples = s.task.sample_train(4, random.Random(3))
+    batch = s.method.data(s, examples, random.Random(0), torch.Generator().manual_seed(7))
+    own = student_samples(s, examples, torch.Generator().manual_seed(7))  # the same draw: the student's own samples
+    scores = s.judge.score(own.examples, own.rollouts.texts)
+    student_rewards = [own_r + score_weight * score / 9 for own_r, score in zip(own.rewards, scores)]
+    assert batch.baseline_rewards == pytest.approx(student_rewards)
+    assert 0 < batch.info["accepted_fraction"] < 1 and batch.info["reward"] == pytest.approx(sum(own.rewards) / len(own.rewards))
+    groups = batch.rollouts.group_B
+    if baseline == "student":
+        expected = students_baseline(batch.rewards, student_rewards, groups)
+    else:  # GRPO's: the trained rows' own mean and std
+        expected = []
+        for r, g in zip(batch.rewards, groups):
+            members = [x for x, h in zip(batch.rewards, groups) if h == g]
+            expected.append((r - statistics.fmean(members)) / (statistics.stdev(members) + 1e-6))
+    with token_views.recording() as views, torch.no_grad():
+        s.method.loss(s, batch, 0)
+    trained = views[-1].advantages_BC[:, 0]  # one advantage per row, on every token
+    assert trained.tolist() == pytest.approx(expected, abs=1e-5)
+    if baseline == "student" and score_weight == 0:
+        replaced = [i for i, note in enumerate(batch.row_notes) if "replaced" in note]
+        assert replaced and all(trained[i] > 0 for i in replaced if batch.rewards[i] == 1 and student_rewards[i] == 0)

@@ -20,6 +20,8 @@ class Batch:
     examples: list[Example]  # one per row
     on_policy: bool
     rewards: list[float] | None = None  # per-row rewards: the task's for student samples, OVD's for its group
+    # OVD: each row's reward as the student sampled it, before any replacement (the group baseline's rewards)
+    baseline_rewards: list[float] | None = None
     info: dict[str, float] = field(default_factory=dict)  # data-source metrics (OVD acceptance, …)
     train_mask_BC: torch.Tensor | None = None  # the tokens the loss trains on, when a method narrows the loss mask
     normaliser: Normaliser | None = None  # the whole step's normaliser, set by the loop; None = this batch alone

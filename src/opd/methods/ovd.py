@@ -1,13 +1,17 @@
 """OVD: on-policy verbal distillation (arXiv 2601.21968).
 
-The teacher gives only a verbal score s ∈ [0, 9] per trajectory (or per step). For each prompt
-the student samples N trajectories; those scoring ≥ θ are kept, the others are replaced by a
-teacher demonstration (whole trajectory, or the suffix after the first bad step), and the group
-is trained with GRPO on the outcome reward ``r_i`` (+ ``w · s_i / 9`` optionally):
+The teacher gives only a verbal score s ∈ [0, 9] per trajectory (or per step, or per turn). For
+each prompt the student samples N trajectories; those scoring ≥ θ are kept, the others are replaced
+by a teacher demonstration (whole trajectory, or the suffix after the first bad step or turn), and
+the group is trained on the outcome reward ``r_i`` (+ ``w · s_i / 9`` optionally), measured against
+the student's own value estimate (``method.ovd.baseline: student``, the default):
 
-    A_i = (r_i - mean_group(r)) / (std_group(r) + ε)
+    b = mean_group(r^S),   A_i = (r_i − b) / (std_group(r^S) + ε)   (A_i = r_i − b when that std is 0)
 
-Group planning and rewards are pure functions in ``objectives.ovd``.
+with ``r^S`` the rewards of the student's samples before any replacement (mixed-policy GRPO, LUFFY,
+arXiv 2504.14945); ``baseline: final_group`` is GRPO's ``(r_i − mean_group(r)) / (std_group(r) + ε)``
+over the trained rows. Group planning, rewards and advantages are pure functions in ``objectives.ovd``
+(docs/methods.md#ovd).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from ..config.sections import require, validate_client_settings
 from ..episodes.driver import run_task_episodes
 from ..episodes.environments import is_episodic
 from ..episodes.scripted import agent_turns, scripted_episodes
 from ..models.loading import freeze, load_model, load_tokenizer
 from ..models.rollouts import Rollouts, build_rollouts, stack_rows
-from ..objectives.ovd import first_rejected_step, ovd_rewards, plan_group
+from ..objectives.ovd import first_rejected_step, ovd_rewards, plan_group, student_baseline_advantages
 from ..tasks.base import TASK_REGISTRY, Example
 from ..teachers.judges import HTTPJudge, ModelJudge
 from ..teachers.model import ModelTeacher
@@ -55,6 +61,10 @@ class OVDConfig:
     drop_failed_demonstrations: bool = False
     scale_by_std: bool = True  # the GRPO step: divide the group-centred rewards by the group's std
     std: Literal["sample", "population"] = "sample"  # that std: sample (Bessel-corrected, as TRL) or population
+    # what each trained row's reward is measured against: the mean (and std) of the group's rewards as the student
+    # sampled them, before any replacement (student), or of the trained rows themselves (final_group, GRPO's: a
+    # group whose every row was replaced then has zero advantage)
+    baseline: Literal["student", "final_group"] = "student"
     http: HTTPJudgeConfig = field(default_factory=HTTPJudgeConfig)
 
 
@@ -72,9 +82,11 @@ def sampled_prefix(tokenizer, ids: list[int], text_prefix: str) -> tuple[list[in
     return [], ""
 
 
-def row_note(score: float, source: str, dropped: bool) -> str:
-    """Where a group row's tokens came from, for ``opd inspect``."""
-    return f"score {score:g}: {source}" + (" (dropped: the demonstration failed)" if dropped else "")
+def row_note(score: float, source: str, dropped: bool, reward: float, student_reward: float) -> str:
+    """Where a group row's tokens came from and what it was trained with, for ``opd inspect``: the judge's score of
+    the student's sample, the row's reward and the student's own (the baseline's)."""
+    rewards = f"reward {reward:g}" + (f", the student's {student_reward:g}" if reward != student_reward or source != "accepted" else "")
+    return f"score {score:g}: {source}; {rewards}" + (" (dropped: the demonstration failed)" if dropped else "")
 
 
 def turn_text(tokenizer, ids: list[int]) -> str:
@@ -228,9 +240,10 @@ class OVD(Method):
         ``r_i + w · s_i / 9``, the group's metrics and where each row came from (``row_note``)."""
         o, n = self.config, len(rows)
         dropped = [i for i in replaced if o.drop_failed_demonstrations and outcomes[i] <= 0]
-        for i in dropped:  # a group of its own (zero advantage) with no trained tokens
+        for i in dropped:  # no trained tokens; out of the group's mean and std too when the final group is the baseline
             rollouts.loss_mask_BC[i] = 0
-            rollouts.group_B[i] = -1 - i
+            if o.baseline == "final_group":
+                rollouts.group_B[i] = -1 - i
         final_scores = scores
         if o.score_weight:
             final_scores = [None if i in replaced else score for i, score in enumerate(scores)]
@@ -243,8 +256,17 @@ class OVD(Method):
         }
         if replaced:
             info["demonstration_reward"] = sum(outcomes[i] for i in replaced) / len(replaced)
-        notes = [row_note(scores[i], sources[i], i in dropped) for i in range(n)]
-        return Batch(rollouts, rows, on_policy=False, rewards=ovd_rewards(outcomes, final_scores, o.score_weight), info=info, row_notes=notes)
+        rewards = ovd_rewards(outcomes, final_scores, o.score_weight)
+        baseline_rewards = ovd_rewards(student_rewards, scores, o.score_weight)  # each student sample's own reward
+        notes = [row_note(scores[i], sources[i], i in dropped, rewards[i], baseline_rewards[i]) for i in range(n)]
+        return Batch(rollouts, rows, on_policy=False, rewards=rewards, baseline_rewards=baseline_rewards, info=info, row_notes=notes)
 
     def loss(self, s: Session, batch: Batch, step: int):
-        return group_policy_loss(s, batch, self.config.scale_by_std, std=self.config.std)
+        o = self.config
+        if o.baseline == "final_group":
+            return group_policy_loss(s, batch, o.scale_by_std, std=o.std)
+        groups_B = torch.tensor(batch.rollouts.group_B)
+        advantages_B = student_baseline_advantages(
+            torch.tensor(batch.rewards), torch.tensor(batch.baseline_rewards), groups_B, o.scale_by_std, o.std == "sample",
+        )
+        return group_policy_loss(s, batch, advantages_B=advantages_B)

@@ -10,12 +10,25 @@ The teacher gives no token probabilities, only a verbal score ``s ∈ [0, 9]`` p
 
 and the group is trained with GRPO on the outcome reward ``r_i`` (optionally
 ``r_i + w · s_i / 9``). The score filters; by default it is not part of the reward.
+
+The group baseline is the student's own value estimate (``student_baseline_advantages``): with
+``r^S_i`` the reward of the student's original sample i (before any replacement) and ``r_i`` that of
+the row trained (the accepted sample, or the demonstration that replaced it),
+
+    b = mean_G r^S,    A_i = (r_i − b) / (σ + ε)    σ = std_G r^S when scaling and > 0; else A_i = r_i − b
+
+so a demonstration that succeeds where the student failed is pushed up, one that fails where the
+student failed gets 0 — the mixed-policy GRPO of off-policy guidance (LUFFY, arXiv 2504.14945).
+The baseline over the final group instead (GRPO's own, ``objectives.grpo.group_advantages``) gives a
+group whose every member was replaced zero advantage (docs/methods.md#ovd).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Sequence
+
+import torch
 
 Replacement = Literal["trajectory", "step", "none"]
 
@@ -74,3 +87,21 @@ def plan_group(
 def ovd_rewards(outcomes: Sequence[float], scores: Sequence[float], score_weight: float = 0.0) -> list[float]:
     """``r_i + w · s_i / 9`` (w = 0 by default: the score only filters)."""
     return [r + score_weight * s / 9.0 for r, s in zip(outcomes, scores)]
+
+
+def student_baseline_advantages(
+    rewards_B: torch.Tensor, student_rewards_B: torch.Tensor, group_ids_B: torch.Tensor, scale: bool = True,
+    unbiased: bool = True, eps: float = 1e-6,
+) -> torch.Tensor:
+    """``A_i = (r_i − b) / (σ + ε)``, ``b`` the mean and σ the std (sample std when ``unbiased``, as
+    ``group_advantages``) of the student's own rewards in row i's group; ``A_i = r_i − b`` when ``scale`` is off or
+    σ is 0 (an all-failed or all-solved student group: nothing to divide by)."""
+    rewards_B, student_rewards_B = rewards_B.to(torch.float64), student_rewards_B.to(torch.float64)
+    advantages = torch.zeros_like(rewards_B)
+    for group in group_ids_B.unique():
+        members = group_ids_B == group
+        student = student_rewards_B[members]
+        centred = rewards_B[members] - student.mean()
+        std = student.std(unbiased=unbiased) if student.numel() > 1 else student.new_zeros(())
+        advantages[members] = centred / (std + eps) if scale and std > 0 else centred
+    return advantages.float()
