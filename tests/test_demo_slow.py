@@ -30,3 +30,20 @@ def test_search_demo_teaches_the_second_search(tmp_path):
     assert before["episode_tool_calls"] == 1.0 and before["accuracy_hops_2"] == 0.0
     assert after["episode_tool_calls"] > 1.4 and after["accuracy_hops_2"] > 0.5
     assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.20
+
+
+@pytest.mark.slow
+def test_search_ovd_teaches_the_second_search(tmp_path):
+    """OVD across turns on the shipped search world (configs/search_qa/world_ovd.yaml, 25 of its steps): every two-hop
+    student episode is rejected at the turn that answers too early and the teacher continues from there; measured
+    against the student's own episodes, those demonstrations are pushed up and the student learns the second search."""
+    from opd.cli import CONFIG_DIR
+
+    out = tmp_path / "ovd"
+    args = [f"run.output_dir={out}", "train.steps=25", "eval.every=0", "eval.num_prompts=100", "eval.teacher=false", "log.progress_bar=false"]
+    assert main(["train", str(CONFIG_DIR / "search_qa/world_ovd.yaml"), *args]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["episode_tool_calls"] == 1.0 and before["accuracy_hops_2"] == 0.0
+    assert after["episode_tool_calls"] > 1.4 and after["accuracy_hops_2"] > 0.5
+    assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.20

@@ -108,7 +108,8 @@ def cmd_eval(args) -> int:
     from .training.assembly import build_eval_session
     from .training.evaluation import evaluate
 
-    # Only the student, task, sampling and eval sections matter here; method sft is named because it needs no teacher.
+    # The student, task, sampling, eval and train (device, threads, precision) sections matter here; method sft is
+    # named because it needs no teacher.
     args.task = args.task or ("math" if args.data else "arithmetic")
     overrides = [f"task.name={args.task}", f"student.path={args.model}", f"eval.k={args.k}", "method.name=sft"]
     if args.data:  # evaluate every row of the given data (a DatasetDict: its test / validation split, or task.eval_split)
@@ -163,13 +164,14 @@ def cmd_world(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .tasks import TASK_REGISTRY
+    from .worlds.locate import WORLDS
 
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="distil the embedded teacher into the embedded student with OPD")
-    demo.add_argument("--world", choices=["arithmetic", "search"], default="arithmetic", help="search: the tool-using search-QA world")
+    demo.add_argument("--world", choices=sorted(WORLDS), default="arithmetic", help="search: the tool-using search-QA world")
     demo.add_argument("--output-dir", help="default: runs/demo (runs/demo_search for --world search)")
     demo.add_argument("overrides", nargs="*", help="key.path=value overrides of configs/demo.yaml")
     demo.set_defaults(func=cmd_demo)
@@ -193,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--output", help="build into this directory (default: $OPD_WORLD_DIR or ~/.cache/opd)")
     world.add_argument("--force", action="store_true", help="rebuild even if already built there")
     world.add_argument("--reuse", help="copy the roles whose build inputs are unchanged from this earlier world instead of training them")
-    world.add_argument("--world", choices=["arithmetic", "search"], default="arithmetic", help="search: the embedded search-QA world")
+    world.add_argument("--world", choices=sorted(WORLDS), default="arithmetic", help="search: the embedded search-QA world")
     world.set_defaults(func=cmd_world)
 
     cmp = sub.add_parser("compare", help="run claim sets over several seeds and write the evidence report")

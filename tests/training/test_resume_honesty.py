@@ -2,6 +2,7 @@
 effect and are recorded), a checkpoint past train.steps is refused, and no metrics row is duplicated."""
 
 import json
+import shutil
 
 import pytest
 from conftest import make_config
@@ -57,3 +58,40 @@ def test_resuming_a_finished_run_does_not_duplicate_its_final_evaluation(tmp_pat
     key = lambda r: (r["kind"], r["step"])  # noqa: E731
     assert [key(r) for r in again] == [key(r) for r in first]
     assert [r for r in again if r["kind"] == "eval"][-1]["accuracy"] == [r for r in first if r["kind"] == "eval"][-1]["accuracy"]
+
+
+def as_saved_before_the_renames(run_dir):
+    """The run's config.yaml as opd wrote it before method.ovd.http's keys were renamed and method.ovd.baseline existed."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    tree = yaml.safe_load(path.read_text())
+    http = tree["method"]["ovd"]["http"]
+    http["timeout"], http["max_reply_bytes"] = http.pop("deadline"), int(http.pop("max_reply_mb") * (1 << 20))
+    del tree["method"]["ovd"]["baseline"]
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    shutil.rmtree(run_dir / "checkpoints" / "step-000004")  # as if stopped after step 2
+
+
+def test_a_run_saved_before_keys_were_renamed_or_added_resumes_as_the_run_it_was(tmp_path, tiny_models):
+    """An OPD run's saved config holds every method's section: the old spellings there are read as the new ones, and
+    neither they nor the other methods' keys are changes of an OPD run."""
+    from opd.config.loading import load_saved_config
+
+    train(make_config(tmp_path, tiny_models, *FIRST))
+    as_saved_before_the_renames(tmp_path / "run")
+    saved = load_saved_config(tmp_path / "run" / "config.yaml")
+    assert saved.method.ovd.http.deadline == 30.0 and saved.method.ovd.http.max_reply_mb == 1.0
+    assert saved.method.ovd.baseline == "final_group"  # what OVD did before the key existed
+    train(make_config(tmp_path, tiny_models, *FIRST, "run.resume=true", "method.gkd.beta=0.9"))
+    assert [r["step"] for r in rows(tmp_path) if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_an_ovd_run_saved_before_the_baseline_existed_is_not_resumed_with_another(tmp_path, tiny_models):
+    ovd = ["method.name=ovd", "method.ovd.threshold=5"]
+    train(make_config(tmp_path, tiny_models, *FIRST, *ovd))
+    as_saved_before_the_renames(tmp_path / "run")
+    with pytest.raises(RunDirError, match="method.ovd.baseline: 'final_group' -> 'student'"):
+        train(make_config(tmp_path, tiny_models, *FIRST, *ovd, "run.resume=true"))
+    train(make_config(tmp_path, tiny_models, *FIRST, *ovd, "run.resume=true", "method.ovd.baseline=final_group"))
+    assert [r["step"] for r in rows(tmp_path) if r["kind"] == "train"] == [1, 2, 3, 4]

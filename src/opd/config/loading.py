@@ -20,16 +20,10 @@ from typing import Any, Literal
 import yaml
 
 from ..tasks.base import TASK_REGISTRY, TaskConfig
+from .history import RENAMED_KEYS, migrate_saved
 from .schema import DEFAULT_TASK, Config
 from .sections import ConfigError
 from .validation import validate
-
-# keys that were spelled otherwise before: the old name gives the usual one-line error naming the new one
-RENAMED_KEYS = {
-    "method.ovd.http.timeout": "method.ovd.http.deadline",
-    "method.ovd.http.max_reply_bytes": "method.ovd.http.max_reply_mb",
-}
-
 
 # ----------------------------------------------------------------------------- building
 
@@ -37,6 +31,18 @@ RENAMED_KEYS = {
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate."""
     raw = read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    config = from_dict(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def load_saved_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A run's saved ``config.yaml`` (keys renamed or added since read as the run meant them: ``config.history``), with
+    overrides, validated."""
+    raw = migrate_saved(read_yaml(Path(path)))
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
@@ -130,8 +136,9 @@ def _all_keys(cls: type, prefix: str) -> list[str]:
 
 def _unknown_key_error(cls: type, prefix: str, name: str) -> ConfigError:
     full = f"{prefix}{name}"
-    if full in RENAMED_KEYS:
-        return ConfigError(f"config key '{full}' is now '{RENAMED_KEYS[full]}'")
+    if full in RENAMED_KEYS:  # a user's config with a key's old spelling (a run's saved one is migrated instead)
+        new, unit, _ = RENAMED_KEYS[full]
+        return ConfigError(f"config key '{full}' is now '{new}'{unit}")
     if isinstance(cls, type) and issubclass(cls, TaskConfig):
         owners = [n for n, spec in TASK_REGISTRY.items() if name in {f.name for f in dataclasses.fields(spec.config_class)}]
         if owners:

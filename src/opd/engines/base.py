@@ -30,7 +30,7 @@ import torch
 from ..config.sections import Registry, SamplingConfig
 from ..models.rollouts import Rollouts
 
-RunConfig = Any  # the whole opd.config.schema.Config (not imported: it is assembled from this registry)
+AnyConfig = Any  # the whole opd.config.schema.Config (not imported: it is assembled from this registry)
 
 
 class Sampler(Protocol):
@@ -61,17 +61,17 @@ class Engine:
     logprobs: ClassVar[Literal["trainer", "engine"]] = "engine"
 
     @classmethod
-    def section(cls, cfg: RunConfig):
+    def section(cls, cfg: AnyConfig):
         """This engine's own config section, ``cfg.sampling.<name>``."""
         return getattr(cfg.sampling, cls.name)
 
     @classmethod
-    def validate(cls, cfg: RunConfig, world_size: int) -> None:
+    def validate(cls, cfg: AnyConfig, world_size: int) -> None:
         """Refuse what this engine cannot do with ``cfg`` on ``world_size`` ranks, raising ``ConfigError`` naming the key
         (called once, with the rest of the config's checks, before any model loads)."""
 
     @classmethod
-    def build(cls, cfg: RunConfig, student: torch.nn.Module, tokenizer, eos_ids: list[int], autocast, device: torch.device,
+    def build(cls, cfg: AnyConfig, student: torch.nn.Module, tokenizer, eos_ids: list[int], autocast, device: torch.device,
               context: int | None) -> Sampler:
         """The student's sampler (``context``: the run's context length, None when unknown)."""
         raise NotImplementedError

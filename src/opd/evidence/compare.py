@@ -4,7 +4,7 @@ Each distinct configuration (after the command line's overrides; the seed, run d
 is one arm run once per seed under ``OUT/runs/<label>-<hash>/seed<k>``, however many claims use it. Runs go in
 parallel, ``--jobs`` at a time with ``--threads`` each (default: one thread, as many jobs as cores). A run with a
 ``summary.json`` is finished and skipped; an unfinished one resumes from its newest checkpoint (``run.resume``)
-or starts again. The report (``compare_report.write_report``) reads only what the runs wrote.
+or starts again. The report (``report.write_report``) reads only what the runs wrote.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config.history import trajectory_view
 from ..config.loading import load_config
 from ..config.saving import to_dict
 from ..config.sections import ConfigError
@@ -57,7 +58,7 @@ class Plan:
 def config_key(path: Path, overrides: list[str]) -> str:
     """Hash of ``path``'s configuration with ``overrides``, leaving out what differs between the runs of one arm.
     Loading validates it, so a broken arm fails here, before any run starts."""
-    data = to_dict(load_config(path, overrides))
+    data = trajectory_view(to_dict(load_config(path, overrides)))  # other methods' and engines' keys change nothing
     for section, key in PER_RUN_KEYS:
         data.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]

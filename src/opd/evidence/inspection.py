@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.loading import load_config
+from ..config.loading import load_saved_config
 from ..config.sections import ConfigError
 from ..methods import token_views
 from ..methods.base import Session
@@ -135,7 +135,7 @@ def inspect_run(run_dir: str | Path, step: int | None = None, rows: int = 4, out
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    cfg = load_saved_config(run_dir / "config.yaml", list(overrides))
     steps = available_steps(run_dir, cfg.train.steps)
     step = max(steps) if step is None else step
     if step not in steps:

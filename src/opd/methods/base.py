@@ -33,7 +33,7 @@ from ..tasks.base import Example, Judge, StepJudge, Task, TurnJudge
 from ..teachers.base import Teacher
 from .batch import Batch
 
-RunConfig = Any  # the whole opd.config.schema.Config
+AnyConfig = Any  # the whole opd.config.schema.Config
 
 DEFAULT_IMPORTANCE_CAP = 5.0  # docs/methods.md, "The shared update rule"
 
@@ -61,30 +61,30 @@ class Method:
     name: ClassVar[str]
     config_class: ClassVar[type | None] = None  # the dataclass of the ``method.<name>`` section
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: AnyConfig):
         self.cfg = cfg
         self.config = getattr(cfg.method, self.name) if self.config_class is not None else None
 
     @classmethod
-    def section(cls, cfg: RunConfig):
+    def section(cls, cfg: AnyConfig):
         """This method's own config section, ``cfg.method.<name>``."""
         return getattr(cfg.method, cls.name)
 
     @classmethod
-    def validate(cls, cfg: RunConfig) -> None:
+    def validate(cls, cfg: AnyConfig) -> None:
         """Refuse impossible values and meaningless combinations, raising ``ConfigError`` naming the key."""
 
     @classmethod
-    def needs(cls, cfg: RunConfig) -> Needs:
+    def needs(cls, cfg: AnyConfig) -> Needs:
         return Needs()
 
     @classmethod
-    def loss_temperature(cls, cfg: RunConfig) -> tuple[str, float]:
+    def loss_temperature(cls, cfg: AnyConfig) -> tuple[str, float]:
         """``(config key, τ)`` of the temperature a full-vocabulary loss divides both logit sets by."""
         return "sampling.temperature", cfg.sampling.temperature
 
     @classmethod
-    def default_reduction(cls, cfg: RunConfig) -> str:
+    def default_reduction(cls, cfg: AnyConfig) -> str:
         """The normaliser ``method.reduction: auto`` stands for."""
         return "token_mean"
 
@@ -152,7 +152,7 @@ class Session:
     shortest of the student's and its teachers'; None when none states one), ``max_prompt_tokens`` what it leaves a
     training prompt."""
 
-    cfg: RunConfig
+    cfg: AnyConfig
     method: Method  # the configured method: its batches and its loss
     task: Task
     tokenizer: Any  # the student's tokenizer (a transformers tokenizer)
@@ -235,6 +235,6 @@ def method_class(name: str) -> type[Method]:
     return METHOD_REGISTRY.named(name)
 
 
-def create_method(cfg: RunConfig) -> Method:
+def create_method(cfg: AnyConfig) -> Method:
     """The configured method, ready to make batches and losses."""
     return method_class(cfg.method.name)(cfg)

@@ -14,21 +14,27 @@ import torch
 
 
 def group_advantages(
-    rewards_B: torch.Tensor, group_ids_B: torch.Tensor, eps: float = 1e-6, scale: bool = True, unbiased: bool = True
+    rewards_B: torch.Tensor, group_ids_B: torch.Tensor, eps: float = 1e-6, scale: bool = True, unbiased: bool = True,
+    baseline_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(r - mean_group) / (std_group + ε)``; ``scale=False`` only centres.
+    """``(r - b) / (σ + ε)``, ``b`` and ``σ`` the mean and std over the row's group of ``baseline_B`` — by default the
+    rewards themselves (GRPO's ``(r - mean_group) / (std_group + ε)``); with ``scale=False``, or a std of 0, only
+    ``r - b``.
 
     The std is the sample std (``unbiased``, Bessel-corrected, as TRL's ``GRPOTrainer`` computes it with
-    ``torch.std``) or the population std; a group of one has std 0 (and advantage 0).
+    ``torch.std``) or the population std; a group of one has std 0 (and, its own baseline, advantage 0). A std of 0
+    with the rewards as their own baseline means every ``r - b`` is exactly 0, so GRPO's advantages are unchanged by
+    not dividing; with another baseline (OVD's: the student's own rewards, ``objectives.ovd``) ``r - b`` is kept.
     """
     rewards_B = rewards_B.to(torch.float64)
+    baseline_B = rewards_B if baseline_B is None else baseline_B.to(torch.float64)
     advantages = torch.zeros_like(rewards_B)
     for group in group_ids_B.unique():
         members = group_ids_B == group
-        r = rewards_B[members]
-        centred = r - r.mean()
-        std = r.std(unbiased=unbiased) if r.numel() > 1 else r.new_zeros(())
-        advantages[members] = centred / (std + eps) if scale else centred
+        b = baseline_B[members]
+        centred = rewards_B[members] - b.mean()
+        std = b.std(unbiased=unbiased) if b.numel() > 1 else b.new_zeros(())
+        advantages[members] = centred / (std + eps) if scale and std > 0 else centred
     return advantages.float()
 
 

@@ -30,6 +30,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from .grpo import group_advantages
+
 Replacement = Literal["trajectory", "step", "none"]
 
 
@@ -93,15 +95,7 @@ def student_baseline_advantages(
     rewards_B: torch.Tensor, student_rewards_B: torch.Tensor, group_ids_B: torch.Tensor, scale: bool = True,
     unbiased: bool = True, eps: float = 1e-6,
 ) -> torch.Tensor:
-    """``A_i = (r_i − b) / (σ + ε)``, ``b`` the mean and σ the std (sample std when ``unbiased``, as
-    ``group_advantages``) of the student's own rewards in row i's group; ``A_i = r_i − b`` when ``scale`` is off or
-    σ is 0 (an all-failed or all-solved student group: nothing to divide by)."""
-    rewards_B, student_rewards_B = rewards_B.to(torch.float64), student_rewards_B.to(torch.float64)
-    advantages = torch.zeros_like(rewards_B)
-    for group in group_ids_B.unique():
-        members = group_ids_B == group
-        student = student_rewards_B[members]
-        centred = rewards_B[members] - student.mean()
-        std = student.std(unbiased=unbiased) if student.numel() > 1 else student.new_zeros(())
-        advantages[members] = centred / (std + eps) if scale and std > 0 else centred
-    return advantages.float()
+    """``A_i = (r_i − b) / (σ + ε)``, ``b`` the mean and σ the std (sample std when ``unbiased``) of the student's own
+    rewards in row i's group; ``A_i = r_i − b`` when ``scale`` is off or σ is 0 (an all-failed or all-solved student
+    group: nothing to divide by). GRPO's group advantage with the student's rewards as the baseline."""
+    return group_advantages(rewards_B, group_ids_B, eps, scale, unbiased, baseline_B=student_rewards_B)

@@ -9,7 +9,7 @@ all ranks) as soon as its backward is done.
 
 Two things opd does that a plain ``model(...)`` forward does not cover:
 
-- **Scoring reads the decoder and the output layer directly** (``scoring.completion_hidden_states``
+- **Scoring reads the decoder and the output layer directly** (``models.scoring.completion_hidden_states``
   and the fused full-vocabulary loss use the output layer's weight outside any forward). FSDP gathers
   the root group only inside the root module's forward, so ``in_root_forward`` runs such code *as*
   the root's forward: the root group is gathered for it and stays gathered until the backward has
@@ -77,7 +77,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, world_size: int) -
         module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
     forward = model.forward
 
-    @functools.wraps(forward)  # keeps the signature (``rollout.cache_argument`` reads it)
+    @functools.wraps(forward)  # keeps the signature (``engines.hf.cache_argument`` reads it)
     def root_forward(*args, **kwargs):
         inside = kwargs.pop(_INSIDE, None)
         return inside() if inside is not None else forward(*args, **kwargs)

@@ -144,7 +144,7 @@ class TaskConfig:
 class TaskSpec:
     name: str
     config_class: type[TaskConfig]
-    task_class: type  # a class following ``Task`` (an ``episodes.EpisodicTask`` for a task of episodes)
+    task_class: type  # a class following ``Task`` (an ``episodes.environments.EpisodicTask`` for a task of episodes)
 
     def build(self, config: TaskConfig, seed: int = 0) -> Task:
         return self.task_class.from_config(config, seed)

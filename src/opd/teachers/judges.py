@@ -72,7 +72,7 @@ class HTTPJudge:
     """An OpenAI-compatible ``/v1/chat/completions`` judge whose reply contains ``Score: d``.
 
     The API key is read from the environment variable ``api_key_env`` (never from a config
-    file). Requests go through ``http_client.JSONClient``: a total deadline per request
+    file). Requests go through ``services.http.JSONClient``: a total deadline per request
     (``deadline``), bounded retries with backoff, a capped reply, no redirects, the key only for
     the configured host. A reply that is not a chat completion or has no score is retried too;
     when every attempt fails, ``JudgeError`` names the last problem.

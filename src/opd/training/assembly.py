@@ -119,6 +119,7 @@ def build_eval_session(cfg) -> Session:
     st = cfg.student
     tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
     context = context_length(load_model_config(st.path, "student.path", st.trust_remote_code), tokenizer)
+    require_prompt_room(cfg, context)
     data_report = check_task_data(task, tokenizer, Needs(), cfg, context, splits=("eval",))  # before the model is loaded
     model = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device)
     autocast = autocast_factory(cfg, device)

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ..config.history import migrate_saved, trajectory_view
 from ..config.saving import redact, to_dict
 from ..parallel.launchers import launched_world
 from .checkpoints import CHECKPOINT_PREFIX
@@ -38,8 +39,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def trajectory_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-    """``(key, saved value, new value)`` for every key that differs and alters the trajectory."""
-    before, after = flatten(saved), flatten(current)
+    """``(key, saved value, new value)`` for every key that differs and alters the trajectory (the subsections of the
+    methods and engines neither run uses left out)."""
+    before, after = flatten(trajectory_view(saved)), flatten(trajectory_view(current))
     changes = []
     for key in sorted(set(before) | set(after)):
         if key.startswith(NEUTRAL) or before.get(key) == after.get(key):
@@ -49,11 +51,12 @@ def trajectory_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
 
 
 def read_saved_config(run_dir: Path) -> dict | None:
+    """The run's saved config tree, keys renamed or added since read as the run meant them; None if unreadable."""
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
-    return saved if isinstance(saved, dict) else None
+    return migrate_saved(saved) if isinstance(saved, dict) else None
 
 
 def describe(changes: list[tuple[str, Any, Any]]) -> str:

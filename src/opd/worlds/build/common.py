@@ -88,9 +88,10 @@ def differing_files(fresh: Path, reference: Path, parts: tuple[str, ...]) -> lis
 
 
 def built_elsewhere(reference: Path, differing: list[str]) -> str:
-    """Which differing roles were trained on another CPU (where bytes are not expected to match)."""
+    """Which differing roles (the trained models the world's report lists) were trained on another CPU, where bytes are
+    not expected to match; data files and the tokenizer are written from the spec alone."""
     report = json.loads((Path(reference) / "world.json").read_text())
     here = machine()
-    roles = sorted({name.split("/", 1)[0] for name in differing} - {"tokenizer"})
+    roles = sorted({name.split("/", 1)[0] for name in differing if isinstance(report.get(name.split("/", 1)[0]), dict)})
     notes = [f"{r} was built on {report.get(r, {}).get('machine', 'an unrecorded CPU')}" for r in roles if report.get(r, {}).get("machine") != here]
     return f"this machine: {here}; " + ("; ".join(notes) if notes else "every differing role was built on this CPU")
