@@ -30,19 +30,17 @@ from .validation import validate
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate."""
-    raw = read_yaml(Path(path)) if path is not None else {}
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(raw, key, value)
-    config = from_dict(Config, raw, prefix="")
-    validate(config)
-    return config
+    return build_config(read_yaml(Path(path)) if path is not None else {}, overrides)
 
 
 def load_saved_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A run's saved ``config.yaml`` (keys renamed or added since read as the run meant them: ``config.history``), with
     overrides, validated."""
-    raw = migrate_saved(read_yaml(Path(path)))
+    return build_config(migrate_saved(read_yaml(Path(path))), overrides)
+
+
+def build_config(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The validated ``Config`` of a config tree with ``key.path=value`` overrides applied."""
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)

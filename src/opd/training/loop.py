@@ -293,7 +293,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
         with s.timer.phase("student"):
             for batch in batches:
                 with batch.rng(0):
-                    batch.old_logp_BC = old_logprobs(s, batch)
+                    batch.old_logp_BC = logprobs_before_updates(s, batch)
     totals, status = {}, "no_signal"
     for update in range(cfg.train.updates_per_batch):
         metrics, update_status = optimizer_update(s, optimizer, batches, step, update)
@@ -352,7 +352,7 @@ def optimizer_update(s: Session, optimizer, batches: list[Batch], step: int, upd
     return totals, status
 
 
-def old_logprobs(s: Session, batch: Batch) -> torch.Tensor:
+def logprobs_before_updates(s: Session, batch: Batch) -> torch.Tensor:
     """The batch's sampled-token log-probs under the student as it is now (before this step's updates), no gradient."""
     with torch.no_grad():
         return student_token_logprobs(s, batch.rollouts)[0]
