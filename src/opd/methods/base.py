@@ -170,14 +170,11 @@ class Session:
     ranks: Ranks = SINGLE  # this process's place in a several-process run (one process: SINGLE)
     sampler_behind: bool = False  # updates applied since the sampler last got the student's weights (sampling.sync_every)
 
-    def prompt_room(self, new_tokens: int) -> int | None:
-        """The most prompt tokens that leave room for ``new_tokens`` in the context (None when it is unknown)."""
-        return self.context - new_tokens if self.context else None
-
     @property
     def max_prompt_tokens(self) -> int | None:
-        """The most prompt tokens a training prompt may have (room for ``sampling.max_new_tokens``)."""
-        return self.prompt_room(self.cfg.sampling.max_new_tokens)
+        """The most prompt tokens a training prompt may have: the context less ``sampling.max_new_tokens`` (None when the
+        context is unknown)."""
+        return self.context - self.cfg.sampling.max_new_tokens if self.context else None
 
 
 # ----------------------------------------------------------------------------- the default data source
