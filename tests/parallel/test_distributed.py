@@ -194,14 +194,15 @@ def test_two_ranks_take_the_steps_of_one_process_accumulating_both_halves(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["opd", "gkd"])
-def test_fsdp_ranks_take_the_steps_of_one_unsharded_process(tmp_path, tiny_models, method):
+@pytest.mark.parametrize("method, extra", [("opd", ()), ("gkd", ()), ("gkd", ("train.gradient_checkpointing=true",))], ids=["opd", "gkd", "gkd-checkpointing"])
+def test_fsdp_ranks_take_the_steps_of_one_unsharded_process(tmp_path, tiny_models, method, extra):
     """FSDP2 over 2 ranks (the student's weights, gradients and Adam state split in halves; the output layer gathered
-    for GKD's fused full-vocabulary loss) against 1 unsharded process accumulating both halves of each step."""
+    for GKD's fused full-vocabulary loss; each layer recomputed in the backward with gradient checkpointing) against
+    1 unsharded process accumulating both halves of each step."""
     config = CONFIGS / ("demo.yaml" if method == "opd" else f"arithmetic/{method}.yaml")
     single, sharded = tmp_path / "one", tmp_path / "fsdp"
     ok(one_process(config, run_args(tiny_models, single, "train.steps=3", "train.grad_accum=2")))
-    result = two_ranks(config, run_args(tiny_models, sharded, "train.steps=3", "train.sharding=fsdp"))
+    result = two_ranks(config, run_args(tiny_models, sharded, "train.steps=3", "train.sharding=fsdp", *extra))
     ok(result)
     assert "rank 0 holds" in result.stderr and "of the student's" in result.stderr
     held, total = map(int, re.search(r"rank 0 holds (\d+) of the student's (\d+) parameters", result.stderr).groups())

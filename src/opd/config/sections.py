@@ -76,6 +76,10 @@ class ModelConfig:
     path: str | None = None  # a local HF checkpoint directory, or world:teacher / world:student
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # passed to from_pretrained: eager, sdpa, flash_attention_2/3, flex_attention, ...; None = transformers' choice
+    # for the model (sdpa where the architecture has it). Checked against what is installed and what the
+    # architecture supports before any weights load (models/attention.py)
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -100,6 +104,9 @@ class TeacherConfig(ModelConfig):
     retries: int = 3  # further attempts after a transient failure, with exponential backoff
     concurrency: int = 8  # requests in flight at once (one sequence each)
     max_reply_mb: float = 256.0  # a longer reply is an error, never read into memory
+    # where the local teacher, its routes and a checkpoint reference run (cuda:1, cpu, ...); None = the student's
+    # device. A LoRA student's initial-weights reference is the student itself and stays with it
+    device: str | None = None
 
 
 @dataclass
@@ -164,6 +171,16 @@ class TrainConfig:
     # several processes: none = every rank holds the whole student (data parallel); fsdp = FSDP2 shards the
     # student's weights, gradients and optimizer state over the ranks (teachers stay whole on every rank)
     sharding: Literal["none", "fsdp"] = "none"
+    # recompute each decoder layer's activations in the backward (non-reentrant) instead of keeping them: the
+    # student's activation memory falls from every layer's to about one layer's, for one more forward's time
+    gradient_checkpointing: bool = False
+    # tokens (prompt + completion) per training micro-batch: the step's rows are sorted by length and packed into
+    # micro-batches under this budget (a longer row is a micro-batch of its own), and balanced over the ranks by
+    # tokens; None = train.grad_accum micro-batches of equal rows. The gradient does not depend on the grouping
+    micro_batch_tokens: int | None = None
+    # padding-free micro-batches: each micro-batch's rows concatenated into one sequence with per-row position
+    # ids, so no padding token is computed (the attention implementation must honour row boundaries)
+    packing: bool = False
 
 
 @dataclass

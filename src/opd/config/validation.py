@@ -14,6 +14,7 @@ import os
 from ..engines.base import ENGINE_REGISTRY, engine_class
 from ..episodes.environments import EpisodicTask
 from ..methods.base import METHOD_REGISTRY, method_class
+from ..models.attention import implementation_problem
 from ..parallel.launchers import launched_world, unsupported_launch
 from ..tasks.base import TASK_REGISTRY
 from .schema import Config
@@ -38,6 +39,12 @@ def validate(c: Config) -> None:
     )
     require(t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay", f"must be finite and >= 0, got {t.weight_decay}")
     check_device(t.device)
+    require(
+        t.micro_batch_tokens is None or t.micro_batch_tokens >= 1, "train.micro_batch_tokens",
+        f"must be >= 1 (tokens per micro-batch) or null, got {t.micro_batch_tokens}",
+    )
+    _, world, _ = launched_world()
+    validate_models(c, world)
     require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
     require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     require(
@@ -45,7 +52,6 @@ def validate(c: Config) -> None:
         "train.grad_accum",
         f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.grad_accum}",
     )
-    _, world, _ = launched_world()
     if unsupported_launch(t.sharding):
         raise ConfigError(unsupported_launch(t.sharding))
     require(
@@ -176,8 +182,8 @@ def validate_served_teacher(c: Config) -> None:
         require(bool(os.environ.get(te.api_key_env)), "teacher.api_key_env", f"names {te.api_key_env}, which is not set")
 
 
-def check_device(name: str) -> None:
-    """``train.device``: auto, or a torch device that exists here."""
+def check_device(name: str, key: str = "train.device") -> None:
+    """``train.device`` (or ``key``): auto, or a torch device that exists here."""
     if name == "auto":
         return
     import torch
@@ -185,10 +191,30 @@ def check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ConfigError(f"config key '{key}' must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda":
-        require(torch.cuda.is_available(), "train.device", f"is {name!r} but CUDA is not available here (use auto or cpu)")
-        require(device.index is None or device.index < torch.cuda.device_count(), "train.device", f"is {name!r} but only {torch.cuda.device_count()} CUDA devices exist")
+        require(torch.cuda.is_available(), key, f"is {name!r} but CUDA is not available here (use auto or cpu)")
+        require(device.index is None or device.index < torch.cuda.device_count(), key, f"is {name!r} but only {torch.cuda.device_count()} CUDA devices exist")
+
+
+def validate_models(c: Config, world: int) -> None:
+    """The attention implementations named exist and are installed; ``teacher.device`` exists and has a local teacher
+    to hold. (Whether an architecture has the implementation, and packing, are checked from the model configs before
+    any weights load: ``training.assembly``.)"""
+    for key, name in (("student.attn_implementation", c.student.attn_implementation), ("teacher.attn_implementation", c.teacher.attn_implementation)):
+        if name is not None:
+            problem = implementation_problem(name)
+            require(problem is None, key, problem or "")
+    device = c.teacher.device
+    if device is None:
+        return
+    require(device != "auto", "teacher.device", "must name a device (cpu, cuda:N) or be null (the student's device)")
+    check_device(device, "teacher.device")
+    require(c.teacher.url is None, "teacher.device", "has nothing to place: the teacher is served (teacher.url) and runs where its server does")
+    require(
+        world == 1 or device == "cpu", "teacher.device",
+        f"is {device!r}, one device for all {world} ranks; with several ranks each rank's teacher sits on its own GPU (leave it null) or on cpu",
+    )
 
 
 def validate_needs(c: Config, name: str, needs) -> None:

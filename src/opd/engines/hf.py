@@ -84,6 +84,8 @@ class HFSampler:
         if not is_gathered(self.model):  # each sharded forward is a collective; ranks decode different numbers of tokens
             raise RuntimeError("HFSampler needs a sharded model gathered first (parallel.sharding.gathered, entered by every rank)")
         device = self.device
+        if generator is not None and generator.device != device:  # a teacher on teacher.device, the run's noise elsewhere
+            generator = local_generator(generator, device)
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         eos_ids = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
@@ -148,6 +150,13 @@ class HFSampler:
             cache, logits = returned_cache(out), out.logits[:, -1]
             next_position = next_position + 1
         return tokens, logps, alive
+
+
+def local_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded by one draw from ``generator``: the samples stay a function of the run's
+    seed, step and micro-batch when the model decodes on another device than the run's noise lives on."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device).manual_seed(seed)
 
 
 def cache_argument(model) -> str:

@@ -100,7 +100,7 @@ def student_token_logprobs(s: Session, r: Rollouts, with_entropy: bool = False):
     """``(ℓ^S_BC, entropy_BC)`` of the sampled tokens under the policy that sampled them: the student's softmax at
     the sampling temperature (so the estimators are on-policy whatever τ is), with gradient."""
     with s.autocast():
-        return rollout_logprobs(s.student, r, s.method.student_temperature(), with_entropy=with_entropy)
+        return rollout_logprobs(s.student, r, s.method.student_temperature(), with_entropy=with_entropy, packed=s.cfg.train.packing)
 
 
 def old_logprobs(batch: Batch, logp_BC: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ def full_vocabulary_loss(
     with s.timer.phase("teacher"):
         teacher = s.teacher.distributions(teacher_rollouts)
     with s.autocast():
-        student_hidden = completion_hidden_states(s.student, r)
+        student_hidden = completion_hidden_states(s.student, r, s.cfg.train.packing)
     if isinstance(teacher, TopLogprobs):
         return _sparse_teacher_loss(s, batch, student_hidden, teacher, beta, temperature, chunk_size, top_k)
     on_policy_ids = r.completion_ids_BC if batch.on_policy else None  # on other data ℓ^S - ℓ^T estimates nothing

@@ -64,12 +64,12 @@ class OPSD(Method):
         return Needs(self_teacher=True, privileged=True, solutions=True, full_vocabulary=cls.section(cfg).loss == "jsd")
 
     def make_teacher(self, student, autocast, device):
-        c = self.config
+        c, packed = self.config, self.cfg.train.packing
         if c.teacher_weights == "fixed":
-            return initial_student(self.cfg.student, student, autocast, device)
+            return initial_student(self.cfg.student, student, autocast, device, packed)
         if c.teacher_weights == "ema":
-            return EmaTeacher(student, c.ema_decay, autocast)
-        return ModelTeacher(student, autocast, freeze=False)
+            return EmaTeacher(student, c.ema_decay, autocast, packed)
+        return ModelTeacher(student, autocast, freeze=False, packed=packed)
 
     def loss(self, s: Session, batch: Batch, step: int):
         c = self.config

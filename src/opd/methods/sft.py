@@ -59,5 +59,5 @@ class SFT(Method):
     def loss(self, s: Session, batch: Batch, step: int):
         r = batch.rollouts
         with s.autocast():
-            logp_BC, _ = rollout_logprobs(s.student, r)
+            logp_BC, _ = rollout_logprobs(s.student, r, packed=s.cfg.train.packing)
         return sft_loss(logp_BC, r.loss_mask_BC.float(), self.normaliser(batch)), {}

@@ -66,11 +66,12 @@ def load_model_config(path: str, key: str, trust_remote_code: bool = False):
         raise ModelLoadError(f"{key}: cannot read a model config from '{directory}': {err}") from err
 
 
-def load_model(path: str, key: str, dtype: str = "float32", trust_remote_code: bool = False, device="cpu"):
+def load_model(path: str, key: str, dtype: str = "float32", trust_remote_code: bool = False, device="cpu", attn_implementation: str | None = None):
+    """A causal LM from a local checkpoint on ``device``; ``attn_implementation`` as transformers takes it (None: its choice)."""
     directory = resolve_path(path, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
+            directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True, attn_implementation=attn_implementation,
         )
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"{key}: cannot load a causal LM from '{directory}': {err}") from err

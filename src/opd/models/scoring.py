@@ -19,16 +19,32 @@ from .rollouts import Rollouts
 Projection = Callable[[torch.Tensor], torch.Tensor]  # hidden_NH -> logits_NV
 
 
-def completion_hidden_states(model: torch.nn.Module, rollouts: Rollouts) -> torch.Tensor:
-    """Final-layer hidden states ``[B, C, H]`` at the positions that predict each completion token."""
+def completion_hidden_states(model: torch.nn.Module, rollouts: Rollouts, packed: bool = False) -> torch.Tensor:
+    """Final-layer hidden states ``[B, C, H]`` at the positions that predict each completion token. ``packed``: the
+    rows' real tokens run as one sequence with per-row position ids and no padding (``packed_forward``; zeros
+    where a row has no token); otherwise as the padded ``[B, L]`` batch."""
     ids_BL, mask_BL = rollouts.input_ids_BL(), rollouts.attention_mask_BL()
     position_ids_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
     decoder = model.get_decoder()
-    hidden_BLH = in_root_forward(  # a sharded model's root group (embeddings, norm, output layer) gathered for it
-        model, lambda: decoder(input_ids=ids_BL, attention_mask=mask_BL, position_ids=position_ids_BL).last_hidden_state
-    )
-    start = rollouts.prompt_length - 1
-    return hidden_BLH[:, start : start + rollouts.completion_ids_BC.shape[1]]
+    window = slice(rollouts.prompt_length - 1, rollouts.prompt_length - 1 + rollouts.completion_ids_BC.shape[1])
+    if not packed:  # a sharded model's root group (embeddings, norm, output layer) gathered for it
+        hidden_BLH = in_root_forward(
+            model, lambda: decoder(input_ids=ids_BL, attention_mask=mask_BL, position_ids=position_ids_BL, use_cache=False).last_hidden_state
+        )
+        return hidden_BLH[:, window]
+    valid_BL = mask_BL.bool()
+    hidden_NH = in_root_forward(model, lambda: packed_forward(decoder, ids_BL[valid_BL], position_ids_BL[valid_BL]))
+    index_BC = (valid_BL.flatten().cumsum(0).view_as(valid_BL) - 1)[:, window].clamp(min=0)  # each position's place in N
+    return torch.where(valid_BL[:, window, None], hidden_NH[index_BC], 0)
+
+
+def packed_forward(decoder: torch.nn.Module, ids_N: torch.Tensor, position_ids_N: torch.Tensor) -> torch.Tensor:
+    """Hidden states ``[N, H]`` of the decoder over rows concatenated into one sequence (``ids_N``), each row's
+    positions counting from 0 and no attention mask: transformers reads each restart of the positions as a row
+    boundary (the implementations in ``models.attention.PACKING_IMPLEMENTATIONS``), so no token attends across
+    rows and no padding is computed."""
+    out = decoder(input_ids=ids_N[None], position_ids=position_ids_N[None], attention_mask=None, use_cache=False)
+    return out.last_hidden_state[0]
 
 
 def projection(model: torch.nn.Module) -> Projection:
@@ -88,11 +104,12 @@ def token_logprobs(
 
 
 def rollout_logprobs(
-    model: torch.nn.Module, rollouts: Rollouts, temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False
+    model: torch.nn.Module, rollouts: Rollouts, temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(logp_BC, entropy_BC)`` of the completion tokens under ``model``, zero where there is no token;
-    ``entropy_BC`` (no gradient) only with ``with_entropy``, else None."""
-    hidden_BCH = completion_hidden_states(model, rollouts)
+    ``entropy_BC`` (no gradient) only with ``with_entropy``, else None; ``packed`` as in ``completion_hidden_states``."""
+    hidden_BCH = completion_hidden_states(model, rollouts, packed)
     mask_BC = rollouts.completion_mask_BC.bool()
     logp_N, entropy_N = token_logprobs(
         hidden_BCH[mask_BC], rollouts.completion_ids_BC[mask_BC], projection(model), temperature, chunk_size, with_entropy

@@ -31,16 +31,28 @@ class ModelTeacher(StatelessTeacher):
 
     ``token_logprobs`` gives ``[B, C]`` log-probs of the rollouts' completion tokens (no
     logits kept); ``distributions`` gives hidden states + output layer, so a full-vocabulary
-    loss forms teacher logits one chunk of tokens at a time.
+    loss forms teacher logits one chunk of tokens at a time. The model may sit on another device
+    than the rollouts (``teacher.device``): they are scored there and the results come back to the
+    rollouts' device (the projection of each chunk too). ``packed``: rows scored as one sequence
+    (``train.packing``; ``models.scoring.completion_hidden_states``).
     """
 
-    def __init__(self, model: torch.nn.Module, autocast: Autocast | None = None, freeze: bool = True, disable_adapters: bool = False):
+    def __init__(
+        self, model: torch.nn.Module, autocast: Autocast | None = None, freeze: bool = True, disable_adapters: bool = False,
+        packed: bool = False,
+    ):
         if disable_adapters and not hasattr(model, "disable_adapter"):
             raise TypeError("disable_adapters=True needs a peft model")
         self.model = freeze_model(model) if freeze else model
-        self.project = projection(self.model)
+        self.device = next(self.model.parameters()).device
+        self._project = projection(self.model)
         self._autocast = autocast or contextlib.nullcontext
         self._disable_adapters = disable_adapters
+        self.packed = packed
+
+    def project(self, hidden_NH: torch.Tensor) -> torch.Tensor:
+        """hidden → float32 logits through the teacher's output layer, on the device ``hidden_NH`` is on."""
+        return self._project(hidden_NH.to(self.device)).to(hidden_NH.device)
 
     @contextlib.contextmanager
     def _scoring(self):
@@ -53,19 +65,20 @@ class ModelTeacher(StatelessTeacher):
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
         with self._scoring():
-            logp_BC, _ = rollout_logprobs(self.model, rollouts, temperature)
-        return logp_BC
+            logp_BC, _ = rollout_logprobs(self.model, rollouts.to(self.device), temperature, packed=self.packed)
+        return logp_BC.to(rollouts.completion_ids_BC.device)
 
     def distributions(self, rollouts: Rollouts) -> HiddenStates:
         with self._scoring():
-            return HiddenStates(completion_hidden_states(self.model, rollouts), self.project)
+            hidden_BCH = completion_hidden_states(self.model, rollouts.to(self.device), self.packed)
+        return HiddenStates(hidden_BCH.to(rollouts.completion_ids_BC.device), self.project)
 
 
 class EmaTeacher(ModelTeacher):
     """θ_T ← d·θ_T + (1-d)·θ after every applied optimizer step; starts at the student's initial weights."""
 
-    def __init__(self, student: torch.nn.Module, decay: float, autocast: Autocast | None = None):
-        super().__init__(copy.deepcopy(student), autocast, freeze=True)
+    def __init__(self, student: torch.nn.Module, decay: float, autocast: Autocast | None = None, packed: bool = False):
+        super().__init__(copy.deepcopy(student), autocast, freeze=True, packed=packed)
         self.decay = decay
         self._pairs = [
             (p_ema, p) for (name, p_ema), (_, p) in zip(self.model.named_parameters(), student.named_parameters()) if p.requires_grad
@@ -85,10 +98,11 @@ class EmaTeacher(ModelTeacher):
                 p.copy_(tensors[f"ema.{i}"])
 
 
-def initial_student(student_cfg, student: torch.nn.Module, autocast: Autocast | None, device) -> ModelTeacher:
+def initial_student(student_cfg, student: torch.nn.Module, autocast: Autocast | None, device, packed: bool = False) -> ModelTeacher:
     """The student's initial weights (``student_cfg``: the run's ``student`` section): with LoRA the student
-    with its adapters disabled, else a frozen copy loaded again from its checkpoint."""
+    with its adapters disabled (on the student's device), else a frozen copy loaded again from its checkpoint
+    onto ``device``."""
     if student_cfg.lora.enabled:
-        return ModelTeacher(student, autocast, freeze=False, disable_adapters=True)
-    model = load_model(student_cfg.path, "student.path", student_cfg.dtype, student_cfg.trust_remote_code, device)
-    return ModelTeacher(model, autocast)
+        return ModelTeacher(student, autocast, freeze=False, disable_adapters=True, packed=packed)
+    model = load_model(student_cfg.path, "student.path", student_cfg.dtype, student_cfg.trust_remote_code, device, student_cfg.attn_implementation)
+    return ModelTeacher(model, autocast, packed=packed)

@@ -19,6 +19,7 @@ from ..engines.base import Sampler, engine_class
 from ..engines.hf import HFSampler
 from ..engines.served import is_url
 from ..methods.base import Method, Needs, Session, create_method
+from ..models.attention import architecture_problem, model_class, packing_problem
 from ..models.loading import (
     apply_lora,
     context_length,
@@ -91,16 +92,19 @@ def build_session(cfg, ranks: Ranks = SINGLE) -> Session:
     context = context_length(student_config, tokenizer)
     served = connect_served(cfg, needs, tokenizer, getattr(student_config, "vocab_size", None) or len(tokenizer), device)
     context = min_context(context, [t.served.context - 1 for t, _ in served.values() if t.served.context])  # +1 scored
-    context = min_context(context, local_teacher_contexts(cfg, needs, tokenizer))
+    teacher_configs = local_teacher_configs(cfg, needs)
+    check_model_options(cfg, student_config, teacher_configs)
+    context = min_context(context, [context_length(c, tokenizer) for c in teacher_configs.values()])
     require_prompt_room(cfg, context)
     data_report = check_task_data(task, tokenizer, needs, cfg, context)  # before any model is loaded
     student = load_student(cfg, device, ranks)
     for served_model, _ in served.values():  # top-k ids must index the student's output layer itself
         served_model.vocab_size = output_size(student)
-    teacher, teacher_sampler = build_teachers(cfg, needs, method, served, tokenizer, student, autocast, device)
+    teacher_device = torch.device(cfg.teacher.device) if cfg.teacher.device else device
+    teacher, teacher_sampler = build_teachers(cfg, needs, method, served, tokenizer, student, autocast, teacher_device)
     reference = None
     if needs.reference:
-        reference = served[needs.reference_key][0] if needs.reference_key in served else build_reference(cfg, needs, tokenizer, student, autocast, device)
+        reference = served[needs.reference_key][0] if needs.reference_key in served else build_reference(cfg, needs, tokenizer, student, autocast, teacher_device)
     sampler = student_sampler(cfg, student, tokenizer, autocast, device, context)
     judge = method.make_judge(task, teacher, device) if needs.judge else None
     return Session(
@@ -141,7 +145,9 @@ def require_prompt_room(cfg, context: int | None) -> None:
 def load_student(cfg, device: torch.device, ranks: Ranks) -> torch.nn.Module:
     """The student in training mode, with LoRA where asked, rank 0's weights on every rank, sharded where asked."""
     st = cfg.student
-    student = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device)
+    student = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device, st.attn_implementation)
+    if cfg.train.gradient_checkpointing:  # each decoder layer recomputed in the backward; only in training mode
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if st.lora.enabled:
         student = apply_lora(student, st.lora)
     student.train()
@@ -160,12 +166,12 @@ def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, s
         teacher, teacher_sampler = served["teacher.url"]
     elif needs.teacher and cfg.teacher.path is not None:
         teacher_model = load_paired(cfg, needs, cfg.teacher.path, "teacher.path", tokenizer, student, device)
-        teacher = ModelTeacher(teacher_model, autocast)
+        teacher = ModelTeacher(teacher_model, autocast, packed=cfg.train.packing)
         teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
     if cfg.teacher.routes:
         routes = {
             name: served[f"teacher.routes.{name}"][0] if f"teacher.routes.{name}" in served
-            else ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast)
+            else ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast, packed=cfg.train.packing)
             for name, path in cfg.teacher.routes.items()
         }
         teacher = RoutedTeacher(routes, default=teacher)
@@ -196,15 +202,37 @@ def min_context(context: int | None, others) -> int | None:
     return min(known) if known else None
 
 
-def local_teacher_contexts(cfg, needs: Needs, tokenizer) -> list[int]:
-    """The context lengths of the local teacher and route checkpoints (a teacher shorter than the student limits prompts)."""
+def local_teacher_configs(cfg, needs: Needs) -> dict:
+    """``{config key: model config}`` of the local teacher, route and reference checkpoints (read without weights:
+    a teacher shorter than the student limits prompts, and each is checked by ``check_model_options``)."""
     te = cfg.teacher
     paths = {"teacher.path": te.path} if needs.teacher and te.path else {}
     paths.update({f"teacher.routes.{n}": p for n, p in te.routes.items() if not is_url(p)})
-    contexts = []
-    for key, path in paths.items():
-        contexts.append(context_length(load_model_config(path, key, te.trust_remote_code), tokenizer))
-    return [c for c in contexts if c]
+    if needs.reference and needs.reference != "student_init" and not is_url(needs.reference):
+        paths[needs.reference_key] = needs.reference
+    return {key: load_model_config(path, key, te.trust_remote_code) for key, path in paths.items()}
+
+
+def check_model_options(cfg, student_config, teacher_configs: dict) -> None:
+    """What the run asks of each local model's architecture, from its config alone: the attention implementation
+    named, packing (``train.packing``: the student and every model that scores a micro-batch), and gradient
+    checkpointing. One line naming the key, before any weights load."""
+    st, te = cfg.student, cfg.teacher
+    models = [("student", st, student_config)] + [(key, te, config) for key, config in teacher_configs.items()]
+    for who, section, config in models:
+        key = "student.attn_implementation" if section is st else "teacher.attn_implementation"
+        if section.attn_implementation is not None:
+            problem = architecture_problem(config, section.attn_implementation)
+            if problem:
+                raise TrainingError(f"config key '{key}' {problem}" + ("" if section is st else f" (the model of {who})"))
+        if cfg.train.packing:
+            problem = packing_problem(config, section.attn_implementation, section.trust_remote_code)
+            if problem:
+                raise TrainingError(f"config key 'train.packing' cannot pack rows for the {who} model: {problem}")
+    if cfg.train.gradient_checkpointing:
+        cls = model_class(student_config)
+        if cls is not None and not getattr(cls, "supports_gradient_checkpointing", False):
+            raise TrainingError(f"config key 'train.gradient_checkpointing': {cls.__name__} does not support gradient checkpointing")
 
 
 def student_sampler(cfg, student, tokenizer, autocast, device, context: int | None) -> Sampler:
@@ -217,7 +245,7 @@ def load_paired(cfg, needs: Needs, path: str, key: str, tokenizer, student, devi
     """Load a teacher-like model and refuse it unless it pairs with the student's tokenizer."""
     te = cfg.teacher
     other_tok = load_tokenizer(path, key, te.trust_remote_code)
-    model = load_model(path, key, te.dtype, te.trust_remote_code, device)
+    model = load_model(path, key, te.dtype, te.trust_remote_code, device, te.attn_implementation)
     check_pairing(
         tokenizer,
         other_tok,
@@ -233,6 +261,7 @@ def load_paired(cfg, needs: Needs, path: str, key: str, tokenizer, student, devi
 def build_reference(cfg, needs: Needs, tokenizer, student, autocast, device):
     """π_ref: the student's initial weights or a given checkpoint (which must pair with the student)."""
     if needs.reference == "student_init":
-        return initial_student(cfg.student, student, autocast, device)
-    return ModelTeacher(load_paired(cfg, needs, needs.reference, needs.reference_key, tokenizer, student, device), autocast)
+        return initial_student(cfg.student, student, autocast, device, cfg.train.packing)
+    model = load_paired(cfg, needs, needs.reference, needs.reference_key, tokenizer, student, device)
+    return ModelTeacher(model, autocast, packed=cfg.train.packing)
 

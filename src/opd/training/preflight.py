@@ -50,8 +50,15 @@ def check_task_data(task: Task, tokenizer, needs, cfg, context: int | None, spli
         if context and context - new < 1:
             raise DataError(f"{key}={new} leaves no room for a prompt in the student's {context}-token context")
         budget = Budget(context - new, context) if context else Budget(None, None)
-        checker = _RowChecker(task, tokenizer, cfg.task.chat_template_kwargs, budget, cfg.task.too_long, needs if name == "train" else None)
+        measure = name == "train" and cfg.train.micro_batch_tokens is not None
+        checker = _RowChecker(task, tokenizer, cfg.task.chat_template_kwargs, budget, cfg.task.too_long, needs if name == "train" else None, measure)
         task.filter_split(name, checker)
+        if measure and checker.longest[0] > cfg.train.micro_batch_tokens:
+            n, source = checker.longest
+            raise DataError(
+                f"train.micro_batch_tokens={cfg.train.micro_batch_tokens} is smaller than the longest training prompt "
+                f"({n} tokens, {source}); a micro-batch must hold at least one prompt and its completion"
+            )
         counts = {"rows": len(examples), "kept": len(examples) - checker.skipped_long - checker.empty, **checker.counts()}
         report[name] = counts
         if counts["kept"] == 0:
@@ -94,8 +101,10 @@ def _require_fields(examples: list[Example], needs) -> None:
 class _RowChecker:
     """Maps each example to itself, a truncated copy, or None (dropped), counting what it did."""
 
-    def __init__(self, task: Task, tokenizer, template_kwargs: dict, budget: Budget, policy: str, needs):
+    def __init__(self, task: Task, tokenizer, template_kwargs: dict, budget: Budget, policy: str, needs, measure: bool = False):
         self.task, self.tokenizer, self.kwargs, self.budget, self.policy = task, tokenizer, template_kwargs, budget, policy
+        self.measure = measure  # keep the longest kept prompt (train.micro_batch_tokens must hold it)
+        self.longest: tuple[int, str] = (0, "")
         self.privileged = needs is not None and needs.privileged
         self.solutions = needs is not None and needs.solutions
         self.skipped_long = self.truncated = self.empty = 0
@@ -111,7 +120,7 @@ class _RowChecker:
             self.empty += 1
             return None
         if self.budget.prompt is None:
-            return example
+            return self._measured(example, self._prompt_tokens(self.task.messages(example))) if self.measure else example
         n = self._prompt_tokens(self.task.messages(example))
         if n > self.budget.prompt:
             if self.policy == "error":
@@ -134,6 +143,11 @@ class _RowChecker:
                 )
             self.skipped_long += 1
             return None
+        return self._measured(example, n)
+
+    def _measured(self, example: Example, prompt_tokens: int) -> Example:
+        if self.measure and prompt_tokens > self.longest[0]:
+            self.longest = (prompt_tokens, example.meta.get("source") or repr(example.prompt[:40]))
         return example
 
     def _extras_fit(self, example: Example, prompt_tokens: int) -> bool:

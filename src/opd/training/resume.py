@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 class RunDirError(ValueError):
     """The output directory holds a run that this one would overwrite, or cannot be resumed as asked."""
 
-# keys that change what is logged, kept or evaluated, but not the training trajectory
-NEUTRAL = ("run.resume", "run.overwrite", "run.allow_changes", "run.name", "log.", "checkpoint.", "eval.", "train.threads", "train.dist_timeout", "train.sharding")
+# keys that change what is logged, kept or evaluated, or how the same gradient is computed (where, in how many
+# passes, with which kernels: equal up to float rounding and dropout's draws), but not the training trajectory
+NEUTRAL = (
+    "run.resume", "run.overwrite", "run.allow_changes", "run.name", "log.", "checkpoint.", "eval.", "train.threads",
+    "train.dist_timeout", "train.sharding", "train.gradient_checkpointing", "train.micro_batch_tokens", "train.packing",
+    "teacher.device", "student.attn_implementation", "teacher.attn_implementation",
+)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
