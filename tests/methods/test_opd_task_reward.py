@@ -13,6 +13,7 @@ from opd.methods.base import student_samples
 from opd.methods.losses import group_policy_loss
 from opd.methods.opd import OPD
 from opd.methods.opd_task_reward import task_reward_advantages
+from opd.objectives import group_advantages
 from opd.training.assembly import build_session
 from opd.training.loop import train
 
@@ -22,7 +23,8 @@ def test_advantage_is_the_sum_of_the_two_formulas():
     lp, tlp = -torch.rand(4, 3, dtype=torch.float64), -torch.rand(4, 3, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.float64)
     rewards, groups = [1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1]
-    adv, _ = task_reward_advantages(lp, tlp, mask, torch.tensor(rewards), torch.tensor(groups), coef=0.5, task_reward_coef=2.0)
+    task = group_advantages(torch.tensor(rewards), torch.tensor(groups))  # the sample std by default
+    adv = task_reward_advantages(lp, tlp, mask, task, coef=0.5, task_reward_coef=2.0)
     for i in range(4):  # written out: group of 2 with rewards {1, 0}: mean 0.5, sample std 1/√2 (TRL's, the default)
         members = [rewards[j] for j in range(4) if groups[j] == groups[i]]
         mean = sum(members) / len(members)
@@ -62,9 +64,9 @@ def test_without_the_reward_it_is_opd(session_and_batch):
 def test_without_the_teacher_term_it_is_grpo(session_and_batch):
     s, batch = session_and_batch("method.opd_task_reward.coef=0.0")
     ours, metrics = s.method.loss(s, batch, 0)
-    grpo, _ = group_policy_loss(s, batch, scale_by_std=True)
+    grpo, _ = group_policy_loss(s, batch)  # the method's advantages: the rewards' within each group
     torch.testing.assert_close(ours, grpo, rtol=1e-6, atol=1e-8)
-    for a, b in zip(gradients(s, s.method.loss(s, batch, 0)[0]), gradients(s, group_policy_loss(s, batch, True)[0])):
+    for a, b in zip(gradients(s, s.method.loss(s, batch, 0)[0]), gradients(s, group_policy_loss(s, batch)[0])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     assert metrics["task_advantage_abs"] > 0
 

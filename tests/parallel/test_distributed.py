@@ -217,6 +217,23 @@ def test_fsdp_ranks_take_the_steps_of_one_unsharded_process(tmp_path, tiny_model
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_token_budget_micro_batches_over_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_models, sharding):
+    """train.micro_batch_tokens over 2 ranks: the step's rows gathered, cut under the budget and dealt to the ranks by
+    tokens (a sharded rank with fewer micro-batches runs empty passes) give one process's weights and losses."""
+    config, budget = CONFIGS / "arithmetic/gkd.yaml", "train.micro_batch_tokens=70"  # 3, 3 and 4 passes in its 3 steps
+    single, ranks = tmp_path / "one", tmp_path / "two"
+    ok(one_process(config, run_args(tiny_models, single, "train.steps=3", "train.grad_accum=2", budget)))
+    ok(two_ranks(config, run_args(tiny_models, ranks, "train.steps=3", f"train.sharding={sharding}", budget)))
+    assert max_relative_difference(weights(ranks), weights(single)) <= 1e-5
+    one, two = train_rows(single), train_rows(ranks)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5, abs=1e-9)
+    assert [r["micro_batches"] for r in two] == [r["micro_batches"] for r in one]
+    assert all(r["micro_batches"] > 2 for r in one)  # the budget, not the 2 sampled micro-batches, made the passes
+    assert any(r["micro_batches"] % 2 for r in one)  # an odd count: one rank ran an empty pass when sharded
+
+
+@pytest.mark.slow
 def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights_sharded_or_not(tmp_path, tiny_models):
     """kill -9 of one FSDP rank at a random step, then a 2-rank FSDP resume → the uninterrupted run's weights; and the
     same checkpoints resumed by one unsharded process (they hold whole tensors) → the same weights."""

@@ -116,9 +116,21 @@ class Method:
         """What ``batch``'s per-token terms are divided by: the step's normaliser (set by the loop), or this batch's."""
         return batch.normaliser_for(self.reduction(), self.tokens_per_row())
 
-    def prepare_step(self, s: Session, batches: list[Batch], step: int) -> None:
-        """Called with all of a step's micro-batches before any loss: a method that selects tokens across the
-        whole step (REOPOLD) sets each batch's ``train_mask_BC`` here."""
+    def row_advantages(self, batch: Batch) -> torch.Tensor | None:
+        """``[B]`` per-row advantages that need each row's whole group (a group baseline), or None when the method
+        has none. The loop computes them on each batch as sampled, before its rows may be regrouped into
+        micro-batches by token budget (``train.micro_batch_tokens``), and keeps them on ``batch.advantages_B``."""
+        return None
+
+    def advantages(self, batch: Batch) -> torch.Tensor:
+        """The batch's per-row advantages: the ones the loop kept, or (outside a training step) computed now."""
+        return batch.advantages_B if batch.advantages_B is not None else self.row_advantages(batch)
+
+    def prepare_step(self, s: Session, batches: list[Batch], step: int) -> dict[str, float]:
+        """Called with all of this rank's training micro-batches of a step before any loss: a method that selects
+        tokens across the whole step (REOPOLD) sets each batch's ``train_mask_BC`` here. Returns the step's own
+        metrics (reported once per step)."""
+        return {}
 
     def make_teacher(self, student: torch.nn.Module, autocast, device: torch.device) -> Teacher | None:
         """The teacher, for methods whose ``needs`` say the student is its own teacher."""

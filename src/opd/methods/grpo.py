@@ -14,7 +14,7 @@ from typing import Literal
 from ..config.sections import require
 from .base import Method, Needs, Session, register
 from .batch import Batch
-from .losses import group_policy_loss
+from .losses import group_policy_loss, reward_advantages
 
 
 @dataclass
@@ -41,5 +41,8 @@ class GRPO(Method):
         kl = cls.section(cfg).kl_coef > 0
         return Needs(group=True, answers=True, reference="student_init" if kl else None, reference_key="method.grpo.kl_coef")
 
+    def row_advantages(self, batch: Batch):
+        return reward_advantages(batch, self.config.scale_by_std, self.config.std)
+
     def loss(self, s: Session, batch: Batch, step: int):
-        return group_policy_loss(s, batch, self.config.scale_by_std, self.config.kl_coef, self.config.std)
+        return group_policy_loss(s, batch, self.config.kl_coef)

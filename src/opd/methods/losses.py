@@ -72,19 +72,19 @@ def sampled_token_loss(s: Session, batch: Batch, advantages: AdvantageFn, teache
     return loss, metrics
 
 
-def group_policy_loss(
-    s: Session, batch: Batch, scale_by_std: bool = True, kl_coef: float = 0.0, std: str = "sample", advantages_B: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Each row's reward as its group-normalised advantage (``A_i = (r_i − mean_g r) / (std_g r + ε)``, the same for
-    every token of the row; ``objectives.group_advantages``) — or the given per-row ``advantages_B`` — in the shared
-    surrogate, plus ``kl_coef`` times a k3 KL to ``s.reference`` (GRPO, OVD)."""
+def reward_advantages(batch: Batch, scale_by_std: bool = True, std: str = "sample") -> torch.Tensor:
+    """``[B]`` each row's reward as its group-normalised advantage ``A_i = (r_i − mean_g r) / (std_g r + ε)``
+    (``objectives.group_advantages``; GRPO's, and OVD's with the final group as baseline)."""
+    rewards_B = torch.tensor(batch.rewards, dtype=torch.float32)
+    return group_advantages(rewards_B, torch.tensor(batch.rollouts.group_B), scale=scale_by_std, unbiased=std == "sample")
+
+
+def group_policy_loss(s: Session, batch: Batch, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The method's per-row advantages (``Method.advantages``: a group baseline's, the same for every token of the
+    row) in the shared surrogate, plus ``kl_coef`` times a k3 KL to ``s.reference`` (GRPO, OVD)."""
     r = batch.rollouts
     mask_BC = r.loss_mask_BC.float()
-    if advantages_B is None:
-        rewards_B = torch.tensor(batch.rewards, device=mask_BC.device)
-        groups_B = torch.tensor(r.group_B, device=mask_BC.device)
-        advantages_B = group_advantages(rewards_B, groups_B, scale=scale_by_std, unbiased=std == "sample")
-    advantages_BC = advantages_B.to(mask_BC.device)[:, None].expand_as(mask_BC)
+    advantages_BC = s.method.advantages(batch).to(mask_BC.device, mask_BC.dtype)[:, None].expand_as(mask_BC)
     logp_BC, _ = student_token_logprobs(s, r)
     old_logp_BC = old_logprobs(batch, logp_BC)
     loss, metrics = policy_gradient_surrogate(s, batch, logp_BC, old_logp_BC, advantages_BC, mask_BC)

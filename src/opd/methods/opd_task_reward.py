@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 
 from ..config.sections import require
-from ..objectives import group_advantages, reverse_kl_advantages
+from ..objectives import reverse_kl_advantages
 from .base import Method, Needs, Session, register
 from .batch import Batch
-from .losses import sampled_token_loss
+from .losses import reward_advantages, sampled_token_loss
 
 
 @dataclass
@@ -39,18 +39,15 @@ def task_reward_advantages(
     student_logp_BC: torch.Tensor,
     teacher_logp_BC: torch.Tensor,
     mask_BC: torch.Tensor,
-    rewards_B: torch.Tensor,
-    groups_B: torch.Tensor,
+    task_B: torch.Tensor,
     coef: float = 1.0,
     discount: float = 0.0,
     task_reward_coef: float = 1.0,
-    scale_by_std: bool = True,
-    unbiased_std: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A_BC, A_task_B)``: the combined per-token advantage (zero off the mask) and the task part per row."""
-    task_B = group_advantages(rewards_B, groups_B, scale=scale_by_std, unbiased=unbiased_std).to(student_logp_BC.dtype)
+) -> torch.Tensor:
+    """``A_BC``: the combined per-token advantage (zero off the mask) from each row's group-normalised task
+    advantage ``task_B`` (``objectives.group_advantages`` of the rewards) and the reverse-KL advantage."""
     kl_BC = reverse_kl_advantages(student_logp_BC, teacher_logp_BC, mask_BC, coef, discount)
-    return kl_BC + task_reward_coef * task_B[:, None] * mask_BC, task_B
+    return kl_BC + task_reward_coef * task_B.to(student_logp_BC.dtype)[:, None] * mask_BC
 
 
 @register
@@ -68,15 +65,15 @@ class OPDTaskReward(Method):
     def needs(cls, cfg) -> Needs:
         return Needs(teacher=True, group=True, routable=True, answers=True)
 
+    def row_advantages(self, batch: Batch):
+        return reward_advantages(batch, self.config.scale_by_std, self.config.std)
+
     def loss(self, s: Session, batch: Batch, step: int):
-        c, r = self.config, batch.rollouts
-        rewards_B = torch.tensor(batch.rewards, device=r.loss_mask_BC.device)
-        groups_B = torch.tensor(r.group_B, device=r.loss_mask_BC.device)
+        c = self.config
+        task_B = self.advantages(batch).to(batch.rollouts.loss_mask_BC.device)
 
         def advantages(lp, tlp, mask):
-            adv_BC, task_B = task_reward_advantages(
-                lp, tlp, mask, rewards_B, groups_B, c.coef, c.discount, c.task_reward_coef, c.scale_by_std, c.std == "sample"
-            )
+            adv_BC = task_reward_advantages(lp, tlp, mask, task_B, c.coef, c.discount, c.task_reward_coef)
             return adv_BC, mask, {"task_advantage_abs": float(task_B.abs().mean())}
 
         return sampled_token_loss(s, batch, advantages)

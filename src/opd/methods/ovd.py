@@ -33,7 +33,7 @@ from ..teachers.judges import HTTPJudge, ModelJudge
 from ..teachers.model import ModelTeacher
 from .base import Method, Needs, Session, register, student_samples
 from .batch import Batch
-from .losses import group_policy_loss
+from .losses import group_policy_loss, reward_advantages
 
 
 @dataclass
@@ -261,12 +261,14 @@ class OVD(Method):
         notes = [row_note(scores[i], sources[i], i in dropped, rewards[i], baseline_rewards[i]) for i in range(n)]
         return Batch(rollouts, rows, on_policy=False, rewards=rewards, baseline_rewards=baseline_rewards, info=info, row_notes=notes)
 
-    def loss(self, s: Session, batch: Batch, step: int):
+    def row_advantages(self, batch: Batch):
         o = self.config
         if o.baseline == "final_group":
-            return group_policy_loss(s, batch, o.scale_by_std, std=o.std)
-        groups_B = torch.tensor(batch.rollouts.group_B)
-        advantages_B = student_baseline_advantages(
-            torch.tensor(batch.rewards), torch.tensor(batch.baseline_rewards), groups_B, o.scale_by_std, o.std == "sample",
+            return reward_advantages(batch, o.scale_by_std, o.std)
+        return student_baseline_advantages(
+            torch.tensor(batch.rewards), torch.tensor(batch.baseline_rewards), torch.tensor(batch.rollouts.group_B), o.scale_by_std,
+            o.std == "sample",
         )
-        return group_policy_loss(s, batch, advantages_B=advantages_B)
+
+    def loss(self, s: Session, batch: Batch, step: int):
+        return group_policy_loss(s, batch)

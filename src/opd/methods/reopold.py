@@ -49,9 +49,10 @@ class Reopold(Method):
         return Needs(teacher=True, routable=True)
 
     def prepare_step(self, s: Session, batches: list[Batch], step: int):
-        """Choose the trained tokens over the whole step (all micro-batches): the exploration mask, or the top-β
-        entropy tokens of the step's valid tokens. Teacher log-probs are kept for the loss; the student's entropy
-        costs one extra forward pass without gradient per micro-batch."""
+        """Choose the trained tokens over the whole step (all micro-batches, every rank's): the exploration mask,
+        or the top-β entropy tokens of the step's valid tokens. Teacher log-probs are kept for the loss; the
+        student's entropy costs one extra forward pass without gradient per micro-batch. Returns the selection's
+        statistics."""
         c = self.config
         switch = c.switch_step if c.switch_step is not None else self.cfg.train.steps // 2
         student, teacher, entropy, mask = [], [], [], []
@@ -68,8 +69,8 @@ class Reopold(Method):
         _, keep_BC, metrics = reopold_rewards_and_mask(*gathered, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)
         for batch, m in zip(batches, mask):
             batch.train_mask_BC = keep_BC[start : start + m.shape[0], : m.shape[1]].contiguous()
-            batch.info.update(metrics)  # the step's selection statistics
             start += m.shape[0]
+        return metrics
 
     def loss(self, s: Session, batch: Batch, step: int):
         c = self.config

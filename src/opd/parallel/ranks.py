@@ -113,15 +113,21 @@ class Ranks:
         return merge_rank_metrics(parts, summed)
 
     def gather_rows(self, tensor_RW: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Every rank's ``[R, W]`` tensor stacked in rank order (widths right-padded with zeros to the widest),
-        and the row at which this rank's rows start. Every rank must pass the same number of rows."""
+        """Every rank's ``[R, W]`` tensor stacked in rank order (widths right-padded with zeros to the widest; ranks
+        may hold different numbers of rows), and the row at which this rank's rows start."""
         if not self.several:
             return tensor_RW, 0
-        width = self.max(tensor_RW.shape[1])
-        padded = torch.nn.functional.pad(tensor_RW, (0, width - tensor_RW.shape[1])).contiguous().to(self.device)
+        counts = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
+        counts[self.rank] = tensor_RW.shape[0]
+        torch.distributed.all_reduce(counts)
+        rows, width = int(counts.max()), self.max(tensor_RW.shape[1])
+        padded = torch.nn.functional.pad(tensor_RW, (0, width - tensor_RW.shape[1], 0, rows - tensor_RW.shape[0]))
+        padded = padded.contiguous().to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, padded)
-        return torch.cat(parts).to(tensor_RW.device), self.rank * tensor_RW.shape[0]
+        counts = counts.tolist()
+        whole = torch.cat([part[:n] for part, n in zip(parts, counts)])
+        return whole.to(tensor_RW.device), sum(counts[: self.rank])
 
     def from_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and give every rank its result; an exception on rank 0 is raised on all."""

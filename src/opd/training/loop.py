@@ -16,6 +16,7 @@ import logging
 import re
 import time
 import warnings
+from typing import Iterable
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from .profiling import PeakMemory, phase_shares
 from .resume import check_micro_batches
 from .run_dir import prepare_run_dir
 from .run_lock import RunDirLock
+from .micro_batches import regroup
 from .seeds import micro_seed, step_generators
 
 log = logging.getLogger(__name__)
@@ -268,8 +270,9 @@ def _postfix(metrics: dict, last_eval: dict) -> dict:
 
 
 def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]:
-    """One training step: sample ``grad_accum`` micro-batches, then ``train.updates_per_batch`` optimizer updates
-    on them (the policy-gradient ratio against the log-probs from before the first). Returns (metrics, status).
+    """One training step: sample ``grad_accum`` micro-batches (regrouped by ``train.micro_batch_tokens`` where set:
+    ``training.micro_batches``), then ``train.updates_per_batch`` optimizer updates on them (the policy-gradient
+    ratio against the log-probs from before the first). Returns (metrics, status).
 
     status is ``applied``; ``nonfinite`` (a non-finite loss or gradient: no update); or
     ``no_signal`` (every gradient exactly zero, e.g. a GRPO/OVD batch whose groups all got
@@ -288,7 +291,11 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
             with s.timer.phase("sample"):
                 batch = method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator)
             batch.seed = micro_seed(cfg.run.seed, step, micro)
+            batch.advantages_B = method.row_advantages(batch)  # over the groups as sampled, before any regrouping
             batches.append(batch)
+    data_tally = tally(batch_metrics(b) for b in batches)  # what the sampled micro-batches hold, whatever trains them
+    if cfg.train.micro_batch_tokens is not None:
+        batches = training_micro_batches(s, batches, step, ranks.rank * accum)
     if cfg.train.updates_per_batch > 1:  # the ratio's denominator: the policy that made the batch, before any update
         with s.timer.phase("student"):
             for batch in batches:
@@ -296,7 +303,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
                     batch.old_logp_BC = logprobs_before_updates(s, batch)
     totals, status = {}, "no_signal"
     for update in range(cfg.train.updates_per_batch):
-        metrics, update_status = optimizer_update(s, optimizer, batches, step, update)
+        metrics, update_status = optimizer_update(s, optimizer, batches, step, update, data_tally if update == 0 else None)
         if update == 0:
             totals = metrics
         elif "clip_fraction" in metrics:  # the clip only binds from the second update on
@@ -313,6 +320,31 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     return totals, status
 
 
+def training_micro_batches(s: Session, sampled: list[Batch], step: int, first_micro: int) -> list[Batch]:
+    """The step's rows regrouped into micro-batches under ``train.micro_batch_tokens`` (``training.micro_batches``),
+    each with its own seed for its forward passes (a function of the run's seed, the step and its place in the
+    step's plan)."""
+    with s.timer.phase("sample"):
+        planned = regroup(s, sampled, first_micro)
+    for index, batch in planned:
+        batch.seed = micro_seed(s.cfg.run.seed, step, REGROUPED_SEEDS + (index if index >= 0 else PADDING_SEED))
+    return [batch for _, batch in planned]
+
+
+REGROUPED_SEEDS, PADDING_SEED = 1 << 16, 1 << 15  # micro_seed salts of the regrouped micro-batches, apart from the sampled
+
+
+def tally(metrics: Iterable[dict[str, float]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each key's sum over the given metric dicts, and how many reported it."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for m in metrics:
+        for key, value in m.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return sums, counts
+
+
 def sync_sampler(s: Session) -> None:
     """Sample from the student's current weights from now on (an engine gets them pushed; opd's own sampler has them)."""
     with s.timer.phase("sync"):
@@ -320,12 +352,17 @@ def sync_sampler(s: Session) -> None:
     s.sampler_behind = False
 
 
-def optimizer_update(s: Session, optimizer, batches: list[Batch], step: int, update: int = 0) -> tuple[dict[str, float], str]:
+def optimizer_update(
+    s: Session, optimizer, batches: list[Batch], step: int, update: int = 0, data_tally: tuple[dict, dict] | None = None,
+) -> tuple[dict[str, float], str]:
     """Gradients of the step's loss on ``batches`` (summed over ranks), clipped, then one optimizer update (and the
-    teacher's hook)."""
+    teacher's hook). ``data_tally``: the sampled micro-batches' own metrics (``tally``), reported with these."""
     cfg = s.cfg
     optimizer.zero_grad(set_to_none=True)
     sums, counts, finite = accumulate_gradients(s, batches, step, update)
+    for key, value in (data_tally[0].items() if data_tally else ()):
+        sums[key] = sums.get(key, 0.0) + value
+        counts[key] = counts.get(key, 0) + data_tally[1][key]
     params = [p for p in s.student.parameters() if p.requires_grad]
     with s.timer.phase("reduce") if s.ranks.several else contextlib.nullcontext():
         finite = s.ranks.all(finite)  # one rank's non-finite loss skips the update on all
@@ -358,13 +395,15 @@ def logprobs_before_updates(s: Session, batch: Batch) -> torch.Tensor:
         return student_token_logprobs(s, batch.rollouts)[0]
 
 
-SUMMED_METRICS = ("loss", "student_tokens")  # parts of a step total; every other metric is averaged over micro-batches
+SUMMED_METRICS = ("loss", "student_tokens", "micro_batches")  # parts of a step total; every other metric is averaged over micro-batches
 
 
 def accumulate_gradients(s: Session, batches: list[Batch], step: int, update: int = 0) -> tuple[dict[str, float], dict[str, int], bool]:
     """Backpropagate the step's loss over its micro-batches into the student's ``.grad``; ``(sums, counts, finite)``:
-    each metric summed over the micro-batches that report it, and how many did (``Ranks.merge_metrics`` makes the
-    step's metrics of them: the ``SUMMED_METRICS`` totals, every other one the mean over its micro-batches).
+    each loss metric summed over the micro-batches that report it, and how many did (``Ranks.merge_metrics`` makes
+    the step's metrics of them: the ``SUMMED_METRICS`` totals, every other one the mean over its micro-batches),
+    with ``Method.prepare_step``'s metrics counted once. Padding passes run (their backward is a collective of
+    a sharded student) but count nowhere.
 
     Every micro-batch is weighted by one normaliser taken over the whole step, on every rank (its
     token count, sequence count or rows × tokens per row), so the accumulated gradient — summed over
@@ -373,14 +412,17 @@ def accumulate_gradients(s: Session, batches: list[Batch], step: int, update: in
     first micro-batch with a non-finite loss.
     """
     method = s.method
+    step_metrics: dict[str, float] = {}
     if not all(b.prepared for b in batches):  # once per step, not once per update
         with s.timer.phase("student"):
-            method.prepare_step(s, batches, step)
+            step_metrics = method.prepare_step(s, batches, step) or {}
         for batch in batches:
             batch.prepared = True
-    normaliser = step_normaliser([b.trained_mask_BC for b in batches], method.reduction(), method.tokens_per_row(), total=s.ranks.sum)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    real = [b.trained_mask_BC for b in batches if not b.padding_pass]
+    normaliser = step_normaliser(real, method.reduction(), method.tokens_per_row(), total=s.ranks.sum)
+    sums, counts = tally([step_metrics])
+    if s.cfg.train.micro_batch_tokens is not None:  # how many passes the budget made of the step (summed over ranks)
+        sums["micro_batches"], counts["micro_batches"] = float(len(real)), 1
     finite = True
     sharded = is_sharded(s.student)
     for batch in batches:
@@ -394,10 +436,11 @@ def accumulate_gradients(s: Session, batches: list[Batch], step: int, update: in
                     s.student.reshard()
             if finite:
                 loss.backward()
-        metrics.update(batch_metrics(batch), loss=float(loss.detach()))
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
+        if not batch.padding_pass:
+            metrics["loss"] = float(loss.detach())
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
         if not finite:
             break
     return sums, counts, finite

@@ -1,0 +1,102 @@
+"""Training micro-batches by a token budget (``train.micro_batch_tokens``; docs/performance.md#token-budget-micro-batches).
+
+A step samples its ``ranks × train.grad_accum`` micro-batches as configured (that is what fixes its sampling
+noise); with a budget, their rows are then regrouped for the forward and backward passes: every rank's rows are
+gathered, sorted by length, longest first, and cut into micro-batches whose computed tokens stay under the
+budget — rows × (longest prompt + longest completion) for the padded layout, the sum of the rows' tokens when
+packed (``train.packing``) — a row longer than the budget being a micro-batch of its own. The micro-batches are
+dealt to the ranks longest-processing-time first (each to the rank with the fewest tokens so far), which
+balances the ranks' tokens; a sharded student's ranks must run as many passes as each other (every pass is a
+collective), so the ranks with fewer get empty ones. Every rank computes the same plan from the same rows.
+
+The step's normaliser (``objectives.common.step_normaliser``) is a sum over the step's rows, so the gradient does
+not depend on how the rows are grouped; per-row values that need a row's whole group (a group baseline's
+advantages) are computed on the batches as sampled, before the rows are regrouped (``Method.row_advantages``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+from ..methods.batch import Batch, Row, batch_rows, row_kind, rows_batch
+
+GROUP_STRIDE = 1 << 20  # group ids of sampled micro-batch m are shifted by m × this, unique over the step
+
+
+def pass_tokens(shapes: Sequence[tuple[int, int]], packed: bool) -> int:
+    """The tokens one forward computes for rows of ``(prompt, completion)`` lengths: all of them when packed, else
+    the padded ``rows × (longest prompt + longest completion)`` (prompts are left-padded, completions right-padded)."""
+    if not shapes:
+        return 0
+    if packed:
+        return sum(p + c for p, c in shapes)
+    return len(shapes) * (max(p for p, _ in shapes) + max(c for _, c in shapes))
+
+
+def plan_micro_batches(shapes: Sequence[tuple[int, int]], budget: int, packed: bool) -> list[list[int]]:
+    """Row indices of each micro-batch: the rows sorted by length (longest first, ties by index), each added to the
+    current micro-batch while its ``pass_tokens`` stay within ``budget``; a row alone over it is a micro-batch alone."""
+    order = sorted(range(len(shapes)), key=lambda i: (-(shapes[i][0] + shapes[i][1]), i))
+    plan: list[list[int]] = []
+    for i in order:
+        if plan and pass_tokens([shapes[j] for j in plan[-1]] + [shapes[i]], packed) <= budget:
+            plan[-1].append(i)
+        else:
+            plan.append([i])
+    return plan
+
+
+def deal_to_ranks(costs: Sequence[int], world: int) -> list[list[int]]:
+    """Micro-batch indices per rank, longest-processing-time first: each micro-batch (most tokens first) goes to
+    the rank with the fewest tokens so far (ties: the lower rank), each rank's list in the order dealt."""
+    load, dealt = [0] * world, [[] for _ in range(world)]
+    for m in sorted(range(len(costs)), key=lambda m: (-costs[m], m)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        dealt[rank].append(m)
+        load[rank] += costs[m]
+    return dealt
+
+
+def step_plan(rows: Sequence[Row], budget: int, packed: bool, world: int) -> list[list[list[int]]]:
+    """For each rank, its micro-batches as row indices into ``rows`` (the whole step's, in rank order). Rows of
+    different kinds (on-/off-policy, with/without sampler log-probs) never share a micro-batch."""
+    micro: list[list[int]] = []
+    for kind in sorted({row_kind(row) for row in rows}):
+        members = [i for i, row in enumerate(rows) if row_kind(row) == kind]
+        shapes = [(len(rows[i].prompt_ids), len(rows[i].completion_ids)) for i in members]
+        micro += [[members[j] for j in part] for part in plan_micro_batches(shapes, budget, packed)]
+    costs = [pass_tokens([(len(rows[i].prompt_ids), len(rows[i].completion_ids)) for i in m], packed) for m in micro]
+    return [[micro[m] for m in dealt] for dealt in deal_to_ranks(costs, world)]
+
+
+def regroup(s, sampled: list[Batch], first_micro: int) -> list[tuple[int, Batch]]:
+    """This rank's training micro-batches of a step, ``(index in the step's plan, batch)``, from its ``sampled``
+    micro-batches (the first of which is the step's micro-batch ``first_micro``); padding passes (index -1) added
+    for a sharded student so that every rank runs as many passes."""
+    from ..parallel.sharding import is_sharded
+
+    ranks, t = s.ranks, s.cfg.train
+    own = [row for j, batch in enumerate(sampled) for row in batch_rows(batch, (first_micro + j) * GROUP_STRIDE)]
+    rows = ranks.gather(lambda: own) if ranks.several else own  # every rank's rows, in rank order
+    plan = step_plan(rows, t.micro_batch_tokens, t.packing, ranks.world_size)
+    offsets = [0]
+    for part in plan:
+        offsets.append(offsets[-1] + len(part))
+    pad_id, mine = s.tokenizer.pad_token_id, plan[ranks.rank]
+    batches = [(offsets[ranks.rank] + k, rows_batch([rows[i] for i in m], pad_id, s.device)) for k, m in enumerate(mine)]
+    if is_sharded(s.student):
+        empty = padding_row(rows[0])
+        batches += [(-1, padding_pass(empty, pad_id, s.device)) for _ in range(max(map(len, plan)) - len(mine))]
+    return batches
+
+
+def padding_row(row: Row) -> Row:
+    """A copy of ``row`` with nothing trained (and a zero advantage): what an empty pass runs."""
+    return replace(row, trained=[0] * len(row.trained), advantage=0.0 if row.advantage is not None else None)
+
+
+def padding_pass(row: Row, pad_id: int, device) -> Batch:
+    batch = rows_batch([row], pad_id, device)
+    batch.padding_pass = True
+    return batch
