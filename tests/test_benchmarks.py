@@ -1,9 +1,13 @@
-"""The loss benchmark runs end to end at a toy size and its rows agree with the materialised baseline."""
+"""The benchmarks run end to end at toy sizes: the loss benchmark's rows agree with the materialised baseline, and the
+GPU check runs on this CPU."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +26,19 @@ def test_bench_loss_runs_and_agrees_with_the_baseline(tmp_path):
     for key in ("loss_rel_err", "grad_h_rel_err", "grad_w_rel_err"):
         assert opd[key] < 1e-5
     assert "opd_time_ratio" in rows["materialised"] and "| 512 | 64 | opd |" in printed
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_at_tiny_sizes_without_a_gpu(tmp_path):
+    """make gpu-check's script end to end on this CPU: every part's rows, and the same step with and without
+    gradient checkpointing (the same loss: checkpointing recomputes, it does not change the computation)."""
+    out = tmp_path / "gpu_check.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out)], capture_output=True, text=True, check=True)
+    table = out.read_text()
+    steps = re.findall(r"^\| (opd|gkd) \| (on|off) \| .* \| ([\d.]+) \|$", table, re.M)
+    assert sorted((m, c) for m, c, _ in steps) == [("gkd", "off"), ("gkd", "on"), ("opd", "off"), ("opd", "on")]
+    losses = {(m, c): float(loss) for m, c, loss in steps}
+    for method in ("opd", "gkd"):
+        assert losses[(method, "on")] == pytest.approx(losses[(method, "off")], rel=1e-4)
+    assert re.search(r"^\| opd \| [\d.]+ GiB \| [\d.]+ s \|$", table, re.M) and re.search(r"^\| materialised \| ", table, re.M)
+    assert re.search(r"^\| opd HF sampler \(KV cache\) \| [\d,]+ \| ", table, re.M)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from opd.models.attention import packing_problem
 from opd.models.rollouts import build_rollouts
-from opd.models.scoring import completion_hidden_states, rollout_logprobs
+from opd.models.scoring import completion_hidden_states, pack_bins, packed_layout, rollout_logprobs
 
 SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -70,3 +70,15 @@ def test_packing_is_refused_where_rows_would_mix():
     from transformers import MambaConfig
 
     assert packing_problem(MambaConfig(), None, False).startswith("mamba has")
+
+
+def test_bins_hold_whole_rows_first_fit_decreasing():
+    assert pack_bins([16, 11, 8, 5, 13]) == [[0], [4], [1, 3], [2]]
+    r = ragged_rollouts()  # rows of 16, 11, 8, 5 and 13 tokens
+    ids_BL, mask_BL = r.input_ids_BL(), r.attention_mask_BL()
+    positions_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+    ids_KN, positions_KN, slot_BL = packed_layout(ids_BL, mask_BL.bool(), positions_BL)
+    assert ids_KN.shape == (4, 16)
+    assert ids_KN.flatten()[slot_BL[mask_BL.bool()]].tolist() == ids_BL[mask_BL.bool()].tolist()
+    assert positions_KN[2].tolist() == list(range(11)) + list(range(5))  # rows 1 and 3 share a bin, each from 0
+    assert positions_KN[3].tolist() == list(range(16))  # row 2's 8 tokens, then the tail: its own positions 8..15

@@ -10,14 +10,25 @@ from conftest import make_config
 
 from opd.training.assembly import build_session
 from opd.training.loop import SUMMED_METRICS, accumulate_gradients, training_micro_batches
-from opd.training.micro_batches import deal_to_ranks, pass_tokens, plan_micro_batches
+from opd.training.micro_batches import MAX_PADDING, deal_to_ranks, pass_tokens, plan_micro_batches
 
 WORLD = ["sampling.samples_per_prompt=2", "sampling.max_new_tokens=40"]
 
 
-def test_pass_tokens_count_the_padding_unless_packed():
+def test_pass_tokens_count_the_padding_or_the_packed_bins():
     assert pass_tokens([(5, 10), (2, 3)], packed=False) == 2 * (5 + 10)
-    assert pass_tokens([(5, 10), (2, 3)], packed=True) == 20
+    assert pass_tokens([(5, 10), (2, 3)], packed=True) == 2 * 15  # the longest row fills its bin; the other has one alone
+    assert pass_tokens([(5, 10), (5, 5), (2, 3)], packed=True) == 2 * 15  # bins of the longest row: [15], [10 + 5]
+    assert pass_tokens([(5, 10), (5, 6), (2, 3)], packed=True) == 3 * 15  # 11 and 5 do not share a 15-token bin
+
+
+def test_padded_micro_batches_keep_their_padding_under_the_cap():
+    shapes = [(10, 100), (10, 95), (10, 40), (10, 38)]
+    plan = plan_micro_batches(shapes, 10_000, packed=False)
+    assert plan == [[0, 1], [2, 3]]  # the 40-token rows would make the first micro-batch 36% padding
+    for m in plan:
+        real = sum(sum(shapes[i]) for i in m)
+        assert 1 - real / pass_tokens([shapes[i] for i in m], False) <= MAX_PADDING
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -33,6 +44,7 @@ def test_the_plan_covers_every_row_once_within_the_budget(packed):
 
 def test_a_row_longer_than_the_budget_is_a_micro_batch_of_its_own():
     assert plan_micro_batches([(10, 10), (50, 500), (10, 12)], 100, packed=False) == [[1], [2, 0]]
+    assert plan_micro_batches([(10, 10), (50, 500), (10, 12)], 100, packed=True) == [[1], [2, 0]]
 
 
 def test_dealing_balances_the_ranks_tokens():

@@ -78,6 +78,21 @@ def load_model(path: str, key: str, dtype: str = "float32", trust_remote_code: b
     return model.to(device)
 
 
+def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant torch checkpointing) or stop doing so; active
+    only in training mode with gradients on. transformers >= 5.2x names it activation checkpointing, earlier
+    releases gradient checkpointing."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():

@@ -21,7 +21,7 @@ Projection = Callable[[torch.Tensor], torch.Tensor]  # hidden_NH -> logits_NV
 
 def completion_hidden_states(model: torch.nn.Module, rollouts: Rollouts, packed: bool = False) -> torch.Tensor:
     """Final-layer hidden states ``[B, C, H]`` at the positions that predict each completion token. ``packed``: the
-    rows' real tokens run as one sequence with per-row position ids and no padding (``packed_forward``; zeros
+    rows' real tokens packed into bins with per-row position ids and no attention mask (``packed_layout``; zeros
     where a row has no token); otherwise as the padded ``[B, L]`` batch."""
     ids_BL, mask_BL = rollouts.input_ids_BL(), rollouts.attention_mask_BL()
     position_ids_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
@@ -33,18 +33,54 @@ def completion_hidden_states(model: torch.nn.Module, rollouts: Rollouts, packed:
         )
         return hidden_BLH[:, window]
     valid_BL = mask_BL.bool()
-    hidden_NH = in_root_forward(model, lambda: packed_forward(decoder, ids_BL[valid_BL], position_ids_BL[valid_BL]))
-    index_BC = (valid_BL.flatten().cumsum(0).view_as(valid_BL) - 1)[:, window].clamp(min=0)  # each position's place in N
-    return torch.where(valid_BL[:, window, None], hidden_NH[index_BC], 0)
+    ids_KN, position_ids_KN, slot_BL = packed_layout(ids_BL, valid_BL, position_ids_BL)
+    hidden_KNH = in_root_forward(model, lambda: packed_forward(decoder, ids_KN, position_ids_KN))
+    hidden_MH = hidden_KNH.flatten(0, 1)
+    return torch.where(valid_BL[:, window, None], hidden_MH[slot_BL[:, window]], 0)
 
 
-def packed_forward(decoder: torch.nn.Module, ids_N: torch.Tensor, position_ids_N: torch.Tensor) -> torch.Tensor:
-    """Hidden states ``[N, H]`` of the decoder over rows concatenated into one sequence (``ids_N``), each row's
-    positions counting from 0 and no attention mask: transformers reads each restart of the positions as a row
-    boundary (the implementations in ``models.attention.PACKING_IMPLEMENTATIONS``), so no token attends across
-    rows and no padding is computed."""
-    out = decoder(input_ids=ids_N[None], position_ids=position_ids_N[None], attention_mask=None, use_cache=False)
-    return out.last_hidden_state[0]
+def pack_bins(lengths: list[int]) -> list[list[int]]:
+    """Rows into bins as long as the longest row, first-fit decreasing (longest first, ties by index): each bin's
+    row indices in the order they sit in it. No row is split; short rows fill the space beside long ones."""
+    capacity, bins, room = max(lengths, default=0), [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = next((k for k, free in enumerate(room) if lengths[i] <= free), None)
+        if k is None:
+            bins.append([]), room.append(capacity)
+            k = len(bins) - 1
+        bins[k].append(i)
+        room[k] -= lengths[i]
+    return bins
+
+
+def packed_layout(ids_BL: torch.Tensor, valid_BL: torch.Tensor, position_ids_BL: torch.Tensor):
+    """``(ids_KN, position_ids_KN, slot_BL)``: the rows' real tokens in ``K`` bins of the longest row's length
+    (``pack_bins``), each row's positions counting from 0, and where each ``[B, L]`` position's token went (its
+    index in the flattened ``[K·N]``; meaningless where ``valid_BL`` is false). A bin's unused tail (id 0) comes
+    after its rows and takes its slots' positions in the bin: causal attention keeps every real token from it."""
+    lengths = valid_BL.sum(-1).tolist()
+    bins, capacity = pack_bins(lengths), max(lengths)
+    start_B = torch.zeros(len(lengths), dtype=torch.long)
+    for k, rows in enumerate(bins):
+        offset = k * capacity
+        for i in rows:
+            start_B[i] = offset
+            offset += lengths[i]
+    slot_BL = start_B.to(ids_BL.device)[:, None] + position_ids_BL
+    ids_M = torch.zeros(len(bins) * capacity, dtype=ids_BL.dtype, device=ids_BL.device)
+    position_ids_M = torch.arange(capacity, device=ids_BL.device).repeat(len(bins))
+    ids_M[slot_BL[valid_BL]] = ids_BL[valid_BL]
+    position_ids_M[slot_BL[valid_BL]] = position_ids_BL[valid_BL]
+    return ids_M.view(len(bins), capacity), position_ids_M.view(len(bins), capacity), slot_BL
+
+
+def packed_forward(decoder: torch.nn.Module, ids_KN: torch.Tensor, position_ids_KN: torch.Tensor) -> torch.Tensor:
+    """Hidden states ``[K, N, H]`` of the decoder over bins of rows (``packed_layout``) with no attention mask:
+    transformers reads each restart of the position ids as a row boundary (the implementations in
+    ``models.attention.PACKING_IMPLEMENTATIONS``), so no token attends across rows. A bin is as long as the
+    micro-batch's longest row, so an implementation that builds a dense mask (sdpa, eager) spends at most
+    ``K·N²`` on attention, not the square of all the tokens."""
+    return decoder(input_ids=ids_KN, position_ids=position_ids_KN, attention_mask=None, use_cache=False).last_hidden_state
 
 
 def projection(model: torch.nn.Module) -> Projection:

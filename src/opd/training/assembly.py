@@ -29,6 +29,7 @@ from ..models.loading import (
     load_tokenizer,
     match_output_vocabulary,
     output_size,
+    set_activation_checkpointing,
 )
 from ..models.pairing import check_pairing
 from ..parallel.ranks import SINGLE, Ranks
@@ -147,7 +148,7 @@ def load_student(cfg, device: torch.device, ranks: Ranks) -> torch.nn.Module:
     st = cfg.student
     student = load_model(st.path, "student.path", st.dtype, st.trust_remote_code, device, st.attn_implementation)
     if cfg.train.gradient_checkpointing:  # each decoder layer recomputed in the backward; only in training mode
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(student, True)
     if st.lora.enabled:
         student = apply_lora(student, st.lora)
     student.train()

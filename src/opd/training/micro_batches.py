@@ -3,8 +3,9 @@
 A step samples its ``ranks × train.grad_accum`` micro-batches as configured (that is what fixes its sampling
 noise); with a budget, their rows are then regrouped for the forward and backward passes: every rank's rows are
 gathered, sorted by length, longest first, and cut into micro-batches whose computed tokens stay under the
-budget — rows × (longest prompt + longest completion) for the padded layout, the sum of the rows' tokens when
-packed (``train.packing``) — a row longer than the budget being a micro-batch of its own. The micro-batches are
+budget — rows × (longest prompt + longest completion) for the padded layout, whose micro-batches also stop
+growing where their padding would pass ``MAX_PADDING``; bins × the longest row when packed (``train.packing``:
+``models.scoring.pack_bins``) — a row longer than the budget being a micro-batch of its own. The micro-batches are
 dealt to the ranks longest-processing-time first (each to the rank with the fewest tokens so far), which
 balances the ranks' tokens; a sharded student's ranks must run as many passes as each other (every pass is a
 collective), so the ranks with fewer get empty ones. Every rank computes the same plan from the same rows.
@@ -20,31 +21,43 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..methods.batch import Batch, Row, batch_rows, row_kind, rows_batch
+from ..models.scoring import pack_bins
 
 GROUP_STRIDE = 1 << 20  # group ids of sampled micro-batch m are shifted by m × this, unique over the step
+# the padded layout's micro-batches take no row that would make more than this share of their tokens padding (rows
+# of very different lengths then train apart: more, smaller passes rather than passes of mostly padding)
+MAX_PADDING = 0.1
 
 
 def pass_tokens(shapes: Sequence[tuple[int, int]], packed: bool) -> int:
-    """The tokens one forward computes for rows of ``(prompt, completion)`` lengths: all of them when packed, else
-    the padded ``rows × (longest prompt + longest completion)`` (prompts are left-padded, completions right-padded)."""
+    """The tokens one forward computes for rows of ``(prompt, completion)`` lengths: packed, bins × the longest row
+    (``models.scoring.pack_bins``); else the padded ``rows × (longest prompt + longest completion)`` (prompts are
+    left-padded, completions right-padded)."""
     if not shapes:
         return 0
     if packed:
-        return sum(p + c for p, c in shapes)
+        lengths = [p + c for p, c in shapes]
+        return len(pack_bins(lengths)) * max(lengths)
     return len(shapes) * (max(p for p, _ in shapes) + max(c for _, c in shapes))
 
 
 def plan_micro_batches(shapes: Sequence[tuple[int, int]], budget: int, packed: bool) -> list[list[int]]:
     """Row indices of each micro-batch: the rows sorted by length (longest first, ties by index), each added to the
-    current micro-batch while its ``pass_tokens`` stay within ``budget``; a row alone over it is a micro-batch alone."""
+    current micro-batch while its ``pass_tokens`` stay within ``budget`` (and, padded, its padding within
+    ``MAX_PADDING``); a row alone over the budget is a micro-batch alone."""
     order = sorted(range(len(shapes)), key=lambda i: (-(shapes[i][0] + shapes[i][1]), i))
     plan: list[list[int]] = []
     for i in order:
-        if plan and pass_tokens([shapes[j] for j in plan[-1]] + [shapes[i]], packed) <= budget:
+        if plan and fits([shapes[j] for j in plan[-1]] + [shapes[i]], budget, packed):
             plan[-1].append(i)
         else:
             plan.append([i])
     return plan
+
+
+def fits(shapes: Sequence[tuple[int, int]], budget: int, packed: bool) -> bool:
+    computed = pass_tokens(shapes, packed)
+    return computed <= budget and (packed or 1 - sum(p + c for p, c in shapes) / computed <= MAX_PADDING)
 
 
 def deal_to_ranks(costs: Sequence[int], world: int) -> list[list[int]]:
