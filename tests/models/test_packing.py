@@ -3,7 +3,7 @@ every completion token gets the log-prob (and gradient) the padded batch gives i
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen3Config
 
 from opd.models.attention import packing_problem
 from opd.models.rollouts import build_rollouts
@@ -26,7 +26,7 @@ def ragged_rollouts():
     return build_rollouts(prompts, completions, pad_id=0)
 
 
-@pytest.mark.parametrize("config_class", [LlamaConfig, Qwen3Config], ids=["llama", "qwen3"])
+@pytest.mark.parametrize("config_class", [LlamaConfig, Qwen3Config, MistralConfig], ids=["llama", "qwen3", "mistral"])
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_packed_logprobs_equal_the_padded_batch(config_class, implementation):
     model, r = tiny(config_class, implementation), ragged_rollouts()
@@ -70,6 +70,7 @@ def test_packing_is_refused_where_rows_would_mix():
     from transformers import MambaConfig
 
     assert packing_problem(MambaConfig(), None, False).startswith("mamba has")
+    assert "OPTForCausalLM builds its attention mask without the position ids" in packing_problem(OPTConfig(), None, False)
 
 
 def test_bins_hold_whole_rows_first_fit_decreasing():

@@ -217,14 +217,15 @@ def test_fsdp_ranks_take_the_steps_of_one_unsharded_process(tmp_path, tiny_model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["none", "fsdp"])
-def test_token_budget_micro_batches_over_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_models, sharding):
+@pytest.mark.parametrize("sharding, extra", [("none", ()), ("fsdp", ()), ("none", LORA_DROPOUT)], ids=["ddp", "fsdp", "ddp-lora-dropout"])
+def test_token_budget_micro_batches_over_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_models, sharding, extra):
     """train.micro_batch_tokens over 2 ranks: the step's rows gathered, cut under the budget and dealt to the ranks by
-    tokens (a sharded rank with fewer micro-batches runs empty passes) give one process's weights and losses."""
+    tokens (a sharded rank with fewer micro-batches runs empty passes; each pass's dropout seeded by its place in the
+    step's plan, whichever rank runs it) give one process's weights and losses."""
     config, budget = CONFIGS / "arithmetic/gkd.yaml", "train.micro_batch_tokens=70"  # 3, 3 and 4 passes in its 3 steps
     single, ranks = tmp_path / "one", tmp_path / "two"
-    ok(one_process(config, run_args(tiny_models, single, "train.steps=3", "train.grad_accum=2", budget)))
-    ok(two_ranks(config, run_args(tiny_models, ranks, "train.steps=3", f"train.sharding={sharding}", budget)))
+    ok(one_process(config, run_args(tiny_models, single, "train.steps=3", "train.grad_accum=2", budget, *extra)))
+    ok(two_ranks(config, run_args(tiny_models, ranks, "train.steps=3", f"train.sharding={sharding}", budget, *extra)))
     assert max_relative_difference(weights(ranks), weights(single)) <= 1e-5
     one, two = train_rows(single), train_rows(ranks)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5, abs=1e-9)

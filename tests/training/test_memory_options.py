@@ -98,6 +98,17 @@ def test_a_teacher_device_that_does_not_exist_is_refused(tmp_path, tiny_models, 
         make_config(tmp_path, tiny_models, f"teacher.device={device}")
 
 
+@pytest.mark.parametrize("overrides", [["method.name=sft"], ["method.name=opsd", "teacher.path=null"], ["method.name=grpo", "method.grpo.kl_coef=0.1", *LORA]])
+def test_a_teacher_device_with_nothing_to_place_is_refused(tmp_path, tiny_models, overrides):
+    with pytest.raises(ConfigError, match=r"config key 'teacher\.device' has nothing to place: method '\w+' loads no local teacher"):
+        make_config(tmp_path, tiny_models, "teacher.device=cpu", *overrides)
+
+
+def test_the_teacher_and_its_reference_score_on_the_teacher_device(tmp_path, tiny_models):
+    s = build_session(make_config(tmp_path, tiny_models, "method.name=grpo", "method.grpo.kl_coef=0.1", "teacher.device=cpu"))
+    assert s.reference.device == torch.device("cpu")  # the student's initial weights loaded again, where asked
+
+
 def test_a_micro_batch_budget_smaller_than_the_longest_prompt_is_refused_naming_it(tmp_path, tiny_models, monkeypatch):
     import opd.training.assembly as assembly
 

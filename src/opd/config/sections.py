@@ -178,8 +178,8 @@ class TrainConfig:
     # micro-batches under this budget (a longer row is a micro-batch of its own), and balanced over the ranks by
     # tokens; None = train.grad_accum micro-batches of equal rows. The gradient does not depend on the grouping
     micro_batch_tokens: int | None = None
-    # padding-free micro-batches: each micro-batch's rows concatenated into one sequence with per-row position
-    # ids, so no padding token is computed (the attention implementation must honour row boundaries)
+    # padding-free micro-batches: each micro-batch's rows packed into bins as long as its longest row, with per-row
+    # position ids and no padding between rows (the attention implementation must honour row boundaries)
     packing: bool = False
 
 

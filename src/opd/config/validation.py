@@ -12,6 +12,7 @@ import math
 import os
 
 from ..engines.base import ENGINE_REGISTRY, engine_class
+from ..engines.served import is_url
 from ..episodes.environments import EpisodicTask
 from ..methods.base import METHOD_REGISTRY, method_class
 from ..models.attention import implementation_problem
@@ -115,6 +116,11 @@ def validate(c: Config) -> None:
     method = method_class(m.name)
     method.validate(c)
     validate_needs(c, m.name, method.needs(c))
+    require(
+        c.teacher.device is None or bool(placed_models(c, method.needs(c))), "teacher.device",
+        f"has nothing to place: method '{m.name}' loads no local teacher or reference here (a served teacher runs where its "
+        "server does; the self-teacher and a LoRA student's initial weights are the student itself)",
+    )
 
 
 def validate_sharding(c: Config, world: int) -> None:
@@ -210,11 +216,23 @@ def validate_models(c: Config, world: int) -> None:
         return
     require(device != "auto", "teacher.device", "must name a device (cpu, cuda:N) or be null (the student's device)")
     check_device(device, "teacher.device")
-    require(c.teacher.url is None, "teacher.device", "has nothing to place: the teacher is served (teacher.url) and runs where its server does")
     require(
         world == 1 or device == "cpu", "teacher.device",
         f"is {device!r}, one device for all {world} ranks; with several ranks each rank's teacher sits on its own GPU (leave it null) or on cpu",
     )
+
+
+def placed_models(c: Config, needs) -> list[str]:
+    """What ``teacher.device`` places: the local teacher and route checkpoints, and a reference loaded from a
+    checkpoint (or the student's initial weights loaded again, without LoRA)."""
+    te, placed = c.teacher, []
+    if needs.teacher and te.path is not None and te.url is None:
+        placed.append("teacher.path")
+    placed += [f"teacher.routes.{n}" for n, p in te.routes.items() if not is_url(p)]
+    ref = needs.reference
+    if ref is not None and not is_url(ref) and (ref != "student_init" or not c.student.lora.enabled):
+        placed.append(needs.reference_key)
+    return placed
 
 
 def validate_needs(c: Config, name: str, needs) -> None:

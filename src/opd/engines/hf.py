@@ -84,7 +84,7 @@ class HFSampler:
         if not is_gathered(self.model):  # each sharded forward is a collective; ranks decode different numbers of tokens
             raise RuntimeError("HFSampler needs a sharded model gathered first (parallel.sharding.gathered, entered by every rank)")
         device = self.device
-        if generator is not None and generator.device != device:  # a teacher on teacher.device, the run's noise elsewhere
+        if generator is not None and not same_device(generator.device, device):  # a teacher on teacher.device, the noise elsewhere
             generator = local_generator(generator, device)
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
@@ -150,6 +150,14 @@ class HFSampler:
             cache, logits = returned_cache(out), out.logits[:, -1]
             next_position = next_position + 1
         return tokens, logps, alive
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when 0 is the current one (a generator made on ``cuda`` says ``cuda``)."""
+    def index(d: torch.device):
+        return d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device()
+
+    return a.type == b.type and index(a) == index(b)
 
 
 def local_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:

@@ -62,8 +62,11 @@ class Reopold(Method):
             with torch.no_grad(), batch.rng(PREPARE_SALT):  # entropy at the training (sampling) temperature
                 logp_BC, entropy_BC = student_token_logprobs(s, r, with_entropy=True)
             student.append(logp_BC), teacher.append(batch.teacher_logp_BC), entropy.append(entropy_BC), mask.append(r.loss_mask_BC.float())
-        width = max(m.shape[1] for m in mask)
-        stacked = [torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]) for ts in (student, teacher, entropy, mask)]
+        width = max((m.shape[1] for m in mask), default=0)  # a rank the token budget gave no micro-batch sends no rows
+        stacked = [
+            torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]) if ts else torch.zeros(0, 0, device=s.device)
+            for ts in (student, teacher, entropy, mask)
+        ]
         gathered, starts = zip(*(s.ranks.gather_rows(t) for t in stacked))  # every rank's rows: one selection for the step
         start = starts[0]
         _, keep_BC, metrics = reopold_rewards_and_mask(*gathered, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)

@@ -2,16 +2,22 @@
 and whether a micro-batch's rows may be packed into one sequence (``train.packing``), decided from names and model
 configs alone, so that a wrong choice is one line before any weights load (docs/performance.md).
 
-Packing concatenates a micro-batch's rows and gives each row its own position ids starting at 0, with no attention
-mask. transformers (5.x) turns such position ids into row boundaries for the implementations in
-``PACKING_IMPLEMENTATIONS``: eager, sdpa and flex attention get a block-diagonal causal mask, the flash-attention
-kernels per-row sequence lengths. A layer that is not attention — linear attention, a state-space or recurrent
-block, a short convolution — carries its state across the boundary instead, so such models are refused.
+Packing puts a micro-batch's rows side by side and gives each row its own position ids starting at 0, with no
+attention mask. transformers (5.x) turns such position ids into row boundaries for the implementations in
+``PACKING_IMPLEMENTATIONS`` — eager, sdpa and flex attention get a block-diagonal causal mask, the flash-attention
+kernels per-row sequence lengths (for a batch of one sequence: ``models.scoring.packed_forward``) — but only in
+models whose forward hands the position ids to transformers' mask builder (``passes_positions_to_mask``: Llama,
+Qwen2/3, Mistral, Gemma, …; not OPT, Bloom, GPT-2, which build their masks without them). A layer that is not
+attention — linear attention, a state-space or recurrent block, a short convolution — carries its state across
+the boundary instead. Models that would let rows see each other are refused.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import re
+import sys
 
 # implementations whose masks or kernels honour packed rows' position ids (transformers' masking_utils)
 PACKING_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
@@ -19,7 +25,8 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 # families whose layers are (partly) recurrent, linear-attention or convolutional, even where no layer_types say so
 RECURRENT_MODEL_TYPES = frozenset({
     "mamba", "mamba2", "falcon_mamba", "falcon_h1", "jamba", "bamba", "zamba", "zamba2", "rwkv", "recurrent_gemma",
-    "xlstm", "lfm2", "lfm2_moe", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax", "plamo2",
+    "xlstm", "lfm2", "lfm2_moe", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax", "plamo2", "kimi_linear",
+    "olmo_hybrid", "bailing_hybrid",
 })
 # the package a kernel-backed implementation needs, importable (transformers says so only when the model loads)
 KERNEL_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface", "flash_attention_4": "flash_attn.cute"}
@@ -96,4 +103,28 @@ def packing_problem(model_config, name: str | None, trust_remote_code: bool) -> 
     if others or model_type in RECURRENT_MODEL_TYPES:
         what = ", ".join(others) if others else f"{model_type}'s recurrent"
         return f"{model_type} has {what} layers, which carry state across packed rows' boundaries"
+    cls = model_class(model_config)
+    if cls is None or not passes_positions_to_mask(cls):
+        name = cls.__name__ if cls is not None else model_type or "this model"
+        return f"{name} builds its attention mask without the position ids, so packed rows would attend to each other"
     return None
+
+
+# the ways transformers' modeling code hands the position ids to its mask builders: as a keyword of the builder
+# (or of ``mask_function``, the builder picked by sliding window), or in the mask_kwargs dict the layer types share
+MASK_WITH_POSITIONS = re.compile(
+    r"(?:create_(?:sliding_window_|chunked_)?causal_mask|mask_function)\([^()]*position_ids=position_ids"
+    r"|mask_kwargs\s*=\s*\{[^{}]*[\"']position_ids[\"']:\s*position_ids",
+    re.S,
+)
+
+
+def passes_positions_to_mask(cls) -> bool:
+    """Whether the modeling code of ``cls`` hands ``position_ids`` to transformers' causal-mask builder (what turns
+    packed rows' position restarts into boundaries), read from its module's source."""
+    module = sys.modules.get(cls.__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return False
+    return bool(MASK_WITH_POSITIONS.search(source))

@@ -78,8 +78,14 @@ def packed_forward(decoder: torch.nn.Module, ids_KN: torch.Tensor, position_ids_
     """Hidden states ``[K, N, H]`` of the decoder over bins of rows (``packed_layout``) with no attention mask:
     transformers reads each restart of the position ids as a row boundary (the implementations in
     ``models.attention.PACKING_IMPLEMENTATIONS``), so no token attends across rows. A bin is as long as the
-    micro-batch's longest row, so an implementation that builds a dense mask (sdpa, eager) spends at most
-    ``K·N²`` on attention, not the square of all the tokens."""
+    micro-batch's longest row, so an implementation that builds a dense mask (sdpa, eager, flex) spends at most
+    ``K·N²`` on attention, not the square of all the tokens. The flash-attention kernels read boundaries from
+    the position ids of a batch of one sequence only (and compute each row's own block), so for them the bins
+    run as one ``[1, K·N]`` sequence."""
+    K, N = ids_KN.shape
+    if getattr(decoder.config, "_attn_implementation", "").startswith("flash_attention"):
+        out = decoder(input_ids=ids_KN.reshape(1, K * N), position_ids=position_ids_KN.reshape(1, K * N), attention_mask=None, use_cache=False)
+        return out.last_hidden_state.view(K, N, -1)
     return decoder(input_ids=ids_KN, position_ids=position_ids_KN, attention_mask=None, use_cache=False).last_hidden_state
 
 

@@ -395,7 +395,9 @@ def logprobs_before_updates(s: Session, batch: Batch) -> torch.Tensor:
         return student_token_logprobs(s, batch.rollouts)[0]
 
 
-SUMMED_METRICS = ("loss", "student_tokens", "micro_batches")  # parts of a step total; every other metric is averaged over micro-batches
+# parts of a step total (each micro-batch's share under the step's normaliser, or a count); every other metric is
+# averaged over the micro-batches that report it
+SUMMED_METRICS = ("loss", "jsd", "kl_ref", "student_tokens", "micro_batches")
 
 
 def accumulate_gradients(s: Session, batches: list[Batch], step: int, update: int = 0) -> tuple[dict[str, float], dict[str, int], bool]:
@@ -413,7 +415,7 @@ def accumulate_gradients(s: Session, batches: list[Batch], step: int, update: in
     """
     method = s.method
     step_metrics: dict[str, float] = {}
-    if not all(b.prepared for b in batches):  # once per step, not once per update
+    if update == 0 or not all(b.prepared for b in batches):  # once per step (on every rank: it may gather), not per update
         with s.timer.phase("student"):
             step_metrics = method.prepare_step(s, batches, step) or {}
         for batch in batches:

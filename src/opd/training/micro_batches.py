@@ -71,8 +71,9 @@ def deal_to_ranks(costs: Sequence[int], world: int) -> list[list[int]]:
     return dealt
 
 
-def step_plan(rows: Sequence[Row], budget: int, packed: bool, world: int) -> list[list[list[int]]]:
-    """For each rank, its micro-batches as row indices into ``rows`` (the whole step's, in rank order). Rows of
+def step_plan(rows: Sequence[Row], budget: int, packed: bool, world: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``(micro, dealt)``: the step's micro-batches as row indices into ``rows`` (the whole step's, in rank order) —
+    the same whatever the number of ranks — and each rank's micro-batches as indices into ``micro``. Rows of
     different kinds (on-/off-policy, with/without sampler log-probs) never share a micro-batch."""
     micro: list[list[int]] = []
     for kind in sorted({row_kind(row) for row in rows}):
@@ -80,33 +81,36 @@ def step_plan(rows: Sequence[Row], budget: int, packed: bool, world: int) -> lis
         shapes = [(len(rows[i].prompt_ids), len(rows[i].completion_ids)) for i in members]
         micro += [[members[j] for j in part] for part in plan_micro_batches(shapes, budget, packed)]
     costs = [pass_tokens([(len(rows[i].prompt_ids), len(rows[i].completion_ids)) for i in m], packed) for m in micro]
-    return [[micro[m] for m in dealt] for dealt in deal_to_ranks(costs, world)]
+    return micro, deal_to_ranks(costs, world)
 
 
 def regroup(s, sampled: list[Batch], first_micro: int) -> list[tuple[int, Batch]]:
-    """This rank's training micro-batches of a step, ``(index in the step's plan, batch)``, from its ``sampled``
-    micro-batches (the first of which is the step's micro-batch ``first_micro``); padding passes (index -1) added
-    for a sharded student so that every rank runs as many passes."""
+    """This rank's training micro-batches of a step, ``(index in the step's plan, batch)`` — an index that does not
+    depend on the number of ranks (it seeds the pass's dropout) — from its ``sampled`` micro-batches (the first of
+    which is the step's micro-batch ``first_micro``); padding passes (index -1) added for a sharded student so
+    that every rank runs as many passes."""
     from ..parallel.sharding import is_sharded
 
     ranks, t = s.ranks, s.cfg.train
     own = [row for j, batch in enumerate(sampled) for row in batch_rows(batch, (first_micro + j) * GROUP_STRIDE)]
     rows = ranks.gather(lambda: own) if ranks.several else own  # every rank's rows, in rank order
-    plan = step_plan(rows, t.micro_batch_tokens, t.packing, ranks.world_size)
-    offsets = [0]
-    for part in plan:
-        offsets.append(offsets[-1] + len(part))
-    pad_id, mine = s.tokenizer.pad_token_id, plan[ranks.rank]
-    batches = [(offsets[ranks.rank] + k, rows_batch([rows[i] for i in m], pad_id, s.device)) for k, m in enumerate(mine)]
+    micro, dealt = step_plan(rows, t.micro_batch_tokens, t.packing, ranks.world_size)
+    pad_id = s.tokenizer.pad_token_id
+    batches = [(m, rows_batch([rows[i] for i in micro[m]], pad_id, s.device)) for m in dealt[ranks.rank]]
     if is_sharded(s.student):
-        empty = padding_row(rows[0])
-        batches += [(-1, padding_pass(empty, pad_id, s.device)) for _ in range(max(map(len, plan)) - len(mine))]
+        empty = padding_row(min(rows, key=lambda row: row.tokens))
+        batches += [(-1, padding_pass(empty, pad_id, s.device)) for _ in range(max(map(len, dealt)) - len(batches))]
     return batches
 
 
 def padding_row(row: Row) -> Row:
-    """A copy of ``row`` with nothing trained (and a zero advantage): what an empty pass runs."""
-    return replace(row, trained=[0] * len(row.trained), advantage=0.0 if row.advantage is not None else None)
+    """What an empty pass runs: ``row`` cut to its last prompt token and first completion token, nothing trained
+    (a zero advantage), so the pass costs two tokens of every model that scores it."""
+    logps = row.sampler_logps[:1] if row.sampler_logps is not None else None
+    return replace(
+        row, prompt_ids=row.prompt_ids[-1:], completion_ids=row.completion_ids[:1], trained=[0] * len(row.completion_ids[:1]),
+        sampler_logps=logps, advantage=0.0 if row.advantage is not None else None,
+    )
 
 
 def padding_pass(row: Row, pad_id: int, device) -> Batch:

@@ -57,7 +57,8 @@ def check_task_data(task: Task, tokenizer, needs, cfg, context: int | None, spli
             n, source = checker.longest
             raise DataError(
                 f"train.micro_batch_tokens={cfg.train.micro_batch_tokens} is smaller than the longest training prompt "
-                f"({n} tokens, {source}); a micro-batch must hold at least one prompt and its completion"
+                f"({n} tokens, {source}), so every row would train alone; give it at least the longest prompt plus "
+                f"sampling.max_new_tokens ({n + cfg.sampling.max_new_tokens})"
             )
         counts = {"rows": len(examples), "kept": len(examples) - checker.skipped_long - checker.empty, **checker.counts()}
         report[name] = counts

@@ -30,8 +30,8 @@ class RunDirError(ValueError):
 NEUTRAL = (
     "run.resume", "run.overwrite", "run.allow_changes", "run.name", "log.", "checkpoint.", "eval.", "train.threads",
     "train.dist_timeout", "train.sharding", "train.gradient_checkpointing", "train.micro_batch_tokens", "train.packing",
-    "teacher.device", "student.attn_implementation", "teacher.attn_implementation",
-)
+    "student.attn_implementation", "teacher.attn_implementation",
+)  # not teacher.device: a teacher elsewhere samples its demonstrations from a generator of its own device
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
