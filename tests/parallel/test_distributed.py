@@ -217,6 +217,18 @@ def test_fsdp_ranks_take_the_steps_of_one_unsharded_process(tmp_path, tiny_model
 
 
 @pytest.mark.slow
+def test_reopold_with_a_budget_that_leaves_a_rank_no_micro_batch_takes_one_process_steps(tmp_path, tiny_models):
+    """A budget that holds the whole step: one rank trains nothing, yet joins REOPOLD's step-wide token selection
+    (its collectives), and the 2 ranks give one process's weights."""
+    config, budget = CONFIGS / "arithmetic/reopold.yaml", "train.micro_batch_tokens=100000"
+    single, ranks = tmp_path / "one", tmp_path / "two"
+    ok(one_process(config, run_args(tiny_models, single, "train.steps=2", "train.grad_accum=2", budget)))
+    ok(two_ranks(config, run_args(tiny_models, ranks, "train.steps=2", budget)))
+    assert [r["micro_batches"] for r in train_rows(single)] == [1, 1]
+    assert max_relative_difference(weights(ranks), weights(single)) <= 1e-5
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding, extra", [("none", ()), ("fsdp", ()), ("none", LORA_DROPOUT)], ids=["ddp", "fsdp", "ddp-lora-dropout"])
 def test_token_budget_micro_batches_over_two_ranks_take_the_steps_of_one_process(tmp_path, tiny_models, sharding, extra):
     """train.micro_batch_tokens over 2 ranks: the step's rows gathered, cut under the budget and dealt to the ranks by
