@@ -50,9 +50,6 @@ CASES = [
     (GOOD, ["teacher.temperature=0"], "'teacher.temperature' must be > 0"),
     # engines and served teachers (issue 12): refused when the config is read, before any model or server is touched
     (GOOD, ["sampling.sync_every=4"], "'sampling.sync_every' only applies to sampling.engine=vllm"),
-    # what the engine declares against what the task needs: tool-using turns end at stop strings
-    (GOOD, ["task.name=search_qa", "sampling.engine=vllm"], "'sampling.engine' must be hf for task.name=search_qa (turns end at stop strings"),
-    (GOOD, ["task.name=environment", "sampling.engine=vllm"], "'sampling.engine' must be hf for task.name=environment (turns end at stop strings"),
     # one spelling for the HTTP client's settings: the old keys name the new ones
     (GOOD, ["method.ovd.http.timeout=2"], "'method.ovd.http.timeout' is now 'method.ovd.http.deadline'"),
     (GOOD, ["method.ovd.http.max_reply_bytes=2048"], "'method.ovd.http.max_reply_bytes' is now 'method.ovd.http.max_reply_mb'"),

@@ -315,3 +315,51 @@ def test_a_served_reference_and_a_served_route_score_like_their_local_models(ser
         assert (routed_BC[i] - expected[0])[row_mask].abs().max() < 1e-3, route
     assert set(r.route_B) == {"a", "b"}
     assert train(cfg)["nonfinite_skips"] == 0
+
+
+# ----------------------------------------------------------------------------- stop strings and tool-using episodes
+
+
+def completion_tokens(r):
+    return [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)]
+
+
+def test_stop_strings_end_a_row_where_opds_own_sampler_ends_it(engine, tokenizer):
+    """Greedy, the engine and opd's sampler stop every row at the same token: the one that completes the stop
+    string, kept (the engine matches its own detokenized text, special tokens left out, as opd's sampler does)."""
+    student = load_model("world:student", "student.path")
+    ids = encode(tokenizer, prompts(tokenizer, seed=4))
+    params = SamplingConfig(temperature=0.0, max_new_tokens=40)
+    ours = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer)).sample(ids, params, None, ("=",))
+    theirs = engine.sample(ids, params, torch.Generator().manual_seed(0), ("=",))
+    assert completion_tokens(theirs) == completion_tokens(ours)
+    assert all(text.endswith("=") and text.count("=") == 1 for text in theirs.texts)
+    whole = engine.sample(ids, params, torch.Generator().manual_seed(0))  # without the stop string the rows run on
+    assert all(len(a) > len(b) for a, b in zip(completion_tokens(whole), completion_tokens(theirs)))
+
+
+def test_search_world_episodes_on_the_engine_equal_opds_own_sampler(tmp_path):
+    """Tool-using episodes (turns ending at </tool_call>, the search results between them) sampled greedily by the
+    engine give every row the tokens opd's own sampler gives it."""
+    from dataclasses import replace
+
+    from opd.episodes.driver import run_task_episodes
+    from opd.tasks.base import build_task
+
+    cfg = load_config(ROOT / "configs/search_qa/demo.yaml", [f"run.output_dir={tmp_path}"])
+    task = build_task(cfg.task, 0)
+    examples = task.eval_examples()[:12]
+    tokenizer = load_tokenizer(cfg.student.path)
+    student = load_model(cfg.student.path, "student.path")
+    eos = eos_token_ids(student, tokenizer)
+    params, context = replace(cfg.sampling, temperature=0.0), student.config.max_position_embeddings
+    kwargs = cfg.task.chat_template_kwargs
+    ours = run_task_episodes(task, examples, HFSampler(student, tokenizer, eos), tokenizer, params, None, kwargs, context)
+    sampler = VLLMSampler(resolve_path(cfg.student.path, "student.path"), tokenizer, eos, VLLMConfig(), "float32", 0, torch.device("cpu"), context)
+    try:
+        theirs = run_task_episodes(task, examples, sampler, tokenizer, params, torch.Generator().manual_seed(0), kwargs, context)
+    finally:
+        sampler.close()
+    assert completion_tokens(theirs.rollouts) == completion_tokens(ours.rollouts)
+    assert theirs.rewards == ours.rewards
+    assert theirs.metrics()["episode_tool_calls"] >= 1.0  # every episode searched at least once

@@ -48,7 +48,7 @@ class VLLMConfig:
 class VLLMEngine(Engine):
     name = "vllm"
     config_class = VLLMConfig
-    takes_stop_strings = False  # built without a tokenizer (opd decodes), it cannot see text
+    takes_stop_strings = True  # the engine detokenizes the requests that have stop strings (tool-using turns)
     holds_weights = True
     logprobs = "engine"
 
@@ -144,7 +144,7 @@ class VLLMSampler:
 
         kv_gb = cfg.kv_cache_gb if cfg.kv_cache_gb is not None else (CPU_KV_CACHE_GB if on_cpu else None)
         args = dict(
-            model=model_path, tokenizer=model_path, skip_tokenizer_init=True, seed=seed,
+            model=model_path, tokenizer=model_path, seed=seed,  # its tokenizer: what stop strings are matched on
             dtype=dtype if cfg.dtype == "auto" else cfg.dtype, logprobs_mode="processed_logprobs",
             enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager, max_model_len=cfg.max_model_len or max_model_len,
             gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep, disable_log_stats=True,
@@ -188,8 +188,6 @@ class VLLMSampler:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if stop:  # config validation refuses stop strings for this engine (takes_stop_strings); nothing should pass any
-            raise TypeError("VLLMSampler takes no stop strings (VLLMEngine.takes_stop_strings is False)")
         self._awake()
         self._push()
         seeds = row_seeds(generator, len(prompts))
@@ -197,7 +195,10 @@ class VLLMSampler:
         requests = [
             SamplingParams(
                 n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_new_tokens,
-                seed=seed, logprobs=0, stop_token_ids=self.eos_ids, detokenize=False, ignore_eos=False,
+                seed=seed, logprobs=0, stop_token_ids=self.eos_ids, ignore_eos=False,
+                # a stop string ends a row at the token that completes it, that token kept (as opd's own sampler):
+                # only those requests are detokenized, on the engine's text without special tokens
+                stop=list(stop) or None, include_stop_str_in_output=True, detokenize=bool(stop),
             )
             for seed in seeds
         ]
