@@ -50,6 +50,7 @@ CASES = [
     (GOOD, ["teacher.temperature=0"], "'teacher.temperature' must be > 0"),
     # engines and served teachers (issue 12): refused when the config is read, before any model or server is touched
     (GOOD, ["sampling.sync_every=4"], "'sampling.sync_every' only applies to sampling.engine=vllm"),
+    (GOOD, ["sampling.engine=vllm", "sampling.vllm.sleep=true", "train.device=cpu"], "'sampling.vllm.sleep' needs a GPU: vLLM's sleep mode frees"),
     # one spelling for the HTTP client's settings: the old keys name the new ones
     (GOOD, ["method.ovd.http.timeout=2"], "'method.ovd.http.timeout' is now 'method.ovd.http.deadline'"),
     (GOOD, ["method.ovd.http.max_reply_bytes=2048"], "'method.ovd.http.max_reply_bytes' is now 'method.ovd.http.max_reply_mb'"),

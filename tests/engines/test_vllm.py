@@ -363,3 +363,29 @@ def test_search_world_episodes_on_the_engine_equal_opds_own_sampler(tmp_path):
     assert completion_tokens(theirs.rollouts) == completion_tokens(ours.rollouts)
     assert theirs.rewards == ours.rewards
     assert theirs.metrics()["episode_tool_calls"] >= 1.0  # every episode searched at least once
+
+
+def test_a_run_with_the_engine_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """Killed after its checkpoint and resumed: the new engine starts from the checkpoint on disk, gets the resumed
+    student's weights pushed before its first sample, and draws each row's sample from the row's seed, so the
+    resumed run ends on the uninterrupted run's weights and metrics, bit for bit."""
+    import opd.training.loop as loop
+    from conftest import final_weights, train_rows
+
+    common = ["sampling.engine=vllm", "train.steps=4", "checkpoint.every=2", "checkpoint.at_end=true", "eval.num_prompts=16"]
+    run_config(tmp_path, "whole", *common)
+    real_step = loop.train_step
+
+    def dies_at_step_3(session, optimizer, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(session, optimizer, step)
+
+    monkeypatch.setattr(loop, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(tmp_path, "resumed", *common)
+    monkeypatch.setattr(loop, "train_step", real_step)
+    run_config(tmp_path, "resumed", *common, "run.resume=true")
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_rows(tmp_path / "whole") == train_rows(tmp_path / "resumed")

@@ -59,6 +59,12 @@ class VLLMEngine(Engine):
         require(0 < v.gpu_memory_utilization <= 1, "sampling.vllm.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
         require(v.kv_cache_gb is None or v.kv_cache_gb > 0, "sampling.vllm.kv_cache_gb", f"must be > 0 or null, got {v.kv_cache_gb}")
         require(v.max_model_len is None or v.max_model_len >= 2, "sampling.vllm.max_model_len", f"must be >= 2 or null, got {v.max_model_len}")
+        on_gpu = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
+        require(
+            not v.sleep or on_gpu, "sampling.vllm.sleep",
+            "needs a GPU: vLLM's sleep mode frees the engine's GPU memory while the trainer works, and this run "
+            f"trains on {'the CPU' if cfg.train.device in ('auto', 'cpu') else cfg.train.device}; set sampling.vllm.sleep=false",
+        )
         require(
             world_size == 1, "sampling.engine",
             "is 'vllm', which opd runs in one process only for now (launched with several: use sampling.engine=hf, "
