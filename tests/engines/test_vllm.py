@@ -100,7 +100,7 @@ def test_after_an_optimizer_step_and_a_push_the_engine_samples_the_new_weights(e
     assert (again.sampler_logp_BC[mask] - trainer_logp_BC[mask]).abs().max() < 1e-3
 
 
-def test_a_lora_student_is_pushed_merged(engine, tokenizer):
+def test_a_lora_student_is_pushed_merged_to_an_engine_built_without_lora(engine, tokenizer):
     from opd.config.sections import LoraConfig
     from opd.models.loading import apply_lora
 
@@ -372,7 +372,7 @@ def test_a_run_with_the_engine_resumes_to_the_uninterrupted_weights(tmp_path, mo
     import opd.training.loop as loop
     from conftest import final_weights, train_rows
 
-    common = ["sampling.engine=vllm", "train.steps=4", "checkpoint.every=2", "checkpoint.at_end=true", "eval.num_prompts=16"]
+    common = ["sampling.engine=vllm", "train.steps=4", "checkpoint.every=2", "checkpoint.at_end=true", "eval.num_prompts=16", "eval.teacher=false"]
     run_config(tmp_path, "whole", *common)
     real_step = loop.train_step
 
@@ -389,3 +389,32 @@ def test_a_run_with_the_engine_resumes_to_the_uninterrupted_weights(tmp_path, mo
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert train_rows(tmp_path / "whole") == train_rows(tmp_path / "resumed")
+
+
+def test_a_lora_student_is_pushed_as_adapters_to_an_engine_built_for_them(tokenizer):
+    """With the student's LoRA rank the engine is built with LoRA and each push is a new adapter version (the base
+    weights stay the checkpoint's): the engine samples the adapted model's distribution, not the base's."""
+    from opd.config.sections import LoraConfig
+    from opd.models.loading import apply_lora
+
+    student = apply_lora(load_model("world:student", "student.path"), LoraConfig(enabled=True, r=4, alpha=8))
+    sampler = VLLMSampler(STUDENT, tokenizer, eos_token_ids(student, tokenizer), VLLMConfig(), "float32", 0, torch.device("cpu"), 128, lora_rank=4)
+    try:
+        assert sampler.push_kind == "adapter"
+        sampler.update_weights(student)  # version 1: lora_B is zero, the base model
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+        sampler.update_weights(student)  # version 2 replaces it
+        assert sampler.push_kind == "adapter" and sampler.llm.llm_engine.list_loras() == {2}
+        rollouts = sampler.sample(encode(tokenizer, prompts(tokenizer, seed=2)), SamplingConfig(max_new_tokens=30), torch.Generator().manual_seed(2))
+    finally:
+        sampler.close()
+    with torch.no_grad():
+        lora_logp_BC, _ = rollout_logprobs(student, rollouts, 1.0)
+        with student.disable_adapter():
+            base_logp_BC, _ = rollout_logprobs(student, rollouts, 1.0)
+    mask = rollouts.completion_mask_BC.bool()
+    assert (lora_logp_BC - base_logp_BC)[mask].abs().max() > 0.05
+    assert (rollouts.sampler_logp_BC[mask] - lora_logp_BC[mask]).abs().max() < 1e-3

