@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # as opd sets it: stdout holds opd eval's JSON
 vllm = pytest.importorskip("vllm")
 
 from opd.cli import main  # noqa: E402
@@ -324,17 +325,22 @@ def completion_tokens(r):
     return [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)]
 
 
-def test_stop_strings_end_a_row_where_opds_own_sampler_ends_it(engine, tokenizer):
+def test_stop_strings_end_a_row_where_opds_own_sampler_ends_it(tokenizer):
     """Greedy, the engine and opd's sampler stop every row at the same token: the one that completes the stop
-    string, kept (the engine matches its own detokenized text, special tokens left out, as opd's sampler does)."""
+    string, kept (the engine matches its own detokenized text, special tokens left out, as opd's sampler does).
+    Its own engine: an engine another test closed in this process takes vLLM's parallel state with it."""
     student = load_model("world:student", "student.path")
     ids = encode(tokenizer, prompts(tokenizer, seed=4))
     params = SamplingConfig(temperature=0.0, max_new_tokens=40)
     ours = HFSampler(student, tokenizer, eos_token_ids(student, tokenizer)).sample(ids, params, None, ("=",))
-    theirs = engine.sample(ids, params, torch.Generator().manual_seed(0), ("=",))
+    engine = VLLMSampler(STUDENT, tokenizer, eos_token_ids(student, tokenizer), VLLMConfig(), "float32", 0, torch.device("cpu"), 128)
+    try:
+        theirs = engine.sample(ids, params, torch.Generator().manual_seed(0), ("=",))
+        whole = engine.sample(ids, params, torch.Generator().manual_seed(0))  # without the stop string the rows run on
+    finally:
+        engine.close()
     assert completion_tokens(theirs) == completion_tokens(ours)
     assert all(text.endswith("=") and text.count("=") == 1 for text in theirs.texts)
-    whole = engine.sample(ids, params, torch.Generator().manual_seed(0))  # without the stop string the rows run on
     assert all(len(a) > len(b) for a, b in zip(completion_tokens(whole), completion_tokens(theirs)))
 
 

@@ -90,7 +90,7 @@ class VLLMEngine(Engine):
 def prepare_environment(scratch: str, colocated_threads: int | None) -> None:
     """Environment vLLM reads at start-up, each set only where the user has not set it: the engine core in this
     process (so weights can be pushed into it), caches and sockets in a scratch directory, and on CPU the
-    trainer's thread count kept (vLLM would otherwise drop torch to one thread and pin it)."""
+    trainer's thread count kept (vLLM would otherwise drop torch to one thread and pin it); its log on stderr."""
     defaults = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CACHE_ROOT": os.path.join(scratch, "cache"),
@@ -98,6 +98,7 @@ def prepare_environment(scratch: str, colocated_threads: int | None) -> None:
         "VLLM_RPC_BASE_PATH": scratch,
         "VLLM_NO_USAGE_STATS": "1",
         "HF_HUB_OFFLINE": "1",
+        "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # stdout is opd's: `opd eval` prints its JSON there
     }
     if colocated_threads is not None:
         defaults["OMP_NUM_THREADS"] = str(colocated_threads)
