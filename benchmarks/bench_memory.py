@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import gib, machine, measure  # noqa: E402
 
 from opd.models.loading import set_activation_checkpointing  # noqa: E402
-from opd.models.rollouts import build_rollouts  # noqa: E402
+from opd.models.rollouts import build_rollouts, stack_rows  # noqa: E402
 from opd.models.scoring import completion_hidden_states, loss_head, rollout_logprobs  # noqa: E402
 from opd.objectives import gkd_loss, step_normaliser  # noqa: E402
 from opd.training.micro_batches import pass_tokens, plan_micro_batches  # noqa: E402
@@ -105,11 +105,7 @@ def run_skewed(args) -> dict:
     packed = args.layout == "packed"
     whole = random_rollouts(prompts, completions, args.vocab)
     normaliser = step_normaliser([whole.loss_mask_BC], "token_mean")
-    micro = [whole.select(m) for m in plan]
-    micro = [build_rollouts(  # each micro-batch padded to its own longest prompt and completion, as the loop does
-        [ids[mask.bool()].tolist() for ids, mask in zip(r.prompt_ids_BP, r.prompt_mask_BP)],
-        [ids[mask.bool()].tolist() for ids, mask in zip(r.completion_ids_BC, r.completion_mask_BC)], pad_id=0,
-    ) for r in micro]
+    micro = [stack_rows([(whole, i) for i in m], pad_id=0) for m in plan]  # each padded to its own longest, as the loop does
     with measure(torch.device("cpu")) as m:
         for r in micro:
             logp_BC, _ = rollout_logprobs(model, r, packed=packed)

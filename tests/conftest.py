@@ -162,3 +162,21 @@ def final_weights(run_dir):
 def train_rows(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+def killed_at_step(monkeypatch, stop_at: int, run) -> None:
+    """Call ``run`` (a training run) with its step ``stop_at`` (0-based) interrupted as by Ctrl-C; the loop is whole
+    again afterwards."""
+    import opd.training.loop as loop
+
+    real_step = loop.train_step
+
+    def dies(session, optimizer, step):
+        if step == stop_at:
+            raise KeyboardInterrupt
+        return real_step(session, optimizer, step)
+
+    monkeypatch.setattr(loop, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(loop, "train_step", real_step)

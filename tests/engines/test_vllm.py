@@ -101,17 +101,24 @@ def test_after_an_optimizer_step_and_a_push_the_engine_samples_the_new_weights(e
     assert (again.sampler_logp_BC[mask] - trainer_logp_BC[mask]).abs().max() < 1e-3
 
 
-def test_a_lora_student_is_pushed_merged_to_an_engine_built_without_lora(engine, tokenizer):
+def lora_student():
     from opd.config.sections import LoraConfig
     from opd.models.loading import apply_lora
 
-    student = apply_lora(load_model("world:student", "student.path"), LoraConfig(enabled=True, r=4, alpha=8))
+    return apply_lora(load_model("world:student", "student.path"), LoraConfig(enabled=True, r=4, alpha=8))
+
+
+def change_adapters(student) -> None:
     with torch.no_grad():
         for name, p in student.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)  # adapters that change the model
-    engine.update_weights(student)
-    rollouts = engine.sample(encode(tokenizer, prompts(tokenizer, seed=2)), SamplingConfig(max_new_tokens=30), torch.Generator().manual_seed(2))
+
+
+def sample_and_check_the_adapted_model(sampler, student, tokenizer) -> None:
+    """The sampler samples the adapted student's distribution (its log-probs within 1e-3 of the trainer's), which is
+    not the base model's."""
+    rollouts = sampler.sample(encode(tokenizer, prompts(tokenizer, seed=2)), SamplingConfig(max_new_tokens=30), torch.Generator().manual_seed(2))
     with torch.no_grad():
         lora_logp_BC, _ = rollout_logprobs(student, rollouts, 1.0)
         with student.disable_adapter():
@@ -119,6 +126,13 @@ def test_a_lora_student_is_pushed_merged_to_an_engine_built_without_lora(engine,
     mask = rollouts.completion_mask_BC.bool()
     assert (lora_logp_BC - base_logp_BC)[mask].abs().max() > 0.05
     assert (rollouts.sampler_logp_BC[mask] - lora_logp_BC[mask]).abs().max() < 1e-3
+
+
+def test_a_lora_student_is_pushed_merged_to_an_engine_built_without_lora(engine, tokenizer):
+    student = lora_student()
+    change_adapters(student)
+    engine.update_weights(student)
+    sample_and_check_the_adapted_model(engine, student, tokenizer)
     engine.update_weights(load_model("world:student", "student.path"))  # leave the module's engine as it was
 
 
@@ -375,22 +389,11 @@ def test_a_run_with_the_engine_resumes_to_the_uninterrupted_weights(tmp_path, mo
     """Killed after its checkpoint and resumed: the new engine starts from the checkpoint on disk, gets the resumed
     student's weights pushed before its first sample, and draws each row's sample from the row's seed, so the
     resumed run ends on the uninterrupted run's weights and metrics, bit for bit."""
-    import opd.training.loop as loop
-    from conftest import final_weights, train_rows
+    from conftest import final_weights, killed_at_step, train_rows
 
     common = ["sampling.engine=vllm", "train.steps=4", "checkpoint.every=2", "checkpoint.at_end=true", "eval.num_prompts=16", "eval.teacher=false"]
     run_config(tmp_path, "whole", *common)
-    real_step = loop.train_step
-
-    def dies_at_step_3(session, optimizer, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_step(session, optimizer, step)
-
-    monkeypatch.setattr(loop, "train_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_config(tmp_path, "resumed", *common)
-    monkeypatch.setattr(loop, "train_step", real_step)
+    killed_at_step(monkeypatch, 2, lambda: run_config(tmp_path, "resumed", *common))
     run_config(tmp_path, "resumed", *common, "run.resume=true")
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -400,27 +403,14 @@ def test_a_run_with_the_engine_resumes_to_the_uninterrupted_weights(tmp_path, mo
 def test_a_lora_student_is_pushed_as_adapters_to_an_engine_built_for_them(tokenizer):
     """With the student's LoRA rank the engine is built with LoRA and each push is a new adapter version (the base
     weights stay the checkpoint's): the engine samples the adapted model's distribution, not the base's."""
-    from opd.config.sections import LoraConfig
-    from opd.models.loading import apply_lora
-
-    student = apply_lora(load_model("world:student", "student.path"), LoraConfig(enabled=True, r=4, alpha=8))
+    student = lora_student()
     sampler = VLLMSampler(STUDENT, tokenizer, eos_token_ids(student, tokenizer), VLLMConfig(), "float32", 0, torch.device("cpu"), 128, lora_rank=4)
     try:
         assert sampler.push_kind == "adapter"
         sampler.update_weights(student)  # version 1: lora_B is zero, the base model
-        with torch.no_grad():
-            for name, p in student.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.3)
+        change_adapters(student)
         sampler.update_weights(student)  # version 2 replaces it
         assert sampler.push_kind == "adapter" and sampler.llm.llm_engine.list_loras() == {2}
-        rollouts = sampler.sample(encode(tokenizer, prompts(tokenizer, seed=2)), SamplingConfig(max_new_tokens=30), torch.Generator().manual_seed(2))
+        sample_and_check_the_adapted_model(sampler, student, tokenizer)
     finally:
         sampler.close()
-    with torch.no_grad():
-        lora_logp_BC, _ = rollout_logprobs(student, rollouts, 1.0)
-        with student.disable_adapter():
-            base_logp_BC, _ = rollout_logprobs(student, rollouts, 1.0)
-    mask = rollouts.completion_mask_BC.bool()
-    assert (lora_logp_BC - base_logp_BC)[mask].abs().max() > 0.05
-    assert (rollouts.sampler_logp_BC[mask] - lora_logp_BC[mask]).abs().max() < 1e-3

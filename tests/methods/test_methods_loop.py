@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import killed_at_step, make_config
 from transformers import AutoModelForCausalLM
 
 from opd.config.sections import ConfigError, LoraConfig, SamplingConfig
@@ -130,21 +130,10 @@ def test_sft_privileged_fraction_needs_reference_solutions(tmp_path):
 def test_opsd_resume_with_ema_teacher_is_exact(tmp_path, tiny_models, monkeypatch):
     from safetensors.torch import load_file
 
-    import opd.training.loop as train_module
 
     common = ["method.name=opsd", "teacher.path=null", "method.opsd.teacher_weights=ema", "method.opsd.ema_decay=0.5", "train.steps=4", "checkpoint.every=2"]
     train(make_config(tmp_path / "a", tiny_models, *common))
-    real_step = train_module.train_step
-
-    def dies(session, optimizer, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_step(session, optimizer, step)
-
-    monkeypatch.setattr(train_module, "train_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_config(tmp_path / "b", tiny_models, *common))
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    killed_at_step(monkeypatch, 2, lambda: train(make_config(tmp_path / "b", tiny_models, *common)))
     train(make_config(tmp_path / "b", tiny_models, *common, "run.resume=true"))
     a = load_file(str(tmp_path / "a" / "run" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "final" / "model.safetensors"))

@@ -7,9 +7,8 @@ import logging
 
 import pytest
 import torch
-from conftest import final_weights, make_config, train_rows
+from conftest import final_weights, killed_at_step, make_config, train_rows
 
-import opd.training.loop as train_module
 from opd.training.checkpoints import MANIFEST, checkpoint_problem, list_checkpoints
 from opd.training.final_model import recover_final_model
 from opd.training.loop import train
@@ -18,17 +17,7 @@ COMMON = ["train.steps=4", "checkpoint.every=1", "checkpoint.keep_last=3", "trai
 
 
 def interrupted_run(tmp_path, tiny_models, monkeypatch, stop_at=3):
-    real_step = train_module.train_step
-
-    def dies(session, optimizer, step):
-        if step == stop_at:
-            raise KeyboardInterrupt
-        return real_step(session, optimizer, step)
-
-    monkeypatch.setattr(train_module, "train_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_config(tmp_path, tiny_models, *COMMON))
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    killed_at_step(monkeypatch, stop_at, lambda: train(make_config(tmp_path, tiny_models, *COMMON)))
     return tmp_path / "run" / "checkpoints"
 
 

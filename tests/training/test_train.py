@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import final_weights, make_config, train_rows
+from conftest import final_weights, killed_at_step, make_config, train_rows
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import opd.training.loop as train_module
 from opd.tasks import DataError
 from opd.training.errors import TrainingError
 from opd.training.loop import train
@@ -22,17 +21,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_models, monkeypatc
     train(whole)
 
     interrupted = make_config(tmp_path / "b", tiny_models, *common)
-    real_step = train_module.train_step
-
-    def dies_at_step_3(session, optimizer, step):
-        if step == 2:  # the third step: after the checkpoint at step 2
-            raise KeyboardInterrupt
-        return real_step(session, optimizer, step)
-
-    monkeypatch.setattr(train_module, "train_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted)
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    killed_at_step(monkeypatch, 2, lambda: train(interrupted))  # the third step: after the checkpoint at step 2
     resumed = make_config(tmp_path / "b", tiny_models, *common, "run.resume=true")
     summary = train(resumed)
 
