@@ -2,6 +2,7 @@
 
     .venv-vllm/bin/python benchmarks/bench_engine.py                  # both models, batch 16 and 64, 256 new tokens
     .venv-vllm/bin/python benchmarks/bench_engine.py --opd-steps 3    # plus OPD steps at the real vocabulary, hf vs vllm
+    .venv-vllm/bin/python benchmarks/bench_engine.py --batches --opd-steps 3 --ranks 2   # the OPD steps over 2 ranks alone
 
 Needs the vLLM environment (``make vllm-env``). Builds two random Llama-style models in a
 temporary directory, each with a word-level tokenizer as large as its vocabulary (so every
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import machine  # noqa: E402
 
@@ -106,22 +110,37 @@ def throughput(path: Path, batches: list[int], new_tokens: int) -> list[dict]:
     return rows
 
 
-def opd_steps(student: Path, teacher: Path, steps: int, new_tokens: int, out: Path) -> dict:
+def opd_steps(student: Path, teacher: Path, steps: int, new_tokens: int, out: Path, ranks: int = 1) -> dict:
+    """``steps`` OPD steps with each engine: in this process, or launched over ``ranks`` processes by torchrun
+    (the cores split between them); seconds per step by phase (rank 0's) and generated tokens per second of
+    sampling (all ranks' tokens over rank 0's sampling time)."""
     from opd.config.loading import load_config
     from opd.training.loop import train
 
     results = {}
+    threads = max(1, (os.cpu_count() or 2) // ranks)
     for engine in ("hf", "vllm"):
         overrides = [
             f"student.path={student}", f"teacher.path={teacher}", f"train.steps={steps}", "train.prompts_per_step=4",
             "sampling.samples_per_prompt=4", f"sampling.max_new_tokens={new_tokens}", f"sampling.engine={engine}",
-            "train.precision=fp32", "train.threads=2", "eval.every=0", "eval.num_prompts=1", "eval.teacher=false", "eval.max_new_tokens=4",
+            "train.precision=fp32", f"train.threads={threads}", "eval.every=0", "eval.num_prompts=2", "eval.teacher=false", "eval.max_new_tokens=4",
             "checkpoint.every=0", "checkpoint.at_end=false", "log.progress_bar=false", "log.tensorboard=false", "log.plot=false",
             f"run.output_dir={out / engine}",
         ]
-        summary = train(load_config(None, overrides))
+        if ranks == 1:
+            summary = train(load_config(None, overrides))
+        else:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                      "--master_port", str(29_400 + ranks), "-m", "opd", "train", str(ROOT / "configs" / "demo.yaml"), *overrides]
+            done = subprocess.run(launch, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{engine} over {ranks} ranks failed:\n{done.stderr[-3000:]}")
+            summary = json.loads((out / engine / "summary.json").read_text())
         seconds = summary["phase_seconds"]
-        results[engine] = {"s_per_step": sum(seconds.values()) / steps, **{k: v / steps for k, v in seconds.items()}}
+        results[engine] = {
+            "s_per_step": sum(seconds.values()) / steps, "gen_tok_s": summary["generated_tokens"] / max(seconds.get("sample", 0.0), 1e-9),
+            **{k: v / steps for k, v in seconds.items()},
+        }
         print(engine, json.dumps(results[engine]), flush=True)
     return results
 
@@ -129,32 +148,35 @@ def opd_steps(student: Path, teacher: Path, steps: int, new_tokens: int, out: Pa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--batches", type=int, nargs="*", default=[16, 64])
     p.add_argument("--opd-steps", type=int, default=0)
+    p.add_argument("--ranks", type=int, default=1, help="launch the OPD steps over this many ranks (torchrun), each with its engine")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         real = random_model(tmp / "real_vocab", 151_936, 256, 4, 4, seed=0)
         mid = random_model(tmp / "mid", 32_000, 768, 8, 12, seed=1)
-        rows = throughput(real, args.batches, args.new_tokens) + throughput(mid, args.batches, args.new_tokens)
+        rows = throughput(real, args.batches, args.new_tokens) + throughput(mid, args.batches, args.new_tokens) if args.batches else []
         steps = None
         if args.opd_steps:
             teacher = random_model(tmp / "teacher", 151_936, 256, 4, 4, seed=2)
-            steps = opd_steps(real, teacher, args.opd_steps, args.new_tokens, tmp / "runs")
+            steps = opd_steps(real, teacher, args.opd_steps, args.new_tokens, tmp / "runs", args.ranks)
     print(f"\n# Generation: opd's sampler vs vLLM (in-process, one weight push included) — {machine()}")
     print(f"{args.new_tokens} new tokens per row, temperature 1, float32; tokens/s counts generated tokens\n")
-    print("| model | V | batch | opd HFSampler tok/s | vLLM tok/s | vLLM / HF | engine start s |")
-    print("|---|---|---|---|---|---|---|")
+    if rows:
+        print("| model | V | batch | opd HFSampler tok/s | vLLM tok/s | vLLM / HF | engine start s |")
+        print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['params_m']:.0f}M | {r['vocab']:,} | {r['batch']} | {r['hf_tok_s']:.0f} | {r['vllm_tok_s']:.0f} | "
               f"{r['vllm_tok_s'] / r['hf_tok_s']:.2f}× | {r['startup_s']:.0f} |")
     if steps:
         phases = ["sample", "sync", "teacher", "student", "optimizer"]
-        print(f"\n# OPD step at V = 151,936 (16 rows × {args.new_tokens} tokens), seconds per step, mean of {args.opd_steps}\n")
-        print("| engine | s/step | " + " | ".join(phases) + " |")
-        print("|---|---|" + "---|" * len(phases))
+        where = f"{args.ranks} ranks, each with {max(1, (os.cpu_count() or 2) // args.ranks)} threads" if args.ranks > 1 else "one process"
+        print(f"\n# OPD step at V = 151,936 (16 rows × {args.new_tokens} tokens), {where}, seconds per step, mean of {args.opd_steps}\n")
+        print("| engine | s/step | generated tok/s | " + " | ".join(phases) + " |")
+        print("|---|---|---|" + "---|" * len(phases))
         for engine, r in steps.items():
-            print(f"| {engine} | {r['s_per_step']:.2f} | " + " | ".join(f"{r.get(k, 0.0):.2f}" for k in phases) + " |")
+            print(f"| {engine} | {r['s_per_step']:.2f} | {r['gen_tok_s']:.0f} | " + " | ".join(f"{r.get(k, 0.0):.2f}" for k in phases) + " |")
         print(f"\nvllm / hf step time: {steps['vllm']['s_per_step'] / steps['hf']['s_per_step']:.2f}×")
 
 

@@ -7,6 +7,8 @@
     its own process (``bench_loss.py``);
 (c) generation: opd's HF sampler against the in-process vLLM engine (when the ``vllm`` package is installed) on the
     student's shape, tokens/s, and the time to push the student's weights into the engine;
+(d) where there are 2 GPUs or more and vllm: short OPD runs on the embedded world over 2 ranks (torchrun), an engine
+    per GPU and one tensor-parallel engine over both, each with its pushes (that they run, and their step time);
 
 and writes a markdown table (``--out``, default ``benchmarks/results/gpu_check.md``) headed by the GPU's name.
 Random weights: nothing is downloaded. Without CUDA the same script runs at tiny sizes (the slow suite runs it so
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +41,7 @@ from opd.models.scoring import completion_hidden_states, loss_head, rollout_logp
 from opd.objectives import gkd_loss, policy_gradient_loss, reverse_kl_advantages, step_normaliser  # noqa: E402
 from opd.teachers.model import ModelTeacher  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 7 * 60  # parts that would start after this are skipped (the issue's limit is 8 minutes in all)
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name()
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "H800": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
@@ -227,6 +232,35 @@ def generation(sizes: Sizes, device: torch.device) -> list[dict]:
     return rows
 
 
+def ranks_with_engines(sizes: Sizes, device: torch.device) -> list[dict]:
+    """OPD on the embedded world over 2 ranks with vLLM engines: one per GPU, then one over both GPUs."""
+    import importlib.util
+
+    if device.type != "cuda" or torch.cuda.device_count() < 2 or importlib.util.find_spec("vllm") is None:
+        return [{"layout": "2 ranks", "error": "needs 2 GPUs and the vllm package"}]
+    rows = []
+    for tp in (1, 2):
+        with tempfile.TemporaryDirectory() as out:
+            launch = [
+                sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(29_450 + tp), "-m", "opd", "train", str(ROOT / "configs" / "demo.yaml"),
+                f"run.output_dir={out}/run", "sampling.engine=vllm", f"sampling.vllm.tensor_parallel_size={tp}",
+                "sampling.vllm.gpu_memory_utilization=0.2", "train.steps=5", "eval.num_prompts=32", "eval.teacher=false", "eval.every=0",
+                "checkpoint.at_end=false", "log.progress_bar=false", "log.plot=false", "log.tensorboard=false",
+            ]
+            started = time.perf_counter()
+            done = subprocess.run(launch, capture_output=True, text=True, timeout=240)
+            layout = "an engine per GPU" if tp == 1 else "one engine over 2 GPUs"
+            if done.returncode != 0:
+                rows.append({"layout": layout, "error": done.stderr.strip().splitlines()[-1][:160] if done.stderr.strip() else f"exit {done.returncode}"})
+                continue
+            summary = json.loads((Path(out) / "run" / "summary.json").read_text())
+            seconds = summary["phase_seconds"]
+            rows.append({"layout": layout, "seconds": time.perf_counter() - started, "s_per_step": sum(seconds.values()) / 5,
+                         "sample_s": seconds.get("sample", 0.0) / 5, "sync_s": seconds.get("sync", 0.0) / 5})
+    return rows
+
+
 def timed_generation(name: str, sampler, prompts, params, device) -> dict:
     sampler.sample(prompts[:2], params, torch.Generator(device).manual_seed(1))  # warm-up
     sync(device)
@@ -275,6 +309,15 @@ def report(sizes: Sizes, parts: dict) -> str:
                 push = f"{row['push_seconds']:.2f} s" if "push_seconds" in row else "none (samples from the trained module)"
                 lines.append(f"| {row['engine']} | {row['tokens_per_s']:,.0f} | {row['seconds']:.2f} s | {push} |")
         lines.append("")
+    if "ranks" in parts:
+        lines += ["(d) OPD on the embedded world over 2 ranks with vLLM engines (5 steps, launched by torchrun):", "",
+                  "| engines | s/step | sampling s/step | push s/step | whole launch |", "|---|---|---|---|---|"]
+        for row in parts["ranks"]:
+            if "error" in row:
+                lines.append(f"| {row['layout']} | {row['error']} | | | |")
+            else:
+                lines.append(f"| {row['layout']} | {row['s_per_step']:.2f} | {row['sample_s']:.2f} | {row['sync_s']:.2f} | {row['seconds']:.0f} s |")
+        lines.append("")
     lines += [f"Skipped (over the {BUDGET_S} s budget): {', '.join(parts['skipped'])}", ""] if parts.get("skipped") else []
     return "\n".join(lines)
 
@@ -287,7 +330,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = TINY if args.tiny or device.type != "cuda" else GPU
     started, parts = time.perf_counter(), {"skipped": []}
-    for name, fn in (("train", training_steps), ("loss", fused_loss), ("generate", generation)):
+    for name, fn in (("train", training_steps), ("loss", fused_loss), ("generate", generation), ("ranks", ranks_with_engines)):
         if time.perf_counter() - started > BUDGET_S:
             parts["skipped"].append(name)
             continue

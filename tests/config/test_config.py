@@ -103,6 +103,8 @@ def test_every_shipped_config_validates():
     for path in files:
         if path.name == "claim.yaml":  # a claim set's test, not a run config (test_compare.py loads them)
             continue
+        if path.stem == "gpu_node_vllm":  # a launch over 8 ranks with the vllm package: its own test below
+            continue
         if path.parent.name == "own_models":  # the user gives the models and data
             cfg = load_config(path, ["student.path=/models/s", "teacher.path=/models/t", "task.path=train.jsonl"]
                               if path.stem not in ("opsd", "grpo") else ["student.path=/models/s", "task.path=train.jsonl"])
@@ -113,6 +115,32 @@ def test_every_shipped_config_validates():
             assert cfg.task.name == "search_qa"
         else:
             load_config(path)
+
+
+def test_the_shipped_gpu_node_config_validates_for_eight_ranks(monkeypatch):
+    """configs/own_models/gpu_node_vllm.yaml, as torchrun --nproc_per_node 8 on 8 GPUs would load it (vLLM engines, FSDP);
+    where the vllm package is missing (the default environment) the one refusal is that."""
+    import importlib.util
+
+    from opd.cli import CONFIG_DIR
+    from opd.config.sections import ConfigError
+
+    import torch
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on the node: its checks read the GPUs' presence only
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    paths = ["student.path=/models/s", "teacher.path=/models/t", "task.path=train.jsonl"]
+    path = f"{CONFIG_DIR}/own_models/gpu_node_vllm.yaml"
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match=r"'sampling\.engine' is 'vllm' but the vllm package is not installed"):
+            load_config(path, paths)
+        cfg = load_config(path, [*paths, "sampling.engine=hf"])  # everything else validates
+    else:
+        cfg = load_config(path, paths)
+    assert (cfg.train.sharding, cfg.sampling.vllm.tensor_parallel_size, cfg.sampling.vllm.sleep) == ("fsdp", 1, True)
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size' is 3, which does not divide the launch's 8 ranks"):
+        load_config(path, [*paths, "sampling.vllm.tensor_parallel_size=3"])
 
 
 def test_credentials_inside_urls_are_redacted(tmp_path):

@@ -10,20 +10,15 @@ config checks) are tested without processes.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_config
+from launch import kill_rank_one_after, ok, one_process, two_ranks
 from safetensors.torch import load_file
 
 from opd.config.sections import ConfigError
@@ -73,10 +68,15 @@ def test_one_explicit_gpu_for_every_rank_is_refused(tmp_path, tiny_models, monke
         make_config(tmp_path, tiny_models, "train.device=cuda:1")
 
 
-def test_the_vllm_engine_is_refused_across_ranks(tmp_path, tiny_models, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"sampling\.engine.*one process"):
-        make_config(tmp_path, tiny_models, "sampling.engine=vllm")
+@pytest.mark.parametrize("world, size, key", [
+    ("1", 2, r"sampling\.vllm\.tensor_parallel_size' is 2, which shards the engine over 2 ranks of a launch .*this run is one process"),
+    ("4", 3, r"sampling\.vllm\.tensor_parallel_size' is 3, which does not divide the launch's 4 ranks"),
+    ("2", 0, r"sampling\.vllm\.tensor_parallel_size' must be >= 1, got 0"),
+], ids=["one-process", "not-a-divisor", "zero"])
+def test_vllm_engine_groups_that_do_not_fit_the_launch_are_refused(tmp_path, tiny_models, monkeypatch, world, size, key):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ConfigError, match=key):
+        make_config(tmp_path, tiny_models, "sampling.engine=vllm", f"sampling.vllm.tensor_parallel_size={size}")
 
 
 def test_an_accelerate_fsdp_launch_without_sharding_is_refused_naming_the_key(tmp_path, tiny_models, monkeypatch):
@@ -120,12 +120,6 @@ def test_a_checkpoint_of_other_micro_batches_is_refused_unless_allowed(tmp_path,
 # ----------------------------------------------------------------------------- real processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_args(tiny_models, out: Path, *extra: str) -> list[str]:
     teacher, student = tiny_models
     return [
@@ -134,26 +128,6 @@ def run_args(tiny_models, out: Path, *extra: str) -> list[str]:
         "eval.teacher=false", "checkpoint.every=0", "checkpoint.at_end=false", "log.progress_bar=false", "log.plot=false",
         "log.tensorboard=false", *extra,
     ]
-
-
-def one_process(config: Path, args: list[str], **popen) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, "-m", "opd", "train", str(config), *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def torchrun(config: Path, args: list[str]) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "opd", "train", str(config), *args,
-    ]
-
-
-def two_ranks(config: Path, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun(config, args), capture_output=True, text=True, timeout=300)
-
-
-def ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -270,38 +244,6 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights_sharded_or_not(t
     ok(one_process(config, run_args(tiny_models, unsharded, *alone, "train.grad_accum=2", "run.resume=true")))
     assert max_relative_difference(weights(unsharded), weights(straight)) <= 1e-5
     assert not (unsharded / "resume_changes.jsonl").exists()  # sharding is how the run is held, not what it computes
-
-
-def kill_rank_one_after(config: Path, args: list[str], run: Path, step: int) -> int:
-    """Launch 2 ranks, SIGKILL rank 1 once the checkpoint of ``step`` exists, and wait for torchrun to report it."""
-    launcher = subprocess.Popen(torchrun(config, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not (run / "checkpoints" / f"step-{step:06d}").exists():
-            assert launcher.poll() is None and time.time() < deadline, f"the run ended before step {step}"
-            time.sleep(0.01)
-        victim = rank_pid(launcher.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode != 0, "torchrun should report the killed rank"
-    return step
-
-
-def rank_pid(parent: int, rank: int) -> int | None:
-    """The pid of the worker process ``parent`` (torchrun) started with ``RANK=rank``."""
-    for proc in Path("/proc").iterdir():
-        try:
-            ppid = int(proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = proc.joinpath("environ").read_bytes().split(b"\0") if ppid == parent else []
-        except (OSError, ValueError, IndexError):
-            continue
-        if f"RANK={rank}".encode() in env:
-            return int(proc.name)
-    return None
 
 
 @pytest.mark.slow

@@ -17,13 +17,19 @@ An ``Engine`` is a kind of student sampler that a config can name (``sampling.en
   same kernels, same weights), ``"engine"`` when they come from other kernels (and, between pushes,
   older weights), so the truncated importance weight is on by default (``method.is_correction_cap``).
 
+Two members have defaults, which a sampler inherits by subclassing ``Sampler``: ``finish_round()``, which
+the loop calls (through ``sampling_round``) at the end of each phase that samples, so that ranks sharing
+one engine generate together (``engines.lockstep``); and ``decodes_with(module)``, true for a sampler that
+decodes with the module being trained (a sharded student is then gathered for it).
+
 ``@register_engine`` files it under its name; the package imports every module in it. Nothing outside
 an engine's module compares ``sampling.engine`` with a name (a test checks this).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Protocol, Sequence
+import contextlib
+from typing import Any, ClassVar, Iterator, Literal, Protocol, Sequence
 
 import torch
 
@@ -48,6 +54,15 @@ class Sampler(Protocol):
 
     def close(self) -> None:
         """Release the engine's resources."""
+
+    def finish_round(self) -> None:
+        """The end of a phase that sampled (``sampling_round``): a sampler whose engine is shared by several ranks
+        serves their requests until they have all finished (``engines.lockstep``); nothing for the others."""
+        return None
+
+    def decodes_with(self, module: torch.nn.Module) -> bool:
+        """Whether it decodes with ``module`` itself (opd's own sampler), rather than with its own copy of the weights."""
+        return False
 
 
 class Engine:
@@ -94,3 +109,25 @@ def row_seeds(generator: torch.Generator | None, rows: int) -> list[int]:
     samples, like opd's own sampler, as a function of the run's seed, the step and the micro-batch only."""
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.randint(0, 2**31 - 1, (rows,), generator=generator, device=device).tolist()
+
+
+@contextlib.contextmanager
+def sampling_round(sampler: Sampler | None) -> Iterator[None]:
+    """A phase in which ``sampler`` is asked for samples any number of times (a training step's sampling, an
+    evaluation); on leaving it, a sampler whose engine is shared by several ranks serves their requests until
+    they have all left too (``engines.lockstep``), also when this rank leaves with an error that
+    ``ranks.gather`` will pass to the others. Entered by every rank."""
+    try:
+        yield
+    finally:
+        if sampler is not None:
+            sampler.finish_round()
+
+
+def whole_for(sampler: Sampler | None, module: torch.nn.Module):
+    """A context in which ``sampler`` can decode: a sharded ``module`` gathered whole where ``sampler`` decodes with
+    it (opd's own sampler; each rank then decodes with no collectives, ``parallel.sharding.gathered``); nothing
+    where it holds its own copy of the weights (an engine). Entered by every rank."""
+    from ..parallel.sharding import gathered
+
+    return gathered(module) if sampler is not None and sampler.decodes_with(module) else contextlib.nullcontext()

@@ -53,7 +53,7 @@ def sample_next(
     return tokens, logp_BV.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class HFSampler:
+class HFSampler(Sampler):
     """Batched KV-cached sampling from a local Hugging Face causal LM.
 
     It samples from the very module it was given, so ``update_weights`` has nothing to copy.
@@ -69,6 +69,9 @@ class HFSampler:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def decodes_with(self, module: torch.nn.Module) -> bool:
+        return module is self.model
 
     def update_weights(self, model: torch.nn.Module) -> None:
         if model is not self.model:

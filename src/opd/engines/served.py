@@ -20,7 +20,7 @@ from ..config.sections import SamplingConfig
 from ..models.pairing import ROUND_TRIP_TEXT, raise_pairing, tokenizer_problems
 from ..models.rollouts import Rollouts, build_rollouts
 from ..services.http import JSONClient, ServiceError
-from .base import row_seeds
+from .base import Sampler, row_seeds
 
 
 def transient(message: str) -> ServiceError:
@@ -111,7 +111,7 @@ def is_url(value: str | None) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
-class ServedSampler:
+class ServedSampler(Sampler):
     """Sampling from a served model (``Sampler`` protocol): the teacher's demonstrations and its evaluation."""
 
     def __init__(self, served: ServedModel, tokenizer, eos_token_ids: Sequence[int], device: torch.device | str = "cpu"):

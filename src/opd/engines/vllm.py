@@ -2,10 +2,19 @@
 
 The engine runs in the trainer's process (colocated): it is built from the student's checkpoint,
 and after each optimizer step (every ``sampling.sync_every`` steps) the student's current weights
-are copied into it in place (vLLM's ``reload_weights``; a LoRA student's adapters are merged into
-the copy, the student itself is untouched). It returns the same ``Rollouts`` as ``HFSampler``,
-with the engine's own log-probs of the sampled tokens under the distribution it sampled from
-(``logprobs_mode=processed_logprobs``: after temperature, top-k and top-p). Where those differ from
+are copied into it in place (vLLM's ``reload_weights``; a LoRA student's adapters pushed as a new
+adapter version, or merged into the copy where the engine cannot take adapters). An FSDP-sharded
+student is pushed one parameter at a time, each gathered from the ranks just before the engine
+copies it, so no rank ever holds the whole model beside the engine's own copy.
+
+Launched over several ranks, every rank runs an engine on its own device (vLLM's external launcher,
+inside opd's process group) and samples its own share of the step. With
+``sampling.vllm.tensor_parallel_size = T`` each group of ``T`` consecutive ranks shares one engine
+sharded over them, and the group's ranks generate together (``engines.lockstep``).
+
+It returns the same ``Rollouts`` as ``HFSampler``, with the engine's own log-probs of the sampled
+tokens under the distribution it sampled from (``logprobs_mode=processed_logprobs``: after
+temperature, top-k and top-p). Where those differ from
 the trainer's — other kernels, bf16, or older weights between pushes — the truncated importance
 weight corrects the gradient (``method.is_correction_cap``; on by default with this engine).
 
@@ -29,6 +38,7 @@ import torch
 from ..config.sections import SamplingConfig, require
 from ..models.loading import resolve_path
 from ..models.rollouts import Rollouts, build_rollouts
+from ..parallel.sharding import full_tensor, is_sharded
 from .base import Engine, Sampler, register_engine, row_seeds
 
 log = logging.getLogger(__name__)
@@ -46,6 +56,7 @@ class VLLMConfig:
     enforce_eager: bool | None = None  # None = eager on CPU, CUDA graphs on GPU
     max_model_len: int | None = None  # None = the student's context length
     sleep: bool = False  # GPU: free the engine's memory while the trainer works (vLLM sleep mode, level 1)
+    tensor_parallel_size: int = 1  # ranks per engine: groups of this many consecutive ranks each share one engine
 
 
 @register_engine
@@ -58,7 +69,8 @@ class VLLMEngine(Engine):
 
     @classmethod
     def validate(cls, cfg, world_size: int) -> None:
-        """The engine's keys; one process only; the optional vllm package installed (checked now, before any model)."""
+        """The engine's keys; tensor-parallel groups that divide the launch; the optional vllm package installed
+        (checked now, before any model)."""
         v = cls.section(cfg)
         require(0 < v.gpu_memory_utilization <= 1, "sampling.vllm.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
         require(v.kv_cache_gb is None or v.kv_cache_gb > 0, "sampling.vllm.kv_cache_gb", f"must be > 0 or null, got {v.kv_cache_gb}")
@@ -69,10 +81,16 @@ class VLLMEngine(Engine):
             "needs a GPU: vLLM's sleep mode frees the engine's GPU memory while the trainer works, and this run "
             f"trains on {'the CPU' if cfg.train.device in ('auto', 'cpu') else cfg.train.device}; set sampling.vllm.sleep=false",
         )
+        tp = v.tensor_parallel_size
+        require(tp >= 1, "sampling.vllm.tensor_parallel_size", f"must be >= 1, got {tp}")
         require(
-            world_size == 1, "sampling.engine",
-            "is 'vllm', which opd runs in one process only for now (launched with several: use sampling.engine=hf, "
-            "or one process with the engine)",
+            tp == 1 or world_size > 1, "sampling.vllm.tensor_parallel_size",
+            f"is {tp}, which shards the engine over {tp} ranks of a launch (torchrun --nproc_per_node {tp}); "
+            "this run is one process: launch it over the ranks, or set sampling.vllm.tensor_parallel_size=1",
+        )
+        require(
+            world_size % tp == 0, "sampling.vllm.tensor_parallel_size",
+            f"is {tp}, which does not divide the launch's {world_size} ranks into engine groups; use a divisor of {world_size}",
         )
         require(
             importlib.util.find_spec("vllm") is not None, "sampling.engine",
@@ -85,6 +103,34 @@ class VLLMEngine(Engine):
         path = resolve_path(cfg.student.path, "student.path")  # the engine loads the checkpoint; pushes follow
         lora = cfg.student.lora.r if cfg.student.lora.enabled else None  # pushed as adapters where the engine can
         return VLLMSampler(path, tokenizer, eos_ids, cls.section(cfg), cfg.student.dtype, cfg.run.seed, device, context, lora)
+
+
+def launched_engine_args(tensor_parallel_size: int) -> dict:
+    """The engine arguments that put it inside opd's process group when the run has several ranks (vLLM's
+    external launcher: each rank builds its engine, groups of ``tensor_parallel_size`` consecutive ranks share
+    one); nothing in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": tensor_parallel_size}
+
+
+def engine_group(tensor_parallel_size: int):
+    """This rank's ``Lockstep`` in its tensor-parallel group (None with one rank per engine). Every rank creates
+    every group's gloo process group, in order, as torch.distributed requires."""
+    if tensor_parallel_size == 1:
+        return None
+    import torch.distributed as dist
+
+    from .lockstep import Lockstep, group_ranks, torch_exchange
+
+    rank, mine = dist.get_rank(), None
+    for members in group_ranks(dist.get_world_size(), tensor_parallel_size):
+        group = dist.new_group(members, backend="gloo")
+        if rank in members:
+            mine = Lockstep(torch_exchange(group), members.index(rank))
+    return mine
 
 
 def prepare_environment(scratch: str, colocated_threads: int | None) -> None:
@@ -119,7 +165,9 @@ def engine_lora_rank(rank: int) -> int:
 
 def engine_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under their Hugging Face checkpoint names, LoRA adapters merged (``W + ΔW``, the
-    student unchanged); tied weights once."""
+    student unchanged); tied weights once. A sharded (FSDP) parameter is gathered from the ranks as it is
+    reached, one at a time (a collective: every rank iterates, in the same order), so the whole model is
+    never gathered at once."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     merged = {}
     for name, module in base.named_modules():
@@ -131,7 +179,7 @@ def engine_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         if "lora_" in name:
             continue
         clean = name.replace(".base_layer.", ".")
-        yield clean, merged.get(clean, param.detach())
+        yield clean, merged.get(clean) if clean in merged else full_tensor(param.detach())
 
 
 def _retie_output_layer(model: torch.nn.Module) -> bool:
@@ -151,7 +199,7 @@ def _retie_output_layer(model: torch.nn.Module) -> bool:
     return True
 
 
-class VLLMSampler:
+class VLLMSampler(Sampler):
     """``Sampler`` over an in-process vLLM engine built from ``model_path`` (the student's checkpoint)."""
 
     def __init__(self, model_path: str, tokenizer, eos_token_ids: Sequence[int], cfg: VLLMConfig, dtype: str, seed: int,
@@ -168,6 +216,7 @@ class VLLMSampler:
             dtype=dtype if cfg.dtype == "auto" else cfg.dtype, logprobs_mode="processed_logprobs",
             enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager, max_model_len=cfg.max_model_len or max_model_len,
             gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep, disable_log_stats=True,
+            **launched_engine_args(cfg.tensor_parallel_size),
         )
         if kv_gb is not None:
             args["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
@@ -189,10 +238,15 @@ class VLLMSampler:
         self.device = device
         self.sleep, self._asleep, self._pending = cfg.sleep, False, None
         self.pushes = 0
+        self._group = engine_group(cfg.tensor_parallel_size)  # the ranks this engine is shared with (None: this rank's alone)
 
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Copy ``model``'s current weights into the engine now (a sleeping engine: when it wakes for its next sample)."""
+        """Copy ``model``'s current weights into the engine now (a sleeping engine: when it wakes for its next sample).
+        A sharded student is pushed now in any case: its parameters are gathered by collectives that every rank
+        enters here together (a rank may not sample again before the next update)."""
         self._pending = model
+        if is_sharded(model):
+            self._awake()
         if not self._asleep:
             self._push()
 
@@ -248,36 +302,49 @@ class VLLMSampler:
     def sample(
         self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
     ) -> Rollouts:
+        seeds = row_seeds(generator, len(prompts))
+        greedy = params.temperature == 0
+        settings = dict(
+            n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_new_tokens,
+            logprobs=0, stop_token_ids=self.eos_ids, ignore_eos=False,
+            # a stop string ends a row at the token that completes it, that token kept (as opd's own sampler):
+            # only those requests are detokenized, on the engine's text without special tokens
+            stop=list(stop) or None, include_stop_str_in_output=True, detokenize=bool(stop),
+        )
+        requests = [(list(p), {**settings, "seed": seed}) for p, seed in zip(prompts, seeds)]
+        outputs = self._group.request(requests, self._generate) if self._group is not None else self._generate(requests)
+        completions = [tokens for tokens, _ in outputs]
+        logps = [[0.0] * len(tokens) if greedy else logp for tokens, logp in outputs]
+        return build_rollouts(
+            prompts, completions, self.pad_id, logps=logps, texts=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
+            device=self.device,
+        )
+
+    def _generate(self, requests: list[tuple[list[int], dict]]) -> list[tuple[list[int], list[float]]]:
+        """``(prompt ids, SamplingParams keywords)`` -> ``(completion ids, their log-probs)`` each, in one engine call
+        (the rows of every rank of the group, with a shared engine)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._awake()
         self._push()
-        seeds = row_seeds(generator, len(prompts))
-        greedy = params.temperature == 0
-        requests = [
-            SamplingParams(
-                n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_new_tokens,
-                seed=seed, logprobs=0, stop_token_ids=self.eos_ids, ignore_eos=False,
-                # a stop string ends a row at the token that completes it, that token kept (as opd's own sampler):
-                # only those requests are detokenized, on the engine's text without special tokens
-                stop=list(stop) or None, include_stop_str_in_output=True, detokenize=bool(stop),
-            )
-            for seed in seeds
-        ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False, lora_request=self._lora)
-        completions, logps = [], []
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p, _ in requests], [SamplingParams(**kw) for _, kw in requests],
+            use_tqdm=False, lora_request=self._lora,
+        )
+        results = []
         for out in outputs:
             choice = out.outputs[0]
-            completions.append(list(choice.token_ids))
-            logps.append([0.0 if greedy else entry[token].logprob for token, entry in zip(choice.token_ids, choice.logprobs or [])])
+            results.append((list(choice.token_ids), [entry[token].logprob for token, entry in zip(choice.token_ids, choice.logprobs or [])]))
         if self.sleep:
             self.llm.sleep(level=1)
             self._asleep = True
-        return build_rollouts(
-            prompts, completions, self.pad_id, logps=logps, texts=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
-            device=self.device,
-        )
+        return results
+
+    def finish_round(self) -> None:
+        """Serve the group's other ranks until all have finished sampling (a no-op for an engine of this rank alone)."""
+        if self._group is not None:
+            self._group.finish_round(self._generate)
 
     def close(self) -> None:
         self.llm = None  # the engine goes with its last reference

@@ -16,7 +16,7 @@ from .environments import EpisodicTask
 from .tool_calls import CLOSE
 
 
-class ScriptedSampler:
+class ScriptedSampler(Sampler):
     """A ``Sampler`` that replays given assistant turns instead of sampling: episodes of tool-use traces, with the
     environment's real observations between the turns (SFT on scripted traces), or a prefix of turns after which
     ``then`` samples the rest (OVD keeping a student's accepted turns and letting the teacher go on).
@@ -73,6 +73,13 @@ class ScriptedSampler:
 
     def update_weights(self, model) -> None:
         pass
+
+    def finish_round(self) -> None:
+        if self.then is not None:
+            self.then.finish_round()
+
+    def decodes_with(self, module) -> bool:
+        return self.then is not None and self.then.decodes_with(module)
 
     def close(self) -> None:
         pass

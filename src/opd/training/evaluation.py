@@ -7,12 +7,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..config.sections import SamplingConfig
-from ..engines.base import Sampler
+from ..engines.base import Sampler, sampling_round, whole_for
 from ..episodes.driver import run_task_episodes
 from ..episodes.environments import is_episodic
 from ..methods.base import Session
 from ..models.prompts import PromptError, encode_prompt
-from ..parallel.sharding import gathered
 from ..tasks.base import Example, Task
 
 
@@ -140,5 +139,8 @@ def evaluate_session(s: Session, sampler: Sampler, examples: list[Example], seed
         except PromptError as err:
             raise PromptError(f"{err} (evaluation generates up to {sampling.max_new_tokens} tokens: eval.max_new_tokens / sampling.max_new_tokens)") from None
 
-    with gathered(s.student):  # a sharded student is whole while each rank decodes its share
-        return summarise(ranks.gather(rows), e.k)
+    def rows_in_round() -> list[EvalRow]:
+        with whole_for(sampler, s.student), sampling_round(sampler):  # ranks sharing an engine generate together
+            return rows()
+
+    return summarise(ranks.gather(rows_in_round), e.k)

@@ -23,13 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config.saving import save_config
+from ..engines.base import sampling_round, whole_for
 from ..methods.base import Session
 from ..methods.batch import Batch
 from ..methods.data import batch_metrics
 from ..methods.losses import student_token_logprobs
 from ..objectives.common import step_normaliser
 from ..parallel.ranks import start_ranks, stop_ranks, thread_oversubscription
-from ..parallel.sharding import full_tensor, gathered, is_sharded, whole_state_dict
+from ..parallel.sharding import full_tensor, is_sharded, whole_state_dict
 from .assembly import build_session
 from .checkpoints import full_state, load_checkpoint, load_extra_tensors, save_checkpoint
 from .errors import TrainingError
@@ -77,6 +78,8 @@ def train(cfg) -> dict:
             finished = True
             return summary
         finally:
+            if finished and ranks.several:  # every rank past its last collective: closing an engine inside the
+                ranks.barrier()  # process group may end the group (vLLM's external launcher does)
             for sampler in (s.sampler, s.teacher_sampler):
                 if sampler is not None:
                     sampler.close()
@@ -285,7 +288,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     per_micro = len(examples) // (accum * ranks.world_size)
     optimizer.zero_grad(set_to_none=True)
     batches = []
-    with gathered(s.student):  # a sharded student is whole while the ranks sample (each decodes on its own)
+    with whole_for(s.sampler, s.student), sampling_round(s.sampler):  # a sharded student gathered for opd's own sampler
         for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
             rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
             with s.timer.phase("sample"):
