@@ -1,3 +1,4 @@
+import re
 import pytest
 
 from opd.config.loading import load_config
@@ -153,3 +154,27 @@ def test_credentials_inside_urls_are_redacted(tmp_path):
                              "method.ovd.http.url=https://bob:hunter2@judge.example.com"])
     save_config(cfg, tmp_path / "c.yaml")
     assert "hunter2" not in (tmp_path / "c.yaml").read_text()
+
+
+@pytest.mark.parametrize("key, suggested", [
+    ("train.learning_rate", "train.lr"), ("train.bf16", "train.precision"), ("method.lmbda", "method.gkd.lambda_onpolicy"),
+    ("train.save_steps", "checkpoint.every"), ("per_device_train_batch_size", "train.prompts_per_step"),
+    ("sampling.max_completion_length", "sampling.max_new_tokens"), ("gradient_checkpointing", "train.gradient_checkpointing"),
+])
+def test_trl_argument_names_suggest_the_opd_key_that_does_their_work(key, suggested):
+    with pytest.raises(ConfigError, match=rf"^unknown config key '{re.escape(key)}' \(did you mean '{re.escape(suggested)}' \(TRL's "):
+        load_config(None, [f"{key}=1"])
+
+
+def test_the_trl_table_names_real_keys_and_is_the_one_docs_print():
+    from pathlib import Path
+
+    from opd.config.loading import _all_keys
+    from opd.config.schema import Config
+    from opd.config.trl_names import TRL_NAMES
+
+    keys = set(_all_keys(Config, ""))
+    assert [name for name, (key, _) in TRL_NAMES.items() if key not in keys] == []
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "from_trl.md").read_text()
+    printed = dict(re.findall(r"^\| `(\w+)` \| `([\w.]+)` \|", doc, re.M))
+    assert printed == {name: key for name, (key, _) in TRL_NAMES.items()}

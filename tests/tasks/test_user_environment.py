@@ -100,3 +100,33 @@ def test_the_loop_trains_and_evaluates_on_a_user_environment(tmp_path, user_env)
 def test_a_class_that_cannot_be_used_is_one_line_naming_the_key(tmp_path, user_env, path, message):
     with pytest.raises(ConfigError, match=rf"'task\.environment'.*{message.replace('(', '.').replace(')', '.')}"):
         env_config(tmp_path, user_env, f"task.environment={path}")
+
+
+def test_the_recipe_of_docs_tools_md_runs_as_written(tmp_path, user_env, monkeypatch):
+    """docs/tools.md, "Your own environment": its command, word for word, with the models' placeholders replaced by
+    real paths and a few settings appended to keep the run short."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from opd.cli import main
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "tools.md").read_text()
+    section = docs.split("## Your own environment", 1)[1]
+    command = re.search(r"\n    (opd train .*?)\n\n", section, re.S).group(1).replace("\\\n", " ")
+    teacher, student = user_env
+    args = shlex.split(command.replace("/models/student", str(student)).replace("/models/teacher", str(teacher)))
+    assert args[:2] == ["opd", "train"]
+    (tmp_path / "configs").symlink_to(Path(__file__).resolve().parents[2] / "src" / "opd" / "configs")
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths: configs/… and rows.jsonl
+    short = ["train.steps=1", "task.eval_size=2", "eval.num_prompts=2", "task.max_tokens=200", "sampling.max_new_tokens=40",
+             "run.output_dir=run", "log.progress_bar=false", "log.plot=false", "log.tensorboard=false"]
+    assert main([*args[1:], *short]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["task"] == "environment"
+
+
+def test_a_key_of_another_task_names_both_tasks_and_null_drops_it(tmp_path, user_env):
+    with pytest.raises(ConfigError, match=r"^config key 'task\.questions' belongs to task\.name=search_qa, not task\.name=environment "
+                                          r"\(remove it, or set task\.questions=null to drop it from a base config\)$"):
+        env_config(tmp_path, user_env, "task.questions=q.jsonl")
+    assert env_config(tmp_path, user_env, "task.questions=null").task.name == "environment"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import types
 import typing
@@ -21,7 +22,10 @@ import yaml
 
 from ..tasks.base import TASK_REGISTRY, TaskConfig
 from .history import RENAMED_KEYS, migrate_saved
+from .trl_names import trl_hint
 from .schema import DEFAULT_TASK, Config
+
+log = logging.getLogger(__name__)
 from .sections import ConfigError
 from .validation import validate
 
@@ -40,10 +44,24 @@ def load_saved_config(path: str | os.PathLike, overrides: list[str] | tuple[str,
 
 
 def build_config(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The validated ``Config`` of a config tree with ``key.path=value`` overrides applied."""
+    """The validated ``Config`` of a config tree with ``key.path=value`` overrides applied. An override that names
+    another task (``task.name=environment`` on a search_qa config) keeps only the file's task keys that the new
+    task has: the rest belonged to the old task (they are named in a log line)."""
+    file_task = raw.get("task") if isinstance(raw.get("task"), dict) else {}
+    file_keys, file_name = set(file_task), file_task.get("name", DEFAULT_TASK)
+    overridden = set()
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+        overridden.add(key)
+    task = raw.get("task")
+    if "task.name" in overridden and isinstance(task, dict) and task.get("name") != file_name and task.get("name") in TASK_REGISTRY:
+        keeps = {f.name for f in dataclasses.fields(TASK_REGISTRY[task["name"]].config_class)}
+        dropped = sorted(k for k in file_keys if k not in keeps and f"task.{k}" not in overridden)
+        for k in dropped:
+            del task[k]
+        if dropped:
+            log.info("task.name=%s: the config's task.%s belonged to task.name=%s and are dropped", task["name"], ", task.".join(dropped), file_name)
     config = from_dict(Config, raw, prefix="")
     validate(config)
     return config
@@ -140,7 +158,14 @@ def _unknown_key_error(cls: type, prefix: str, name: str) -> ConfigError:
     if isinstance(cls, type) and issubclass(cls, TaskConfig):
         owners = [n for n, spec in TASK_REGISTRY.items() if name in {f.name for f in dataclasses.fields(spec.config_class)}]
         if owners:
-            return ConfigError(f"config key '{full}' belongs to task.name={' or '.join(owners)}, not task.name={cls.name}")
+            this = next(n for n, spec in TASK_REGISTRY.items() if spec.config_class is cls)
+            return ConfigError(
+                f"config key '{full}' belongs to task.name={' or '.join(owners)}, not task.name={this} "
+                f"(remove it, or set {full}=null to drop it from a base config)"
+            )
+    trl = trl_hint(full)
+    if trl is not None:
+        return ConfigError(f"unknown config key '{full}' (did you mean {trl}?)")
     candidates = _all_keys(Config, "")
     close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
     if not close:
@@ -164,6 +189,7 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"'{prefix.rstrip('.')}' must be a section (a mapping), got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    raw = {name: value for name, value in raw.items() if name in names or value is not None}  # key=null drops a key
     for name in raw:
         if name not in names:
             raise _unknown_key_error(cls, prefix, str(name))
