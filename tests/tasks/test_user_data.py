@@ -3,6 +3,7 @@ a teacher padded beyond the tokenizer): row shapes, files, splits, the pre-fligh
 
 import json
 import random
+import re
 
 import pytest
 from foreign_world import build_pair, chat_rows, prompt_rows, write_jsonl
@@ -306,3 +307,22 @@ def test_sft_with_privileged_rows_has_its_privileged_prompts_checked():
 
     cfg = load_config(None, ["student.path=s", "method.name=sft", "method.sft.privileged_fraction=0.5"])
     assert method_class("sft").needs(cfg).privileged
+
+
+def test_chat_rows_without_an_answer_are_graded_against_their_final_box(tmp_path, pair, caplog):
+    """TRL-style conversations carry their answer in the final assistant turn: with no answer field, its last
+    \\boxed{} is the row's answer (announced, counted in data_checks), so the student's accuracy is measured;
+    task.answer_from_solution=false keeps such rows ungraded."""
+    import logging
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20, with_answer=False))
+    task = MathTask.from_config(MathConfig(path=str(data)))
+    examples = task.splits()["train"] + task.eval_examples()
+    assert all(e.answer == str(sum(map(int, re.findall(r"\d+", e.prompt)[:2]))) for e in examples)
+    caplog.set_level(logging.INFO, logger="opd")
+    summary = train(run_config(tmp_path, pair, data, "method.name=opd"))
+    assert summary["student_accuracy_after"] is not None and summary["eval_after"]["graded"] == 2
+    assert summary["data_checks"]["train"]["answers_from_solutions"] == 18
+    assert "20 rows have no 'answer' field: each is graded against the last \\boxed{} of its reference solution" in caplog.text
+    plain = MathTask.from_config(MathConfig(path=str(data), answer_from_solution=False))
+    assert all(e.answer is None for e in plain.splits()["train"])

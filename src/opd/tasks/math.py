@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from ..config.sections import require
 from .base import Example, TaskConfig, register_task
-from .rows import DataError, Fields, dataset_splits, read_examples
+from .rows import DataError, Fields, dataset_splits, final_boxed, read_examples
 from .splits import FixedSplits
 
 log = logging.getLogger(__name__)
@@ -41,19 +41,6 @@ def parse_gold(answer: str):
     from math_verify import parse
 
     return parse(f"${answer}$") or parse(answer)
-
-
-def final_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None when there is none."""
-    start = text.rfind("\\boxed{")
-    if start == -1:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None  # the last box is unclosed (a cut-off answer): an earlier one is not the final answer
 
 
 def extract_answer(completion: str, pattern: re.Pattern | None = None) -> str | None:
@@ -108,6 +95,9 @@ class MathConfig(TaskConfig):
     privileged_instruction: str | None = None
     # a regex whose last match (its first group, if any) is the final answer; None = the last \boxed{}
     answer_pattern: str | None = None
+    # a row with no answer field takes the last \boxed{} of its reference solution (a conversation's final
+    # assistant turn) as its answer, so that chat data is graded; counted in data_checks
+    answer_from_solution: bool = True
 
     def validate(self, cfg: Any) -> None:
         require(self.path is not None, "task.path", "is required for task.name=math (a JSONL / JSON / Parquet file or a saved dataset)")
@@ -129,6 +119,7 @@ class MathConfig(TaskConfig):
         return Fields(
             format=self.format, messages=self.messages_field, prompt=self.prompt_field, completion=self.completion_field,
             problem=self.problem_field, solution=self.solution_field, answer=self.answer_field, teacher=self.teacher_field,
+            answer_from_solution=self.answer_from_solution,
         )
 
 
@@ -181,6 +172,12 @@ class MathTask(FixedSplits):
             if c.eval_split is not None:
                 raise DataError(f"{self.path}: task.eval_split='{c.eval_split}' needs a saved DatasetDict (or give task.eval_path)")
             self._train, self._eval = self._hold_out(rows)
+        taken = sum(bool(e.meta.get("answer_from_solution")) for e in self._train + self._eval)
+        if taken:
+            log.info(
+                "%d rows have no '%s' field: each is graded against the last \\boxed{} of its reference solution "
+                "(task.answer_from_solution=false turns this off)", taken, c.answer_field,
+            )
 
     def _hold_out(self, rows: list[Example]) -> tuple[list[Example], list[Example]]:
         c = self.config

@@ -40,6 +40,7 @@ class Fields:
     solution: str | None = "solution"
     answer: str = "answer"
     teacher: str | None = None  # the column naming each row's teacher route
+    answer_from_solution: bool = True  # a row without an answer takes its solution's last \boxed{} (task.answer_from_solution)
 
 
 # ----------------------------------------------------------------------------- files
@@ -165,6 +166,19 @@ def row_shape(row: dict, fields: Fields) -> str:
     return "none"
 
 
+def final_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None when there is none."""
+    start = text.rfind("\\boxed{")
+    if start == -1:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None  # the last box is unclosed (a cut-off answer): an earlier one is not the final answer
+
+
 def row_to_example(where: str, row: Any, fields: Fields) -> Example:
     """One row as an Example; ``meta`` keeps where it came from and its shape."""
     if not isinstance(row, dict):
@@ -192,6 +206,10 @@ def row_to_example(where: str, row: Any, fields: Fields) -> Example:
         answer = str(answer)
     answer = _string(answer, where, fields.answer)
     meta = {"source": where, "shape": shape}
+    if answer is None and solution is not None and fields.answer_from_solution:
+        answer = final_boxed(solution)  # a conversation's worked answer: what its final assistant turn boxed
+        if answer is not None:
+            meta["answer_from_solution"] = True
     if fields.teacher:
         route = row.get(fields.teacher)
         if not isinstance(route, str) or not route.strip():

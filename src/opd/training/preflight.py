@@ -61,6 +61,9 @@ def check_task_data(task: Task, tokenizer, needs, cfg, context: int | None, spli
                 f"sampling.max_new_tokens ({n + cfg.sampling.max_new_tokens})"
             )
         counts = {"rows": len(examples), "kept": len(examples) - checker.skipped_long - checker.empty, **checker.counts()}
+        taken = sum(bool(e.meta.get("answer_from_solution")) for e in examples)
+        if taken:
+            counts["answers_from_solutions"] = taken  # rows graded against their solution's final \boxed{}
         report[name] = counts
         if counts["kept"] == 0:
             raise DataError(f"the {name} data has no usable row left: {_describe(counts)} (task.too_long={cfg.task.too_long})")
