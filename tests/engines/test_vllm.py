@@ -364,7 +364,7 @@ def test_search_world_episodes_on_the_engine_equal_opds_own_sampler(tmp_path):
     from dataclasses import replace
 
     from opd.episodes.driver import run_task_episodes
-    from opd.tasks.base import build_task
+    from opd.tasks import build_task
 
     cfg = load_config(ROOT / "configs/search_qa/demo.yaml", [f"run.output_dir={tmp_path}"])
     task = build_task(cfg.task, 0)

@@ -18,6 +18,7 @@ from ..methods.base import METHOD_REGISTRY, method_class
 from ..models.attention import implementation_problem
 from ..parallel.launchers import launched_world, unsupported_launch
 from ..tasks.base import TASK_REGISTRY
+from ..tasks.reward_functions import load_reward_functions
 from .schema import Config
 from .sections import ConfigError, require, validate_client_settings
 
@@ -46,6 +47,7 @@ def validate(c: Config) -> None:
     )
     _, world, _ = launched_world()
     validate_models(c, world)
+    load_reward_functions(c.task.reward_function, c.task.reward_weights)  # each importable: a one-line error now
     require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
     require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     require(

@@ -119,6 +119,11 @@ class TaskConfig:
     # a prompt longer than the context leaves (context − max new tokens), found by the pre-flight pass before any
     # model work: "skip" the row (counted and printed), "truncate" it (keep its last tokens), or stop with an "error"
     too_long: Literal["error", "skip", "truncate"] = "skip"
+    # the user's reward: module:function (or a list), called as fn(completion, row) -> float, replacing the task's
+    # grader in training and evaluation (tasks/reward_functions.py); weights for a list; what a raising call does
+    reward_function: str | list[str] | None = None
+    reward_weights: list[float] | None = None
+    reward_errors: Literal["stop", "zero"] = "stop"
 
     # whether the task's examples can be checked step by step (Task.step_judge returns a judge)
     has_step_judge: ClassVar[bool] = False
@@ -164,5 +169,6 @@ def register_task(name: str, config_class: type[TaskConfig]):
 
 
 def build_task(config: TaskConfig, seed: int = 0) -> Task:
-    """The task a ``task`` section describes."""
+    """The task a ``task`` section describes, graded by its own reward (``tasks.reward_functions.build_graded_task``
+    adds the user's reward functions)."""
     return TASK_REGISTRY[config.name].build(config, seed)

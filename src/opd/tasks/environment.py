@@ -37,6 +37,10 @@ class EnvironmentConfig(TaskConfig):
         require(self.max_turns >= 1, "task.max_turns", f"must be >= 1, got {self.max_turns}")
         require(all(isinstance(x, str) and x for x in self.stop), "task.stop", f"must be a list of non-empty strings, got {self.stop!r}")
         require(self.max_tokens >= cfg.sampling.max_new_tokens, "task.max_tokens", f"must be at least sampling.max_new_tokens ({cfg.sampling.max_new_tokens}), got {self.max_tokens}")
+        require(
+            self.reward_function is None, "task.reward_function",
+            "does not apply to task.name=environment: an environment's rewards are its own (StepResult.reward from step()); compute it there",
+        )
         environment_class(self.environment)
 
     def completion_budget(self, max_new_tokens: int) -> int:

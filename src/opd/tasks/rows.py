@@ -205,7 +205,7 @@ def row_to_example(where: str, row: Any, fields: Fields) -> Example:
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     answer = _string(answer, where, fields.answer)
-    meta = {"source": where, "shape": shape}
+    meta = {"source": where, "shape": shape, "row": row}  # the row itself: what a user's reward function reads
     if answer is None and solution is not None and fields.answer_from_solution:
         answer = final_boxed(solution)  # a conversation's worked answer: what its final assistant turn boxed
         if answer is not None:

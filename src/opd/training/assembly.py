@@ -34,7 +34,7 @@ from ..models.loading import (
 from ..models.pairing import check_pairing
 from ..parallel.ranks import SINGLE, Ranks
 from ..parallel.sharding import shard_model
-from ..tasks.base import build_task
+from ..tasks.reward_functions import build_graded_task as build_task
 from ..teachers.model import ModelTeacher, initial_student
 from ..teachers.routed import RoutedTeacher
 from ..teachers.served import served_teacher

@@ -13,6 +13,7 @@ from ..episodes.environments import is_episodic
 from ..methods.base import Session
 from ..models.prompts import PromptError, encode_prompt
 from ..tasks.base import Example, Task
+from ..tasks.reward_functions import grades_every_row
 
 
 @dataclass
@@ -29,7 +30,7 @@ class EvalRow:
 def evaluate(sampler: Sampler, tokenizer, task: Task, examples: list[Example], sampling: SamplingConfig, k: int = 1, *options, **named) -> dict[str, float]:
     """``summarise`` of ``evaluate_rows`` (same arguments): ``accuracy`` (greedy), ``mean_length``; with ``k > 1``
     also ``avg@k`` and ``pass@k``."""
-    return summarise(evaluate_rows(sampler, tokenizer, task, examples, sampling, k, *options, **named), k)
+    return summarise(evaluate_rows(sampler, tokenizer, task, examples, sampling, k, *options, **named), k, grades_every_row(task))
 
 
 def evaluate_rows(
@@ -60,13 +61,14 @@ def evaluate_rows(
         except PromptError as err:
             raise PromptError(f"evaluation example {e.meta.get('source') or repr(e.prompt[:40])}: {err}") from None
     greedy = replace(sampling, temperature=0.0)
+    every_row = grades_every_row(task)  # the user's reward functions grade rows without an answer too
     rows = []
     for start in range(0, len(prompts), batch_size):
         rollouts = sampler.sample(prompts[start : start + batch_size], greedy)
         batch = examples[start : start + batch_size]
         for text, ex, length in zip(rollouts.texts, batch, rollouts.completion_lengths_B.tolist()):
             reward = task.reward(text, ex)
-            rows.append(EvalRow(ex.answer is not None, reward, int(length), extra=task.eval_metrics(ex, text, reward)))
+            rows.append(EvalRow(ex.answer is not None or every_row, reward, int(length), extra=task.eval_metrics(ex, text, reward)))
     if k > 1:
         sampled = replace(sampling, temperature=temperature)
         flat = [(i, prompts[i]) for i, row in enumerate(rows) if row.graded for _ in range(k)]
@@ -88,7 +90,7 @@ def episode_rows(sampler, tokenizer, task, examples, sampling, k, temperature, b
         lengths = episodes.rollouts.completion_lengths_B.tolist()
         for i, (e, reward, n) in enumerate(zip(batch, episodes.rewards, lengths)):
             extra = {"episode_tool_calls": float(episodes.tool_calls[i]), **task.eval_metrics(e, final_reply(episodes.messages[i]), reward)}
-            rows.append(EvalRow(e.answer is not None, reward, int(n), extra=extra))
+            rows.append(EvalRow(e.answer is not None or grades_every_row(task), reward, int(n), extra=extra))
     if k > 1:
         flat = [i for i, row in enumerate(rows) if row.graded for _ in range(k)]
         for start in range(0, len(flat), batch_size):
@@ -104,15 +106,20 @@ def final_reply(messages: list[dict]) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
 
 
-def summarise(rows: list[EvalRow], k: int = 1) -> dict[str, float]:
-    """``evaluate``'s metrics from the rows of every evaluated example."""
+def summarise(rows: list[EvalRow], k: int = 1, user_rewards: bool = False) -> dict[str, float]:
+    """``evaluate``'s metrics from the rows of every evaluated example: ``accuracy`` where every grade is 0 or 1, and
+    ``reward`` (the mean) where one is not or the grades come from the user's reward functions (``user_rewards``)."""
     graded = [r for r in rows if r.graded]
     results = {"rows": len(rows), "graded": len(graded), "mean_length": sum(r.length for r in rows) / max(len(rows), 1)}
     for key in dict.fromkeys(key for r in rows for key in r.extra):
         values = [r.extra[key] for r in rows if key in r.extra]
         results[key] = sum(values) / len(values)
     if graded:
-        results["accuracy"] = sum(r.correct for r in graded) / len(graded)
+        mean = sum(r.correct for r in graded) / len(graded)
+        if all(r.correct in (0.0, 1.0) for r in graded):
+            results["accuracy"] = mean
+        if user_rewards or "accuracy" not in results:
+            results["reward"] = mean
     if k > 1 and graded:
         results[f"avg@{k}"] = sum(sum(r.sampled) / k for r in graded) / len(graded)
         results[f"pass@{k}"] = sum(float(max(r.sampled) > 0) for r in graded) / len(graded)
@@ -143,4 +150,4 @@ def evaluate_session(s: Session, sampler: Sampler, examples: list[Example], seed
         with whole_for(sampler, s.student), sampling_round(sampler):  # ranks sharing an engine generate together
             return rows()
 
-    return summarise(ranks.gather(rows_in_round), e.k)
+    return summarise(ranks.gather(rows_in_round), e.k, grades_every_row(s.task))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config.saving import save_config
 from ..engines.base import sampling_round, whole_for
+from ..tasks.reward_functions import reward_errors
 from ..methods.base import Session
 from ..methods.batch import Batch
 from ..methods.data import batch_metrics
@@ -226,6 +227,7 @@ def run_summary(s: Session, state: dict, after: dict, evaluated: int, started: f
         "teacher_accuracy": state.get("teacher_eval", {}).get("accuracy"),
         "student_accuracy_before": state.get("before_eval", {}).get("accuracy"),
         "student_accuracy_after": after.get("accuracy"),  # None for prompt-only eval data (nothing to grade)
+        **user_reward_summary(s, state, after),
         "steps": cfg.train.steps,
         "train_seconds": round(state["wall_seconds"], 2),
         "wall_seconds": round(time.time() - started, 2),
@@ -240,6 +242,18 @@ def run_summary(s: Session, state: dict, after: dict, evaluated: int, started: f
         "eval_teacher": state.get("teacher_eval"),
         "eval_set": {**s.task.describe_eval(), "evaluated": evaluated},
         "data_checks": s.data_report,
+    }
+
+
+def user_reward_summary(s: Session, state: dict, after: dict) -> dict:
+    """With the user's reward functions (``task.reward_function``): the mean rewards before and after training (and
+    the teacher's), and how many calls raised and scored 0; nothing otherwise."""
+    errors = reward_errors(s.task)
+    if errors is None:
+        return {}
+    return {
+        "teacher_reward": state.get("teacher_eval", {}).get("reward"), "student_reward_before": state.get("before_eval", {}).get("reward"),
+        "student_reward_after": after.get("reward"), "reward_errors": int(s.ranks.sum(errors)),
     }
 
 

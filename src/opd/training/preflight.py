@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from ..models.prompts import encode_completion, prompt_ids
 from ..tasks.base import Example, Task
 from ..tasks.rows import DataError
+from ..tasks.reward_functions import grades_every_row
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def check_task_data(task: Task, tokenizer, needs, cfg, context: int | None, spli
         if name not in splits:
             continue
         if name == "train":
-            _require_fields(examples, needs)
+            _require_fields(examples, needs, answers_optional=grades_every_row(task))
         key, new = new_tokens[name]
         if context and context - new < 1:
             raise DataError(f"{key}={new} leaves no room for a prompt in the student's {context}-token context")
@@ -69,7 +70,7 @@ def check_task_data(task: Task, tokenizer, needs, cfg, context: int | None, spli
             raise DataError(f"the {name} data has no usable row left: {_describe(counts)} (task.too_long={cfg.task.too_long})")
         if checker.skipped_long or checker.empty or checker.truncated:
             log.warning("%s data: %s", name, _describe(counts, budget))
-    if "eval" in report and not any(e.answer is not None for e in task.eval_examples()):
+    if "eval" in report and not grades_every_row(task) and not any(e.answer is not None for e in task.eval_examples()):
         log.warning("the evaluation data has no answers: evaluation reports completion lengths only, no accuracy")
     report["seconds"] = round(time.time() - started, 2)
     return report
@@ -87,9 +88,9 @@ def _describe(counts: dict, budget: Budget | None = None) -> str:
     return "; ".join(parts) + (room if counts["skipped_too_long"] or counts["truncated"] else "")
 
 
-def _require_fields(examples: list[Example], needs) -> None:
+def _require_fields(examples: list[Example], needs, answers_optional: bool = False) -> None:
     wanted = []
-    if needs.answers:
+    if needs.answers and not answers_optional:  # a user's reward function grades rows with or without one
         wanted.append(("answer", "trains on the task's rewards, which grade against an answer (task.answer_field)"))
     if needs.solutions or needs.privileged:
         wanted.append(("solution", "uses reference solutions (a final assistant turn, a completion, or task.solution_field)"))
