@@ -26,6 +26,7 @@ REPO = SRC.parents[1]
 LAYERS = [
     "opd.objectives",  # pure tensor functions: nothing of opd
     "opd.config.sections",  # the sections every run has, ConfigError, require: nothing of opd
+    "opd.config.objects",  # Python objects a config names (import paths, the Python API's objects)
     "opd.services",  # the HTTP client
     "opd.parallel",  # launchers, ranks, sharding
     "opd.worlds",  # the embedded worlds' specs, tokenizer and where they are (not their builds)
@@ -135,8 +136,9 @@ def test_objectives_import_nothing_of_opd_and_every_module_has_a_layer():
     assert all(layer(m) >= 0 for m in graph)
 
 
-def test_only_the_command_line_lies_at_the_top_of_the_package():
-    assert sorted(p.name for p in SRC.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py"]
+def test_only_the_entry_points_lie_at_the_top_of_the_package():
+    """The command line and the Python API (``opd.train``, ``opd.evaluate``, ``opd.load_config``)."""
+    assert sorted(p.name for p in SRC.glob("*.py")) == ["__init__.py", "__main__.py", "api.py", "cli.py"]
     packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
     assert packages == {layer_name.split(".")[1] for layer_name in LAYERS if layer_name.count(".") == 1}
 

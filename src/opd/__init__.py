@@ -1,3 +1,10 @@
-"""opd: on-policy distillation of language models."""
+"""opd: on-policy distillation of language models.
+
+The Python API (docs/python.md): ``opd.train``, ``opd.evaluate`` and ``opd.load_config`` do what ``opd train``,
+``opd eval`` and the config files do, and take Python objects where a config names one.
+"""
+
+from .api import evaluate, load_config, train
 
 __version__ = "0.1.0"
+__all__ = ["evaluate", "load_config", "train"]

@@ -100,37 +100,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
+    from .api import evaluate
 
-    from .config.loading import load_config
-    from .tasks.math import eval_split_of
-    from .tasks.rows import dataset_splits
-    from .training.assembly import build_eval_session
-    from .training.evaluation import evaluate
-
-    # The student, task, sampling, eval and train (device, threads, precision) sections matter here; method sft is
-    # named because it needs no teacher.
-    args.task = args.task or ("math" if args.data else "arithmetic")
-    overrides = [f"task.name={args.task}", f"student.path={args.model}", f"eval.k={args.k}", "method.name=sft"]
-    if args.data:  # evaluate every row of the given data (a DatasetDict: its test / validation split, or task.eval_split)
-        overrides += [f"task.path={args.data}", f"task.eval_path={args.data}"]
-    overrides += list(args.overrides)
-    cfg = load_config(None, overrides)
-    if args.data and dataset_splits(args.data) is not None and cfg.task.split is None:
-        # a DatasetDict: its evaluation split alone is read (it need not have a training split)
-        cfg.task.split = cfg.task.eval_split = eval_split_of(args.data, cfg.task.eval_split, required=True)
-    s = build_eval_session(cfg)  # the same set-up as a training run's: the data checked, the engine sampling.engine names
-    try:
-        examples = s.task.eval_examples()[: cfg.eval.num_prompts]
-        generator = torch.Generator(device=s.device).manual_seed(cfg.run.seed)
-        results = evaluate(
-            s.sampler, s.tokenizer, s.task, examples, cfg.sampling, cfg.eval.k, cfg.eval.temperature, cfg.eval.batch_size, generator,
-            s.context, cfg.task.chat_template_kwargs,
-        )
-    finally:
-        s.sampler.close()
-    summary = {"model": args.model, "task": args.task, "engine": cfg.sampling.engine, "prompts": len(examples), "eval_set": s.task.describe_eval(), **results}
-    summary["data_checks"] = s.data_report.get("eval")
+    summary = evaluate(args.model, args.data, args.task, args.k, args.overrides)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -184,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="held-out accuracy of a model")
     ev.add_argument("model", help="a HF checkpoint directory, or world:teacher / world:student")
-    ev.add_argument("--task", choices=sorted(TASK_REGISTRY), help="default: math with --data, else arithmetic")
+    ev.add_argument("--task", choices=sorted(TASK_REGISTRY), help="default: math with --data; a world: model's own arithmetic")
     ev.add_argument("--data", help="evaluate every row of this data (JSONL / JSON / Parquet / saved dataset; task math)")
     ev.add_argument("--k", type=int, default=1, help="samples per prompt for avg@k / pass@k")
     ev.add_argument("overrides", nargs="*", help="key.path=value overrides (task.*, eval.*, sampling.*)")

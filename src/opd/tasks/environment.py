@@ -10,10 +10,10 @@ episodes; a row's ``answer`` field, when it has one, marks it graded for accurac
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config.objects import import_object
 from ..config.sections import ConfigError, require
 from ..episodes.environments import Environment, EpisodeLimits, EpisodicTask
 from .base import Example, TaskConfig, episodes_lack, register_task
@@ -52,11 +52,7 @@ class EnvironmentConfig(TaskConfig):
 
 def environment_class(path: str) -> type:
     """The class an import path names; a ``ConfigError`` naming ``task.environment`` when it cannot be had."""
-    module_name, attribute = path.split(":", 1) if ":" in path else path.rpartition(".")[::2]
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"config key 'task.environment' is {path!r}, which cannot be imported ({err})") from None
+    found = import_object(path, "task.environment")  # a module:Class path, or a class given to the Python API
     missing = [m for m in ("start", "tools", "step") if not callable(getattr(found, m, None))]
     if missing:
         raise ConfigError(f"config key 'task.environment' names {path!r}, which lacks the Environment method(s) {', '.join(missing)}")

@@ -17,12 +17,12 @@ stop``, the default), or scores 0 and is counted (``zero``: the first is logged,
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..config.objects import import_object
 from ..config.sections import ConfigError
 from .base import TaskConfig, build_task
 
@@ -37,14 +37,8 @@ class RewardFunctionError(RuntimeError):
 
 
 def import_function(path: str, key: str) -> Callable:
-    """``module:function`` or ``module.function``, imported; a ``ConfigError`` naming ``key`` otherwise."""
-    module_name, _, name = path.rpartition(":") if ":" in path else path.rpartition(".")
-    if not module_name or not name:
-        raise ConfigError(f"config key '{key}' must be module:function, got {path!r}")
-    try:
-        fn = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"config key '{key}': {path!r} cannot be imported ({type(err).__name__}: {err})") from None
+    """The function ``path`` names (``config.objects.import_object``); a ``ConfigError`` naming ``key`` otherwise."""
+    fn = import_object(path, key)
     if not callable(fn):
         raise ConfigError(f"config key '{key}': {path!r} is a {type(fn).__name__}, not a function")
     return fn
