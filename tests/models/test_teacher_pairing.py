@@ -90,7 +90,8 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         resolve_path(str(tmp_path / "nowhere"), "teacher.path")
     assert str(err.value) == (
         f"teacher.path: no model at '{tmp_path / 'nowhere'}' "
-        "(give a local HF checkpoint directory, or one of world:teacher, world:student, world:teacher_base, world:student_privileged)"
+        "(give a local HF checkpoint directory, a Hub repo id in the local cache, or one of "
+        "world:teacher, world:student, world:teacher_base, world:student_privileged)"
     )
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="holds no config.json"):

@@ -4,11 +4,13 @@ the context length a model states."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..config.objects import import_object, is_held
 from ..config.sections import LoraConfig
 from ..worlds.locate import WORLDS, world_part
 
@@ -21,8 +23,15 @@ class ModelLoadError(ValueError):
     """A model or tokenizer that cannot be used; the message says which and why."""
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hugging Face Hub names repositories
+
+
 def resolve_path(path: str, key: str) -> str:
-    """Turn a configured model path into a local directory, refusing anything that needs a download."""
+    """Turn a configured model path into a local directory, refusing anything that needs a download: a checkpoint
+    directory, ``world:…``, a Hub repo id that the local Hugging Face cache holds (never fetched), or a model
+    object given to the Python API (the directory it was loaded from)."""
+    if is_held(path):
+        return resolve_path(str(held_model(path, key).name_or_path or ""), key)
     try:
         world = world_part(path)
     except ValueError as err:
@@ -36,9 +45,39 @@ def resolve_path(path: str, key: str) -> str:
         return str(local)
     if local.exists():
         raise ModelLoadError(f"{key}: '{path}' is a file; expected a HF checkpoint directory")
+    if HUB_ID.match(path):
+        return cached_snapshot(path, key)
     raise ModelLoadError(
-        f"{key}: no model at '{path}' (give a local HF checkpoint directory, or one of world:{', world:'.join(WORLDS['arithmetic'].parts)})"
+        f"{key}: no model at '{path}' (give a local HF checkpoint directory, a Hub repo id in the local cache, or one of "
+        f"world:{', world:'.join(WORLDS['arithmetic'].parts)})"
     )
+
+
+def cached_snapshot(repo_id: str, key: str) -> str:
+    """The local Hugging Face cache's snapshot of ``repo_id`` (its ``main`` revision), never downloading."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        directory = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ModelLoadError(
+            f"{key}: no model at '{repo_id}': not a local directory, and the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"holds no snapshot of it; opd never downloads: fetch it beforehand (huggingface-cli download {repo_id})"
+        ) from None
+    if not (Path(directory) / "config.json").is_file():
+        raise ModelLoadError(f"{key}: the cached snapshot of '{repo_id}' ({directory}) holds no config.json (not a HF checkpoint)")
+    return directory
+
+
+def held_model(path: str, key: str) -> torch.nn.Module:
+    """The model object given to the Python API under ``path`` (``config.objects``)."""
+    from transformers import PreTrainedModel
+
+    model = import_object(path, key)
+    if not isinstance(model, PreTrainedModel):
+        raise ModelLoadError(f"{key}: the object given for it is a {type(model).__name__}, not a transformers causal LM")
+    return model
 
 
 def load_tokenizer(path: str, key: str = "student.path", trust_remote_code: bool = False):
@@ -59,6 +98,8 @@ def load_model_config(path: str, key: str, trust_remote_code: bool = False):
     """The model's config alone (no weights): what the pre-flight pass reads the context length from."""
     from transformers import AutoConfig
 
+    if is_held(path):
+        return held_model(path, key).config
     directory = resolve_path(path, key)
     try:
         return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
@@ -67,7 +108,10 @@ def load_model_config(path: str, key: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, key: str, dtype: str = "float32", trust_remote_code: bool = False, device="cpu", attn_implementation: str | None = None):
-    """A causal LM from a local checkpoint on ``device``; ``attn_implementation`` as transformers takes it (None: its choice)."""
+    """A causal LM from a local checkpoint on ``device``; ``attn_implementation`` as transformers takes it (None: its choice).
+    A model object given to the Python API is used as it is (its own dtype), moved to ``device``."""
+    if is_held(path):
+        return held_model(path, key).to(device)
     directory = resolve_path(path, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(
