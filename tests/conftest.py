@@ -180,3 +180,24 @@ def killed_at_step(monkeypatch, stop_at: int, run) -> None:
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(loop, "train_step", real_step)
+
+
+def hub_cache(root, repo_id: str, files: dict, repo_type: str = "model") -> str:
+    """``root`` as a Hugging Face hub cache holding ``files`` (``{relative path: bytes}``) as the ``main`` revision of
+    ``repo_id``, laid out as huggingface_hub lays it out: blobs by content hash, the snapshot's files linking to them,
+    refs/main naming the commit. Returns ``root`` (for ``HF_HUB_CACHE``)."""
+    import hashlib
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return str(root)

@@ -11,43 +11,28 @@ import subprocess
 import sys
 
 import pytest
+from conftest import hub_cache
 
 import opd
 from opd.models.loading import ModelLoadError, resolve_path
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def hub_cache(root, repo_id: str, checkpoint) -> str:
-    """``root`` as a Hugging Face hub cache holding ``checkpoint``'s files as the ``main`` revision of ``repo_id``:
-    the files in blobs/ by content hash, the snapshot linking to them, refs/main naming the commit."""
-    import hashlib
-
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for f in checkpoint.iterdir():
-        data = f.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
-    return str(root)
-
-
-def test_a_repo_id_in_the_local_hub_cache_is_used_and_one_that_is_not_says_how_to_fetch_it(tmp_path, tiny_models):
-    cache = hub_cache(tmp_path / "hub", "my-org/tiny-student", tiny_models[1])
+@pytest.mark.slow
+def test_a_repo_id_in_the_local_hub_cache_is_used(tmp_path, tiny_models):
+    cache = hub_cache(tmp_path / "hub", "my-org/tiny-student", {f.name: f.read_bytes() for f in tiny_models[1].iterdir()})
     env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "opd", *args], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
-    done = run("eval", "my-org/tiny-student", "--task", "arithmetic", "eval.num_prompts=4", "sampling.max_new_tokens=4")
+    done = subprocess.run([sys.executable, "-m", "opd", "eval", "my-org/tiny-student", "--task", "arithmetic", "eval.num_prompts=4",
+                           "sampling.max_new_tokens=4"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["prompts"] == 4
-    missing = run("eval", "my-org/not-fetched", "--task", "arithmetic")
-    assert missing.returncode != 0
-    assert missing.stderr.strip().splitlines()[-1] == (
-        f"opd: error: student.path: no model at 'my-org/not-fetched': not a local directory, and the Hugging Face cache ({cache}) "
+
+
+def test_a_repo_id_the_cache_lacks_says_how_to_fetch_it():
+    from opd.services.hub import cache_location
+
+    with pytest.raises(ModelLoadError) as err:
+        resolve_path("my-org/not-fetched", "student.path")
+    assert str(err.value) == (
+        f"student.path: no model at 'my-org/not-fetched': not a local directory, and the Hugging Face cache ({cache_location()}) "
         "holds no snapshot of it; opd never downloads: fetch it beforehand (huggingface-cli download my-org/not-fetched)"
     )
 

@@ -326,3 +326,43 @@ def test_chat_rows_without_an_answer_are_graded_against_their_final_box(tmp_path
     assert "20 rows have no 'answer' field: each is graded against the last \\boxed{} of its reference solution" in caplog.text
     plain = MathTask.from_config(MathConfig(path=str(data), answer_from_solution=False))
     assert all(e.answer is None for e in plain.splits()["train"])
+
+
+@pytest.mark.slow
+def test_a_dataset_named_by_its_hub_id_is_read_from_the_local_cache(tmp_path, tiny_models):
+    """task.path=org/name with the dataset in a real hub cache on disk (parquet files named by split, as the Hub lays
+    out a dataset): its test split is evaluated, read offline in a fresh process."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import hub_cache
+
+    def parquet(n: int, offset: int) -> bytes:
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"prompt": [f"{100 + i + offset}+1=" for i in range(n)], "answer": [str(101 + i + offset) for i in range(n)]}), buffer)
+        return buffer.getvalue()
+
+    cache = hub_cache(tmp_path / "hub", "my-org/sums", {"data/train-00000-of-00001.parquet": parquet(12, 0),
+                                                          "data/test-00000-of-00001.parquet": parquet(5, 50)}, repo_type="dataset")
+    env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache")}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "opd", *args], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    done = run("eval", str(tiny_models[1]), "--data", "my-org/sums", "sampling.max_new_tokens=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["prompts"] == 5 and summary["eval_set"]["source"] == "my-org/sums[test]"  # the test split, all 5 rows
+
+
+def test_a_dataset_name_the_cache_lacks_says_how_to_fetch_it():
+    from opd.services.hub import cache_location
+
+    with pytest.raises(DataError) as err:
+        MathTask.from_config(MathConfig(path="my-org/not-fetched"))
+    assert str(err.value) == (
+        f"my-org/not-fetched: no such file, and the Hugging Face cache ({cache_location()}) holds no dataset of that name; "
+        "opd never downloads: fetch it beforehand (huggingface-cli download --repo-type dataset my-org/not-fetched), or save it "
+        "with datasets' save_to_disk and give that directory"
+    )

@@ -4,7 +4,6 @@ the context length a model states."""
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config.objects import import_object, is_held
 from ..config.sections import LoraConfig
+from ..services.hub import cache_location, cached_snapshot, looks_like_hub_id
 from ..worlds.locate import WORLDS, world_part
 
 log = logging.getLogger(__name__)
@@ -21,9 +21,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(ValueError):
     """A model or tokenizer that cannot be used; the message says which and why."""
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hugging Face Hub names repositories
 
 
 def resolve_path(path: str, key: str) -> str:
@@ -45,26 +42,22 @@ def resolve_path(path: str, key: str) -> str:
         return str(local)
     if local.exists():
         raise ModelLoadError(f"{key}: '{path}' is a file; expected a HF checkpoint directory")
-    if HUB_ID.match(path):
-        return cached_snapshot(path, key)
+    if looks_like_hub_id(path):
+        return cached_model(path, key)
     raise ModelLoadError(
         f"{key}: no model at '{path}' (give a local HF checkpoint directory, a Hub repo id in the local cache, or one of "
         f"world:{', world:'.join(WORLDS['arithmetic'].parts)})"
     )
 
 
-def cached_snapshot(repo_id: str, key: str) -> str:
-    """The local Hugging Face cache's snapshot of ``repo_id`` (its ``main`` revision), never downloading."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        directory = snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, OSError, ValueError):
+def cached_model(repo_id: str, key: str) -> str:
+    """The local Hugging Face cache's snapshot of model ``repo_id`` (its ``main`` revision), never downloading."""
+    directory = cached_snapshot(repo_id)
+    if directory is None:
         raise ModelLoadError(
-            f"{key}: no model at '{repo_id}': not a local directory, and the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"{key}: no model at '{repo_id}': not a local directory, and the Hugging Face cache ({cache_location()}) "
             f"holds no snapshot of it; opd never downloads: fetch it beforehand (huggingface-cli download {repo_id})"
-        ) from None
+        )
     if not (Path(directory) / "config.json").is_file():
         raise ModelLoadError(f"{key}: the cached snapshot of '{repo_id}' ({directory}) holds no config.json (not a HF checkpoint)")
     return directory

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..services.hub import cache_location, cached_snapshot, looks_like_hub_id
 from .base import Example
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -51,11 +52,21 @@ def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[str,
 
     ``split`` picks a DatasetDict's split (and is an error for anything that has no splits).
     """
+    hub = hub_dataset(path)
+    if hub is not None:
+        yield from _hub_rows(str(path), hub, split)
+        return
     path = Path(path)
     if path.is_dir():
         yield from _dataset_rows(path, split)
         return
     if not path.is_file():
+        if looks_like_hub_id(str(path)):
+            raise DataError(
+                f"{path}: no such file, and the Hugging Face cache ({cache_location()}) holds no dataset of that name; opd never "
+                f"downloads: fetch it beforehand (huggingface-cli download --repo-type dataset {path}), or save it with "
+                "datasets' save_to_disk and give that directory"
+            )
         raise DataError(f"{path}: no such file")
     if split is not None:
         raise DataError(f"{path}: a split ('{split}') was asked for, but only a saved DatasetDict directory has splits")
@@ -124,8 +135,38 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}[{i}]", row
 
 
+def hub_dataset(path: str | Path) -> str | None:
+    """The local Hugging Face cache's snapshot of a dataset named by its Hub id (``org/name``, not a local path)."""
+    text = str(path)
+    if Path(text).exists() or not looks_like_hub_id(text):
+        return None
+    return cached_snapshot(text, repo_type="dataset")
+
+
+def _hub_splits(snapshot: str):
+    """A cached Hub dataset's files, read by datasets itself (its split names from the file names), offline."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(snapshot)
+    except Exception as err:  # noqa: BLE001 - datasets raises several types for files it cannot read
+        raise DataError(f"{snapshot}: the cached dataset cannot be read ({' '.join(str(err).split())[:160]})") from None
+
+
+def _hub_rows(name: str, snapshot: str, split: str | None) -> Iterator[tuple[str, Any]]:
+    data = _hub_splits(snapshot)
+    split = split or "train"
+    if split not in data:
+        raise DataError(f"{name}: the cached dataset has no split '{split}' (it has: {', '.join(data)}; set task.split / task.eval_split)")
+    for i, row in enumerate(data[split]):
+        yield f"{name}[{split}][{i}]", row
+
+
 def dataset_splits(path: str | Path) -> list[str] | None:
-    """The splits of a saved DatasetDict directory; None for anything else."""
+    """The splits of a saved DatasetDict directory, or of a cached Hub dataset; None for anything else."""
+    hub = hub_dataset(path)
+    if hub is not None:
+        return list(_hub_splits(hub))
     path = Path(path)
     marker = path / "dataset_dict.json"
     if path.is_dir() and marker.is_file():
