@@ -206,3 +206,12 @@ class LogConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     plot: bool = True
+    # where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (training/trackers.py);
+    # None = [tensorboard] when log.tensorboard is on, else none
+    report_to: list[str] | None = None
+
+    def trackers(self) -> list[str]:
+        return list(self.report_to) if self.report_to is not None else (["tensorboard"] if self.tensorboard else [])
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # log.report_to's names: their packages

@@ -8,6 +8,7 @@ against the rest, and what the engine and the task declare (stop strings, weight
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -20,7 +21,7 @@ from ..parallel.launchers import launched_world, unsupported_launch
 from ..tasks.base import TASK_REGISTRY
 from ..tasks.reward_functions import load_reward_functions
 from .schema import Config
-from .sections import ConfigError, require, validate_client_settings
+from .sections import TRACKERS, ConfigError, require, validate_client_settings
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -48,6 +49,12 @@ def validate(c: Config) -> None:
     _, world, _ = launched_world()
     validate_models(c, world)
     load_reward_functions(c.task.reward_function, c.task.reward_weights)  # each importable: a one-line error now
+    for name in c.log.trackers():
+        require(name in TRACKERS, "log.report_to", f"names {name!r}; the trackers are {', '.join(TRACKERS)}")
+        require(
+            importlib.util.find_spec(TRACKERS[name]) is not None, "log.report_to",
+            f"names {name}, whose package is not installed here (pip install 'opd[trackers]')",
+        )
     require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
     require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     require(

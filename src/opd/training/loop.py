@@ -11,6 +11,7 @@ checkpoints (``checkpoints``) and the final model (``final_model``) are their ow
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config.saving import save_config
+from ..config.saving import redact, save_config, to_dict
 from ..engines.base import sampling_round, whole_for
 from ..tasks.reward_functions import reward_errors
 from ..methods.base import Session
@@ -38,6 +39,7 @@ from .errors import TrainingError
 from .evaluation import evaluate_session
 from .final_model import save_final_model
 from .metrics import MetricsLog, NoMetrics
+from .trackers import open_trackers
 from .optimizer import apply_optimizer_settings, build_optimizer, weights_finite
 from .profiling import PeakMemory, phase_shares
 from .resume import check_micro_batches
@@ -100,7 +102,8 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     state = restore(s, optimizer, scheduler, resume_from)
     start_step = state.get("step", 0)
     sync_sampler(s)  # an engine starts from the checkpoint on disk; the student may be a resumed one
-    metrics_log = MetricsLog(run_dir, cfg.log.tensorboard, start_step if resume_from is not None else None, cfg.train.steps) if s.ranks.main else NoMetrics()
+    trackers = functools.partial(open_trackers, cfg.log.trackers(), run_dir, cfg.run.name, redact(to_dict(cfg)))
+    metrics_log = MetricsLog(run_dir, trackers, start_step if resume_from is not None else None, cfg.train.steps) if s.ranks.main else NoMetrics()
     eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
     if resume_from is None:
         evaluate_before(s, state, eval_examples, metrics_log)

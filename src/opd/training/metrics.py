@@ -1,4 +1,5 @@
-"""A run's metrics: ``metrics.jsonl`` (one row per training step or evaluation) and TensorBoard scalars."""
+"""A run's metrics: ``metrics.jsonl`` (one row per training step or evaluation), and the trackers ``log.report_to``
+names (``training.trackers``)."""
 
 from __future__ import annotations
 
@@ -8,33 +9,28 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends rows to ``<run>/metrics.jsonl`` (and TensorBoard). Resuming keeps the rows up to the checkpoint's step
+    """Appends rows to ``<run>/metrics.jsonl`` (and the trackers). Resuming keeps the rows up to the checkpoint's step
     (except the final evaluation at ``final_step``, which the resumed run writes again)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, keep_until_step: int | None, final_step: int | None = None):
+    def __init__(self, run_dir: Path, trackers, keep_until_step: int | None, final_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         rows = read_metrics(self.path) if keep_until_step is not None else []
         # rows after the checkpoint are replayed, and so is the final evaluation (never written twice)
         replayed = lambda r: r["step"] > keep_until_step or (r["kind"] == "eval" and r["step"] == final_step)  # noqa: E731
         kept = [r for r in rows if not replayed(r)] if keep_until_step is not None else []
         self.path.write_text("".join(json_row(r) + "\n" for r in kept))
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(keep_until_step or 0) + 1)
+        # ``trackers``: a function of TensorBoard's purge step giving the opened trackers (``training.trackers``)
+        self.trackers = trackers((keep_until_step or 0) + 1) if callable(trackers) else list(trackers)
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         with self.path.open("a") as handle:
             handle.write(json_row({"kind": kind, "step": step, **values}) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+        for tracker in self.trackers:
+            tracker.log(kind, step, values)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class NoMetrics:
