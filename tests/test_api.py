@@ -81,3 +81,17 @@ def test_load_config_finds_shipped_configs_from_anywhere(tmp_path, monkeypatch):
     assert opd.load_config("demo.yaml", ["train.steps=3"], train={"lr": 1e-5}).train.steps == 3
     with pytest.raises(ConfigError, match="overrides must be a list"):
         opd.load_config("demo.yaml", "train.steps=3")
+
+
+def test_evaluate_a_run_directory_uses_the_runs_own_task_split_and_settings(tmp_path, tiny_models, capsys):
+    """`opd eval RUN_DIR` (or RUN_DIR/final): the run's final model, task and held-out split, its eval settings."""
+    from opd.cli import main
+
+    teacher, student = tiny_models
+    summary = opd.train("configs/demo.yaml", [*QUICK, "eval.num_prompts=6", "sampling.max_new_tokens=8", "checkpoint.at_end=false"],
+                        student={"path": str(student)}, teacher={"path": str(teacher)}, run={"output_dir": str(tmp_path / "run")})
+    for target in (tmp_path / "run", tmp_path / "run" / "final"):
+        assert main(["eval", str(target)]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["task"] == "arithmetic" and result["prompts"] == 6  # the run's eval.num_prompts, not every row
+        assert result["accuracy"] == summary["student_accuracy_after"]  # greedy, the same rows and weights

@@ -61,14 +61,18 @@ def train(config: str | os.PathLike | dict | Config | None = None, overrides: Se
 def evaluate(model: str, data: str | None = None, task: str | None = None, k: int = 1, overrides: Sequence[str] = (),
              **sections: Any) -> dict:
     """Held-out accuracy of a checkpoint, as ``opd eval`` computes it: every row of ``data`` (task ``math``), or the
-    evaluation split of ``task``; an embedded ``world:`` model defaults to its own arithmetic task."""
-    import torch
-
+    evaluation split of ``task``. A run directory (or its ``final/``) is its final model on the run's own task and
+    held-out split, with the run's sampling and eval settings; an embedded ``world:`` model defaults to its own
+    arithmetic task."""
     from .tasks.math import eval_split_of
     from .tasks.rows import dataset_splits
-    from .training.assembly import build_eval_session
-    from .training.evaluation import evaluate as evaluate_examples
 
+    run_dir = run_directory(model)
+    if run_dir is not None and data is None and task is None:  # a run: its final model on its own task and held-out split
+        from .config.loading import load_saved_config
+
+        cfg = load_saved_config(run_dir / "config.yaml", [f"student.path={run_dir / 'final'}", f"eval.k={k}", "method.name=sft", *overrides])
+        return evaluate_config(cfg, str(model), cfg.task.name)
     if data is None and task is None:
         if not str(model).startswith("world:"):
             raise ConfigError(f"opd eval {model}: name what to evaluate it on, the data (--data FILE) or a task (--task NAME)")
@@ -82,6 +86,26 @@ def evaluate(model: str, data: str | None = None, task: str | None = None, k: in
     if data is not None and dataset_splits(data) is not None and cfg.task.split is None:
         # a DatasetDict: its evaluation split alone is read (it need not have a training split)
         cfg.task.split = cfg.task.eval_split = eval_split_of(data, cfg.task.eval_split, required=True)
+    return evaluate_config(cfg, str(model), task)
+
+
+def run_directory(model: str | os.PathLike) -> Path | None:
+    """The run directory ``model`` names (it, or its ``final/``, holds the run's config.yaml and final model); None
+    for anything else."""
+    path = Path(model)
+    for run in (path, path.parent):
+        if (run / "config.yaml").is_file() and (run / "final").is_dir() and path in (run, run / "final"):
+            return run
+    return None
+
+
+def evaluate_config(cfg: Config, model: str, task: str) -> dict:
+    """``evaluate``'s work once its config is built."""
+    import torch
+
+    from .training.assembly import build_eval_session
+    from .training.evaluation import evaluate as evaluate_examples
+
     s = build_eval_session(cfg)  # the same set-up as a training run's: the data checked, the engine sampling.engine names
     try:
         examples = s.task.eval_examples()[: cfg.eval.num_prompts]
@@ -92,6 +116,6 @@ def evaluate(model: str, data: str | None = None, task: str | None = None, k: in
         )
     finally:
         s.sampler.close()
-    summary = {"model": str(model), "task": task, "engine": cfg.sampling.engine, "prompts": len(examples), "eval_set": s.task.describe_eval(), **results}
+    summary = {"model": model, "task": task, "engine": cfg.sampling.engine, "prompts": len(examples), "eval_set": s.task.describe_eval(), **results}
     summary["data_checks"] = s.data_report.get("eval")
     return summary

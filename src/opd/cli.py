@@ -40,10 +40,33 @@ def cmd_train(args) -> int:
     from .training.loop import train
 
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
-    summary = train(load_config(args.config, overrides))
-    if launched_rank() == 0:  # one summary per job, not one per rank
-        print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval_")}, indent=2))
+    cfg = load_config(args.config, overrides)
+    summary = train(cfg)
+    if launched_rank() == 0:  # one table per job, not one per rank (the whole summary is in summary.json)
+        print_result(summary, cfg.run.output_dir, cfg.task.name == "search_qa")
     return 0
+
+
+def print_result(summary: dict, output_dir: str, exact_match: bool = False) -> None:
+    """The end of ``opd train`` and ``opd demo``: teacher / before / after accuracy (and the user's reward where a
+    reward function graded the run), the wall time and where the run is."""
+    from .training.curves import format_table
+
+    scored = " (exact match)" if exact_match else ""
+    after = f"student after {summary['steps']} {summary['method'].upper()} steps"
+    rows = [(f"teacher{scored}", summary["teacher_accuracy"]), (f"student before{scored}", summary["student_accuracy_before"]),
+            (f"{after}{scored}", summary["student_accuracy_after"])]
+    print()
+    print(format_table(rows))
+    if "student_reward_after" in summary:  # task.reward_function: the mean reward, which need not be an accuracy
+        shown = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"mean reward (task.reward_function): teacher {shown(summary['teacher_reward'])}, student before "
+              f"{shown(summary['student_reward_before'])}, after {shown(summary['student_reward_after'])}")
+    calls = lambda key: (summary.get(key) or {}).get("episode_tool_calls")  # noqa: E731
+    shown = ", ".join(f"{name} {calls(key):.2f}" for name, key in (("teacher", "eval_teacher"), ("student before", "eval_before"), ("after", "eval_after")) if calls(key) is not None)
+    if shown:
+        print(f"search calls per episode: {shown}")
+    print(f"\nwall time {summary['wall_seconds']:.0f} s; summary.json, metrics and curves in {output_dir}/")
 
 
 def cmd_compare(args) -> int:
@@ -71,7 +94,6 @@ def cmd_inspect(args) -> int:
 
 def cmd_demo(args) -> int:
     from .config.loading import load_config
-    from .training.curves import format_table
     from .training.loop import train
 
     search = args.world == "search"
@@ -79,23 +101,7 @@ def cmd_demo(args) -> int:
     overrides = [f"run.output_dir={output_dir}", "run.overwrite=true"] + list(args.overrides)
     cfg = load_config(CONFIG_DIR / ("search_qa/demo.yaml" if search else "demo.yaml"), overrides)
     summary = train(cfg)
-    scored = " (exact match)" if search else ""
-    print()
-    print(
-        format_table(
-            [
-                (f"teacher{scored}", summary["teacher_accuracy"]),
-                (f"student before{scored}", summary["student_accuracy_before"]),
-                (f"student after {summary['steps']} {summary['method'].upper()} steps{scored}", summary["student_accuracy_after"]),
-            ]
-        )
-    )
-    if search:
-        calls = lambda key: (summary.get(key) or {}).get("episode_tool_calls")  # noqa: E731
-        shown = ", ".join(f"{name} {calls(key):.2f}" for name, key in (("teacher", "eval_teacher"), ("student before", "eval_before"), ("after", "eval_after")) if calls(key) is not None)
-        if shown:
-            print(f"search calls per episode: {shown}")
-    print(f"\nwall time {summary['wall_seconds']:.0f} s; summary, metrics and curves.png in {cfg.run.output_dir}/")
+    print_result(summary, cfg.run.output_dir, search)
     return 0
 
 
@@ -155,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="held-out accuracy of a model")
-    ev.add_argument("model", help="a HF checkpoint directory, or world:teacher / world:student")
+    ev.add_argument("model", help="a HF checkpoint directory, a run directory (its final model on its own task), or world:student")
     ev.add_argument("--task", choices=sorted(TASK_REGISTRY), help="default: math with --data; a world: model's own arithmetic")
     ev.add_argument("--data", help="evaluate every row of this data (JSONL / JSON / Parquet / saved dataset; task math)")
     ev.add_argument("--k", type=int, default=1, help="samples per prompt for avg@k / pass@k")

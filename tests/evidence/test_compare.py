@@ -284,3 +284,14 @@ def test_inspect_a_later_step_loads_the_checkpoint_into_the_runs_own_session(tmp
         assert torch.equal(p.detach(), initial[name])
     pages = [inspect_run(run, k, rows=2).read_text() for k in (0, 1)]
     assert pages[0] != pages[1] and "step 1" in pages[1]
+
+
+def test_a_broken_config_among_several_is_named_by_its_file(tmp_path):
+    from opd.evidence.compare import make_plan
+
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    models = "student:\n  path: world:student\nteacher:\n  path: world:teacher\n"
+    good.write_text(models)
+    bad.write_text(models + "train:\n  lrr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad.resolve()))}: unknown config key 'train\.lrr' \(did you mean 'train\.lr'\?\)$"):
+        make_plan([str(good), str(bad)], 1, [])

@@ -55,6 +55,20 @@ def test_pairing_refuses_a_different_vocabulary(pair, tokenizer):
         check_pairing(tokenizer, other, student, teacher, full_vocab=False, allow_template_mismatch=False)
 
 
+def test_a_different_split_shows_the_text_and_both_id_sequences(pair, tokenizer):
+    """A teacher tokenizer with one extra merged token ("42"): the refusal shows the sample text and how each side split it."""
+    from opd.models.pairing import ROUND_TRIP_TEXT
+
+    teacher, student = pair
+    other = build_char_tokenizer()
+    other.add_tokens(["42"])
+    ids = lambda tok: tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids(tokenizer) != ids(other)
+    with pytest.raises(PairingError) as err:
+        check_pairing(tokenizer, other, student, teacher, full_vocab=False, allow_template_mismatch=False)
+    assert f"split the same text into different ids ({ROUND_TRIP_TEXT!r}: student {ids(tokenizer)}, teacher {ids(other)})" in str(err.value)
+
+
 def test_pairing_template_mismatch_is_an_error_or_a_warning(pair, tokenizer):
     teacher, student = pair
     other = build_char_tokenizer()

@@ -87,9 +87,12 @@ def test_resume_without_an_intact_checkpoint_refuses_instead_of_truncating(tmp_p
 
     train(make_config(tmp_path, tiny_models, "train.steps=2"))  # checkpoint.every=0: no checkpoint
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    with pytest.raises(RunDirError, match="holds no intact checkpoint to resume from"):
+    with pytest.raises(RunDirError, match=r"holds no intact checkpoint to resume from: this config saves none \(checkpoint\.every=0, checkpoint\.at_end=false\)"):
         train(make_config(tmp_path, tiny_models, "train.steps=2", "run.resume=true"))
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    # with checkpoints on (every 50 steps, as by default) the run simply stopped before its first one: say that
+    with pytest.raises(RunDirError, match=r"no intact checkpoint to resume from: the run stopped before its first checkpoint \(checkpoint\.every=50, and at its end\); pass run\.overwrite=true"):
+        train(make_config(tmp_path, tiny_models, "train.steps=2", "run.resume=true", "checkpoint.every=50", "checkpoint.at_end=true"))
 
 
 def test_final_is_swapped_in_atomically(tmp_path):

@@ -44,6 +44,18 @@ def test_an_allowed_change_takes_effect_and_is_recorded(tmp_path, tiny_models):
     assert recorded == {"resumed_at_step": 2, "changes": {"train.lr": {"from": 0.001, "to": 0.0005}, "train.steps": {"from": 2, "to": 4}}}
 
 
+def test_a_resume_that_fails_before_it_starts_records_no_change(tmp_path, tiny_models):
+    """An allowed change, but the resumed run cannot start (its data file is missing): resume_changes.jsonl stays absent,
+    so the run's record does not claim a resume that never happened."""
+    from opd.tasks import DataError
+
+    train(make_config(tmp_path, tiny_models, "train.steps=2", "checkpoint.every=2"))
+    with pytest.raises(DataError, match="no such file"):
+        train(make_config(tmp_path, tiny_models, "train.steps=4", "checkpoint.every=2", "run.resume=true", "run.allow_changes=true",
+                          "task.name=math", f"task.path={tmp_path / 'missing.jsonl'}"))
+    assert not (tmp_path / "run" / "resume_changes.jsonl").exists()
+
+
 def test_a_checkpoint_past_the_configured_steps_is_refused(tmp_path, tiny_models):
     train(make_config(tmp_path, tiny_models, *FIRST))
     with pytest.raises(RunDirError, match="the newest checkpoint is at step 4, past train.steps=2"):

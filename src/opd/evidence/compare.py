@@ -58,7 +58,11 @@ class Plan:
 def config_key(path: Path, overrides: list[str]) -> str:
     """Hash of ``path``'s configuration with ``overrides``, leaving out what differs between the runs of one arm.
     Loading validates it, so a broken arm fails here, before any run starts."""
-    data = trajectory_view(to_dict(load_config(path, overrides)))  # other methods' and engines' keys change nothing
+    try:
+        config = load_config(path, overrides)
+    except ConfigError as err:  # several configs at once: say which one
+        raise ConfigError(f"{path}: {err}") from None
+    data = trajectory_view(to_dict(config))  # other methods' and engines' keys change nothing
     for section, key in PER_RUN_KEYS:
         data.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -49,9 +49,12 @@ def tokenizer_problems(student_tok, teacher_tok, allow_template_mismatch: bool) 
     s_ids = student_tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
     t_ids = teacher_tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
     if s_ids != t_ids:
-        problems.append("the two tokenizers split the same text into different ids")
+        problems.append(f"the two tokenizers split the same text into different ids ({ROUND_TRIP_TEXT!r}: student {s_ids}, teacher {t_ids})")
     if student_tok.decode(s_ids) != teacher_tok.decode(s_ids):
-        problems.append("the two tokenizers decode the same ids into different text")
+        problems.append(
+            f"the two tokenizers decode the same ids into different text ({s_ids}: student {student_tok.decode(s_ids)!r}, "
+            f"teacher {teacher_tok.decode(s_ids)!r})"
+        )
     s_template = _render(student_tok)
     t_template = _render(teacher_tok)
     if s_template != t_template:

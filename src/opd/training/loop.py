@@ -21,7 +21,6 @@ from typing import Iterable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config.saving import redact, save_config, to_dict
 from ..engines.base import sampling_round, whole_for
@@ -34,7 +33,7 @@ from ..objectives.common import step_normaliser
 from ..parallel.ranks import start_ranks, stop_ranks, thread_oversubscription
 from ..parallel.sharding import full_tensor, is_sharded, whole_state_dict
 from .assembly import build_session
-from .checkpoints import full_state, load_checkpoint, load_extra_tensors, save_checkpoint
+from .checkpoints import CHECKPOINT_PREFIX, full_state, load_checkpoint, load_extra_tensors, save_checkpoint
 from .errors import TrainingError
 from .evaluation import evaluate_session
 from .final_model import save_final_model
@@ -42,7 +41,9 @@ from .metrics import MetricsLog, NoMetrics
 from .trackers import open_trackers
 from .optimizer import apply_optimizer_settings, build_optimizer, weights_finite
 from .profiling import PeakMemory, phase_shares
+from .progress import progress
 from .resume import check_micro_batches
+from .resume import record as record_resume_changes
 from .run_dir import prepare_run_dir
 from .run_lock import RunDirLock
 from .micro_batches import regroup
@@ -63,7 +64,7 @@ def train(cfg) -> dict:
         log.warning(warning)
     lock = RunDirLock(Path(cfg.run.output_dir))  # rank 0 holds it until the run ends, however it ends
 
-    def claim_run_dir() -> tuple[Path, Path | None]:
+    def claim_run_dir() -> tuple[Path, Path | None, list]:
         lock.acquire()
         try:
             return prepare_run_dir(cfg)
@@ -73,9 +74,11 @@ def train(cfg) -> dict:
 
     finished = False
     try:
-        run_dir, resume_from = ranks.from_main(claim_run_dir)  # every rank resumes from the checkpoint rank 0 chose
+        run_dir, resume_from, changes = ranks.from_main(claim_run_dir)  # every rank resumes from the checkpoint rank 0 chose
         torch.manual_seed(cfg.run.seed)
         s = build_session(cfg, ranks)
+        if changes and ranks.main:  # the resumed run has started (data checked, models loaded): its changes are real
+            record_resume_changes(run_dir, int(resume_from.name.removeprefix(CHECKPOINT_PREFIX)), changes)
         try:
             summary = run_session(s, run_dir, resume_from, started)
             finished = True
@@ -162,7 +165,7 @@ def run_steps(s: Session, optimizer, scheduler, state: dict, start_step: int, ru
     """Steps ``start_step`` … ``train.steps`` − 1, each logged, evaluated and checkpointed as configured."""
     cfg = s.cfg
     last_eval = state.get("before_eval", {})
-    bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps, disable=not (cfg.log.progress_bar and s.ranks.main), desc=cfg.run.name, dynamic_ncols=True)
+    bar = progress(range(start_step, cfg.train.steps), start_step, cfg.train.steps, cfg.run.name, cfg.log.progress_bar and s.ranks.main)
     segment_start = time.time()
     memory = PeakMemory(s.device)
     try:

@@ -76,15 +76,16 @@ def record(run_dir: Path, step: int, changes: list[tuple[str, Any, Any]]) -> Non
         handle.write(json.dumps(row) + "\n")
 
 
-def check_resume(cfg, run_dir: Path, checkpoint: Path) -> None:
-    """Refuse a resume whose settings would not continue the same run (unless allowed; then record them)."""
+def check_resume(cfg, run_dir: Path, checkpoint: Path) -> list[tuple[str, Any, Any]]:
+    """Refuse a resume whose settings would not continue the same run; the allowed changes otherwise (``record``
+    writes them once the resumed run has started, so that a resume that fails before then leaves no entry)."""
     step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
     if step > cfg.train.steps:
         raise RunDirError(f"the newest checkpoint is at step {step}, past train.steps={cfg.train.steps}; resume with train.steps >= {step}")
     saved = read_saved_config(run_dir)
     if saved is None:
         log.warning("%s has no readable config.yaml; cannot check what this resume changes", run_dir)
-        return
+        return []
     changes = [c for c in trajectory_changes(saved, redact(to_dict(cfg))) if not same_micro_batches(c, cfg, checkpoint)]
     if changes and not cfg.run.allow_changes:
         raise RunDirError(
@@ -93,7 +94,7 @@ def check_resume(cfg, run_dir: Path, checkpoint: Path) -> None:
         )
     if changes:
         log.warning("resuming with changed settings: %s", describe(changes))
-        record(run_dir, step, changes)
+    return changes
 
 
 def same_micro_batches(change: tuple, cfg, checkpoint: Path) -> bool:

@@ -18,21 +18,24 @@ from .resume import RunDirError, check_resume
 log = logging.getLogger(__name__)
 
 
-def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
-    """``(run directory, the checkpoint to resume from or None)``, the directory made ready for this run."""
+def prepare_run_dir(cfg) -> tuple[Path, Path | None, list]:
+    """``(run directory, the checkpoint to resume from or None, the settings that resume changes)``, the directory
+    made ready for this run."""
     run_dir = Path(cfg.run.output_dir)
     recover_final_model(run_dir / "final")
     resume_from = latest_checkpoint(run_dir) if cfg.run.resume else None
     holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
     if cfg.run.resume and resume_from is None:
         if holds_run and not cfg.run.overwrite:  # starting again would truncate its metrics
+            c = cfg.checkpoint
+            why = ("this config saves none (checkpoint.every=0, checkpoint.at_end=false)" if not c.every and not c.at_end
+                   else f"the run stopped before its first checkpoint (checkpoint.every={c.every}{', and at its end' if c.at_end else ''})")
             raise RunDirError(
-                f"run.resume=true but run.output_dir '{run_dir}' holds no intact checkpoint to resume from "
-                "(with checkpoint.every=0 and checkpoint.at_end=false none is saved); pass run.overwrite=true to start it again from step 0"
+                f"run.resume=true but run.output_dir '{run_dir}' holds no intact checkpoint to resume from: {why}; "
+                "pass run.overwrite=true to start it again from step 0"
             )
         log.warning("run.resume=true but %s holds no checkpoint; starting from step 0", run_dir)
-    if resume_from is not None:
-        check_resume(cfg, run_dir, resume_from)
+    changes = check_resume(cfg, run_dir, resume_from) if resume_from is not None else []
     if holds_run and resume_from is None and not cfg.run.resume:
         if not cfg.run.overwrite:
             raise RunDirError(
@@ -42,4 +45,4 @@ def prepare_run_dir(cfg) -> tuple[Path, Path | None]:
         for name in ("checkpoints", "tensorboard", "final"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, resume_from
+    return run_dir, resume_from, changes
