@@ -22,12 +22,12 @@ import yaml
 
 from ..tasks.base import TASK_REGISTRY, TaskConfig
 from .history import RENAMED_KEYS, migrate_saved
-from .trl_names import trl_hint
 from .schema import DEFAULT_TASK, Config
+from .sections import ConfigError
+from .trl_names import trl_hint
+from .validation import validate
 
 log = logging.getLogger(__name__)
-from .sections import ConfigError
-from .validation import validate
 
 # ----------------------------------------------------------------------------- building
 
