@@ -93,10 +93,8 @@ def run_directory(model: str | os.PathLike) -> Path | None:
     """The run directory ``model`` names (it, or its ``final/``, holds the run's config.yaml and final model); None
     for anything else."""
     path = Path(model)
-    for run in (path, path.parent):
-        if (run / "config.yaml").is_file() and (run / "final").is_dir() and path in (run, run / "final"):
-            return run
-    return None
+    run = path.parent if path.name == "final" else path
+    return run if (run / "config.yaml").is_file() and (run / "final").is_dir() else None
 
 
 def evaluate_config(cfg: Config, model: str, task: str) -> dict:

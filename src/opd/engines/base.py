@@ -35,6 +35,7 @@ import torch
 
 from ..config.sections import Registry, SamplingConfig
 from ..models.rollouts import Rollouts
+from ..parallel.sharding import gathered
 
 AnyConfig = Any  # the whole opd.config.schema.Config (not imported: it is assembled from this registry)
 
@@ -128,6 +129,4 @@ def whole_for(sampler: Sampler | None, module: torch.nn.Module):
     """A context in which ``sampler`` can decode: a sharded ``module`` gathered whole where ``sampler`` decodes with
     it (opd's own sampler; each rank then decodes with no collectives, ``parallel.sharding.gathered``); nothing
     where it holds its own copy of the weights (an engine). Entered by every rank."""
-    from ..parallel.sharding import gathered
-
     return gathered(module) if sampler is not None and sampler.decodes_with(module) else contextlib.nullcontext()

@@ -20,7 +20,7 @@ class MetricsLog:
         kept = [r for r in rows if not replayed(r)] if keep_until_step is not None else []
         self.path.write_text("".join(json_row(r) + "\n" for r in kept))
         # ``trackers``: a function of TensorBoard's purge step giving the opened trackers (``training.trackers``)
-        self.trackers = trackers((keep_until_step or 0) + 1) if callable(trackers) else list(trackers)
+        self.trackers = trackers((keep_until_step or 0) + 1)
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         with self.path.open("a") as handle:
