@@ -24,7 +24,7 @@ vllm = pytest.importorskip("vllm")
 
 from opd.cli import main  # noqa: E402
 from opd.config.loading import load_config  # noqa: E402
-from opd.config.sections import SamplingConfig, TeacherConfig  # noqa: E402
+from opd.config.sections import PairingConfig, SamplingConfig, TeacherConfig  # noqa: E402
 from opd.engines.hf import HFSampler  # noqa: E402
 from opd.engines.served import ServedModel, ServedSampler, check_served_pairing  # noqa: E402
 from opd.engines.vllm import VLLMConfig, VLLMSampler  # noqa: E402
@@ -234,8 +234,8 @@ def test_a_mismatched_tokenizer_is_refused_before_training(served, tokenizer, tm
 
     other = load_tokenizer(str(build_pair(tmp_path)[0]))
     with pytest.raises(PairingError, match="teacher.url"):
-        check_served_pairing(served, other, other, False)
-    check_served_pairing(served, tokenizer, tokenizer, False)  # the right pair passes, the server's tokenizer included
+        check_served_pairing(served, other, other, PairingConfig())
+    check_served_pairing(served, tokenizer, tokenizer, PairingConfig())  # the right pair passes, the server's tokenizer included
 
 
 def test_greedy_samples_from_the_server_equal_local_greedy_samples(served, tokenizer):

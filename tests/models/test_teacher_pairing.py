@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd.config.sections import SamplingConfig
+from opd.config.sections import PairingConfig, SamplingConfig
 from opd.engines.hf import HFSampler
 from opd.models.loading import ModelLoadError, load_model, load_tokenizer, resolve_path
 from opd.models.pairing import PairingError, check_pairing
@@ -36,7 +36,7 @@ def test_teacher_token_logprobs_match_a_plain_forward(pair, tokenizer):
 
 def test_pairing_accepts_identical_tokenizers(pair, tokenizer):
     teacher, student = pair
-    assert check_pairing(tokenizer, build_char_tokenizer(), student, teacher, full_vocab=True, allow_template_mismatch=False) == []
+    assert check_pairing(tokenizer, build_char_tokenizer(), student, teacher, full_vocab=True) == []
 
 
 def test_pairing_refuses_different_eos(pair, tokenizer):
@@ -44,7 +44,7 @@ def test_pairing_refuses_different_eos(pair, tokenizer):
     other = build_char_tokenizer()
     other.eos_token = "<pad>"
     with pytest.raises(PairingError, match=r"EOS ids differ \(student 2, teacher 0\)"):
-        check_pairing(tokenizer, other, student, teacher, full_vocab=False, allow_template_mismatch=False)
+        check_pairing(tokenizer, other, student, teacher, full_vocab=False)
 
 
 def test_pairing_refuses_a_different_vocabulary(pair, tokenizer):
@@ -52,7 +52,7 @@ def test_pairing_refuses_a_different_vocabulary(pair, tokenizer):
     other = build_char_tokenizer()
     other.add_tokens(["<extra>"])
     with pytest.raises(PairingError, match="tokenizer vocabularies differ"):
-        check_pairing(tokenizer, other, student, teacher, full_vocab=False, allow_template_mismatch=False)
+        check_pairing(tokenizer, other, student, teacher, full_vocab=False)
 
 
 def test_a_different_split_shows_the_text_and_both_id_sequences(pair, tokenizer):
@@ -65,7 +65,7 @@ def test_a_different_split_shows_the_text_and_both_id_sequences(pair, tokenizer)
     ids = lambda tok: tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert ids(tokenizer) != ids(other)
     with pytest.raises(PairingError) as err:
-        check_pairing(tokenizer, other, student, teacher, full_vocab=False, allow_template_mismatch=False)
+        check_pairing(tokenizer, other, student, teacher, full_vocab=False)
     assert f"split the same text into different ids ({ROUND_TRIP_TEXT!r}: student {ids(tokenizer)}, teacher {ids(other)})" in str(err.value)
 
 
@@ -74,9 +74,9 @@ def test_pairing_template_mismatch_is_an_error_or_a_warning(pair, tokenizer):
     other = build_char_tokenizer()
     other.chat_template = CHAT_TEMPLATE.replace("<|assistant|>", "<|user|>")
     with pytest.raises(PairingError, match="chat templates render differently.*pairing.allow_chat_template_mismatch"):
-        check_pairing(tokenizer, other, student, teacher, full_vocab=False, allow_template_mismatch=False)
+        check_pairing(tokenizer, other, student, teacher, full_vocab=False)
     with pytest.warns(UserWarning, match="chat templates render differently"):
-        check_pairing(tokenizer, other, student, teacher, full_vocab=False, allow_template_mismatch=True)
+        check_pairing(tokenizer, other, student, teacher, full_vocab=False, pairing=PairingConfig(allow_chat_template_mismatch=True))
 
 
 def test_a_teacher_padded_beyond_the_student_pairs_and_is_cut_to_the_students_rows(tiny_models, tokenizer):
@@ -87,7 +87,7 @@ def test_a_teacher_padded_beyond_the_student_pairs_and_is_cut_to_the_students_ro
     teacher, student = (AutoModelForCausalLM.from_pretrained(p) for p in tiny_models)
     padded = AutoModelForCausalLM.from_pretrained(tiny_models[0])
     padded.resize_token_embeddings(len(tokenizer) + 5)  # a larger family member's extra rows
-    assert check_pairing(tokenizer, tokenizer, student, padded, full_vocab=True, allow_template_mismatch=False) == []
+    assert check_pairing(tokenizer, tokenizer, student, padded, full_vocab=True) == []
     assert match_output_vocabulary(padded, student) and padded.get_output_embeddings().weight.shape[0] == len(tokenizer)
     ids = torch.tensor([tokenizer("12+30=42")["input_ids"]])
     with torch.no_grad():
@@ -95,8 +95,8 @@ def test_a_teacher_padded_beyond_the_student_pairs_and_is_cut_to_the_students_ro
     # the other way round a full-vocabulary loss has no teacher probability for the student's extra ids
     student.resize_token_embeddings(len(tokenizer) + 5)
     with pytest.raises(PairingError, match=r"the teacher's output layer has fewer rows \(103\) than the student's \(108\)"):
-        check_pairing(tokenizer, tokenizer, student, teacher, full_vocab=True, allow_template_mismatch=False)
-    assert check_pairing(tokenizer, tokenizer, student, teacher, full_vocab=False, allow_template_mismatch=False) == []
+        check_pairing(tokenizer, tokenizer, student, teacher, full_vocab=True)
+    assert check_pairing(tokenizer, tokenizer, student, teacher, full_vocab=False) == []
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):

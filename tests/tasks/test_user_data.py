@@ -366,3 +366,67 @@ def test_a_dataset_name_the_cache_lacks_says_how_to_fetch_it():
         "opd never downloads: fetch it beforehand (huggingface-cli download --repo-type dataset my-org/not-fetched), or save it "
         "with datasets' save_to_disk and give that directory"
     )
+
+
+def base_student(tmp_path, pair):
+    """The foreign student as a base checkpoint: the same weights and tokenizer, no chat template."""
+    import shutil
+
+    base = tmp_path / "base_student"
+    shutil.copytree(pair[0], base)
+    (base / "chat_template.jinja").unlink()
+    return base
+
+
+def test_a_student_without_a_chat_template_gets_one_from_the_config(tmp_path, pair):
+    from transformers import AutoTokenizer
+
+    from opd.config.sections import ConfigError
+    from opd.models.pairing import PairingError
+
+    student, teacher = base_student(tmp_path, pair), pair[1]
+    assert AutoTokenizer.from_pretrained(student).chat_template is None
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
+    # without one, the pairing check refuses and says which key gives the student a template
+    with pytest.raises(PairingError, match=r"chat templates render differently \(student None.*student.chat_template gives it one"):
+        train(run_config(tmp_path, (student, teacher), data, name="refused"))
+    template_file = teacher / "chat_template.jinja"
+    for name, value in [("file", str(template_file)), ("text", template_file.read_text())]:
+        summary = train(run_config(tmp_path, (student, teacher), data, f"student.chat_template={value}", "checkpoint.at_end=true", name=name))
+        assert summary["trained"]
+        final = AutoTokenizer.from_pretrained(tmp_path / name / "final")  # the checkpoint renders prompts as training did
+        rendered = final.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ConfigError, match=r"^config key 'student.chat_template' names no file 'nowhere.jinja'"):
+        run_config(tmp_path, pair, data, "student.chat_template=nowhere.jinja")
+    with pytest.raises(ConfigError, match=r"^config key 'student.chat_template' is not a Jinja template: .*\(line 1\)"):
+        run_config(tmp_path, pair, data, "student.chat_template={% for m in messages %}{{ m }}")
+
+
+def test_the_same_tokenizer_files_loaded_as_another_class_are_named_and_can_be_allowed(tmp_path, pair):
+    """A Qwen2-architecture teacher saved with the student's very tokenizer files: transformers loads its tokenizer as
+    Qwen2Tokenizer (from config.json's model_type), which splits digits one by one. Every id still means the same token."""
+    import filecmp
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    student, _ = pair
+    tok = AutoTokenizer.from_pretrained(student)
+    torch.manual_seed(3)
+    teacher = tmp_path / "qwen2_teacher"
+    Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=160, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    assert filecmp.cmp(student / "tokenizer.json", teacher / "tokenizer.json", shallow=False)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
+    from opd.models.pairing import PairingError
+
+    with pytest.raises(PairingError, match=r"split the same text into different ids .*different classes \(student TokenizersBackend, "
+                                        r"teacher Qwen2Tokenizer.*set pairing.allow_tokenization_mismatch=true"):
+        train(run_config(tmp_path, (student, teacher), data, name="refused"))
+    with pytest.warns(UserWarning, match="split the same text into different ids"):
+        assert train(run_config(tmp_path, (student, teacher), data, "pairing.allow_tokenization_mismatch=true", name="allowed"))["trained"]

@@ -85,6 +85,9 @@ class ModelConfig:
 @dataclass
 class StudentConfig(ModelConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # the student's chat template, replacing the tokenizer's own (a base model has none): a .jinja file, or the
+    # template's text. Prompts, the pairing check and the saved checkpoints all use it
+    chat_template: str | None = None
 
 
 @dataclass
@@ -111,7 +114,9 @@ class TeacherConfig(ModelConfig):
 
 @dataclass
 class PairingConfig:
-    allow_chat_template_mismatch: bool = False
+    allow_chat_template_mismatch: bool = False  # a teacher whose chat template renders differently: a warning, not a refusal
+    # a teacher whose tokenizer has the same token->id map but splits text differently: a warning, not a refusal
+    allow_tokenization_mismatch: bool = False
 
 
 @dataclass

@@ -30,7 +30,7 @@ TRL_NAMES: dict[str, tuple[str, str]] = {
     "save_total_limit": ("checkpoint.keep_last", ""),
     "eval_steps": ("eval.every", ""),
     "logging_steps": ("log.progress_bar", "every step is logged to metrics.jsonl and TensorBoard"),
-    "report_to": ("log.tensorboard", "TensorBoard is on by default"),
+    "report_to": ("log.report_to", "a list of tensorboard, wandb, mlflow (TensorBoard alone by default)"),
     "max_completion_length": ("sampling.max_new_tokens", ""),
     "max_new_tokens": ("sampling.max_new_tokens", ""),
     "num_generations": ("sampling.samples_per_prompt", ""),
@@ -51,6 +51,7 @@ TRL_NAMES: dict[str, tuple[str, str]] = {
     "lora_target_modules": ("student.lora.target_modules", ""),
     "torch_dtype": ("student.dtype", "and teacher.dtype"),
     "attn_implementation": ("student.attn_implementation", "and teacher.attn_implementation"),
+    "chat_template_path": ("student.chat_template", "a .jinja file, or the template's text"),
 }
 
 

@@ -17,6 +17,7 @@ from ..engines.served import is_url
 from ..episodes.environments import EpisodicTask
 from ..methods.base import METHOD_REGISTRY, method_class
 from ..models.attention import implementation_problem
+from ..models.prompts import ChatTemplateError, chat_template_text
 from ..parallel.launchers import launched_world, unsupported_launch
 from ..tasks.base import TASK_REGISTRY
 from ..tasks.reward_functions import load_reward_functions
@@ -111,6 +112,11 @@ def validate(c: Config) -> None:
     require(c.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.checkpoint.keep_last}")
     require(c.teacher.temperature > 0, "teacher.temperature", f"must be > 0, got {c.teacher.temperature}")
     require(c.student.path is not None, "student.path", "is required (a local HF checkpoint, or world:student)")
+    if c.student.chat_template is not None:
+        try:
+            chat_template_text(c.student.chat_template)
+        except ChatTemplateError as err:
+            raise ConfigError(str(err)) from None
     lora = c.student.lora
     require(lora.r >= 1, "student.lora.r", f"must be >= 1, got {lora.r}")
     require(

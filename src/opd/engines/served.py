@@ -86,11 +86,11 @@ class ServedModel:
         self.client.close()
 
 
-def check_served_pairing(served: ServedModel, student_tok, served_tok, allow_template_mismatch: bool) -> list[str]:
+def check_served_pairing(served: ServedModel, student_tok, served_tok, pairing) -> list[str]:
     """Refuse a served model whose token ids would not mean the student's: the local copy of its tokenizer
     against the student's, then the server's own tokenizer (``/tokenize``, ``/detokenize``) on a round trip
     and on the EOS token. Returns the notes (warnings issued)."""
-    problems, notes = tokenizer_problems(student_tok, served_tok, allow_template_mismatch)
+    problems, notes = tokenizer_problems(student_tok, served_tok, pairing)
     ids = student_tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
     try:
         served_ids = served.post("/tokenize", {"prompt": ROUND_TRIP_TEXT, "add_special_tokens": False}).get("tokens")

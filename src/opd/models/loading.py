@@ -13,6 +13,7 @@ from ..config.objects import import_object, is_held
 from ..config.sections import LoraConfig
 from ..services.hub import cache_location, cached_snapshot, looks_like_hub_id
 from ..worlds.locate import WORLDS, world_part
+from .prompts import chat_template_text
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,15 @@ def load_tokenizer(path: str, key: str = "student.path", trust_remote_code: bool
             raise ModelLoadError(f"{key}: tokenizer at '{directory}' has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
         log.warning("%s: tokenizer has no pad token; using EOS (%r) for padding", key, tokenizer.eos_token)
+    return tokenizer
+
+
+def student_tokenizer(student_cfg):
+    """The student's tokenizer, with ``student.chat_template`` in place of its own template where one is given
+    (saved with every checkpoint from then on, so ``final/`` renders prompts the way training did)."""
+    tokenizer = load_tokenizer(student_cfg.path, "student.path", student_cfg.trust_remote_code)
+    if student_cfg.chat_template is not None:
+        tokenizer.chat_template = chat_template_text(student_cfg.chat_template)
     return tokenizer
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+from ..config.sections import PairingConfig
 from .loading import output_size
 
 
@@ -16,12 +17,12 @@ PAIRING_SAMPLE = [{"role": "user", "content": "What is 12+30? Think step by step
 ROUND_TRIP_TEXT = "12+30=42, so the answer is \\boxed{42}."
 
 
-def check_pairing(student_tok, teacher_tok, student_model, teacher_model, full_vocab: bool, allow_template_mismatch: bool):
+def check_pairing(student_tok, teacher_tok, student_model, teacher_model, full_vocab: bool, pairing: PairingConfig = PairingConfig()):
     """Refuse a teacher whose token ids would not mean what the student's mean.
 
     Checked: vocabulary (size and token→id map), EOS and pad ids, the chat template rendered
     on a sample conversation, and a tokenise/detokenise round trip. Returns the list of
-    warnings issued (mismatches under which training stays meaningful).
+    warnings issued (mismatches under which training stays meaningful, or that ``pairing`` allows).
     """
     problems, notes = [], []
     s_vocab, t_vocab = output_size(student_model), output_size(teacher_model)
@@ -33,14 +34,19 @@ def check_pairing(student_tok, teacher_tok, student_model, teacher_model, full_v
             f"the teacher's output layer has fewer rows ({t_vocab}) than the student's ({s_vocab}), so it gives no "
             "probability for the student's extra (padding) ids; a full-vocabulary loss needs the teacher at least as wide"
         )
-    tok_problems, tok_notes = tokenizer_problems(student_tok, teacher_tok, allow_template_mismatch)
+    tok_problems, tok_notes = tokenizer_problems(student_tok, teacher_tok, pairing)
     return raise_pairing(problems + tok_problems, notes + tok_notes)
 
 
-def tokenizer_problems(student_tok, teacher_tok, allow_template_mismatch: bool) -> tuple[list[str], list[str]]:
-    """``(problems, notes)`` of two tokenizers: vocabulary, EOS and pad ids, a round trip, the chat template."""
+def tokenizer_problems(student_tok, teacher_tok, pairing: PairingConfig = PairingConfig()) -> tuple[list[str], list[str]]:
+    """``(problems, notes)`` of two tokenizers: vocabulary, EOS and pad ids, a round trip, the chat template.
+
+    Two tokenizers with the same token→id map that split a text differently (the same files loaded as different
+    classes, which transformers picks from each model's ``config.json``) still mean the same thing by every id, so
+    the teacher can score the student's ids; ``pairing.allow_tokenization_mismatch`` accepts that, with a warning."""
     problems, notes = [], []
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
+    same_vocab = student_tok.get_vocab() == teacher_tok.get_vocab()
+    if not same_vocab:
         problems.append(f"tokenizer vocabularies differ (student {len(student_tok)} tokens, teacher {len(teacher_tok)})")
     if student_tok.eos_token_id != teacher_tok.eos_token_id:
         problems.append(f"EOS ids differ (student {student_tok.eos_token_id}, teacher {teacher_tok.eos_token_id})")
@@ -48,13 +54,26 @@ def tokenizer_problems(student_tok, teacher_tok, allow_template_mismatch: bool) 
         notes.append(f"pad ids differ (student {student_tok.pad_token_id}, teacher {teacher_tok.pad_token_id}); padding is masked, so this is harmless")
     s_ids = student_tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
     t_ids = teacher_tok(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
-    if s_ids != t_ids:
-        problems.append(f"the two tokenizers split the same text into different ids ({ROUND_TRIP_TEXT!r}: student {s_ids}, teacher {t_ids})")
-    if student_tok.decode(s_ids) != teacher_tok.decode(s_ids):
+    same_decoding = student_tok.decode(s_ids) == teacher_tok.decode(s_ids)
+    if not same_decoding:
         problems.append(
             f"the two tokenizers decode the same ids into different text ({s_ids}: student {student_tok.decode(s_ids)!r}, "
             f"teacher {teacher_tok.decode(s_ids)!r})"
         )
+    if s_ids != t_ids:
+        message = f"the two tokenizers split the same text into different ids ({ROUND_TRIP_TEXT!r}: student {s_ids}, teacher {t_ids})"
+        s_class, t_class = type(student_tok).__name__, type(teacher_tok).__name__
+        if s_class != t_class:
+            message += (f"; transformers loads them as different classes (student {s_class}, teacher {t_class}: it picks the class "
+                        "from each model's config.json even where the tokenizer files are the same)")
+        if same_vocab and same_decoding:
+            if pairing.allow_tokenization_mismatch:
+                notes.append(message + "; the teacher scores the student's ids, which mean the same tokens to it")
+            else:
+                problems.append(message + " (every id means the same token to both: set pairing.allow_tokenization_mismatch=true "
+                                          "to let the teacher score the student's splitting)")
+        else:
+            problems.append(message)
     s_template = _render(student_tok)
     t_template = _render(teacher_tok)
     if s_template != t_template:
@@ -62,8 +81,11 @@ def tokenizer_problems(student_tok, teacher_tok, allow_template_mismatch: bool) 
             "chat templates render differently "
             f"(student {s_template!r}, teacher {t_template!r}); the teacher scores prompts in the student's format"
         )
-        if allow_template_mismatch:
+        if pairing.allow_chat_template_mismatch:
             notes.append(message)
+        elif s_template is None:
+            problems.append(message + " (the student has no chat template: student.chat_template gives it one, e.g. the "
+                                      "teacher's chat_template.jinja; or set pairing.allow_chat_template_mismatch=true)")
         else:
             problems.append(message + " (set pairing.allow_chat_template_mismatch=true if that is intended)")
     return problems, notes

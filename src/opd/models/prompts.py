@@ -7,6 +7,31 @@ class PromptError(ValueError):
     """A prompt that cannot be used (empty, or too long for the model's context)."""
 
 
+class ChatTemplateError(ValueError):
+    """A ``student.chat_template`` that is neither a readable file nor a Jinja template."""
+
+
+def chat_template_text(value: str, key: str = "student.chat_template") -> str:
+    """The Jinja chat template ``value`` gives: the text itself when it holds a Jinja tag (``{{`` or ``{%``), else
+    the contents of the file it names. Its syntax is checked; an error names ``key``."""
+    from pathlib import Path
+
+    import jinja2
+
+    if "{{" in value or "{%" in value:
+        text = value
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ChatTemplateError(f"config key '{key}' names no file '{value}' (give a .jinja file, or the template's text itself)")
+        text = path.read_text(encoding="utf-8")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as err:
+        raise ChatTemplateError(f"config key '{key}' is not a Jinja template: {err.message} (line {err.lineno})") from None
+    return text
+
+
 def render_prompt(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> str:
     """The prompt as text, ending where the assistant's reply begins; ``template_kwargs`` go to the chat template
     (e.g. Qwen3's ``enable_thinking``)."""

@@ -28,14 +28,14 @@ from ..services.http import ServiceError
 from .base import StatelessTeacher, TopLogprobs
 
 
-def served_teacher(teacher_cfg, url: str, key: str, student_tok, vocab_size: int, eos_ids, allow_template_mismatch: bool, device):
+def served_teacher(teacher_cfg, url: str, key: str, student_tok, vocab_size: int, eos_ids, pairing, device):
     """``(ServedTeacher, ServedSampler)`` for the model at ``url``, after the pairing check against the student."""
     served = ServedModel(teacher_cfg, url, key)
     if teacher_cfg.tokenizer is not None:
         served_tok = load_tokenizer(teacher_cfg.tokenizer, "teacher.tokenizer", teacher_cfg.trust_remote_code)
     else:
         served_tok = student_tok
-    check_served_pairing(served, student_tok, served_tok, allow_template_mismatch)
+    check_served_pairing(served, student_tok, served_tok, pairing)
     top_k = min(teacher_cfg.top_k, vocab_size)
     return ServedTeacher(served, top_k, vocab_size), ServedSampler(served, student_tok, eos_ids, device)
 

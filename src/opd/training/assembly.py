@@ -30,6 +30,7 @@ from ..models.loading import (
     match_output_vocabulary,
     output_size,
     set_activation_checkpointing,
+    student_tokenizer,
 )
 from ..models.pairing import check_pairing
 from ..parallel.ranks import SINGLE, Ranks
@@ -88,7 +89,7 @@ def build_session(cfg, ranks: Ranks = SINGLE) -> Session:
     task = build_task(cfg.task, cfg.run.seed)
     autocast = autocast_factory(cfg, device)
     st = cfg.student
-    tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
+    tokenizer = student_tokenizer(st)
     student_config = load_model_config(st.path, "student.path", st.trust_remote_code)
     context = context_length(student_config, tokenizer)
     served = connect_served(cfg, needs, tokenizer, getattr(student_config, "vocab_size", None) or len(tokenizer), device)
@@ -122,7 +123,7 @@ def build_eval_session(cfg) -> Session:
     device = pick_device(cfg.train.device)
     task = build_task(cfg.task, cfg.run.seed)
     st = cfg.student
-    tokenizer = load_tokenizer(st.path, "student.path", st.trust_remote_code)
+    tokenizer = student_tokenizer(st)
     context = context_length(load_model_config(st.path, "student.path", st.trust_remote_code), tokenizer)
     require_prompt_room(cfg, context)
     data_report = check_task_data(task, tokenizer, Needs(), cfg, context, splits=("eval",))  # before the model is loaded
@@ -193,8 +194,7 @@ def connect_served(cfg, needs: Needs, tokenizer, vocab_size: int, device) -> dic
     if needs.reference and is_url(needs.reference):
         urls[needs.reference_key] = needs.reference
     eos = [tokenizer.eos_token_id]
-    allow = cfg.pairing.allow_chat_template_mismatch
-    return {key: served_teacher(te, url, key, tokenizer, vocab_size, eos, allow, device) for key, url in urls.items()}
+    return {key: served_teacher(te, url, key, tokenizer, vocab_size, eos, cfg.pairing, device) for key, url in urls.items()}
 
 
 def min_context(context: int | None, others) -> int | None:
@@ -253,7 +253,7 @@ def load_paired(cfg, needs: Needs, path: str, key: str, tokenizer, student, devi
         student,
         model,
         full_vocab=needs.full_vocabulary,
-        allow_template_mismatch=cfg.pairing.allow_chat_template_mismatch,
+        pairing=cfg.pairing,
     )
     match_output_vocabulary(model, student)
     return model
