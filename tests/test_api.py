@@ -95,3 +95,46 @@ def test_evaluate_a_run_directory_uses_the_runs_own_task_split_and_settings(tmp_
         result = json.loads(capsys.readouterr().out)
         assert result["task"] == "arithmetic" and result["prompts"] == 6  # the run's eval.num_prompts, not every row
         assert result["accuracy"] == summary["student_accuracy_after"]  # greedy, the same rows and weights
+
+
+def test_ovd_takes_a_judge_function_or_object(tmp_path, tiny_models):
+    """A judge of one's own scores every sampled completion; the acceptance rate each step logs is the share it
+    scored at or above the threshold."""
+    from opd.teachers.judges import JudgeError
+
+    teacher, student = tiny_models
+    seen = []
+
+    def even_length(completion: str, row: dict) -> float:
+        seen.append((completion, row["answer"]))
+        return 9.0 if len(completion) % 2 == 0 else 0.0
+
+    common = dict(student={"path": str(student)}, teacher={"path": str(teacher)})
+    opd.train("configs/demo.yaml", [*QUICK, "method.name=ovd", "method.ovd.threshold=5"], method={"ovd": {"judge": even_length}},
+              run={"output_dir": str(tmp_path / "fn")}, **common)
+    steps = [json.loads(line) for line in (tmp_path / "fn" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "train"]
+    assert len(seen) == 2 * 4 * 2  # steps x prompts x samples, nothing else judged
+    for i, row in enumerate(steps):
+        judged = seen[8 * i: 8 * (i + 1)]
+        assert row["accepted_fraction"] == sum(len(c) % 2 == 0 for c, _ in judged) / 8
+
+    class Strict:  # the Judge protocol: score(examples, completions)
+        calls = 0
+
+        def score(self, examples, completions):
+            Strict.calls += 1
+            return [0.0] * len(completions)
+
+    opd.train("configs/demo.yaml", [*QUICK, "method.name=ovd"], method={"ovd": {"judge": Strict()}}, run={"output_dir": str(tmp_path / "obj")}, **common)
+    assert Strict.calls == 2
+    assert all(json.loads(line).get("accepted_fraction", 0.0) == 0.0 for line in (tmp_path / "obj" / "metrics.jsonl").read_text().splitlines())
+
+    with pytest.raises(JudgeError, match=r"method.ovd.judge python:.*out_of_range returned 12 on .*, not a score in \[0, 9\]"):
+        def out_of_range(completion, row):
+            return 12
+        opd.train("configs/demo.yaml", [*QUICK, "method.name=ovd"], method={"ovd": {"judge": out_of_range}}, run={"output_dir": str(tmp_path / "bad")}, **common)
+    with pytest.raises(ConfigError, match=r"^config key 'method.ovd.judge' must be one of programmatic, model, http, or a module:attribute judge; got 'modle'$"):
+        opd.load_config("configs/demo.yaml", ["method.name=ovd", "method.ovd.judge=modle"])
+    with pytest.raises(ConfigError, match=r"^config key 'method.ovd.judge': 'math:pi' is a float: neither a function nor an object with score\(\)$"):
+        opd.load_config("configs/demo.yaml", ["method.name=ovd", "method.ovd.judge=math:pi"])

@@ -29,7 +29,7 @@ from ..models.loading import freeze, load_model, load_tokenizer
 from ..models.rollouts import Rollouts, build_rollouts, stack_rows
 from ..objectives.ovd import first_rejected_step, ovd_rewards, plan_group, student_baseline_advantages
 from ..tasks.base import TASK_REGISTRY, Example
-from ..teachers.judges import HTTPJudge, ModelJudge
+from ..teachers.judges import JUDGE_KINDS, HTTPJudge, ModelJudge, user_judge
 from ..teachers.model import ModelTeacher
 from .base import Method, Needs, Session, register, student_samples
 from .batch import Batch
@@ -51,7 +51,10 @@ class HTTPJudgeConfig:
 class OVDConfig:
     """On-policy verbal distillation (docs/methods.md#ovd)."""
 
-    judge: Literal["programmatic", "model", "http"] = "programmatic"
+    # programmatic | model | http, or a judge of one's own: module:attribute naming a function fn(completion, row)
+    # -> score in [0, 9] or an object with score(examples, completions) (docs/methods.md#ovd; the object itself
+    # through the Python API)
+    judge: str = "programmatic"
     judge_path: str | None = None  # model judge checkpoint; None = teacher.path
     threshold: float = 7.0  # θ: accept trajectories scoring ≥ θ
     replacement: Literal["trajectory", "step", "none"] = "trajectory"
@@ -105,12 +108,14 @@ class OVD(Method):
         o = cls.section(cfg)
         require(0 <= o.threshold <= 9, "method.ovd.threshold", f"must be in [0, 9], got {o.threshold}")
         validate_client_settings(o.http, "method.ovd.http")
+        if o.judge not in JUDGE_KINDS:
+            user_judge(o.judge)  # importable, and a judge: a one-line error now
         if o.judge == "programmatic" or o.replacement == "step":
             checkable = [name for name, spec in TASK_REGISTRY.items() if spec.config_class.has_step_judge]
             require(
                 type(cfg.task).has_step_judge,
                 "method.ovd.judge" if o.judge == "programmatic" else "method.ovd.replacement",
-                f"needs a task whose steps can be checked ({', '.join(checkable)}); use judge=model or judge=http "
+                f"needs a task whose steps can be checked ({', '.join(checkable)}); use judge=model, judge=http or a judge of your own "
                 "with replacement=trajectory",
             )
         if o.replacement == "step":
@@ -125,10 +130,12 @@ class OVD(Method):
         return Needs(teacher=cls.section(cfg).replacement != "none", judge=True, group=True)
 
     def make_judge(self, task, teacher, device):
-        """The task's step checker, a local model (by default the teacher itself), or an HTTP endpoint."""
+        """The task's step checker, a local model (by default the teacher itself), an HTTP endpoint, or the user's."""
         o = self.config
         if o.judge == "programmatic":
             return task.step_judge()
+        if o.judge not in JUDGE_KINDS:
+            return user_judge(o.judge)
         if o.judge == "http":
             h = o.http
             return HTTPJudge(h.url, h.model, h.api_key_env, h.deadline, h.retries, h.backoff, max_reply_mb=h.max_reply_mb)

@@ -8,6 +8,9 @@
 - ``HTTPJudge``: an OpenAI-compatible chat endpoint whose reply contains ``Score: d``;
   timeouts, bounded retries with exponential backoff, and a clear ``JudgeError`` when the
   endpoint keeps failing or answering something without a score.
+- a user's own (``method.ovd.judge: module:attribute``, or the object through the Python API): an
+  object with the ``Judge`` protocol's ``score``, or a function ``fn(completion, row) -> float`` in
+  [0, 9] wrapped by ``FunctionJudge``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ import torch
 from ..models.prompts import encode_prompt
 from ..models.rollouts import left_pad
 from ..services.http import JSONClient, ServiceError
+from ..config.objects import import_object
+from ..config.sections import ConfigError
 from ..tasks.base import Example
+from ..tasks.reward_functions import example_row
+
+JUDGE_KINDS = ("programmatic", "model", "http")
 
 JUDGE_INSTRUCTION = (
     "Rate the following solution from 0 (wrong) to 9 (fully correct). Reply with 'Score: d'.\n"
@@ -32,6 +40,42 @@ SCORE_PATTERN = re.compile(r"Score:\s*([0-9])\b")
 
 class JudgeError(RuntimeError):
     """A judge that cannot give a score; the message says what it answered."""
+
+
+class FunctionJudge:
+    """A user's function as a trajectory judge: ``fn(completion, row) -> score`` in [0, 9], ``row`` as reward functions
+    get it (the example's JSON object). A score that is not a finite number in [0, 9], or an exception, is a
+    ``JudgeError`` naming the function and the row."""
+
+    def __init__(self, fn, name: str):
+        self.fn = fn
+        self.name = name
+
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
+        scores = []
+        for example, completion in zip(examples, completions):
+            where = example.meta.get("source", repr(example.prompt[:40]))
+            try:
+                value = self.fn(completion, example_row(example))
+            except Exception as err:  # noqa: BLE001 - the user's code: any error is named with its row
+                raise JudgeError(f"method.ovd.judge {self.name} raised on {where}: {type(err).__name__}: {err}") from err
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 9:
+                raise JudgeError(f"method.ovd.judge {self.name} returned {value!r} on {where}, not a score in [0, 9]")
+            scores.append(float(value))
+        return scores
+
+
+def user_judge(name: str):
+    """The judge ``method.ovd.judge`` names when it is none of ``JUDGE_KINDS``: an object with ``score`` used as it
+    is, a function wrapped in ``FunctionJudge``; a one-line ``ConfigError`` otherwise."""
+    if ":" not in name and not name.startswith("python:"):
+        raise ConfigError(f"config key 'method.ovd.judge' must be one of {', '.join(JUDGE_KINDS)}, or a module:attribute judge; got {name!r}")
+    obj = import_object(name, "method.ovd.judge")
+    if callable(getattr(obj, "score", None)):
+        return obj
+    if callable(obj):
+        return FunctionJudge(obj, name)
+    raise ConfigError(f"config key 'method.ovd.judge': {name!r} is a {type(obj).__name__}: neither a function nor an object with score()")
 
 
 class ModelJudge:
