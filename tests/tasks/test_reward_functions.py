@@ -130,3 +130,17 @@ def test_an_environment_task_keeps_its_own_rewards(tmp_path, tiny_models, user_r
     with pytest.raises(ConfigError, match=r"task\.reward_function' does not apply to task\.name=environment"):
         make_config(tmp_path, tiny_models, "task.name=environment", "task.environment=x:Y", "task.rows=r.jsonl",
                     "task.reward_function=my_rewards:ends", "sampling.max_new_tokens=12")
+
+
+def test_a_module_in_the_working_directory_is_found_as_python_m_would(tmp_path, monkeypatch):
+    """``opd train`` is a console script, whose sys.path holds its own directory, not the user's: a rewards.py beside
+    the user is found all the same (after the installed packages, so it shadows none of them)."""
+    import sys
+
+    from opd.config.objects import import_object
+
+    (tmp_path / "beside_the_user_rewards.py").write_text("def formatted(completion, row):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    fn = import_object("beside_the_user_rewards:formatted", "task.reward_function")
+    assert fn("x", {}) == 0.5 and sys.path[-1] == str(tmp_path)

@@ -229,6 +229,8 @@ def test_the_random_module_is_untouched_by_data_loading(tmp_path):
 
 @pytest.mark.slow
 def test_the_readme_walkthrough_runs_as_written(tmp_path):
+    """The README's walkthrough, word for word: its three commands, its rewards.py, and its distil.py (the Python API
+    with the reward function as an object)."""
     import os
     import re
     import shutil
@@ -240,17 +242,21 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
 
     repo = Path(__file__).resolve().parents[2]
     readme = (repo / "README.md").read_text()
-    block = re.search(r"### Walkthrough.*?```bash\n(.*?)```", readme, re.S).group(1)
+    walkthrough = readme[readme.index("### Walkthrough"):readme.index("## Generation by vLLM")]
+    block = re.search(r"```bash\n(.*?)```", walkthrough, re.S).group(1)
     commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
-    assert [c.split()[:2] for c in commands] == [["opd", "train"], ["opd", "eval"]]
+    assert [c.split()[:2] for c in commands] == [["opd", "train"], ["opd", "eval"], ["opd", "train"]]
+    rewards, distil = re.findall(r"```python\n(.*?)```", walkthrough, re.S)
     student, teacher = build_pair(tmp_path / "pair", context=1024)
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(40))
     work = tmp_path / "work"
     shutil.copytree(repo / "configs" / "own_models", work / "configs" / "own_models")
+    (work / "rewards.py").write_text(rewards)
+    (work / "distil.py").write_text(distil)
     env = {**os.environ, "STUDENT": str(student), "TEACHER": str(teacher), "DATA": str(data),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     outputs = []
-    for command in commands:
+    for command in [*commands, "python distil.py"]:
         done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(done.stdout)
@@ -260,6 +266,16 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     AutoModelForCausalLM.from_pretrained(work / "runs" / "own_opd" / "final")
     evaluated = json.loads(outputs[1][outputs[1].index("{"):])
     assert evaluated["prompts"] == evaluated["rows"] == 40
+    # GRPO on the README's reward function, named on the command line and given as an object: the same run
+    by_name = json.loads((work / "runs" / "own_grpo" / "summary.json").read_text())
+    by_object = json.loads((work / "runs" / "own_grpo_py" / "summary.json").read_text())
+    assert by_name["method"] == "grpo" and by_name["steps"] == 10 and by_name["reward_errors"] == 0
+    assert by_name["student_reward_after"] == by_object["student_reward_after"]
+    assert outputs[3].split() == [str(by_object["student_reward_before"]), str(by_object["student_reward_after"])]
+    steps = [json.loads(line) for line in (work / "runs" / "own_grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in steps if r["kind"] == "train"] == [
+        r["loss"] for r in map(json.loads, (work / "runs" / "own_grpo_py" / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+    ]
 
 
 def test_review_edge_cases_of_reading_and_grading(tmp_path):

@@ -6,6 +6,8 @@ which are kept here under a ``python:`` name that the config then holds (docs/py
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 from .sections import ConfigError
@@ -34,7 +36,8 @@ def is_held(value: Any) -> bool:
 
 def import_object(path: str, key: str) -> Any:
     """What ``path`` names: an object given to the Python API, or ``module:attribute`` / ``module.attribute``
-    imported; a ``ConfigError`` naming ``key`` otherwise."""
+    imported — from the installed packages or, as ``python -m`` would, the working directory (searched after them,
+    so a ``rewards.py`` beside the config is found by ``opd train`` too); a ``ConfigError`` naming ``key`` otherwise."""
     if path in _HELD:
         return _HELD[path]
     if path.startswith(PYTHON):
@@ -45,6 +48,8 @@ def import_object(path: str, key: str) -> Any:
     module_name, _, name = path.rpartition(":") if ":" in path else path.rpartition(".")
     if not module_name or not name:
         raise ConfigError(f"config key '{key}' must be module:attribute, got {path!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as err:
