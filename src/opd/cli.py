@@ -9,6 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .training.stopping import PREEMPTED_EXIT, Preempted
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -219,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         elif type(err).__name__ != "ConfigError" and not getattr(err, "reported_by_rank0", False):  # else rank 0 has said it
             print(f"opd: error (rank {rank}): {err}", file=sys.stderr)
         return 2
+    except Preempted as stopped:
+        if launched_rank() == 0:
+            print(f"opd: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print("opd: interrupted", file=sys.stderr)
         return 130

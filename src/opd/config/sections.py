@@ -8,12 +8,30 @@ so any module may use these types.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message names the key."""
+
+
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds in ``text``: a number of seconds, or ``1d2h30m10s`` in any subset of those units (``3h50m``, ``90m``)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    value = str(text).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    match = DURATION.fullmatch(value)
+    if not value or match is None:
+        raise ValueError(f"{text!r} is not a duration (seconds, or like 3h50m, 90m, 1d2h)")
+    days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def require(condition: bool, key: str, message: str) -> None:
@@ -58,6 +76,9 @@ class RunConfig:
     resume: bool = False  # continue from the newest checkpoint in output_dir
     overwrite: bool = False  # allow starting afresh in an output_dir that already holds a run
     allow_changes: bool = False  # resume even where settings that alter the training trajectory changed (recorded)
+    # wall-clock limit of this process's run (a job's limit: 3h50m, 90m, or seconds): it stops resumably, with a
+    # checkpoint, when the next step might not finish before it (docs/cluster.md)
+    time_limit: float | str | None = None
 
 
 @dataclass

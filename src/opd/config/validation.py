@@ -22,7 +22,7 @@ from ..parallel.launchers import launched_world, unsupported_launch
 from ..tasks.base import TASK_REGISTRY
 from ..tasks.reward_functions import load_reward_functions
 from .schema import Config
-from .sections import TRACKERS, ConfigError, require, validate_client_settings
+from .sections import TRACKERS, ConfigError, parse_duration, require, validate_client_settings
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -35,6 +35,12 @@ def validate(c: Config) -> None:
     """
     t, s, m, e = c.train, c.sampling, c.method, c.eval
     require(bool(c.run.output_dir.strip()), "run.output_dir", "must name a directory (an empty one would write into the current directory)")
+    if c.run.time_limit is not None:
+        try:
+            limit = parse_duration(c.run.time_limit)
+        except ValueError as err:
+            raise ConfigError(f"config key 'run.time_limit': {err}") from None
+        require(limit > 0, "run.time_limit", f"must be a positive duration, got {c.run.time_limit!r}")
     require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     require(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be a finite number > 0, got {t.lr}")
     require(

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..config.saving import redact, save_config, to_dict
+from ..config.sections import parse_duration
 from ..engines.base import sampling_round, whole_for
 from ..tasks.reward_functions import reward_errors
 from ..methods.base import Session
@@ -48,6 +49,7 @@ from .run_dir import prepare_run_dir
 from .run_lock import RunDirLock
 from .micro_batches import regroup
 from .seeds import micro_seed, step_generators
+from .stopping import Preempted, StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ def train(cfg) -> dict:
             lock.release()
             raise
 
-    finished = False
+    finished = False  # every rank got to the end together (the run finished, or stopped resumably)
+    stops = StopRequests(parse_duration(cfg.run.time_limit) if cfg.run.time_limit is not None else None, started).install()
     try:
         run_dir, resume_from, changes = ranks.from_main(claim_run_dir)  # every rank resumes from the checkpoint rank 0 chose
         torch.manual_seed(cfg.run.seed)
@@ -80,9 +83,12 @@ def train(cfg) -> dict:
         if changes and ranks.main:  # the resumed run has started (data checked, models loaded): its changes are real
             record_resume_changes(run_dir, int(resume_from.name.removeprefix(CHECKPOINT_PREFIX)), changes)
         try:
-            summary = run_session(s, run_dir, resume_from, started)
+            summary = run_session(s, run_dir, resume_from, started, stops)
             finished = True
             return summary
+        except Preempted:
+            finished = True
+            raise
         finally:
             if finished and ranks.several:  # every rank past its last collective: closing an engine inside the
                 ranks.barrier()  # process group may end the group (vLLM's external launcher does)
@@ -90,14 +96,17 @@ def train(cfg) -> dict:
                 if sampler is not None:
                     sampler.close()
     finally:
+        stops.restore()
         try:
             stop_ranks(ranks, finished)
         finally:
             lock.release()
 
 
-def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float) -> dict:
-    """Train the built session from ``resume_from`` (or the start) to the end; evaluate; save; summarise."""
+def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float, stops: StopRequests | None = None) -> dict:
+    """Train the built session from ``resume_from`` (or the start) to the end; evaluate; save; summarise. ``stops``
+    may end it early between two steps, with a checkpoint (``Preempted``)."""
+    stops = stops if stops is not None else StopRequests()
     cfg = s.cfg
     if s.ranks.main:
         save_config(cfg, run_dir / "config.yaml")
@@ -110,7 +119,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
     if resume_from is None:
         evaluate_before(s, state, eval_examples, metrics_log)
-    run_steps(s, optimizer, scheduler, state, start_step, run_dir, eval_examples, metrics_log)
+    run_steps(s, optimizer, scheduler, state, start_step, run_dir, eval_examples, metrics_log, resume_from is not None, stops)
     if cfg.train.steps and state["no_signal_steps"] + state["nonfinite_skips"] >= cfg.train.steps - start_step > 0:
         log.warning(
             "no step of this run changed the student: every gradient was exactly zero or non-finite "
@@ -161,15 +170,27 @@ def evaluate_before(s: Session, state: dict, eval_examples: list, metrics_log) -
     metrics_log.write("eval", 0, state["before_eval"])
 
 
-def run_steps(s: Session, optimizer, scheduler, state: dict, start_step: int, run_dir: Path, eval_examples: list, metrics_log) -> None:
-    """Steps ``start_step`` … ``train.steps`` − 1, each logged, evaluated and checkpointed as configured."""
+def run_steps(
+    s: Session, optimizer, scheduler, state: dict, start_step: int, run_dir: Path, eval_examples: list, metrics_log,
+    resumed: bool = False, stops: StopRequests | None = None,
+) -> None:
+    """Steps ``start_step`` … ``train.steps`` − 1, each logged, evaluated and checkpointed as configured; before each,
+    ``stops`` may end the run there (every rank at the same step), with a checkpoint of it (``Preempted``)."""
     cfg = s.cfg
+    stops = stops if stops is not None else StopRequests()
     last_eval = state.get("before_eval", {})
     bar = progress(range(start_step, cfg.train.steps), start_step, cfg.train.steps, cfg.run.name, cfg.log.progress_bar and s.ranks.main)
     segment_start = time.time()
     memory = PeakMemory(s.device)
+    checkpointed = start_step if resumed else None  # the step the newest checkpoint holds
     try:
         for step in bar:
+            if (reason := stops.reason(s.ranks)) is not None:
+                if checkpointed != step:
+                    state["wall_seconds"] += time.time() - segment_start
+                    segment_start = time.time()
+                    checkpoint(s, run_dir, step, optimizer, scheduler, state)
+                raise Preempted(reason, step, run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}")
             step_start = time.time()
             memory.reset()
             metrics, status = train_step(s, optimizer, step)
@@ -195,6 +216,9 @@ def run_steps(s: Session, optimizer, scheduler, state: dict, start_step: int, ru
                 state["wall_seconds"] += time.time() - segment_start
                 segment_start = time.time()
                 checkpoint(s, run_dir, done, optimizer, scheduler, state)
+                checkpointed = done
+                stops.longest_checkpoint_s = max(stops.longest_checkpoint_s, time.time() - segment_start)
+            stops.longest_step_s = max(stops.longest_step_s, time.time() - step_start)
     finally:
         bar.close()
     state["wall_seconds"] += time.time() - segment_start

@@ -28,7 +28,7 @@ class RunDirError(ValueError):
 # keys that change what is logged, kept or evaluated, or how the same gradient is computed (where, in how many
 # passes, with which kernels: equal up to float rounding and dropout's draws), but not the training trajectory
 NEUTRAL = (
-    "run.resume", "run.overwrite", "run.allow_changes", "run.name", "log.", "checkpoint.", "eval.", "train.threads",
+    "run.resume", "run.overwrite", "run.allow_changes", "run.name", "run.time_limit", "log.", "checkpoint.", "eval.", "train.threads",
     "train.dist_timeout", "train.sharding", "train.gradient_checkpointing", "train.micro_batch_tokens", "train.packing",
     "student.attn_implementation", "teacher.attn_implementation",
 )  # not teacher.device: a teacher elsewhere samples its demonstrations from a generator of its own device
