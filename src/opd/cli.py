@@ -9,25 +9,16 @@ import sys
 import warnings
 from pathlib import Path
 
+from .parallel.failure import PEER_FAILED_EXIT, PeerFailed
 from .training.stopping import PREEMPTED_EXIT, Preempted
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from .config.sections import ConfigError
-    from .models.loading import ModelLoadError
-    from .models.pairing import PairingError
-    from .models.prompts import PromptError
-    from .services.http import ServiceError
-    from .tasks.rows import DataError
-    from .teachers.judges import JudgeError
-    from .training.checkpoints import CheckpointError
-    from .training.errors import TrainingError
-    from .training.resume import RunDirError
-    from .training.run_lock import RunDirBusy
+    from .training.errors import user_errors
 
-    return (ConfigError, ModelLoadError, PairingError, DataError, PromptError, RunDirError, RunDirBusy, TrainingError, JudgeError, ServiceError, CheckpointError)
+    return user_errors()
 
 
 def launched_rank() -> int:
@@ -216,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _user_errors() as err:
         rank = launched_rank()
-        if rank == 0:
+        if getattr(err, "reported", False):  # printed by the rank as its failure stopped the others
+            pass
+        elif rank == 0:
             print(f"opd: error: {err}", file=sys.stderr)
         elif type(err).__name__ != "ConfigError" and not getattr(err, "reported_by_rank0", False):  # else rank 0 has said it
             print(f"opd: error (rank {rank}): {err}", file=sys.stderr)
@@ -225,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         if launched_rank() == 0:
             print(f"opd: {stopped}", file=sys.stderr)
         return PREEMPTED_EXIT
+    except PeerFailed as stopped:
+        if launched_rank() == 0:
+            print(f"opd: {stopped}", file=sys.stderr)
+        return PEER_FAILED_EXIT
+    except Exception as err:
+        if getattr(err, "reported", False):  # its traceback is printed already
+            return 1
+        raise
     except KeyboardInterrupt:
         print("opd: interrupted", file=sys.stderr)
         return 130

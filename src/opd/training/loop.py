@@ -31,11 +31,12 @@ from ..methods.batch import Batch
 from ..methods.data import batch_metrics
 from ..methods.losses import student_token_logprobs
 from ..objectives.common import step_normaliser
+from ..parallel.failure import PeerFailed, Watchdog, connect_store, stopped_because
 from ..parallel.ranks import start_ranks, stop_ranks, thread_oversubscription
 from ..parallel.sharding import full_tensor, is_sharded, whole_state_dict
 from .assembly import build_session
 from .checkpoints import CHECKPOINT_PREFIX, full_state, load_checkpoint, load_extra_tensors, save_checkpoint
-from .errors import TrainingError
+from .errors import TrainingError, report_failure
 from .evaluation import evaluate_session
 from .final_model import save_final_model
 from .metrics import MetricsLog, NoMetrics
@@ -49,7 +50,7 @@ from .run_dir import prepare_run_dir
 from .run_lock import RunDirLock
 from .micro_batches import regroup
 from .seeds import micro_seed, step_generators
-from .stopping import Preempted, StopRequests
+from .stopping import PREEMPTED_EXIT, STOPPED_FILE, Preempted, StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def train(cfg) -> dict:
 
     finished = False  # every rank got to the end together (the run finished, or stopped resumably)
     stops = StopRequests(parse_duration(cfg.run.time_limit) if cfg.run.time_limit is not None else None, started).install()
+    watchdog = Watchdog(ranks.rank, store).start() if ranks.several and (store := connect_store()) is not None else None
     try:
         run_dir, resume_from, changes = ranks.from_main(claim_run_dir)  # every rank resumes from the checkpoint rank 0 chose
         torch.manual_seed(cfg.run.seed)
@@ -86,8 +88,11 @@ def train(cfg) -> dict:
             summary = run_session(s, run_dir, resume_from, started, stops)
             finished = True
             return summary
-        except Preempted:
+        except Preempted as stopped:
             finished = True
+            if ranks.main:  # for a batch script: stopped resumably (torchrun's own exit status is 1 whatever the ranks')
+                (run_dir / STOPPED_FILE).write_text(json.dumps({"reason": stopped.reason, "step": stopped.step,
+                                                               "checkpoint": str(stopped.checkpoint), "exit_status": PREEMPTED_EXIT}))
             raise
         finally:
             if finished and ranks.several:  # every rank past its last collective: closing an engine inside the
@@ -95,8 +100,19 @@ def train(cfg) -> dict:
             for sampler in (s.sampler, s.teacher_sampler):
                 if sampler is not None:
                     sampler.close()
+    except BaseException as err:
+        if watchdog is not None and not isinstance(err, Preempted):
+            if (why := watchdog.peer_failure()) is not None:  # a collective broke because another rank failed first
+                watchdog.failing = True
+                raise PeerFailed(stopped_because(why)) from None
+            if isinstance(err, Exception) and not getattr(err, "reported_by_rank0", False):
+                report_failure(err, ranks.rank)  # before the others go (their launcher may then end this rank too)
+            watchdog.announce(err)  # the other ranks stop now, not at the process group's timeout
+        raise
     finally:
         stops.restore()
+        if watchdog is not None:
+            watchdog.stop()
         try:
             stop_ranks(ranks, finished)
         finally:
@@ -110,6 +126,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     cfg = s.cfg
     if s.ranks.main:
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this run goes on from where that one stopped
     optimizer, scheduler = build_optimizer(cfg, s.student)
     state = restore(s, optimizer, scheduler, resume_from)
     start_step = state.get("step", 0)

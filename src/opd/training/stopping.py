@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" — the run stopped early and resumes with --resume
+STOPPED_FILE = "stopped.json"  # written into the run directory by rank 0 when it stops so; removed when it resumes
 SECOND_INTERRUPT_S = 2.0
 SAFETY = 1.25
 SIGNALS = {signal.SIGINT: 1, signal.SIGUSR1: 2, signal.SIGTERM: 3}  # more urgent: larger
