@@ -6,6 +6,7 @@ random: before the first step, during and after a checkpoint write, after a rand
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -117,7 +118,10 @@ def test_a_signal_to_torchrun_reaches_both_ranks_and_ends_in_one_checkpoint(tmp_
     stopped = stopped_step(stderr, "SIGTERM")
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")][-1:] != [] and (
         run / "checkpoints" / f"step-{stopped:06d}").is_dir()
+    marker = json.loads((run / "stopped.json").read_text())  # what a batch script reads: torchrun itself exits 1
+    assert marker["step"] == stopped and marker["exit_status"] == PREEMPTED_EXIT and marker["reason"] == "SIGTERM"
     ok(subprocess.run(torchrun(opd_train(CONFIG, [*args, f"run.output_dir={run}", "--resume"])), capture_output=True, text=True, timeout=600))
+    assert not (run / "stopped.json").exists()
     expected, weights = final_weights(reference), final_weights(run)
     assert all(torch.equal(weights[k], expected[k]) for k in expected), f"stopped after {stopped}"
 
