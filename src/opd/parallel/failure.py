@@ -49,8 +49,9 @@ class PeerFailed(RuntimeError):
 
 def stopped_because(why: str) -> str:
     """The line rank 0 prints when another rank's failure stops it."""
-    who = why.split(":", 1)[0] if why.startswith("rank ") else "another rank"
-    return f"stopped because {who} failed (its error is above)" if why.startswith("rank ") else f"stopped: {why}"
+    if why.startswith("rank "):  # an announced failure: "rank N: Error: message", printed by that rank
+        return f"stopped because {why.split(':', 1)[0]} failed (its error is above)"
+    return f"stopped: {why}"
 
 
 class Watchdog:

@@ -65,6 +65,11 @@ def example_row(example: Example) -> dict[str, Any]:
     return dict(row) if isinstance(row, dict) else {"prompt": example.prompt, "answer": example.answer, "solution": example.solution}
 
 
+def example_where(example: Example) -> str:
+    """Where a row came from, for an error about it: its file and line, else the start of its prompt."""
+    return example.meta.get("source", repr(example.prompt[:40]))
+
+
 @dataclass
 class RewardFunctions:
     """A task's reward replaced by the weighted sum of the user's functions (``Task.reward``'s signature)."""
@@ -82,7 +87,7 @@ class RewardFunctions:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise RewardFunctionError(f"returned {value!r}, not a finite number")
             except Exception as err:  # noqa: BLE001 - the user's code: any error is named with its row
-                where = example.meta.get("source", repr(example.prompt[:40]))
+                where = example_where(example)
                 if self.on_error == "stop":
                     raise RewardFunctionError(
                         f"task.reward_function {path} raised on {where}: {type(err).__name__}: {err} "

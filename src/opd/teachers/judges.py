@@ -27,7 +27,7 @@ from ..services.http import JSONClient, ServiceError
 from ..config.objects import import_object
 from ..config.sections import ConfigError
 from ..tasks.base import Example
-from ..tasks.reward_functions import example_row
+from ..tasks.reward_functions import example_row, example_where
 
 JUDGE_KINDS = ("programmatic", "model", "http")
 
@@ -54,7 +54,7 @@ class FunctionJudge:
     def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
         scores = []
         for example, completion in zip(examples, completions):
-            where = example.meta.get("source", repr(example.prompt[:40]))
+            where = example_where(example)
             try:
                 value = self.fn(completion, example_row(example))
             except Exception as err:  # noqa: BLE001 - the user's code: any error is named with its row

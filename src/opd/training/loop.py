@@ -119,10 +119,9 @@ def train(cfg) -> dict:
             lock.release()
 
 
-def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float, stops: StopRequests | None = None) -> dict:
+def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: float, stops: StopRequests) -> dict:
     """Train the built session from ``resume_from`` (or the start) to the end; evaluate; save; summarise. ``stops``
     may end it early between two steps, with a checkpoint (``Preempted``)."""
-    stops = stops if stops is not None else StopRequests()
     cfg = s.cfg
     if s.ranks.main:
         save_config(cfg, run_dir / "config.yaml")
@@ -189,12 +188,11 @@ def evaluate_before(s: Session, state: dict, eval_examples: list, metrics_log) -
 
 def run_steps(
     s: Session, optimizer, scheduler, state: dict, start_step: int, run_dir: Path, eval_examples: list, metrics_log,
-    resumed: bool = False, stops: StopRequests | None = None,
+    resumed: bool, stops: StopRequests,
 ) -> None:
     """Steps ``start_step`` … ``train.steps`` − 1, each logged, evaluated and checkpointed as configured; before each,
     ``stops`` may end the run there (every rank at the same step), with a checkpoint of it (``Preempted``)."""
     cfg = s.cfg
-    stops = stops if stops is not None else StopRequests()
     last_eval = state.get("before_eval", {})
     bar = progress(range(start_step, cfg.train.steps), start_step, cfg.train.steps, cfg.run.name, cfg.log.progress_bar and s.ranks.main)
     segment_start = time.time()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from ..models.prompts import encode_completion, prompt_ids
 from ..tasks.base import Example, Task
 from ..tasks.rows import DataError
-from ..tasks.reward_functions import grades_every_row
+from ..tasks.reward_functions import example_where, grades_every_row
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class _RowChecker:
 
     def _measured(self, example: Example, prompt_tokens: int) -> Example:
         if self.measure and prompt_tokens > self.longest[0]:
-            self.longest = (prompt_tokens, example.meta.get("source") or repr(example.prompt[:40]))
+            self.longest = (prompt_tokens, example_where(example))
         return example
 
     def _extras_fit(self, example: Example, prompt_tokens: int) -> bool:
