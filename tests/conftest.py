@@ -126,6 +126,81 @@ class Server:
         self.server.server_close()
 
 
+class Restartable:
+    """A loopback JSON service that can go down — its listening socket closed, so connections are refused — and come
+    back on the same port: a real server stopped and restarted. ``answer(path, request) -> reply`` answers each POST;
+    ``outage(when, seconds)``: the first request that finds ``when()`` true is dropped unanswered (the service dies
+    mid-request), the service stays down ``seconds`` (None: until ``start``), then comes back. Counts what it
+    answered (``answered``) and the outages it had."""
+
+    def __init__(self, answer):
+        self.answer, self.answered, self.outages = answer, 0, 0
+        self.port, self.server, self._when, self._down_s = None, None, None, None
+        self.lock = threading.Lock()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def outage(self, when, seconds: float | None) -> None:
+        self._when, self._down_s = when, seconds
+
+    def start(self) -> "Restartable":
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+                with outer.lock:
+                    down = outer._when is not None and outer._when()
+                    if down:
+                        outer._when = None
+                if down:  # the port is closed before this request is dropped unanswered
+                    outer.outages += 1
+                    outer.stop()
+                    if outer._down_s is not None:
+                        threading.Timer(outer._down_s, outer.start).start()
+                    self.close_connection = True
+                    return
+                body = json.dumps(outer.answer(self.path, request)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                outer.answered += 1
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port or 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            server, self.server = self.server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def _go_down(self) -> None:
+        import time
+
+        self.stop()
+        if self._down_s is not None:
+            time.sleep(self._down_s)
+            self.start()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 SEARCH = '<tool_call>{"name": "search", "arguments": {"query": "Mirentor founded"}}</tool_call>'
 
 

@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra  # key=value overrides given after options
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request to a served teacher, judge or retriever
         warnings.filterwarnings("ignore", module="transformers")
         from transformers.utils import logging as hf_logging
 

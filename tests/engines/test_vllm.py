@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +30,7 @@ from opd.tasks.arithmetic import make_example  # noqa: E402
 from opd.teachers.model import ModelTeacher  # noqa: E402
 from opd.teachers.served import ServedTeacher  # noqa: E402
 from opd.training.loop import train  # noqa: E402
+from vllm_server import VLLMServer  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -139,53 +135,12 @@ def test_a_lora_student_is_pushed_merged_to_an_engine_built_without_lora(engine,
 # ----------------------------------------------------------------------------- a stock vLLM server on loopback
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     """``python -m vllm.entrypoints.openai.api_server`` serving the embedded teacher, as a user would run it."""
-    port = free_port()
-    scratch = tempfile.TemporaryDirectory(prefix="opd-vllm-server-")
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=scratch.name, TORCHINDUCTOR_CACHE_DIR=scratch.name,
-        VLLM_RPC_BASE_PATH=scratch.name, TMPDIR=scratch.name, VLLM_NO_USAGE_STATS="1",
-    )
-    python = os.environ.get("OPD_VLLM_PYTHON", sys.executable)
-    command = [
-        python, "-m", "vllm.entrypoints.openai.api_server", "--model", TEACHER, "--served-model-name", "teacher",
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
-        "--max-logprobs", "20",
-    ]
-    log = open(Path(scratch.name) / "server.log", "w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    import httpx2
-
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the vLLM server exited: " + (Path(scratch.name) / "server.log").read_text()[-3000:])
-        try:
-            if httpx2.get(url + "/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx2.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        raise RuntimeError("the vLLM server did not come up within 240 s")
-    yield url
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    scratch.cleanup()
+    server = VLLMServer(TEACHER).start()
+    yield server.url
+    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from opd.objectives.ovd import (
     plan_group,
     student_baseline_advantages,
 )
+from opd.services.http import ServiceError
 from opd.tasks.arithmetic import StepCheckingJudge, make_example
 from opd.teachers.judges import HTTPJudge, JudgeError, ModelJudge
 from opd.training.loop import train
@@ -192,7 +193,7 @@ def test_http_judge_gives_a_clear_error_when_it_never_scores():
 
 def test_http_judge_unreachable_and_missing_key(monkeypatch):
     judge = HTTPJudge("http://127.0.0.1:9", "m", deadline=0.2, retries=1, backoff=0.01)
-    with pytest.raises(JudgeError, match="after 2 attempts: request failed"):
+    with pytest.raises(ServiceError, match="after 2 attempts: request failed"):
         judge.score([make_example(1, 2)], ["x"])
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     with pytest.raises(JudgeError, match="environment variable NO_SUCH_KEY"):

@@ -1,15 +1,18 @@
 """The service client against real servers on loopback: no credentials follow a redirect, a dribbling server cannot
-outlast the deadline, a huge reply is capped, and every malformed reply ends as the judge's own one-line error."""
+outlast the deadline, a huge reply is capped, every malformed reply ends as the judge's own one-line error, and a
+service that goes down is waited for or given up on as its outage policy says."""
 
 import json
+import logging
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import Server
+from conftest import Restartable, Server
 
 from opd.cli import main
-from opd.services.http import JSONClient, ServiceError
+from opd.services.http import JSONClient, OutagePolicy, ServiceError, ServiceOutage
 from opd.tasks.arithmetic import make_example
 from opd.teachers.judges import HTTPJudge, JudgeError
 
@@ -83,23 +86,24 @@ def truncated(handler):
 
 
 @pytest.mark.parametrize(
-    "respond, problem",
+    "respond, problem, error",
     [
-        (truncated, "request failed"),
-        (lambda h: reply(h, b"\xff\xfe\x00garbage"), "the reply is not UTF-8"),
-        (lambda h: reply(h, b"<html>busy</html>"), "the reply is not JSON"),
-        (lambda h: reply(h, json.dumps({"choices": [{"message": {"content": 7}}]}).encode()), "not an OpenAI chat completion"),
-        (lambda h: reply(h, json.dumps([1, 2]).encode()), "not an OpenAI chat completion"),
-        (lambda h: reply(h, b"{}", 503), "HTTP 503"),
+        (truncated, "request failed", ServiceError),  # no reply at all: the service's error (the loop's stop)
+        (lambda h: reply(h, b"\xff\xfe\x00garbage"), "the reply is not UTF-8", JudgeError),
+        (lambda h: reply(h, b"<html>busy</html>"), "the reply is not JSON", JudgeError),
+        (lambda h: reply(h, json.dumps({"choices": [{"message": {"content": 7}}]}).encode()), "not an OpenAI chat completion", JudgeError),
+        (lambda h: reply(h, json.dumps([1, 2]).encode()), "not an OpenAI chat completion", JudgeError),
+        (lambda h: reply(h, b"{}", 503), "HTTP 503", ServiceError),
     ],
     ids=["truncated", "not_utf8", "not_json", "content_is_a_number", "a_list", "http_503"],
 )
-def test_every_malformed_reply_is_retried_then_one_judge_error(respond, problem):
+def test_every_malformed_reply_is_retried_then_one_error(respond, problem, error):
     with Server(respond) as server:
         judge = HTTPJudge(server.url, "m", deadline=2, retries=1, backoff=0)
-        with pytest.raises(JudgeError, match=f"gave no score after 2 attempts: .*{problem}"):
+        with pytest.raises(error, match=f"gave no score after 2 attempts: .*{problem}") as raised:
             judge.score([make_example(1, 2)], ["x"])
         assert len(server.requests) == 2
+    assert raised.value.__class__ is error  # a judge that answered wrongly is the judge's error, one that did not answer the service's
 
 
 def test_a_judge_that_never_scores_stops_the_run_with_one_line(tmp_path, tiny_models, capsys):
@@ -115,3 +119,59 @@ def test_a_judge_that_never_scores_stops_the_run_with_one_line(tmp_path, tiny_mo
         assert main(["train", str(config), *cfg_args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("opd: error: judge at ") and "the reply is not JSON" in err[0]
+
+
+# ----------------------------------------------------------------------------- outages (docs/cluster.md)
+
+
+def counting(path, request):
+    return {"echo": request}
+
+
+def outage_client(server, action: str, seconds: float = 30.0) -> JSONClient:
+    return JSONClient(server.base + "/x", deadline=2, retries=0, backoff=0.05, outage=OutagePolicy("x.url", "x.", action, seconds))
+
+
+def test_a_service_that_answered_is_waited_for_through_its_outage(caplog):
+    with Restartable(counting) as server:
+        client = outage_client(server, "wait")
+        assert client.post(1) == {"echo": 1}
+        server.outage(lambda: True, seconds=1.0)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="opd.services.http"):
+            with ThreadPoolExecutor(4) as pool:  # a served teacher's concurrent requests share one outage
+                replies = list(pool.map(client.post, [2, 3, 4, 5]))
+        assert replies == [{"echo": n} for n in (2, 3, 4, 5)] and time.monotonic() - started >= 1.0
+    assert server.outages == 1
+    assert caplog.text.count("does not answer") == 1 and caplog.text.count("answers again, after") == 1
+    assert "waiting up to 30 s for it (x.outage_seconds), the step paused" in caplog.text
+
+
+def test_stop_gives_up_at_once_naming_the_service_and_its_policy():
+    with Restartable(counting) as server:
+        client = outage_client(server, "stop")
+        client.post(1)
+        server.outage(lambda: True, seconds=None)
+        started = time.monotonic()
+        with pytest.raises(ServiceOutage, match=rf"^an outage of x.url \({server.base}/x\): no reply \(x.outage=stop\); last error: request failed"):
+            client.post(2)
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_wait_ends_after_outage_seconds():
+    with Restartable(counting) as server:
+        client = outage_client(server, "wait", seconds=1.0)
+        client.post(1)
+        server.outage(lambda: True, seconds=None)
+        started = time.monotonic()
+        with pytest.raises(ServiceOutage, match=r"no reply for 1 s \(x.outage_seconds=1\); last error: request failed \(ConnectError"):
+            client.post(2)
+        assert 1.0 <= time.monotonic() - started < 3.0
+
+
+def test_a_service_that_never_answered_is_a_mistake_not_an_outage():
+    server = Restartable(counting).start()
+    server.stop()  # nothing listens there any more
+    with pytest.raises(ServiceError, match=r"^x.url \(.*\): no usable reply after 1 attempts: request failed") as raised:
+        outage_client(server, "wait").post(1)
+    assert type(raised.value) is ServiceError and raised.value.unavailable

@@ -60,12 +60,24 @@ class Registry(dict):
         return self[name]
 
 
-def validate_client_settings(section, prefix: str) -> None:
+def validate_client_settings(section, prefix: str, dist_timeout: float) -> None:
     """The HTTP client keys every remote service's section spells the same way (``teacher``, ``method.ovd.http``):
-    ``deadline`` (seconds per request, everything included), ``retries`` and ``max_reply_mb``."""
+    ``deadline`` (seconds per request, everything included), ``retries``, ``max_reply_mb`` and the outage policy."""
     require(section.deadline > 0, f"{prefix}.deadline", f"must be > 0 seconds, got {section.deadline}")
     require(section.retries >= 0, f"{prefix}.retries", f"must be >= 0, got {section.retries}")
     require(section.max_reply_mb > 0, f"{prefix}.max_reply_mb", f"must be > 0, got {section.max_reply_mb}")
+    validate_outage(section.outage, section.outage_seconds, f"{prefix}.", dist_timeout)
+
+
+def validate_outage(action: str, seconds: float, keys: str, dist_timeout: float) -> None:
+    """``<keys>outage_seconds``: how long ``<keys>outage=wait`` waits for a service to come back — less than
+    ``train.dist_timeout``, since with several ranks the others wait that long for the waiting one in a collective."""
+    require(seconds > 0, f"{keys}outage_seconds", f"must be > 0 seconds, got {seconds}")
+    require(
+        action != "wait" or seconds < dist_timeout, f"{keys}outage_seconds",
+        f"must be below train.dist_timeout ({dist_timeout:g} s): while one rank waits for the service, the others wait "
+        f"for that rank in a collective, got {seconds:g}",
+    )
 
 
 @dataclass
@@ -128,6 +140,10 @@ class TeacherConfig(ModelConfig):
     retries: int = 3  # further attempts after a transient failure, with exponential backoff
     concurrency: int = 8  # requests in flight at once (one sequence each)
     max_reply_mb: float = 256.0  # a longer reply is an error, never read into memory
+    # when the server, having answered, stops answering: wait (up to outage_seconds, the step paused) or stop (a
+    # checkpoint at the step boundary, exit status 75, resumable); docs/cluster.md
+    outage: Literal["wait", "stop"] = "wait"
+    outage_seconds: float = 600.0
     # where the local teacher, its routes and a checkpoint reference run (cuda:1, cpu, ...); None = the student's
     # device. A LoRA student's initial-weights reference is the student itself and stays with it
     device: str | None = None

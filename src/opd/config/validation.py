@@ -203,7 +203,7 @@ def validate_served_teacher(c: Config) -> None:
         f"must be 1 with a served teacher: the server's prompt log-probs are those of the untempered softmax, got {te.temperature}",
     )
     require(te.top_k >= 1, "teacher.top_k", f"must be >= 1, got {te.top_k}")
-    validate_client_settings(te, "teacher")
+    validate_client_settings(te, "teacher", c.train.dist_timeout)
     require(te.concurrency >= 1, "teacher.concurrency", f"must be >= 1, got {te.concurrency}")
     if te.api_key_env:
         require(bool(os.environ.get(te.api_key_env)), "teacher.api_key_env", f"names {te.api_key_env}, which is not set")

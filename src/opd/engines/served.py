@@ -19,7 +19,7 @@ import torch
 from ..config.sections import SamplingConfig
 from ..models.pairing import ROUND_TRIP_TEXT, raise_pairing, tokenizer_problems
 from ..models.rollouts import Rollouts, build_rollouts
-from ..services.http import JSONClient, ServiceError
+from ..services.http import JSONClient, OutagePolicy, ServiceError
 from .base import Sampler, row_seeds
 
 
@@ -48,7 +48,7 @@ class ServedModel:
                 raise ServiceError(f"{key}: teacher.api_key_env names {cfg.api_key_env}, which is not set")
         self.client = JSONClient(
             self.base + "/v1/completions", api_key, cfg.deadline, cfg.retries, backoff=1.0,
-            max_reply_bytes=int(cfg.max_reply_mb * (1 << 20)),
+            max_reply_bytes=int(cfg.max_reply_mb * (1 << 20)), outage=OutagePolicy(key, "teacher.", cfg.outage, cfg.outage_seconds),
         )
         self.concurrency = cfg.concurrency
         self.name, self.context = self._model_card(cfg.model)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from ..services.http import JSONClient, ServiceError
+from ..services.http import JSONClient, OutagePolicy, ServiceError
 
 WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -93,8 +93,11 @@ class BM25Index:
 class HTTPRetriever:
     """Search-R1's ``/retrieve`` endpoint (e.g. a dense index behind its retrieval server)."""
 
-    def __init__(self, url: str, api_key: str | None = None, deadline: float = 30.0, retries: int = 3, max_reply_bytes: int = 4 << 20):
-        self.client = JSONClient(url, api_key, deadline, retries, max_reply_bytes=max_reply_bytes)
+    def __init__(
+        self, url: str, api_key: str | None = None, deadline: float = 30.0, retries: int = 3, max_reply_bytes: int = 4 << 20,
+        outage: OutagePolicy | None = None,
+    ):
+        self.client = JSONClient(url, api_key, deadline, retries, max_reply_bytes=max_reply_bytes, outage=outage)
 
     def search(self, query: str, k: int) -> list[Passage]:
         return self.search_many([query], k)[0]

@@ -86,7 +86,11 @@ def run_call(tools: dict[str, Tool], call: ToolCall) -> tuple[str, bool]:
         return f"error: there is no tool '{call.name}' (available: {', '.join(sorted(tools))})", False
     try:
         return tool(call.arguments), True
-    except (ValueError, ServiceError) as err:  # bad arguments, or a service that did not answer: the model is told
+    except ServiceError as err:
+        if err.unavailable:  # no answer at all: the run stops (or waits) for the service, the model is not told
+            raise
+        return f"error: {call.name}: {err}", False  # a refused request: the model is told, as for bad arguments
+    except ValueError as err:
         return f"error: {call.name}: {err}", False
 
 

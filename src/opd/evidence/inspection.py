@@ -90,6 +90,9 @@ def token_rows(s: Session, step: int, rows: int):
         teacher = teacher.float().cpu() if teacher is not None else None
         values = teacher - student if teacher is not None else torch.zeros_like(student)
         trained, what = r.loss_mask_BC.float().cpu(), f"teacher − student log-ratio at τ = {tau:g} (ℓ^T − ℓ^S)"
+    for scorer in (s.teacher, s.reference):  # a served teacher that failed scored NaN instead of raising
+        if scorer is not None and (failure := scorer.take_failure()) is not None:
+            raise failure
     n = min(rows, r.batch_size)
     notes = batch.row_notes or [None if batch.on_policy else "not the student's sample: this step's batch is off-policy (reference solutions or teacher samples)"] * r.batch_size
     return r, values[:n], trained[:n], None if teacher is None else teacher[:n], None if student is None else student[:n], notes[:n], what

@@ -156,6 +156,8 @@ class Timer(Protocol):
     def pop(self) -> dict[str, float]:
         """Seconds per phase since the last ``pop``."""
 
+    failed_in: str | None  # the innermost phase an exception left since the last ``pop``
+
 
 @dataclass
 class Session:
@@ -181,6 +183,9 @@ class Session:
     data_report: dict = field(default_factory=dict)  # what the pre-flight pass kept, skipped and truncated per split
     ranks: Ranks = SINGLE  # this process's place in a several-process run (one process: SINGLE)
     sampler_behind: bool = False  # updates applied since the sampler last got the student's weights (sampling.sync_every)
+    # a remote teacher's or reference's failure in the current step (``Teacher.take_failure``): the step is skipped
+    # on every rank and the run stops at its boundary (training.loop)
+    service_failure: Exception | None = None
 
     @property
     def max_prompt_tokens(self) -> int | None:

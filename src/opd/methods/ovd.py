@@ -28,6 +28,7 @@ from ..episodes.scripted import agent_turns, scripted_episodes
 from ..models.loading import freeze, load_model, load_tokenizer
 from ..models.rollouts import Rollouts, build_rollouts, stack_rows
 from ..objectives.ovd import first_rejected_step, ovd_rewards, plan_group, student_baseline_advantages
+from ..services.http import OutagePolicy
 from ..tasks.base import TASK_REGISTRY, Example
 from ..teachers.judges import JUDGE_KINDS, HTTPJudge, ModelJudge, user_judge
 from ..teachers.model import ModelTeacher
@@ -45,6 +46,9 @@ class HTTPJudgeConfig:
     retries: int = 3  # further attempts after a transient failure, with exponential backoff
     backoff: float = 1.0  # seconds before the first retry (doubled for each next one)
     max_reply_mb: float = 1.0  # a longer reply is an error, never read into memory
+    # when the judge, having answered, stops answering: wait up to outage_seconds, or stop resumably (docs/cluster.md)
+    outage: Literal["wait", "stop"] = "wait"
+    outage_seconds: float = 600.0
 
 
 @dataclass
@@ -107,7 +111,7 @@ class OVD(Method):
     def validate(cls, cfg) -> None:
         o = cls.section(cfg)
         require(0 <= o.threshold <= 9, "method.ovd.threshold", f"must be in [0, 9], got {o.threshold}")
-        validate_client_settings(o.http, "method.ovd.http")
+        validate_client_settings(o.http, "method.ovd.http", cfg.train.dist_timeout)
         if o.judge not in JUDGE_KINDS:
             user_judge(o.judge)  # importable, and a judge: a one-line error now
         if o.judge == "programmatic" or o.replacement == "step":
@@ -138,7 +142,8 @@ class OVD(Method):
             return user_judge(o.judge)
         if o.judge == "http":
             h = o.http
-            return HTTPJudge(h.url, h.model, h.api_key_env, h.deadline, h.retries, h.backoff, max_reply_mb=h.max_reply_mb)
+            outage = OutagePolicy("method.ovd.http.url", "method.ovd.http.", h.outage, h.outage_seconds)
+            return HTTPJudge(h.url, h.model, h.api_key_env, h.deadline, h.retries, h.backoff, max_reply_mb=h.max_reply_mb, outage=outage)
         path = o.judge_path or self.cfg.teacher.path
         judge_tok = load_tokenizer(path, "method.ovd.judge_path")
         if path == self.cfg.teacher.path and isinstance(teacher, ModelTeacher):

@@ -155,21 +155,42 @@ class Ranks:
         exception on any rank is raised on all (the lowest rank's; rank 0 prints it, the others stay quiet)."""
         if not self.several:
             return fn()
-        own: BaseException | None = None
+        own: Exception | None = None
         try:
             mine = ("ok", fn())
         except Exception as err:
             own = err
-            mine = ("error", err if picklable(err) else RuntimeError(f"rank {self.rank}: {type(err).__name__}: {err}"))
+            mine = ("error", self._portable(err))
         gathered: list = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, mine)
-        for rank, (kind, value) in enumerate(gathered):
-            if kind == "error":
-                error = own if rank == self.rank else value
+        self._raise_first([value if kind == "error" else None for kind, value in gathered], own)
+        return [item for _, part in gathered for item in part]
+
+    def raise_together(self, error: Exception | None) -> None:
+        """Raise on every rank the error of the lowest rank that has one (rank 0 prints it, the others stay quiet),
+        or return on every rank when none has: what lets every rank leave a phase the same way after one of them
+        failed in it. One integer all-reduce when no rank failed; every rank calls it."""
+        if not self.several:
+            if error is not None:
+                raise error
+            return
+        if not self.max(int(error is not None)):
+            return
+        gathered: list = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, self._portable(error) if error is not None else None)
+        self._raise_first(gathered, error)
+
+    def _portable(self, err: Exception) -> Exception:
+        return err if picklable(err) else RuntimeError(f"rank {self.rank}: {type(err).__name__}: {err}")
+
+    def _raise_first(self, errors: list, own: Exception | None) -> None:
+        for rank, error in enumerate(errors):
+            if error is not None:
+                error = own if rank == self.rank else error
+                error.raised_together = True  # every rank raises it here: the loop ends them all in step
                 if not self.main:
                     error.reported_by_rank0 = True
                 raise error
-        return [item for _, part in gathered for item in part]
 
     def broadcast_parameters(self, model: torch.nn.Module) -> None:
         """Every rank starts from rank 0's trainable weights (identical seeds make them equal already; this makes

@@ -13,31 +13,107 @@ What it guarantees, whatever the server does:
   an API key is refused over plain ``http://`` except to a loopback address.
 
 Every failure ends as one ``ServiceError`` whose message says what went wrong.
+
+A service that has answered before and then stops answering (connections refused, timeouts, HTTP 5xx) is in an
+*outage*; its ``OutagePolicy`` (docs/cluster.md) says what the request does once its retries are spent: ``wait`` —
+keep trying, every few seconds, until the service answers again or ``seconds`` have passed since the outage began —
+or ``stop`` at once. Either way a request that gives up raises ``ServiceOutage``, which the training loop turns into
+a resumable stop at the step boundary. A service that never answered is a configuration mistake, not an outage: its
+failure is an ordinary ``ServiceError`` after the retries.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 from urllib.parse import urlsplit
 
 import httpx2
+
+log = logging.getLogger(__name__)
+
+WAIT_POLL_S = 5.0  # during an outage under ``wait``, the longest pause between two attempts
+WAIT_REPORT_S = 30.0  # and how often the wait is reported
 
 
 class ServiceError(RuntimeError):
     """A remote service that cannot be used or gave no usable reply; the message says which and why.
     ``transient``: another attempt may succeed (a timeout, a 5xx, a truncated or malformed reply);
-    ``problem``: set when every attempt failed, the last attempt's failure."""
+    ``unavailable``: the service did not answer at all (refused or dropped connections, timeouts, HTTP 5xx / 408 /
+    429), as against answering something unusable; ``problem``: set when every attempt failed, the last attempt's
+    failure."""
 
-    def __init__(self, message: str, transient: bool = False, problem: str | None = None):
+    def __init__(self, message: str, transient: bool = False, problem: str | None = None, unavailable: bool = False):
         super().__init__(message)
-        self.transient, self.problem = transient, problem
+        self.transient, self.problem, self.unavailable = transient, problem, unavailable
+
+    def __reduce__(self):  # keeps its attributes across ranks (``parallel.ranks`` passes errors as pickles)
+        return (type(self), (str(self), self.transient, self.problem, self.unavailable))
 
 
-def _retry(message: str) -> ServiceError:
-    return ServiceError(message, transient=True)
+@dataclass(frozen=True)
+class OutagePolicy:
+    """What a request does when a service that answered before stops answering: ``wait`` up to ``seconds`` for it to
+    come back, or ``stop`` at once. ``service``: the config key that names the service; ``keys``: the prefix of its
+    policy's keys (``<keys>outage``, ``<keys>outage_seconds``), for messages."""
+
+    service: str
+    keys: str
+    action: Literal["wait", "stop"] = "wait"
+    seconds: float = 600.0
+
+    def gives_up(self, url: str, problem: str, waited_s: float) -> ServiceOutage:
+        waited = f" for {waited_s:.0f} s ({self.keys}outage_seconds={self.seconds:g})" if self.action == "wait" else f" ({self.keys}outage=stop)"
+        return ServiceOutage(f"an outage of {self.service} ({url}): no reply{waited}; last error: {problem}", self.service, url, problem)
+
+
+class ServiceOutage(ServiceError):
+    """A service that had answered stopped answering, and its ``OutagePolicy`` gave up on it (at once, or after
+    waiting): the run stops at the step boundary with a checkpoint, resumable once the service is back."""
+
+    def __init__(self, message: str, service: str, url: str, problem: str):
+        super().__init__(message, transient=False, problem=problem, unavailable=True)
+        self.service, self.url = service, url
+
+    def __reduce__(self):
+        return (ServiceOutage, (str(self), self.service, self.url, self.problem))
+
+
+def _retry(message: str, unavailable: bool = False) -> ServiceError:
+    return ServiceError(message, transient=True, unavailable=unavailable)
+
+
+class _Outage:
+    """One client's outage as its threads see it: when it began and when it was last reported (one report for all)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.began: float | None = None
+        self.reported = 0.0
+
+    def enter(self, began: float) -> float:
+        with self.lock:
+            if self.began is None:
+                self.began = began
+            return self.began
+
+    def report_due(self, now: float) -> bool:
+        with self.lock:
+            if now - self.reported < WAIT_REPORT_S:
+                return False
+            self.reported = now
+            return True
+
+    def leave(self) -> float | None:
+        """The outage is over: how long it lasted (None when another thread already said so)."""
+        with self.lock:
+            began, self.began, self.reported = self.began, None, 0.0
+        return None if began is None else time.monotonic() - began
 
 
 def is_loopback(host: str) -> bool:
@@ -74,10 +150,13 @@ class JSONClient:
 
     def __init__(
         self, url: str, api_key: str | None = None, deadline: float = 30.0, retries: int = 3, backoff: float = 1.0,
-        max_reply_bytes: int = 1 << 20,
+        max_reply_bytes: int = 1 << 20, outage: OutagePolicy | None = None,
     ):
         check_url(url, with_credentials=api_key is not None)
         self.url, self.deadline, self.retries, self.backoff, self.max_reply_bytes = url, deadline, retries, backoff, max_reply_bytes
+        self.outage = outage
+        self.answered = False  # a reply has come: from now on, no reply at all is an outage
+        self._outage = _Outage()
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -86,20 +165,60 @@ class JSONClient:
     def post(self, payload: Any, read: Callable[[Any], Any] | None = None, url: str | None = None, method: str = "POST") -> Any:
         """The reply to ``payload`` — passed through ``read`` when given, which may refuse it by raising a transient
         ``ServiceError`` — retrying transient failures up to ``retries`` times with backoff. When every attempt
-        failed, the ``ServiceError`` carries ``problem``, the last failure."""
+        failed, the ``ServiceError`` carries ``problem``, the last failure; when the service had answered before and
+        now did not answer at all, the outage policy decides (``ServiceOutage``)."""
         target = url or self.url
-        problem = "no attempt made"
+        first_failure = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                reply = self.post_once(payload, target, method)
-                return read(reply) if read is not None else reply
+                return self._attempt(payload, read, target, method)
             except ServiceError as err:
                 if not err.transient:
                     raise
+                last = err
+                first_failure = first_failure if first_failure is not None else time.monotonic()
+        if self.outage is not None and self.answered and last.unavailable:
+            return self._through_outage(payload, read, target, method, first_failure, str(last))
+        named = f"{self.outage.service} ({target})" if self.outage is not None else target
+        raise ServiceError(f"{named}: no usable reply after {self.retries + 1} attempts: {last}", problem=str(last), unavailable=last.unavailable)
+
+    def _attempt(self, payload: Any, read, target: str, method: str) -> Any:
+        reply = self.post_once(payload, target, method)
+        self.answered = True
+        return read(reply) if read is not None else reply
+
+    def _through_outage(self, payload: Any, read, target: str, method: str, first_failure: float, problem: str) -> Any:
+        """The request's retries are spent on a service that answered before: ``stop`` gives up now; ``wait`` keeps
+        trying until it answers or ``outage.seconds`` have passed since the outage began (shared by the client's
+        threads, one of which reports the wait every ``WAIT_REPORT_S``)."""
+        policy = self.outage
+        began = self._outage.enter(first_failure)
+        if policy.action == "stop":
+            raise policy.gives_up(target, problem, time.monotonic() - began)
+        pause = self.backoff or 1.0
+        while True:
+            now = time.monotonic()
+            if now - began >= policy.seconds:
+                raise policy.gives_up(target, problem, now - began)
+            if self._outage.report_due(now):
+                log.warning("%s (%s) does not answer%s (%s); waiting up to %g s for it (%soutage_seconds), the step paused",
+                            policy.service, target, f" after {now - began:.0f} s" if now - began >= 1 else "", problem,
+                            policy.seconds, policy.keys)
+            time.sleep(min(pause, WAIT_POLL_S, max(0.0, began + policy.seconds - now)))
+            pause *= 2
+            try:
+                result = self._attempt(payload, read, target, method)
+            except ServiceError as err:
+                if not (err.transient and err.unavailable):  # it answers again, but not usably: not an outage
+                    raise ServiceError(f"{target}: no usable reply after the outage: {err}", problem=str(err)) from None
                 problem = str(err)
-        raise ServiceError(f"{target}: no usable reply after {self.retries + 1} attempts: {problem}", problem=problem)
+                continue
+            lasted = self._outage.leave()
+            if lasted is not None:
+                log.warning("%s (%s) answers again, after %.0f s", policy.service, target, lasted)
+            return result
 
     def get(self, url: str, read: Callable[[Any], Any] | None = None) -> Any:
         """``GET url`` (an endpoint of the configured server), with the same deadline, retries and caps."""
@@ -119,7 +238,7 @@ class JSONClient:
                     raise ServiceError(f"{url} redirected to {target}; redirects are not followed (credentials stay with the configured host)")
                 if response.status_code >= 400:
                     if response.status_code in (408, 429) or response.status_code >= 500:
-                        raise _retry(f"HTTP {response.status_code}")
+                        raise _retry(f"HTTP {response.status_code}", unavailable=True)
                     raise ServiceError(f"{url} answered HTTP {response.status_code}{_error_detail(response)}")
                 body = bytearray()
                 for chunk in response.iter_bytes():
@@ -127,11 +246,11 @@ class JSONClient:
                     if len(body) > self.max_reply_bytes:
                         raise _retry(f"the reply is larger than {self.max_reply_bytes} bytes")
                     if time.monotonic() - started > self.deadline:
-                        raise _retry(f"no complete reply within the {self.deadline:g} s deadline")
+                        raise _retry(f"no complete reply within the {self.deadline:g} s deadline", unavailable=True)
         except httpx2.TimeoutException:
-            raise _retry(f"no complete reply within the {self.deadline:g} s deadline") from None
+            raise _retry(f"no complete reply within the {self.deadline:g} s deadline", unavailable=True) from None
         except httpx2.HTTPError as err:  # connection refused or reset, a truncated body, a protocol error
-            raise _retry(f"request failed ({type(err).__name__}: {err})") from None
+            raise _retry(f"request failed ({type(err).__name__}: {err})", unavailable=True) from None
         try:
             return json.loads(bytes(body).decode("utf-8"))
         except UnicodeDecodeError:

@@ -19,12 +19,13 @@ import re
 import string
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from ..config.sections import require
+from ..config.sections import require, validate_outage
 from ..episodes.environments import EpisodeLimits, EpisodicTask, ToolEnvironment
 from ..episodes.search import BM25Index, HTTPRetriever, Passage
 from ..episodes.tool_calls import CLOSE, SearchTool, parse_tool_calls
+from ..services.http import OutagePolicy
 from ..worlds.locate import world_part
 from .base import Example, TaskConfig, episodes_lack, register_task
 from .rows import DataError, read_rows
@@ -48,6 +49,12 @@ class SearchQAConfig(TaskConfig):
     corpus: str | None = None  # JSONL of {id, title, text}, searched with BM25
     retriever_url: str | None = None  # a Search-R1 /retrieve endpoint instead of a local corpus
     retriever_api_key_env: str | None = None  # environment variable holding its key (sent only to that host)
+    retriever_deadline: float = 30.0  # seconds per request to the retriever, everything included
+    retriever_retries: int = 3  # further attempts after a transient failure, with exponential backoff
+    # when the retriever, having answered, stops answering: wait up to retriever_outage_seconds (the step paused), or
+    # stop with a checkpoint at the step boundary, resumably (docs/cluster.md)
+    retriever_outage: Literal["wait", "stop"] = "wait"
+    retriever_outage_seconds: float = 600.0
     question_field: str = "question"
     answer_field: str = "answer"  # a string, or a list of accepted answers
     group_field: str | None = None  # a row field (e.g. hops, or HotpotQA's type): held-out exact match per value too
@@ -69,6 +76,9 @@ class SearchQAConfig(TaskConfig):
             f"must be at least sampling.max_new_tokens ({cfg.sampling.max_new_tokens}), got {self.max_tokens}",
         )
         require("{solution}" in self.privileged_instruction, "task.privileged_instruction", "must contain {solution}")
+        require(self.retriever_deadline > 0, "task.retriever_deadline", f"must be > 0 seconds, got {self.retriever_deadline}")
+        require(self.retriever_retries >= 0, "task.retriever_retries", f"must be >= 0, got {self.retriever_retries}")
+        validate_outage(self.retriever_outage, self.retriever_outage_seconds, "task.retriever_", cfg.train.dist_timeout)
         if self.retriever_api_key_env:
             require(bool(os.environ.get(self.retriever_api_key_env)), "task.retriever_api_key_env", f"names {self.retriever_api_key_env}, which is not set")
 
@@ -177,7 +187,8 @@ class SearchQATask(FixedSplits, EpisodicTask):
             self.searcher = BM25Index(read_corpus(world_file(c.corpus)))
         else:
             key = os.environ.get(c.retriever_api_key_env) if c.retriever_api_key_env else None
-            self.searcher = HTTPRetriever(c.retriever_url, key)
+            outage = OutagePolicy("task.retriever_url", "task.retriever_", c.retriever_outage, c.retriever_outage_seconds)
+            self.searcher = HTTPRetriever(c.retriever_url, key, c.retriever_deadline, c.retriever_retries, outage=outage)
         self.tools = [SearchTool(self.searcher, c.top_k)]
 
     @classmethod

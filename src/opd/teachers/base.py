@@ -55,6 +55,12 @@ class Teacher(Protocol):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what ``state_tensors`` returned."""
 
+    def take_failure(self) -> Exception | None:
+        """The failure of a remote teacher since the last call (then forgotten), or None. A teacher behind a service
+        that fails mid-step does not raise: it scores the step's remaining rows NaN, so that every rank's step runs
+        its collectives to the end and is skipped, and the loop then stops the run at the step boundary
+        (``training.loop``; docs/cluster.md)."""
+
 
 class StatelessTeacher:
     """The hooks of a teacher that does not follow the student: nothing to update, nothing to checkpoint."""
@@ -67,5 +73,8 @@ class StatelessTeacher:
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+    def take_failure(self) -> Exception | None:
+        return None
 
 

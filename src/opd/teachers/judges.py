@@ -23,7 +23,7 @@ import torch
 
 from ..models.prompts import encode_prompt
 from ..models.rollouts import left_pad
-from ..services.http import JSONClient, ServiceError
+from ..services.http import JSONClient, OutagePolicy, ServiceError, ServiceOutage
 from ..config.objects import import_object
 from ..config.sections import ConfigError
 from ..tasks.base import Example
@@ -119,7 +119,8 @@ class HTTPJudge:
     file). Requests go through ``services.http.JSONClient``: a total deadline per request
     (``deadline``), bounded retries with backoff, a capped reply, no redirects, the key only for
     the configured host. A reply that is not a chat completion or has no score is retried too;
-    when every attempt fails, ``JudgeError`` names the last problem.
+    when every attempt fails, ``JudgeError`` names the last problem — or, when the judge did not answer at all, a
+    ``ServiceError`` (``ServiceOutage`` once it had answered: ``outage`` decides whether to wait for it first).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class HTTPJudge:
         backoff: float = 1.0,
         instruction: str = JUDGE_INSTRUCTION,
         max_reply_mb: float = 1.0,
+        outage: OutagePolicy | None = None,
     ):
         self.url = url.rstrip("/") + "/v1/chat/completions" if not url.rstrip("/").endswith("/chat/completions") else url
         self.model = model
@@ -140,7 +142,7 @@ class HTTPJudge:
             raise JudgeError(f"environment variable {api_key_env} (the judge's API key) is not set")
         self.instruction = instruction
         try:
-            self.client = JSONClient(self.url, api_key, deadline, retries, backoff, int(max_reply_mb * (1 << 20)))
+            self.client = JSONClient(self.url, api_key, deadline, retries, backoff, int(max_reply_mb * (1 << 20)), outage)
         except ServiceError as err:
             raise JudgeError(f"judge: {err}") from None
 
@@ -156,10 +158,15 @@ class HTTPJudge:
         }
         try:  # transport failures and scoreless replies share one retry budget
             return self.client.post(body, read=_score)
+        except ServiceOutage:
+            raise  # it answered before: its outage policy gave up; the loop stops at the step boundary, resumably
         except ServiceError as err:
             if err.problem is None:  # a redirect, a 4xx: refused without retrying, since asking again will not help
                 raise JudgeError(f"judge: {err}") from None
-            raise JudgeError(f"judge at {self.url} gave no score after {self.client.retries + 1} attempts: {err.problem}") from None
+            message = f"judge at {self.url} gave no score after {self.client.retries + 1} attempts: {err.problem}"
+            if err.unavailable:  # no reply at all: a service error, which stops the loop at the step boundary
+                raise ServiceError(message, problem=err.problem, unavailable=True) from None
+            raise JudgeError(message) from None
 
 
 def _score(payload) -> float:

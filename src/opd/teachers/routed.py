@@ -35,5 +35,9 @@ class RoutedTeacher(StatelessTeacher):
             logp_BC[rows] = self._teacher(route).token_logprobs(rollouts.select(rows), temperature).to(logp_BC.dtype)
         return logp_BC
 
+    def take_failure(self) -> Exception | None:
+        failures = [t.take_failure() for t in [*self.routes.values(), self.default] if t is not None]
+        return next((f for f in failures if f is not None), None)
+
     def distributions(self, rollouts: Rollouts) -> HiddenStates:
         raise TypeError("routed teachers give sampled-token log-probs only, not full next-token distributions")

@@ -13,6 +13,10 @@ untempered softmax (``log softmax(z)``, temperature 1). From that:
 Because the server scores at temperature 1, a served teacher refuses any other temperature
 (``teacher.temperature``, a full-vocabulary loss's ``temperature``) rather than approximate it.
 Rows go out as concurrent requests (``teacher.concurrency``) through the server's ``engines.served.ServedModel``.
+
+A server that fails mid-step (no usable reply, or an outage its ``teacher.outage`` policy gave up on) does not raise
+here: the failure is kept for ``take_failure`` and the step's rows are scored NaN from then on, so the step's loss is
+not finite on this rank, every rank skips its update together, and the loop stops the run at the step boundary.
 """
 
 from __future__ import annotations
@@ -51,9 +55,24 @@ class ServedTeacher(StatelessTeacher):
 
     def __init__(self, served: ServedModel, top_k: int, vocab_size: int):
         self.served, self.top_k, self.vocab_size = served, top_k, vocab_size
+        self.failure: ServiceError | None = None
 
-    def _score(self, rollouts: Rollouts, top_k: int) -> list[list[dict]]:
-        """Per row, the server's entries for the completion positions: ``{token_id: logprob}`` each."""
+    def take_failure(self) -> ServiceError | None:
+        failure, self.failure = self.failure, None
+        return failure
+
+    def _score(self, rollouts: Rollouts, top_k: int) -> list[list[dict]] | None:
+        """Per row, the server's entries for the completion positions: ``{token_id: logprob}`` each; None once the
+        server has failed this step (``failure``)."""
+        if self.failure is not None:
+            return None
+        try:
+            return self._ask(rollouts, top_k)
+        except ServiceError as err:
+            self.failure = err
+            return None
+
+    def _ask(self, rollouts: Rollouts, top_k: int) -> list[list[dict]]:
 
         def score_row(i: int) -> list[dict]:
             prompt, completion = _row_tokens(rollouts, i)
@@ -69,6 +88,8 @@ class ServedTeacher(StatelessTeacher):
         if temperature != 1.0:
             raise ValueError(f"a served teacher scores at temperature 1 (its prompt log-probs are untempered), not {temperature}")
         rows = self._score(rollouts, 0)
+        if rows is None:
+            return torch.full(rollouts.completion_ids_BC.shape, math.nan, device=rollouts.completion_ids_BC.device)
         logp_BC = torch.zeros(rollouts.completion_ids_BC.shape, dtype=torch.float32)
         for i, entries in enumerate(rows):
             _, completion = _row_tokens(rollouts, i)
@@ -80,9 +101,9 @@ class ServedTeacher(StatelessTeacher):
         rows = self._score(rollouts, self.top_k)
         B, C, K = *rollouts.completion_ids_BC.shape, self.top_k
         ids_BCK = torch.zeros(B, C, K, dtype=torch.long)
-        logp_BCK = torch.full((B, C, K), -math.inf, dtype=torch.float32)
+        logp_BCK = torch.full((B, C, K), -math.inf if rows is not None else math.nan, dtype=torch.float32)
         token_logp_BC = torch.zeros(B, C, dtype=torch.float32)
-        for i, entries in enumerate(rows):
+        for i, entries in enumerate(rows or ()):
             _, completion = _row_tokens(rollouts, i)
             for j, (token, entry) in enumerate(zip(completion, entries)):
                 top = sorted(entry.items(), key=lambda kv: -kv[1])[:K]

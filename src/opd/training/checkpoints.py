@@ -84,7 +84,28 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+    """A checkpoint (or the final model, or the run's metrics) could not be written — e.g. the disk is full; what was
+    written before is intact."""
+
+
+def write_failure(err: Exception) -> str:
+    """What went wrong writing a file, in words: an ``OSError`` or safetensors' own error (which wraps the OS's)."""
+    import errno
+
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in text or "os error 122" in text:
+        return "no space left on the device (or the disk quota is used up)"
+    if code == errno.EFBIG or "os error 27" in text:
+        return "a file grew past the size this process may write (RLIMIT_FSIZE / ulimit -f)"
+    return getattr(err, "strerror", None) or " ".join(text.split())[:200]
+
+
+def write_errors() -> tuple[type[Exception], ...]:
+    """The errors a full disk or a write limit raises while a checkpoint or model is written."""
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -185,9 +206,11 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(saved_state))
         write_manifest(tmp)
         fsync_tree(tmp)
-    except OSError as err:
+    except write_errors() as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final} ({err.strerror or err}); the previous checkpoint is intact") from None
+        previous = list_checkpoints(run_dir)[-1:]
+        kept = f"the previous checkpoint, {previous[0].name}, is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"cannot write checkpoint {final}: {write_failure(err)}; {kept} (free space, then --resume)") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

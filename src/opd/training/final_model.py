@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import MANIFEST, fsync_dir, fsync_tree, write_manifest
+from .checkpoints import MANIFEST, CheckpointError, fsync_dir, fsync_tree, write_errors, write_failure, write_manifest
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -33,13 +33,21 @@ def save_final_model(student: torch.nn.Module, tokenizer, path: Path, whole: dic
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model = student
-    if hasattr(model, "merge_and_unload"):  # a peft (LoRA) model
-        model.save_pretrained(tmp / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": whole} if whole is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    write_manifest(tmp)
-    fsync_tree(tmp)
+    try:
+        if hasattr(model, "merge_and_unload"):  # a peft (LoRA) model
+            model.save_pretrained(tmp / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": whole} if whole is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
+        fsync_tree(tmp)
+    except write_errors() as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the earlier final model is intact; " if path.exists() else ""
+        raise CheckpointError(
+            f"cannot write the final model to {path}: {write_failure(err)}; {kept}free space, then --resume writes it again "
+            "from the last checkpoint (checkpoint.at_end keeps one of the last step)"
+        ) from None
     shutil.rmtree(old, ignore_errors=True)
     if path.exists() and exchange(tmp, path):  # atomic: final/ is the old model, then the new one, never absent
         os.replace(tmp, old)

@@ -34,9 +34,10 @@ from ..objectives.common import step_normaliser
 from ..parallel.failure import PeerFailed, Watchdog, connect_store, stopped_because
 from ..parallel.ranks import start_ranks, stop_ranks, thread_oversubscription
 from ..parallel.sharding import full_tensor, is_sharded, whole_state_dict
+from ..services.http import ServiceError, ServiceOutage
 from .assembly import build_session
-from .checkpoints import CHECKPOINT_PREFIX, full_state, load_checkpoint, load_extra_tensors, save_checkpoint
-from .errors import TrainingError, report_failure
+from .checkpoints import CHECKPOINT_PREFIX, full_state, list_checkpoints, load_checkpoint, load_extra_tensors, save_checkpoint
+from .errors import TrainingError, is_out_of_memory, out_of_memory, report_failure
 from .evaluation import evaluate_session
 from .final_model import save_final_model
 from .metrics import MetricsLog, NoMetrics
@@ -50,7 +51,7 @@ from .run_dir import prepare_run_dir
 from .run_lock import RunDirLock
 from .micro_batches import regroup
 from .seeds import micro_seed, step_generators
-from .stopping import PREEMPTED_EXIT, STOPPED_FILE, Preempted, StopRequests
+from .stopping import PREEMPTED_EXIT, STOPPED_FILE, Preempted, StepAbandoned, StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ def train(cfg) -> dict:
                 (run_dir / STOPPED_FILE).write_text(json.dumps({"reason": stopped.reason, "step": stopped.step,
                                                                "checkpoint": str(stopped.checkpoint), "exit_status": PREEMPTED_EXIT}))
             raise
+        except BaseException as err:
+            finished = getattr(err, "raised_together", False)  # every rank raises it at the same point: none is left waiting
+            raise
         finally:
             if finished and ranks.several:  # every rank past its last collective: closing an engine inside the
                 ranks.barrier()  # process group may end the group (vLLM's external launcher does)
@@ -101,7 +105,7 @@ def train(cfg) -> dict:
                 if sampler is not None:
                     sampler.close()
     except BaseException as err:
-        if watchdog is not None and not isinstance(err, Preempted):
+        if watchdog is not None and not isinstance(err, Preempted) and not getattr(err, "raised_together", False):
             if (why := watchdog.peer_failure()) is not None:  # a collective broke because another rank failed first
                 watchdog.failing = True
                 raise PeerFailed(stopped_because(why)) from None
@@ -133,9 +137,10 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     trackers = functools.partial(open_trackers, cfg.log.trackers(), run_dir, cfg.run.name, redact(to_dict(cfg)))
     metrics_log = MetricsLog(run_dir, trackers, start_step if resume_from is not None else None, cfg.train.steps) if s.ranks.main else NoMetrics()
     eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
-    if resume_from is None:
-        evaluate_before(s, state, eval_examples, metrics_log)
-    run_steps(s, optimizer, scheduler, state, start_step, run_dir, eval_examples, metrics_log, resume_from is not None, stops)
+    checkpointed = start_step if resume_from is not None else None  # the step the newest checkpoint holds
+    with stop_if_service_fails(s, run_dir, start_step, optimizer, scheduler, state, checkpointed), memory_named(s, run_dir, start_step, "evaluation"):
+        evaluate_before(s, state, eval_examples, metrics_log)  # (what a resumed run has not evaluated yet)
+    checkpointed = run_steps(s, optimizer, scheduler, state, start_step, run_dir, eval_examples, metrics_log, checkpointed, stops)
     if cfg.train.steps and state["no_signal_steps"] + state["nonfinite_skips"] >= cfg.train.steps - start_step > 0:
         log.warning(
             "no step of this run changed the student: every gradient was exactly zero or non-finite "
@@ -143,7 +148,8 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
         )
     if s.sampler_behind:
         sync_sampler(s)
-    after = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
+    with stop_if_service_fails(s, run_dir, cfg.train.steps, optimizer, scheduler, state, checkpointed), memory_named(s, run_dir, cfg.train.steps, "evaluation"):
+        after = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
     metrics_log.write("eval", cfg.train.steps, after)
     metrics_log.close()
     whole = whole_state_dict(s.student)  # every rank (a collective when sharded); None when unsharded
@@ -178,26 +184,72 @@ def restore(s: Session, optimizer, scheduler, resume_from: Path | None) -> dict:
 
 def evaluate_before(s: Session, state: dict, eval_examples: list, metrics_log) -> None:
     """The teacher's held-out accuracy (once, when asked and there is a teacher to sample) and the student's before
-    training."""
-    if s.cfg.eval.teacher and s.teacher_sampler is not None:
+    training — each unless ``state`` (a resumed run's) has it already — and an evaluation a service failure left
+    undone (``pending_eval``: the step it belongs to, which the run resumes at)."""
+    if s.cfg.eval.teacher and s.teacher_sampler is not None and "teacher_eval" not in state:
         state["teacher_eval"] = evaluate_session(s, s.teacher_sampler, eval_examples, s.cfg.run.seed)
         metrics_log.write("teacher_eval", 0, state["teacher_eval"])
-    state["before_eval"] = evaluate_session(s, s.sampler, eval_examples, s.cfg.run.seed)
-    metrics_log.write("eval", 0, state["before_eval"])
+    if "before_eval" not in state:
+        state["before_eval"] = evaluate_session(s, s.sampler, eval_examples, s.cfg.run.seed)
+        metrics_log.write("eval", 0, state["before_eval"])
+    if "pending_eval" in state:
+        metrics_log.write("eval", state["pending_eval"], evaluate_session(s, s.sampler, eval_examples, s.cfg.run.seed))
+        del state["pending_eval"]
+
+
+@contextlib.contextmanager
+def stop_if_service_fails(s: Session, run_dir: Path, done: int, optimizer, scheduler, state: dict, checkpointed: int | None):
+    """Around an evaluation with ``done`` steps behind it: a service that fails in it (raised on every rank together,
+    ``Ranks.gather``) stops the run with a checkpoint of those steps, the evaluation left to the resumed run."""
+    try:
+        yield
+    except ServiceError as failure:
+        if "before_eval" in state and done < s.cfg.train.steps:
+            state["pending_eval"] = done
+        stop_for_service(s, run_dir, done, optimizer, scheduler, state, checkpointed, failure)
+
+
+def stop_for_service(
+    s: Session, run_dir: Path, done: int, optimizer, scheduler, state: dict, checkpointed: int | None, failure: Exception,
+    weights_changed: bool = False,
+) -> None:
+    """A service failed with ``done`` steps behind the run, on every rank: a checkpoint of them (unless one exists, or
+    the failed step had already changed the weights — then the newest checkpoint stands), then ``Preempted`` for
+    an outage (exit status 75: resumable once the service is back; docs/cluster.md) or the service's own error."""
+    if done == 0 and checkpointed is None and not isinstance(failure, ServiceOutage):
+        raise failure  # a service that fails before anything was trained: nothing to keep
+    if not weights_changed and checkpointed != done:
+        checkpoint(s, run_dir, done, optimizer, scheduler, state)
+        checkpointed = done
+    if checkpointed is None:
+        raise together_as(failure, ServiceError(f"{failure} (no checkpoint holds the steps so far: the step that failed had changed the weights)"))
+    holds = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{checkpointed:06d}"
+    if isinstance(failure, ServiceOutage):
+        raise together_as(failure, Preempted(str(failure), checkpointed, holds)) from None
+    raise together_as(failure, ServiceError(f"{failure}; checkpoint {holds} holds the {checkpointed} steps before it: --resume once the service answers")) from None
+
+
+def together_as(failure: Exception, error: Exception) -> Exception:
+    """``error`` in place of ``failure``, raised on the same ranks in the same way (quiet on all but rank 0)."""
+    for mark in ("raised_together", "reported_by_rank0"):
+        if getattr(failure, mark, False):
+            setattr(error, mark, True)
+    return error
 
 
 def run_steps(
     s: Session, optimizer, scheduler, state: dict, start_step: int, run_dir: Path, eval_examples: list, metrics_log,
-    resumed: bool, stops: StopRequests,
-) -> None:
+    checkpointed: int | None, stops: StopRequests,
+) -> int | None:
     """Steps ``start_step`` … ``train.steps`` − 1, each logged, evaluated and checkpointed as configured; before each,
-    ``stops`` may end the run there (every rank at the same step), with a checkpoint of it (``Preempted``)."""
+    ``stops`` may end the run there (every rank at the same step), with a checkpoint of it (``Preempted``); a service
+    that fails in a step or an evaluation ends it the same way at the step boundary. ``checkpointed``: the step the
+    newest checkpoint holds (None: none yet); returns it at the end."""
     cfg = s.cfg
     last_eval = state.get("before_eval", {})
     bar = progress(range(start_step, cfg.train.steps), start_step, cfg.train.steps, cfg.run.name, cfg.log.progress_bar and s.ranks.main)
     segment_start = time.time()
     memory = PeakMemory(s.device)
-    checkpointed = start_step if resumed else None  # the step the newest checkpoint holds
     try:
         for step in bar:
             if (reason := stops.reason(s.ranks)) is not None:
@@ -208,7 +260,14 @@ def run_steps(
                 raise Preempted(reason, step, run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}")
             step_start = time.time()
             memory.reset()
-            metrics, status = train_step(s, optimizer, step)
+            try:
+                with memory_named(s, run_dir, step + 1):
+                    metrics, status = train_step(s, optimizer, step)
+            except StepAbandoned as abandoned:
+                s.timer.pop()
+                state["wall_seconds"] += time.time() - segment_start
+                segment_start = time.time()
+                stop_for_service(s, run_dir, step, optimizer, scheduler, state, checkpointed, abandoned.failure, abandoned.weights_changed)
             if (peak := memory.peak_mb()) is not None:
                 metrics["peak_memory_mb"] = peak
             with warnings.catch_warnings():  # a skipped update still advances the schedule
@@ -224,19 +283,36 @@ def run_steps(
                     f"(last at step {done}); lower train.lr or check the teacher's outputs"
                 )
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
-                last_eval = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
+                with stop_if_service_fails(s, run_dir, done, optimizer, scheduler, state, checkpointed), memory_named(s, run_dir, done, "evaluation"):
+                    last_eval = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
                 metrics_log.write("eval", done, last_eval)
             bar.set_postfix(_postfix(metrics, last_eval))
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 state["wall_seconds"] += time.time() - segment_start
                 segment_start = time.time()
-                checkpoint(s, run_dir, done, optimizer, scheduler, state)
+                with memory_named(s, run_dir, done, "checkpoint"):
+                    checkpoint(s, run_dir, done, optimizer, scheduler, state)
                 checkpointed = done
                 stops.longest_checkpoint_s = max(stops.longest_checkpoint_s, time.time() - segment_start)
             stops.longest_step_s = max(stops.longest_step_s, time.time() - step_start)
     finally:
         bar.close()
     state["wall_seconds"] += time.time() - segment_start
+    return checkpointed
+
+
+@contextlib.contextmanager
+def memory_named(s: Session, run_dir: Path, step: int, phase: str | None = None):
+    """An out-of-memory error inside (CUDA or host) as one line (``errors.out_of_memory``) naming ``phase`` (by default
+    the step's phase it happened in, ``PhaseTimer.failed_in``), step ``step`` and the newest checkpoint, which it
+    leaves intact."""
+    try:
+        yield
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        newest = list_checkpoints(run_dir)[-1:]
+        raise out_of_memory(err, phase or s.timer.failed_in or "student", step, newest[0].name if newest else None) from None
 
 
 def count_step(s: Session, state: dict, metrics: dict, status: str, step: int) -> None:
@@ -346,15 +422,19 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     accum = cfg.train.grad_accum
     per_micro = len(examples) // (accum * ranks.world_size)
     optimizer.zero_grad(set_to_none=True)
-    batches = []
-    with whole_for(s.sampler, s.student), sampling_round(s.sampler):  # a sharded student gathered for opd's own sampler
-        for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
-            rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
-            with s.timer.phase("sample"):
-                batch = method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator)
-            batch.seed = micro_seed(cfg.run.seed, step, micro)
-            batch.advantages_B = method.row_advantages(batch)  # over the groups as sampled, before any regrouping
-            batches.append(batch)
+    batches, failure = [], None
+    try:
+        with whole_for(s.sampler, s.student), sampling_round(s.sampler):  # a sharded student gathered for opd's own sampler
+            for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
+                rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
+                with s.timer.phase("sample"):
+                    batch = method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator)
+                batch.seed = micro_seed(cfg.run.seed, step, micro)
+                batch.advantages_B = method.row_advantages(batch)  # over the groups as sampled, before any regrouping
+                batches.append(batch)
+    except ServiceError as err:  # a judge, retriever or served model that failed: every rank gives the step up
+        failure = err
+    abandon_if_failed(s, failure)
     data_tally = tally(batch_metrics(b) for b in batches)  # what the sampled micro-batches hold, whatever trains them
     if cfg.train.micro_batch_tokens is not None:
         batches = training_micro_batches(s, batches, step, ranks.rank * accum)
@@ -371,6 +451,8 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
         elif "clip_fraction" in metrics:  # the clip only binds from the second update on
             totals["clip_fraction_last"] = metrics["clip_fraction"]
         if update_status == "nonfinite":
+            failure, s.service_failure = s.service_failure, None
+            abandon_if_failed(s, failure, weights_changed=status == "applied")
             status = "nonfinite"
             break
         if update_status == "applied":
@@ -380,6 +462,25 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     if s.sampler_behind and (step + 1) % cfg.sampling.sync_every == 0:
         sync_sampler(s)
     return totals, status
+
+
+def abandon_if_failed(s: Session, failure: Exception | None, weights_changed: bool = False) -> None:
+    """Give the step up on every rank when a service failed on any (``StepAbandoned``, the lowest failing rank's
+    error); nothing when none did. A collective: every rank calls it at the same point of the step."""
+    try:
+        s.ranks.raise_together(failure)
+    except ServiceError as agreed:
+        raise StepAbandoned(agreed, weights_changed) from None
+
+
+def service_failed(s: Session) -> bool:
+    """Whether a remote teacher or reference failed in this step (its rows scored NaN: ``Teacher.take_failure``); the
+    first failure is kept in ``s.service_failure`` for the step's end."""
+    for teacher in (s.teacher, s.reference):
+        failure = teacher.take_failure() if teacher is not None else None
+        if failure is not None and s.service_failure is None:
+            s.service_failure = failure
+    return s.service_failure is not None
 
 
 def training_micro_batches(s: Session, sampled: list[Batch], step: int, first_micro: int) -> list[Batch]:
@@ -493,7 +594,8 @@ def accumulate_gradients(s: Session, batches: list[Batch], step: int, update: in
         batch.normaliser = normaliser
         with s.timer.phase("student"), batch.rng(1 + update):
             loss, metrics = method.loss(s, batch, step)
-            finite = bool(torch.isfinite(loss))
+            failed = service_failed(s)  # (asked first: a failed service's NaN makes the loss non-finite too)
+            finite = bool(torch.isfinite(loss)) and not failed
             if sharded:  # a sharded backward is a collective: every rank runs it, or none
                 finite = s.ranks.all(finite)
                 if not finite:  # no backward will reshard the root group its forward gathered

@@ -23,8 +23,13 @@ class MetricsLog:
         self.trackers = trackers((keep_until_step or 0) + 1)
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json_row({"kind": kind, "step": step, **values}) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json_row({"kind": kind, "step": step, **values}) + "\n")
+        except OSError as err:  # a row torn by a full disk is dropped on resume (read_metrics)
+            from .checkpoints import CheckpointError, write_failure
+
+            raise CheckpointError(f"cannot append to {self.path}: {write_failure(err)}; the checkpoints written so far are intact (free space, then --resume)") from None
         for tracker in self.trackers:
             tracker.log(kind, step, values)
 

@@ -20,6 +20,7 @@ class PhaseTimer:
         self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
         self._seconds: dict[str, float] = {}
         self._open: list[list] = []  # [name, start, seconds spent in nested phases]
+        self.failed_in: str | None = None  # the innermost phase an exception left since the last ``pop``
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -28,6 +29,9 @@ class PhaseTimer:
         self._open.append(frame)
         try:
             yield
+        except BaseException:
+            self.failed_in = self.failed_in or name
+            raise
         finally:
             self._sync()
             self._open.pop()
@@ -38,7 +42,7 @@ class PhaseTimer:
 
     def pop(self) -> dict[str, float]:
         """Seconds per phase since the last ``pop``, then reset."""
-        seconds, self._seconds = self._seconds, {}
+        seconds, self._seconds, self.failed_in = self._seconds, {}, None
         return seconds
 
 

@@ -31,6 +31,10 @@ NEUTRAL = (
     "run.resume", "run.overwrite", "run.allow_changes", "run.name", "run.time_limit", "log.", "checkpoint.", "eval.", "train.threads",
     "train.dist_timeout", "train.sharding", "train.gradient_checkpointing", "train.micro_batch_tokens", "train.packing",
     "student.attn_implementation", "teacher.attn_implementation",
+    # how a remote service is waited for, not what it answers (docs/cluster.md)
+    "teacher.deadline", "teacher.retries", "teacher.concurrency", "teacher.max_reply_mb", "teacher.outage",
+    "method.ovd.http.deadline", "method.ovd.http.retries", "method.ovd.http.backoff", "method.ovd.http.max_reply_mb",
+    "method.ovd.http.outage", "task.retriever_deadline", "task.retriever_retries", "task.retriever_outage",
 )  # not teacher.device: a teacher elsewhere samples its demonstrations from a generator of its own device
 
 

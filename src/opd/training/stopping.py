@@ -31,6 +31,16 @@ TIME_LIMIT = 4
 REASONS = {0: None, 1: "SIGINT (Ctrl-C)", 2: "SIGUSR1", 3: "SIGTERM", TIME_LIMIT: "run.time_limit"}
 
 
+class StepAbandoned(Exception):
+    """A service failed during a step (``failure``, raised on every rank together): the step is given up, and the
+    run stops at its boundary. ``weights_changed``: an update of the step was applied before the failure (with
+    ``train.updates_per_batch`` > 1), so the weights are no longer the step boundary's."""
+
+    def __init__(self, failure: Exception, weights_changed: bool = False):
+        super().__init__(str(failure))
+        self.failure, self.weights_changed = failure, weights_changed
+
+
 class Preempted(Exception):
     """The run stopped early and resumably: a signal or the time limit; ``checkpoint`` holds the step it stopped at."""
 
