@@ -63,6 +63,11 @@ CASES = [
     (GOOD, ["teacher.path=null", "teacher.url=http://127.0.0.1:9", "teacher.concurrency=0"], "'teacher.concurrency' must be >= 1"),
     (GOOD, ["method.name=opsd", "teacher.path=null", "teacher.url=http://127.0.0.1:9"], "'teacher.url' must be null for opsd"),
     (GOOD, ["badoverride"], "override 'badoverride' must look like key.path=value"),
+    # a service's outage policy (docs/cluster.md)
+    (GOOD, ["teacher.path=null", "teacher.url=http://127.0.0.1:9", "teacher.outage=retry"], "'teacher.outage' must be one of 'wait', 'stop', got 'retry'"),
+    (GOOD, ["teacher.path=null", "teacher.url=http://127.0.0.1:9", "teacher.outage_seconds=0"], "'teacher.outage_seconds' must be > 0 seconds"),
+    (GOOD, ["method.name=ovd", "method.ovd.judge=http", "method.ovd.http.url=http://x", "method.ovd.http.outage_seconds=7200"],
+     "'method.ovd.http.outage_seconds' must be below train.dist_timeout (3600 s)"),
 ]
 
 
@@ -224,3 +229,48 @@ def test_a_served_teacher_that_is_not_there_stops_the_run_before_any_model_loads
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"teacher.url: the server at http://127.0.0.1:{port} cannot be reached" in err[0], err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_model_type_transformers_does_not_know_is_one_line_naming_the_key(tmp_path, tiny_models, capsys):
+    import shutil
+
+    for key, position in (("student.path", 1), ("teacher.path", 0)):
+        model = tmp_path / f"future_{key}"
+        shutil.copytree(tiny_models[position], model)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "llama9"}))
+        assert main(tiny_run(tmp_path, tiny_models, f"{key}={model}")) == 2
+        message = one_line_error(capsys)
+        assert message.startswith(f"opd: error: {key}: '{model}/config.json' names model_type 'llama9', which transformers")
+        assert f"{key.split('.')[0]}.trust_remote_code=true" in message and "pip install" not in message
+
+
+def test_weights_that_are_not_finite_are_refused_naming_the_file(tmp_path, tiny_models, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "diverged"
+    shutil.copytree(tiny_models[1], model)
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k: v * float("nan") for k, v in weights.items()}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert main(tiny_run(tmp_path, tiny_models, f"student.path={model}")) == 2
+    message = one_line_error(capsys)
+    assert message.startswith("opd: error: student.path: the weights hold NaN or infinite values: ")
+    assert f"({model}/model.safetensors) and " in message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_key_of_another_method_or_engine_is_named_once_as_ignored(tmp_path, tiny_models, caplog):
+    import logging
+
+    from opd.config.loading import load_config
+
+    with caplog.at_level(logging.WARNING, logger="opd.config.loading"):
+        models = [f"student.path={tiny_models[1]}", f"teacher.path={tiny_models[0]}"]
+        load_config(None, [*models, "method.name=opd", "method.gkd.beta=0.9", "method.gkd.top_k=8", "sampling.vllm.gpu_memory_utilization=0.5"])
+        load_config(None, [*models, "method.name=gkd", "method.gkd.beta=0.9", "method.opd.coef=1.0"])  # read, or left at its default: silent
+    assert [r.getMessage() for r in caplog.records] == [
+        "this run ignores method.gkd.beta, method.gkd.top_k, read only with method.name=gkd (this run's is opd); "
+        "sampling.vllm.gpu_memory_utilization, read only with sampling.engine=vllm (this run's is hf)"
+    ]

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config.loading import build_config, deep_merge, read_yaml
+from .config.loading import build_config, deep_merge, read_yaml, warn_ignored_keys
 from .config.objects import hold
 from .config.schema import Config
 from .config.sections import ConfigError
@@ -48,7 +48,7 @@ def load_config(config: str | os.PathLike | dict | None = None, overrides: Seque
     if isinstance(overrides, str):
         raise ConfigError(f"overrides must be a list of key.path=value strings, got the string {overrides!r}")
     raw = dict(config) if isinstance(config, dict) else read_yaml(config_file(config)) if config is not None else {}
-    return build_config(deep_merge(raw, _named(sections)), list(overrides))
+    return warn_ignored_keys(build_config(deep_merge(raw, _named(sections)), list(overrides)))
 
 
 def train(config: str | os.PathLike | dict | Config | None = None, overrides: Sequence[str] = (), **sections: Any) -> dict:

@@ -33,8 +33,40 @@ log = logging.getLogger(__name__)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or start from defaults), apply overrides, validate."""
-    return build_config(read_yaml(Path(path)) if path is not None else {}, overrides)
+    """Read a YAML config (or start from defaults), apply overrides, validate; warn once about keys this run ignores."""
+    return warn_ignored_keys(build_config(read_yaml(Path(path)) if path is not None else {}, overrides))
+
+
+def warn_ignored_keys(config: Config) -> Config:
+    """One warning naming the keys a user's config sets that this run never reads (``ignored_keys``)."""
+    ignored = ignored_keys(config)
+    if ignored:
+        log.warning("this run ignores %s", "; ".join(ignored))
+    return config
+
+
+def ignored_keys(config: Config) -> list[str]:
+    """Per unused subsection holding keys set away from their defaults — ``method.<other>``, ``sampling.<other
+    engine>`` — one phrase naming them and the setting that would read them."""
+    found = []
+    for section, picker in (("method", "name"), ("sampling", "engine")):
+        node = getattr(config, section)
+        chosen = getattr(node, picker)
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if f.name == chosen or not dataclasses.is_dataclass(value):
+                continue
+            set_keys = [k for k, v in _flat(dataclasses.asdict(value)).items() if v != _flat(dataclasses.asdict(type(value)())).get(k)]
+            if set_keys:
+                found.append(f"{', '.join(f'{section}.{f.name}.{k}' for k in set_keys)}, read only with {section}.{picker}={f.name} (this run's is {chosen})")
+    return found
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def load_saved_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -104,6 +104,7 @@ def load_model_config(path: str, key: str, trust_remote_code: bool = False):
     if is_held(path):
         return held_model(path, key).config
     directory = resolve_path(path, key)
+    check_model_type(directory, key, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as err:  # noqa: BLE001
@@ -114,15 +115,61 @@ def load_model(path: str, key: str, dtype: str = "float32", trust_remote_code: b
     """A causal LM from a local checkpoint on ``device``; ``attn_implementation`` as transformers takes it (None: its choice).
     A model object given to the Python API is used as it is (its own dtype), moved to ``device``."""
     if is_held(path):
-        return held_model(path, key).to(device)
+        return check_finite(held_model(path, key).to(device), key, None)
     directory = resolve_path(path, key)
+    check_model_type(directory, key, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True, attn_implementation=attn_implementation,
         )
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"{key}: cannot load a causal LM from '{directory}': {err}") from err
-    return model.to(device)
+    return check_finite(model.to(device), key, directory)
+
+
+def check_finite(model: torch.nn.Module, key: str, directory: str | None) -> torch.nn.Module:
+    """Refuse a model with a NaN or infinite weight (a checkpoint of a run that diverged): sampling from it would fail
+    deep inside torch. One pass over the weights, on the device they were loaded to."""
+    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        where = f" ({weight_file(directory, bad[0])})" if directory else ""
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ModelLoadError(f"{key}: the weights hold NaN or infinite values: {bad[0]}{where}{more} (a checkpoint of a run that diverged?)")
+    return model
+
+
+def weight_file(directory: str, name: str) -> str:
+    """The safetensors file of ``directory`` that holds tensor ``name`` (its index says, when it is sharded)."""
+    import json
+
+    index = Path(directory) / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return str(Path(directory) / json.loads(index.read_text())["weight_map"][name])
+        except (ValueError, KeyError):
+            pass
+    return str(Path(directory) / "model.safetensors")
+
+
+def check_model_type(directory: str, key: str, trust_remote_code: bool) -> None:
+    """Refuse, in one line, a ``config.json`` whose ``model_type`` this transformers does not know (a newer family, or a
+    model that ships its own code), before transformers' own several-line advice."""
+    import json
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        model_type = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers says what is wrong with the file itself
+    if trust_remote_code or not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return
+    owner = "student" if key.startswith("student") else "teacher"
+    raise ModelLoadError(
+        f"{key}: '{directory}/config.json' names model_type '{model_type}', which transformers {transformers.__version__} does "
+        f"not know: a newer transformers may, or, for a model that ships its own code, {owner}.trust_remote_code=true"
+    )
 
 
 def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
