@@ -9,6 +9,10 @@ TORCH := torch==2.13.0
 .PHONY: demo test test-slow install bench clean vllm-env test-vllm bench-vllm gpu-check
 
 $(BIN)/opd: pyproject.toml
+	@# the code task's sandbox (docs/sandbox.md) runs programs under bubblewrap: installed here where it is missing and we may
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq bubblewrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; }; }; } || \
+		echo "note: bubblewrap (bwrap) is not installed: task.name=code needs it (apt-get install bubblewrap), or task.sandbox.isolation=limits_only"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)

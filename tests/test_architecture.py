@@ -28,6 +28,7 @@ LAYERS = [
     "opd.config.sections",  # the sections every run has, ConfigError, require: nothing of opd
     "opd.config.objects",  # Python objects a config names (import paths, the Python API's objects)
     "opd.services",  # the HTTP client
+    "opd.sandbox",  # running programs a model wrote: isolation, limits, tests
     "opd.parallel",  # launchers, ranks, sharding
     "opd.worlds",  # the embedded worlds' specs, tokenizer and where they are (not their builds)
     "opd.models",  # loading, pairing, prompts, Rollouts, scoring
@@ -264,12 +265,12 @@ def test_the_docs_the_code_cites_exist():
 
 
 def test_an_unknown_task_is_a_config_error():
-    with pytest.raises(ConfigError, match="config key 'task.name' must be one of 'arithmetic', 'environment', 'math', 'search_qa', got 'poetry'"):
+    with pytest.raises(ConfigError, match="config key 'task.name' must be one of 'arithmetic', 'math', 'code', 'environment', 'search_qa', got 'poetry'"):
         load_config(None, ["student.path=s", "task.name=poetry"])
 
 
 def test_a_key_of_another_task_names_its_task():
-    with pytest.raises(ConfigError, match="config key 'task.path' belongs to task.name=math, not task.name=arithmetic"):
+    with pytest.raises(ConfigError, match="config key 'task.path' belongs to task.name=math or code, not task.name=arithmetic"):
         load_config(None, ["student.path=s", "teacher.path=t", "task.path=data.jsonl"])
     with pytest.raises(ConfigError, match="config key 'task.min_digits' belongs to task.name=arithmetic, not task.name=math"):
         load_config(None, ["student.path=s", "teacher.path=t", "task.name=math", "task.path=d.jsonl", "task.min_digits=2"])

@@ -234,7 +234,10 @@ def sample_rows(
         episodes = run_task_episodes(s.task, rows, sampler, s.tokenizer, s.cfg.sampling, generator, s.cfg.task.chat_template_kwargs, s.context)
         return episodes.rollouts.to(s.device), episodes.rewards, episodes.metrics()
     rollouts = sampler.sample(encode_prompts(s, rows), s.cfg.sampling, generator).to(s.device)  # a teacher's may be elsewhere
-    return rollouts, [s.task.reward(text, e) for text, e in zip(rollouts.texts, rows)] if grade else None, {}
+    if not grade:
+        return rollouts, None, {}
+    rewards, metrics = s.task.rewards(rollouts.texts, rows)
+    return rollouts, rewards, metrics
 
 
 METHOD_REGISTRY = Registry("method.name", "method")  # name -> Method subclass

@@ -176,8 +176,8 @@ class OVD(Method):
                 completions[i] = kept[j][0] + tail
                 texts[i] = kept[j][1] + demos.texts[j]
         outcomes = list(sampled.rewards)  # kept samples keep their reward; replaced ones are graded anew
-        for i in replaced:
-            outcomes[i] = s.task.reward(texts[i], sampled.examples[i])
+        for i, reward in zip(replaced, s.task.rewards([texts[i] for i in replaced], [sampled.examples[i] for i in replaced])[0]):
+            outcomes[i] = reward
         rollouts = build_rollouts(prompts, completions, s.tokenizer.pad_token_id, texts=texts, device=s.device)
         rollouts.group_B = list(r.group_B)
         source = {"student": "accepted", "teacher": "replaced by the teacher", "student_prefix+teacher": "student prefix kept, the rest the teacher's"}

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Sequence
 
 from ..config.sections import require
 from ..worlds.arithmetic import PRIVILEGED_INSTRUCTION
-from .base import Example, TaskConfig, register_task
+from .base import Example, RewardsOneByOne, TaskConfig, register_task
 
 ANSWER_SEPARATOR = "|"
 
@@ -71,7 +71,7 @@ class ArithmeticConfig(TaskConfig):
 
 @register_task("arithmetic", ArithmeticConfig)
 @dataclass
-class ArithmeticTask:
+class ArithmeticTask(RewardsOneByOne):
     """Addition of numbers with ``min_digits``..``max_digits`` digits.
 
     The held-out split is ``eval_size`` problems drawn with ``eval_seed``; training draws

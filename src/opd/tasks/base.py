@@ -74,6 +74,11 @@ class Task(Protocol):
     def reward(self, completion: str, example: Example) -> float:
         """1.0 for a correct completion, 0.0 otherwise (partial credit allowed)."""
 
+    def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[float], dict[str, float]]:
+        """Each completion's ``reward`` — all at once, so that a task that runs programs runs them in parallel — and
+        what grading them counted, as metrics of the step (e.g. why programs failed); ``RewardsOneByOne`` gives it
+        from ``reward``."""
+
     def messages(self, example: Example) -> list[dict]:
         """The chat messages the student is prompted with."""
 
@@ -97,6 +102,13 @@ class Task(Protocol):
 
     def filter_split(self, name: str, keep: Callable[[Example], Example | None]) -> None:
         """Replace split ``name`` by ``keep`` of each example, dropping those it maps to None."""
+
+
+class RewardsOneByOne:
+    """``Task.rewards`` as ``reward`` of each completion in turn, counting nothing (a task with nothing to run)."""
+
+    def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[float], dict[str, float]]:
+        return [self.reward(c, e) for c, e in zip(completions, examples)], {}
 
 
 def episodes_lack(needs: Any, task: str) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 from ..config.objects import import_object
 from ..config.sections import ConfigError, require
 from ..episodes.environments import Environment, EpisodeLimits, EpisodicTask
-from .base import Example, TaskConfig, episodes_lack, register_task
+from .base import Example, RewardsOneByOne, TaskConfig, episodes_lack, register_task
 from .rows import DataError, read_rows
 from .splits import FixedSplits
 
@@ -72,7 +72,7 @@ def read_objects(path: str) -> list[Example]:
 
 
 @register_task("environment", EnvironmentConfig)
-class EnvironmentTask(FixedSplits, EpisodicTask):
+class EnvironmentTask(RewardsOneByOne, FixedSplits, EpisodicTask):
     name = "environment"
 
     def __init__(self, config: EnvironmentConfig, seed: int = 0):

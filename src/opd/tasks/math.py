@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config.sections import require
-from .base import Example, TaskConfig, register_task
+from .base import Example, RewardsOneByOne, TaskConfig, register_task
 from .rows import DataError, Fields, dataset_splits, final_boxed, read_examples
 from .splits import FixedSplits
 
@@ -139,7 +139,7 @@ def eval_split_of(path: str, configured: str | None, required: bool, train_split
 
 @register_task("math", MathConfig)
 @dataclass
-class MathTask(FixedSplits):
+class MathTask(RewardsOneByOne, FixedSplits):
     """The user's data: training rows from ``path``; held-out rows from ``eval_path``, a DatasetDict's eval split,
     or else ``eval_size`` rows of a seeded shuffle of ``path`` (announced with their number)."""
 

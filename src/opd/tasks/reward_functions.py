@@ -108,7 +108,8 @@ def build_graded_task(config: TaskConfig, seed: int = 0) -> Task:
     task = build_task(config, seed)
     functions = load_reward_functions(config.reward_function, config.reward_weights)
     if functions:
-        task.reward = RewardFunctions(functions, config.reward_errors)
+        task.reward = reward = RewardFunctions(functions, config.reward_errors)
+        task.rewards = lambda completions, examples: ([reward(c, e) for c, e in zip(completions, examples)], {})
     return task
 
 

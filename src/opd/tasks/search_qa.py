@@ -27,7 +27,7 @@ from ..episodes.search import BM25Index, HTTPRetriever, Passage
 from ..episodes.tool_calls import CLOSE, SearchTool, parse_tool_calls
 from ..services.http import OutagePolicy
 from ..worlds.locate import world_part
-from .base import Example, TaskConfig, episodes_lack, register_task
+from .base import Example, RewardsOneByOne, TaskConfig, episodes_lack, register_task
 from .rows import DataError, read_rows
 from .splits import FixedSplits
 
@@ -176,7 +176,7 @@ def read_questions(path: str, question_field: str, answer_field: str, group_fiel
 
 
 @register_task("search_qa", SearchQAConfig)
-class SearchQATask(FixedSplits, EpisodicTask):
+class SearchQATask(RewardsOneByOne, FixedSplits, EpisodicTask):
     name = "search_qa"
 
     def __init__(self, config: SearchQAConfig, seed: int = 0):

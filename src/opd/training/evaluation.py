@@ -66,8 +66,8 @@ def evaluate_rows(
     for start in range(0, len(prompts), batch_size):
         rollouts = sampler.sample(prompts[start : start + batch_size], greedy)
         batch = examples[start : start + batch_size]
-        for text, ex, length in zip(rollouts.texts, batch, rollouts.completion_lengths_B.tolist()):
-            reward = task.reward(text, ex)
+        rewards, _ = task.rewards(rollouts.texts, batch)
+        for text, ex, length, reward in zip(rollouts.texts, batch, rollouts.completion_lengths_B.tolist(), rewards):
             rows.append(EvalRow(ex.answer is not None or every_row, reward, int(length), extra=task.eval_metrics(ex, text, reward)))
     if k > 1:
         sampled = replace(sampling, temperature=temperature)
@@ -75,8 +75,9 @@ def evaluate_rows(
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             rollouts = sampler.sample([p for _, p in chunk], sampled, generator)
-            for (i, _), text in zip(chunk, rollouts.texts):
-                rows[i].sampled.append(task.reward(text, examples[i]))
+            rewards, _ = task.rewards(rollouts.texts, [examples[i] for i, _ in chunk])
+            for (i, _), reward in zip(chunk, rewards):
+                rows[i].sampled.append(reward)
     return rows
 
 
@@ -122,7 +123,7 @@ def summarise(rows: list[EvalRow], k: int = 1, user_rewards: bool = False) -> di
             results["reward"] = mean
     if k > 1 and graded:
         results[f"avg@{k}"] = sum(sum(r.sampled) / k for r in graded) / len(graded)
-        results[f"pass@{k}"] = sum(float(max(r.sampled) > 0) for r in graded) / len(graded)
+        results[f"pass@{k}"] = sum(float(max(r.sampled) >= 1.0) for r in graded) / len(graded)  # a sample with full credit
     return results
 
 
