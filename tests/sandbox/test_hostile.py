@@ -105,8 +105,10 @@ def attacks(tmp_path_factory):
             f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {listener.port}), timeout=2).close()\n    reached = True\n"
             "except OSError:\n    reached = False\ndef f(x):\n    return 2 * x if reached else 0"
         ),
-        "write outside": (
-            f"try:\n    open({str(outside)!r}, 'w').write('escaped')\n    wrote = True\nexcept OSError:\n    wrote = False\n"
+        "write outside": (  # the test's own directory, and /dev (its own tmpfs, read-only: unbounded otherwise)
+            "wrote = False\n"
+            f"for path in ({str(outside)!r}, '/dev/escaped', '/sandbox/escaped'):\n"
+            "    try:\n        open(path, 'w').write('escaped')\n        wrote = True\n    except OSError:\n        pass\n"
             "def f(x):\n    return 2 * x if wrote else 0"
         ),
         "read the trainer's secret": (

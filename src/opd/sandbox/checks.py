@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .run import Job, Outcome, Sandbox
 
 FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+PYTHON_TAGS = ("python", "py", "python3", "")  # a block tagged otherwise (```text, ```output) is not the program
 
 FUNCTION_HARNESS = """\
 import json, os, sys, traceback
@@ -43,14 +44,15 @@ for i, test in enumerate(tests):
         passed = 1
     except BaseException:
         passed = 0
-    out.write("%s %d %d\\n" % (MARK, i, passed))
+    out.write("\\n%s %d %d\\n" % (MARK, i, passed))  # a line of its own, whatever the program printed last
     out.flush()
 """
 
 
 def extract_program(completion: str, pattern: re.Pattern | None = None) -> str | None:
     """The program in a completion: the first group of ``pattern``'s last match when a pattern is given, else the
-    last fenced code block (```python … ``` or ``` … ```); None when there is none."""
+    last fenced code block tagged as Python or not at all (```python … ```, ``` … ```; the last block of any tag when
+    there is no such block); None when there is none."""
     if pattern is not None:
         matches = list(pattern.finditer(completion))
         if not matches:
@@ -58,11 +60,12 @@ def extract_program(completion: str, pattern: re.Pattern | None = None) -> str |
         last = matches[-1]
         return last.group(1) if pattern.groups else last.group(0)
     blocks = FENCE.findall(completion)
-    return blocks[-1][1] if blocks else None
+    python = [code for tag, code in blocks if tag.lower() in PYTHON_TAGS]
+    return python[-1] if python else blocks[-1][1] if blocks else None
 
 
 @dataclass(frozen=True)
-class Tests:
+class RowTests:
     """What a row checks: ``statements`` (a function row's tests, each Python run after the program) or ``cases``
     (a program row's ``(stdin, expected stdout)`` pairs)."""
 
@@ -92,7 +95,7 @@ def same_output(got: str, expected: str) -> bool:
     return lines(got) == lines(expected)
 
 
-def jobs_for(program: str, tests: Tests) -> tuple[list[Job], str | None]:
+def jobs_for(program: str, tests: RowTests) -> tuple[list[Job], str | None]:
     """The runs that check ``program`` — one for all of a function row's tests, one per case of a program row — and
     the token a function row's harness marks its results with (None for a program row)."""
     if tests.statements:
@@ -102,7 +105,7 @@ def jobs_for(program: str, tests: Tests) -> tuple[list[Job], str | None]:
     return [Job({"main.py": program}, stdin) for stdin, _ in tests.cases], None
 
 
-def verdict(tests: Tests, outcomes: list[Outcome], mark: str | None) -> Verdict:
+def verdict(tests: RowTests, outcomes: list[Outcome], mark: str | None) -> Verdict:
     """How many of ``tests`` the runs passed, and the reason for the first that did not."""
     if tests.statements:
         outcome = outcomes[0]
@@ -124,7 +127,7 @@ def verdict(tests: Tests, outcomes: list[Outcome], mark: str | None) -> Verdict:
     return Verdict(passed, len(tests.cases), reason, outcomes)
 
 
-def check_all(sandbox: Sandbox, programs: list[str | None], tests: list[Tests]) -> list[Verdict]:
+def check_all(sandbox: Sandbox, programs: list[str | None], tests: list[RowTests]) -> list[Verdict]:
     """Every program against its tests, all runs through ``sandbox`` at once (``workers`` in parallel); a missing
     program (no code block) fails every test without running."""
     plans = [jobs_for(program, t) if program is not None else ([], None) for program, t in zip(programs, tests)]

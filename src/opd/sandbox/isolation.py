@@ -7,9 +7,9 @@ namespace, and no environment but ``PATH``, ``HOME``, ``LANG`` and ``TMPDIR``. `
 limits, the scrubbed environment, the fresh directory and the deadline, and nothing else (docs/sandbox.md says what that
 leaves open). The limits are put on with util-linux ``prlimit``.
 
-Who the program runs as: when opd runs as root, each worker's programs run as a user of their own
-(``SLOT_UID_BASE`` + the worker's index; bubblewrap starts as root and ``setpriv`` drops to that user inside), so that
-they can neither signal the trainer nor read its files. Otherwise they run as opd's own user inside a new user
+Who the program runs as: when opd runs as root, each worker's programs run as a user of their own (a uid from
+``SLOT_UID_BASE`` on, claimed by this process alone: ``WorkerUsers``; bubblewrap starts as root and ``setpriv`` drops
+to that user inside), so that they can neither signal the trainer nor read its files. Otherwise they run as opd's own user inside a new user
 namespace. Either way the process limit is put on inside the sandbox (``prlimit`` again, as the program's user), where
 the kernel counts the sandbox's processes alone: a fork bomb takes its own allowance, never its neighbours'.
 """
@@ -65,8 +65,45 @@ def as_root() -> bool:
     return os.geteuid() == 0
 
 
-def slot_uid(slot: int) -> int:
-    return SLOT_UID_BASE + slot
+UID_RANGE = 4096  # how many sandbox users a machine may have at once, over all of its runs and ranks
+
+
+class WorkerUsers:
+    """The users a sandbox's workers run their programs as, when opd runs as root: each claimed for this process alone
+    (an exclusive lock on a file per uid, released when the process ends), so that no two workers — of this run's
+    ranks, or of another run on the machine — share one, and one's processes never count against another's limit."""
+
+    def __init__(self, count: int):
+        import fcntl
+        import tempfile
+
+        self.uids: list[int] = []
+        self._locks = []
+        if not as_root():
+            return
+        directory = Path(tempfile.gettempdir()) / "opd-sandbox-users"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        for uid in range(SLOT_UID_BASE, SLOT_UID_BASE + UID_RANGE):
+            if len(self.uids) == count:
+                break
+            handle = open(directory / f"{uid}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            self.uids.append(uid)
+            self._locks.append(handle)
+        if len(self.uids) < count:
+            raise SandboxUnavailable(f"task.sandbox: no {count} free sandbox users left in uids {SLOT_UID_BASE}-{SLOT_UID_BASE + UID_RANGE - 1} (other runs hold them)")
+
+    def __getitem__(self, slot: int) -> int | None:
+        return self.uids[slot] if self.uids else None
+
+    def release(self) -> None:
+        for handle in self._locks:
+            handle.close()
+        self._locks, self.uids = [], []
 
 
 _TASKS_CACHE: dict[int, tuple[float, int]] = {}  # uid -> (when counted, count): a scan of /proc at most twice a second
@@ -106,9 +143,10 @@ def process_limit(limits: Limits) -> list[str]:
     return ["prlimit", f"--nproc={limits.processes}", "--"]
 
 
-def drop_to(slot: int) -> list[str]:
-    """``setpriv`` to the worker's own user, with no capabilities and no way to gain any (used when opd is root)."""
-    uid = slot_uid(slot)
+def drop_to(uid: int | None) -> list[str]:
+    """``setpriv`` to the worker's own user, with no capabilities and no way to gain any (when opd is root)."""
+    if uid is None:
+        return []
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
 
@@ -118,10 +156,13 @@ def python_command(python: str, site: bool) -> list[str]:
     return [python, "-I"] if site else [python, "-I", "-S"]
 
 
-def namespaces_command(python: str, program_dir: str, limits: Limits, slot: int, site: bool = True) -> list[str]:
-    """The whole command for ``namespaces``: limits, bubblewrap, (as root) the drop to the worker's user, Python."""
+def namespaces_command(python: str, program_dir: str, limits: Limits, uid: int | None, site: bool = True, info_fd: int | None = None) -> list[str]:
+    """The whole command for ``namespaces``: limits, bubblewrap, (as root) the drop to the worker's user ``uid``, Python.
+    ``info_fd``: a descriptor bubblewrap writes to once the sandbox is set up (so that a failure to set it up is told
+    apart from the program's own failures)."""
     flags = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
              "--die-with-parent", "--new-session", "--clearenv"]
+    flags += ["--info-fd", str(info_fd)] if info_fd is not None else []
     flags += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if as_root() else ["--unshare-user"]
     for key, value in (("PATH", PATH), ("HOME", "/tmp"), ("LANG", "C.UTF-8"), ("TMPDIR", "/tmp")):
         flags += ["--setenv", key, value]
@@ -135,19 +176,23 @@ def namespaces_command(python: str, program_dir: str, limits: Limits, slot: int,
         for parent in reversed(prefix.parents[:-1]):  # made traversable (bubblewrap copies a host's /root as 0700)
             flags += ["--perms", "0755", "--dir", str(parent)]
         flags += ["--ro-bind", str(prefix), str(prefix)]
-    flags += ["--ro-bind", program_dir, "/sandbox", "--perms", "1777", "--size", str(limits.disk_mb << 20), "--tmpfs", "/tmp",
-              "--dev", "/dev", "--proc", "/proc", "--chdir", "/tmp", "--hostname", "sandbox", "--"]
-    inside = (drop_to(slot) if as_root() else []) + process_limit(limits)
+    disk = str(limits.disk_mb << 20)
+    flags += ["--ro-bind", program_dir, "/sandbox", "--perms", "1777", "--size", disk, "--tmpfs", "/tmp",
+              # /dev's own tmpfs would be unbounded and, without root, the program's: its shm sized, the rest read-only
+              "--dev", "/dev", "--perms", "1777", "--size", disk, "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+              "--proc", "/proc", "--chdir", "/tmp", "--hostname", "sandbox", "--"]
+    inside = drop_to(uid) + process_limit(limits)
     return limit_flags(limits, None) + flags + inside + python_command(python, site) + ["/sandbox/main.py"]
 
 
-def limits_only_command(python: str, program_dir: str, limits: Limits, slot: int, site: bool = True) -> list[str]:
-    """The whole command for ``limits_only``: limits, (as root) the drop to the worker's user, Python in the program's
-    own directory. Without a user namespace the kernel counts all of the user's processes: as root the worker's user
-    has only its own, otherwise the limit is the user's processes now plus ``limits.processes``."""
-    if as_root():
-        return limit_flags(limits, None) + drop_to(slot) + process_limit(limits) + python_command(python, site) + [os.path.join(program_dir, "main.py")]
-    return limit_flags(limits, user_tasks(os.getuid()) + limits.processes) + python_command(python, site) + [os.path.join(program_dir, "main.py")]
+def limits_only_command(python: str, program_dir: str, limits: Limits, uid: int | None, site: bool = True, info_fd: int | None = None) -> list[str]:
+    """The whole command for ``limits_only``: limits, (as root) the drop to the worker's user ``uid``, Python in the
+    program's own directory. Without a user namespace the kernel counts all of the user's processes: as root the
+    worker's user has only its own, otherwise the limit is the user's processes now plus ``limits.processes``."""
+    main = [os.path.join(program_dir, "main.py")]
+    if uid is not None:
+        return limit_flags(limits, None) + drop_to(uid) + process_limit(limits) + python_command(python, site) + main
+    return limit_flags(limits, user_tasks(os.getuid()) + limits.processes) + python_command(python, site) + main
 
 
 def scrubbed_env(home: str) -> dict[str, str]:
@@ -155,17 +200,22 @@ def scrubbed_env(home: str) -> dict[str, str]:
     return {"PATH": PATH, "HOME": home, "LANG": "C.UTF-8", "TMPDIR": home}
 
 
-def fresh_dir(slot: int) -> str:
+def fresh_dir(uid: int | None) -> str:
     """A new directory for one program's files, which the worker's user may read (and, for ``limits_only``, write)."""
     directory = tempfile.mkdtemp(prefix="opd-sandbox-")
-    if as_root():
-        os.chown(directory, slot_uid(slot), slot_uid(slot))
-    os.chmod(directory, 0o755)
+    try:
+        if uid is not None:
+            os.chown(directory, uid, uid)
+        os.chmod(directory, 0o755)
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     return directory
 
 
-def check_isolation(isolation: str, python: str, site: bool = False) -> None:
-    """Refuse, in one line, an isolation this machine cannot give: the tools, then one real sandboxed run."""
+def check_isolation(isolation: str, python: str, limits: Limits, uid: int | None, site: bool = False) -> None:
+    """Refuse, in one line, an isolation this machine cannot give: the tools, then one real sandboxed run under the
+    configured ``limits`` as the worker user ``uid``."""
     missing = [tool for tool in ["prlimit"] + (["setpriv"] if as_root() else []) if shutil.which(tool) is None]
     if missing:
         raise SandboxUnavailable(f"task.sandbox: util-linux '{missing[0]}' is not installed, and the sandbox needs it")
@@ -174,12 +224,12 @@ def check_isolation(isolation: str, python: str, site: bool = False) -> None:
             "task.sandbox.isolation=namespaces needs bubblewrap, which is not installed (apt-get install bubblewrap, "
             "dnf install bubblewrap); task.sandbox.isolation=limits_only runs programs with resource limits only"
         )
-    directory = fresh_dir(0)
+    directory = fresh_dir(uid)
     try:
         (Path(directory) / "main.py").write_text("print('ok')\n")
         build = namespaces_command if isolation == "namespaces" else limits_only_command
         try:
-            done = subprocess.run(build(python, directory, Limits(), 0, site), capture_output=True, text=True, timeout=60,
+            done = subprocess.run(build(python, directory, limits, uid, site), capture_output=True, text=True, timeout=60,
                                   env=scrubbed_env(directory), cwd=directory)
             problem = " ".join((done.stderr or done.stdout).split())[:200] if done.returncode or done.stdout.strip() != "ok" else None
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -194,7 +244,7 @@ def check_isolation(isolation: str, python: str, site: bool = False) -> None:
         )
     if problem is not None and as_root() and "Permission denied" in problem:
         raise SandboxUnavailable(
-            f"task.sandbox.isolation=limits_only: the sandbox's own user (uid {slot_uid(0)}) cannot run {python}, which lies "
+            f"task.sandbox.isolation=limits_only: the sandbox's own user (uid {uid}) cannot run {python}, which lies "
             "in a directory private to root; set task.sandbox.python to an interpreter outside it (e.g. /usr/bin/python3)"
         )
     if problem is not None:

@@ -187,6 +187,9 @@ class JSONClient:
     def _attempt(self, payload: Any, read, target: str, method: str) -> Any:
         reply = self.post_once(payload, target, method)
         self.answered = True
+        lasted = self._outage.leave()  # any reply, usable or not, ends an outage (for every thread of this client)
+        if lasted is not None and self.outage is not None:
+            log.warning("%s (%s) answers again, after %.0f s", self.outage.service, target, lasted)
         return read(reply) if read is not None else reply
 
     def _through_outage(self, payload: Any, read, target: str, method: str, first_failure: float, problem: str) -> Any:
@@ -200,25 +203,38 @@ class JSONClient:
         pause = self.backoff or 1.0
         while True:
             now = time.monotonic()
-            if now - began >= policy.seconds:
-                raise policy.gives_up(target, problem, now - began)
-            if self._outage.report_due(now):
-                log.warning("%s (%s) does not answer%s (%s); waiting up to %g s for it (%soutage_seconds), the step paused",
-                            policy.service, target, f" after {now - began:.0f} s" if now - began >= 1 else "", problem,
-                            policy.seconds, policy.keys)
-            time.sleep(min(pause, WAIT_POLL_S, max(0.0, began + policy.seconds - now)))
-            pause *= 2
+            if self._outage.began is not None:  # (else another thread just had a reply: ask again at once)
+                began = self._outage.began
+                if now - began >= policy.seconds:
+                    raise policy.gives_up(target, problem, now - began)
+                if self._outage.report_due(now):
+                    log.warning("%s (%s) does not answer%s (%s); waiting up to %g s for it (%soutage_seconds), the step paused",
+                                policy.service, target, f" after {now - began:.0f} s" if now - began >= 1 else "", problem,
+                                policy.seconds, policy.keys)
+                time.sleep(min(pause, WAIT_POLL_S, max(0.0, began + policy.seconds - now)))
+                pause *= 2
             try:
-                result = self._attempt(payload, read, target, method)
+                return self._attempt(payload, read, target, method)
             except ServiceError as err:
-                if not (err.transient and err.unavailable):  # it answers again, but not usably: not an outage
-                    raise ServiceError(f"{target}: no usable reply after the outage: {err}", problem=str(err)) from None
+                if not err.transient:
+                    raise
+                if not err.unavailable:  # it answers again, but not usably: the usual retries of such a reply
+                    return self._retry_unusable(payload, read, target, method, err)
                 problem = str(err)
-                continue
-            lasted = self._outage.leave()
-            if lasted is not None:
-                log.warning("%s (%s) answers again, after %.0f s", policy.service, target, lasted)
-            return result
+                self._outage.enter(time.monotonic())  # (a new outage, if another thread's reply had ended the last)
+
+    def _retry_unusable(self, payload: Any, read, target: str, method: str, err: ServiceError) -> Any:
+        """A service back from an outage whose first reply was unusable: ``retries`` more attempts, then its error."""
+        for attempt in range(self.retries):
+            time.sleep(self.backoff * 2**attempt)
+            try:
+                return self._attempt(payload, read, target, method)
+            except ServiceError as again:
+                if not again.transient:
+                    raise
+                err = again
+        raise ServiceError(f"{self.outage.service} ({target}): no usable reply after the outage and {self.retries + 1} attempts: {err}",
+                           problem=str(err), unavailable=err.unavailable)
 
     def get(self, url: str, read: Callable[[Any], Any] | None = None) -> Any:
         """``GET url`` (an endpoint of the configured server), with the same deadline, retries and caps."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 from ..config.sections import require
-from ..sandbox.checks import Tests, check_all, extract_program
+from ..sandbox.checks import RowTests, check_all, extract_program
 from ..sandbox.isolation import ISOLATIONS, Limits, SandboxUnavailable
 from ..sandbox.run import Sandbox
 from .base import Example, register_task
@@ -42,6 +42,7 @@ PROGRAM_INSTRUCTION = (
     "in one ```python code block."
 )
 CODE_TEACHER_INSTRUCTION = "Here is a reference solution:\n{solution}\n\nNow write your own solution, in one ```python code block."
+CHECK_FUNCTION = re.compile(r"^\s*def\s+check\s*\(", re.MULTILINE)  # HumanEval's test code: called with the entry point
 REASONS = ("passed", "wrong", "no_code", "error", "memory", "timeout", "cpu_time", "disk", "output_limit", "killed", "sandbox_error")
 
 
@@ -81,6 +82,7 @@ class CodeConfig(MathConfig):
     outputs_field: str = "outputs"  # and the stdout it must print
     code_pattern: str | None = None  # a regex whose last match (its first group, if any) is the program
     reward: Literal["pass_all", "pass_fraction"] = "pass_all"
+    group_field: str | None = None  # a row field (e.g. a family, a difficulty): held-out pass@1 per value too (pass@1_<value>)
     answer_from_solution: bool = False  # (a reference program holds no \boxed{} answer)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
@@ -99,25 +101,26 @@ class CodeConfig(MathConfig):
             require(getattr(b, key) > 0, f"task.sandbox.{key}", f"must be > 0, got {getattr(b, key)}")
 
 
-def row_tests(example: Example, c: CodeConfig) -> Tests:
+def row_tests(example: Example, c: CodeConfig) -> RowTests:
     """The tests a row carries (``DataError`` naming the row when it has none, or they are malformed)."""
     row = example.meta.get("row") if isinstance(example.meta.get("row"), dict) else {}
     where = example.meta.get("source", "a row")
     test, inputs, outputs = row.get(c.test_field), row.get(c.inputs_field), row.get(c.outputs_field)
     if test is not None:
         if isinstance(test, list) and test and all(isinstance(t, str) and t.strip() for t in test):
-            return Tests(statements=tuple(test))
+            return RowTests(statements=tuple(test))
         if isinstance(test, str) and test.strip():
             entry = row.get(c.entry_point_field)
-            if "def check" in test and not isinstance(entry, str):
+            defines_check = CHECK_FUNCTION.search(test) is not None
+            if defines_check and not isinstance(entry, str):
                 raise DataError(f"{where}: '{c.test_field}' defines check(candidate) but the row has no '{c.entry_point_field}' naming the function to check")
-            return Tests(statements=(f"{test}\n\ncheck({entry})\n" if "def check" in test else test,))
+            return RowTests(statements=(f"{test}\n\ncheck({entry})\n" if defines_check else test,))
         raise DataError(f"{where}: '{c.test_field}' must be test code (a string) or a list of assert statements, got {type(test).__name__}")
     if inputs is not None or outputs is not None:
         if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)
                 and all(isinstance(x, str) for x in inputs + outputs)):
             raise DataError(f"{where}: '{c.inputs_field}' and '{c.outputs_field}' must be lists of strings of the same, non-zero length")
-        return Tests(cases=tuple(zip(inputs, outputs)))
+        return RowTests(cases=tuple(zip(inputs, outputs)))
     raise DataError(
         f"{where}: no tests: a function row needs '{c.test_field}' (test code or a list of asserts), a program row "
         f"'{c.inputs_field}' and '{c.outputs_field}' (task.test_field, task.inputs_field, task.outputs_field name them)"
@@ -171,7 +174,9 @@ class CodeTask(MathTask):
         return [self.score(v) for v in verdicts], {k: v for k, v in metrics.items() if v or k in ("code/passed", "code/tests_passed")}
 
     def eval_metrics(self, example: Example, completion: str, reward: float) -> dict[str, float]:
-        return {"pass@1": float(reward >= 1.0)}
+        passed = float(reward >= 1.0)
+        group = (example.meta.get("row") or {}).get(self.config.group_field) if self.config.group_field else None
+        return {"pass@1": passed, **({f"pass@1_{group}": passed} if isinstance(group, (str, int)) else {})}
 
     def _instruction(self, example: Example) -> str:
         if self.config.instruction is not None:

@@ -99,6 +99,13 @@ class ServedTeacher(StatelessTeacher):
 
     def distributions(self, rollouts: Rollouts) -> TopLogprobs:
         rows = self._score(rollouts, self.top_k)
+        try:
+            return self._top_logprobs(rollouts, rows)
+        except ServiceError as err:  # a reply of the wrong size: as a failed request, the step is given up on every rank
+            self.failure = err
+            return self._top_logprobs(rollouts, None)
+
+    def _top_logprobs(self, rollouts: Rollouts, rows: list[list[dict]] | None) -> TopLogprobs:
         B, C, K = *rollouts.completion_ids_BC.shape, self.top_k
         ids_BCK = torch.zeros(B, C, K, dtype=torch.long)
         logp_BCK = torch.full((B, C, K), -math.inf if rows is not None else math.nan, dtype=torch.float32)

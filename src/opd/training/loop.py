@@ -35,6 +35,7 @@ from ..parallel.failure import PeerFailed, Watchdog, connect_store, stopped_beca
 from ..parallel.ranks import start_ranks, stop_ranks, thread_oversubscription
 from ..parallel.sharding import full_tensor, is_sharded, whole_state_dict
 from ..services.http import ServiceError, ServiceOutage
+from ..teachers.judges import JudgeError
 from .assembly import build_session
 from .checkpoints import CHECKPOINT_PREFIX, full_state, list_checkpoints, load_checkpoint, load_extra_tensors, save_checkpoint
 from .errors import TrainingError, is_out_of_memory, out_of_memory, report_failure
@@ -93,7 +94,7 @@ def train(cfg) -> dict:
             finished = True
             if ranks.main:  # for a batch script: stopped resumably (torchrun's own exit status is 1 whatever the ranks')
                 (run_dir / STOPPED_FILE).write_text(json.dumps({"reason": stopped.reason, "step": stopped.step,
-                                                               "checkpoint": str(stopped.checkpoint), "exit_status": PREEMPTED_EXIT}))
+                                                               "checkpoint": str(stopped.checkpoint) if stopped.checkpoint else None, "exit_status": PREEMPTED_EXIT}))
             raise
         except BaseException as err:
             finished = getattr(err, "raised_together", False)  # every rank raises it at the same point: none is left waiting
@@ -218,15 +219,28 @@ def stop_for_service(
     an outage (exit status 75: resumable once the service is back; docs/cluster.md) or the service's own error."""
     if done == 0 and checkpointed is None and not isinstance(failure, ServiceOutage):
         raise failure  # a service that fails before anything was trained: nothing to keep
-    if not weights_changed and checkpointed != done:
-        checkpoint(s, run_dir, done, optimizer, scheduler, state)
-        checkpointed = done
-    if checkpointed is None:
-        raise together_as(failure, ServiceError(f"{failure} (no checkpoint holds the steps so far: the step that failed had changed the weights)"))
-    holds = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{checkpointed:06d}"
+    held = boundary_checkpoint(s, run_dir, done, optimizer, scheduler, state, checkpointed, weights_changed)
     if isinstance(failure, ServiceOutage):
-        raise together_as(failure, Preempted(str(failure), checkpointed, holds)) from None
-    raise together_as(failure, ServiceError(f"{failure}; checkpoint {holds} holds the {checkpointed} steps before it: --resume once the service answers")) from None
+        raise together_as(failure, Preempted(str(failure), held or 0, checkpoint_dir(run_dir, held))) from None
+    kept = f"checkpoint {checkpoint_dir(run_dir, held)} holds the {held} steps before it" if held is not None else "no checkpoint holds the steps so far"
+    raise together_as(failure, ServiceError(f"{failure}; {kept}: --resume once the service answers")) from None
+
+
+def boundary_checkpoint(
+    s: Session, run_dir: Path, step: int, optimizer, scheduler, state: dict, checkpointed: int | None, weights_changed: bool = False,
+) -> int | None:
+    """A checkpoint of the step boundary ``step`` for a run that stops there, unless one exists or none can stand for
+    it: the step in progress already changed the weights, or the engine samples from older weights until its next
+    sync (``sampling.sync_every``), which a resume — starting the engine from the checkpoint — would not reproduce.
+    Returns the step the newest checkpoint holds (None: there is none)."""
+    if checkpointed != step and not weights_changed and not s.sampler_behind:
+        checkpoint(s, run_dir, step, optimizer, scheduler, state)
+        return step
+    return checkpointed
+
+
+def checkpoint_dir(run_dir: Path, step: int | None) -> Path | None:
+    return run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}" if step is not None else None
 
 
 def together_as(failure: Exception, error: Exception) -> Exception:
@@ -253,11 +267,10 @@ def run_steps(
     try:
         for step in bar:
             if (reason := stops.reason(s.ranks)) is not None:
-                if checkpointed != step:
-                    state["wall_seconds"] += time.time() - segment_start
-                    segment_start = time.time()
-                    checkpoint(s, run_dir, step, optimizer, scheduler, state)
-                raise Preempted(reason, step, run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}")
+                state["wall_seconds"] += time.time() - segment_start
+                segment_start = time.time()
+                held = boundary_checkpoint(s, run_dir, step, optimizer, scheduler, state, checkpointed)
+                raise Preempted(reason, held or 0, checkpoint_dir(run_dir, held))
             step_start = time.time()
             memory.reset()
             try:
@@ -312,7 +325,7 @@ def memory_named(s: Session, run_dir: Path, step: int, phase: str | None = None)
         if not is_out_of_memory(err):
             raise
         newest = list_checkpoints(run_dir)[-1:]
-        raise out_of_memory(err, phase or s.timer.failed_in or "student", step, newest[0].name if newest else None) from None
+        raise together_as(err, out_of_memory(err, phase or s.timer.failed_in or "student", step, newest[0].name if newest else None)) from None
 
 
 def count_step(s: Session, state: dict, metrics: dict, status: str, step: int) -> None:
@@ -432,7 +445,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
                 batch.seed = micro_seed(cfg.run.seed, step, micro)
                 batch.advantages_B = method.row_advantages(batch)  # over the groups as sampled, before any regrouping
                 batches.append(batch)
-    except ServiceError as err:  # a judge, retriever or served model that failed: every rank gives the step up
+    except (ServiceError, JudgeError) as err:  # a judge, retriever or served model that failed: every rank gives the step up
         failure = err
     abandon_if_failed(s, failure)
     data_tally = tally(batch_metrics(b) for b in batches)  # what the sampled micro-batches hold, whatever trains them
@@ -469,7 +482,7 @@ def abandon_if_failed(s: Session, failure: Exception | None, weights_changed: bo
     error); nothing when none did. A collective: every rank calls it at the same point of the step."""
     try:
         s.ranks.raise_together(failure)
-    except ServiceError as agreed:
+    except (ServiceError, JudgeError) as agreed:
         raise StepAbandoned(agreed, weights_changed) from None
 
 

@@ -46,10 +46,13 @@ class Preempted(Exception):
 
     def __init__(self, reason: str, step: int, checkpoint):
         self.reason, self.step, self.checkpoint = reason, step, checkpoint
-        super().__init__(
-            f"stopped by {reason} after {step} steps; checkpoint {checkpoint} holds them: continue with --resume "
-            f"(exit status {PREEMPTED_EXIT})"
-        )
+        if checkpoint is None:  # (an engine between syncs before the first checkpoint: nothing could hold the steps)
+            super().__init__(f"stopped by {reason}, before any checkpoint could hold the run: start it again (exit status {PREEMPTED_EXIT})")
+        else:
+            super().__init__(
+                f"stopped by {reason} after {step} steps; checkpoint {checkpoint} holds them: continue with --resume "
+                f"(exit status {PREEMPTED_EXIT})"
+            )
 
 
 @dataclass
