@@ -23,24 +23,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from opd.sandbox.checks import Tests, check_all
+from opd.sandbox.checks import RowTests, check_all
 from opd.sandbox.isolation import Limits, interpreter, python_command
 from opd.sandbox.run import Sandbox
 
 FUNCTION = "def add(a, b):\n    return a + b\n"
-FUNCTION_TESTS = Tests(statements=tuple(f"assert add({i}, {i + 1}) == {2 * i + 1}" for i in range(5)))
+FUNCTION_TESTS = RowTests(statements=tuple(f"assert add({i}, {i + 1}) == {2 * i + 1}" for i in range(5)))
 PROGRAM = "n = int(input())\nprint(sum(range(n)))\n"
-PROGRAM_TESTS = Tests(cases=(("1000\n", f"{sum(range(1000))}\n"),))
+PROGRAM_TESTS = RowTests(cases=(("1000\n", f"{sum(range(1000))}\n"),))
 WRONG = "def add(a, b):\n    return a - b\n"
 
 
-def workload(n: int) -> tuple[list[str], list[Tests]]:
+def workload(n: int) -> tuple[list[str], list[RowTests]]:
     kinds = [(FUNCTION, FUNCTION_TESTS), (PROGRAM, PROGRAM_TESTS), (WRONG, FUNCTION_TESTS)]
     picked = [kinds[i % len(kinds)] for i in range(n)]
     return [p for p, _ in picked], [t for _, t in picked]
 
 
-def plain(programs: list[str], tests: list[Tests], workers: int, python: str) -> float:
+def plain(programs: list[str], tests: list[RowTests], workers: int, python: str) -> float:
     """The baseline: each program in a fresh directory as ``python -I`` with its input, no isolation and no limits."""
 
     def run(item) -> None:
@@ -57,7 +57,7 @@ def plain(programs: list[str], tests: list[Tests], workers: int, python: str) ->
     return time.perf_counter() - started
 
 
-def sandboxed(programs: list[str], tests: list[Tests], workers: int, isolation: str, python: str) -> tuple[float, float]:
+def sandboxed(programs: list[str], tests: list[RowTests], workers: int, isolation: str, python: str) -> tuple[float, float]:
     sandbox = Sandbox(isolation, Limits(), workers, python)
     started = time.perf_counter()
     verdicts = check_all(sandbox, programs, tests)
