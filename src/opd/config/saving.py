@@ -14,6 +14,12 @@ import yaml
 SECRET_WORDS = ("key", "token", "secret", "password")
 
 
+def secret_looking(name: str) -> bool:
+    """Whether a key's name looks like it holds a secret (``api_key``, ``hf_token``); a tokenizer is not a token."""
+    name = name.lower().replace("tokenizer", "")
+    return any(w in name for w in SECRET_WORDS)
+
+
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
@@ -27,7 +33,7 @@ def redact_url(text: str) -> str:
     if "@" in netloc:
         netloc = "<redacted>@" + netloc.rsplit("@", 1)[1]
     query = "&".join(
-        f"{k}=<redacted>" if any(w in k.lower() for w in SECRET_WORDS) else f"{k}={v}" if v or "=" in pair else k
+        f"{k}=<redacted>" if secret_looking(k) else f"{k}={v}" if v or "=" in pair else k
         for pair in parts.query.split("&") if pair
         for k, _, v in [pair.partition("=")]
     )
@@ -41,7 +47,7 @@ def redact(tree: Any) -> Any:
         return redact_url(tree)
     if isinstance(tree, dict):
         return {
-            k: ("<redacted>" if any(w in k.lower() for w in SECRET_WORDS) and isinstance(v, str) and v else redact(v))
+            k: ("<redacted>" if secret_looking(k) and isinstance(v, str) and v else redact(v))
             for k, v in tree.items()
         }
     if isinstance(tree, (list, tuple)):

@@ -133,7 +133,12 @@ class TeacherConfig(ModelConfig):
     # teacher.path: its base URL, e.g. http://127.0.0.1:8000 (the /v1 suffix is optional). See docs/engines.md.
     url: str | None = None
     model: str | None = None  # the served model's name; None = the server's only model
-    tokenizer: str | None = None  # a local copy of the served model's tokenizer (pairing check); None = the student's
+    tokenizer_path: str | None = None  # a local copy of the served model's tokenizer (pairing check); None = the student's
+    # shared: the teacher reads the student's token ids (the pairing check makes sure they mean the same to it);
+    # own: a teacher with a tokenizer of its own reads the student's completions as text, scored span by span where
+    # the two tokenizations share boundaries (docs/methods.md, "A teacher with another tokenizer"). null, what
+    # configs saved before this key took these values hold, means shared
+    tokenizer: str | None = "shared"
     top_k: int = 20  # top-k log-probs per position that full-vocabulary losses get (vLLM's --max-logprobs caps it)
     api_key_env: str | None = None  # the environment variable holding the server's API key (never the key itself)
     deadline: float = 120.0  # seconds per request, everything included

@@ -10,6 +10,7 @@ from __future__ import annotations
 TRL_NAMES: dict[str, tuple[str, str]] = {
     "model_name_or_path": ("student.path", "a local directory, world:student, or a repo id in the Hugging Face cache"),
     "teacher_model_name_or_path": ("teacher.path", ""),
+    "teacher_tokenizer_name_or_path": ("teacher.tokenizer", "teacher.tokenizer=own: the teacher's own tokenizer, read from teacher.path (GOLD's cross-tokenizer case)"),
     "dataset_name": ("task.path", "a file, a save_to_disk directory, or a dataset in the local datasets cache"),
     "output_dir": ("run.output_dir", ""),
     "seed": ("run.seed", ""),

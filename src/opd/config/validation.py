@@ -256,6 +256,27 @@ def placed_models(c: Config, needs) -> list[str]:
     return placed
 
 
+def validate_teacher_tokenizer(c: Config, name: str, needs) -> None:
+    """``teacher.tokenizer``: shared, or own where the method and the teacher can score spans so far."""
+    te = c.teacher
+    if te.tokenizer not in ("shared", "own", None):
+        require(False, "teacher.tokenizer", f"must be shared or own, got {te.tokenizer!r} (a served model's tokenizer files, "
+                                            "which this key once named, are teacher.tokenizer_path)")
+    if te.tokenizer != "own":
+        return
+    spans = [n for n, cls in METHOD_REGISTRY.items() if cls.needs(c).spans]
+    require(
+        needs.spans, "teacher.tokenizer",
+        f"is 'own', which works with the sampled-token methods {', '.join(spans)} so far, not '{name}'",
+    )
+    require(te.url is None, "teacher.tokenizer", "is 'own', which works with a local teacher (teacher.path) so far, not a served one")
+    require(not te.routes, "teacher.tokenizer", "is 'own', which works with one teacher so far, not with teacher.routes")
+    require(
+        not issubclass(TASK_REGISTRY[c.task.name].task_class, EpisodicTask), "teacher.tokenizer",
+        f"is 'own', which works with single-turn tasks so far, not task.name={c.task.name}'s episodes",
+    )
+
+
 def validate_needs(c: Config, name: str, needs) -> None:
     """Refuse a config that does not give the method what its ``Needs`` say it uses."""
     if needs.teacher:
@@ -290,6 +311,7 @@ def validate_needs(c: Config, name: str, needs) -> None:
             "sampling.samples_per_prompt",
             f"must be >= 2 for {name}'s group baseline, got {c.sampling.samples_per_prompt}",
         )
+    validate_teacher_tokenizer(c, name, needs)
     if c.teacher.routes:
         routable = [n for n, cls in METHOD_REGISTRY.items() if cls.needs(c).routable]
         require(needs.routable, "teacher.routes", f"works with the sampled-token methods ({', '.join(routable)}), not '{name}'")

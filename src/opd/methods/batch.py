@@ -34,6 +34,9 @@ class Batch:
     seed: int | None = None  # the micro-batch's own seed (run seed, step, micro-batch): dropout in its forward passes
     row_notes: list[str] | None = None  # per row, where its tokens came from (OVD: accepted / replaced), for opd inspect
     padding_pass: bool = False  # an empty pass (no trained token) so that every sharded rank runs as many as the others
+    # a teacher with its own tokenizer: this batch's spans (teachers.cross_tokenizer.SpanScores), set by the loss that
+    # scored it, so that a method can sum its own per-token terms (G-OPD's reference) over the same spans
+    spans: object | None = None
 
     @contextlib.contextmanager
     def rng(self, salt: int) -> Iterator[None]:

@@ -51,11 +51,15 @@ class GOPD(Method):
     def needs(cls, cfg) -> Needs:
         c = cls.section(cfg)
         reference = c.reference if c.reward_scale != 1.0 else None
-        return Needs(teacher=True, routable=True, reference=reference, reference_key="method.gopd.reference")
+        # a reference other than the student's own initial weights would be a model of the teacher's tokenizer
+        return Needs(teacher=True, routable=True, reference=reference, reference_key="method.gopd.reference", spans=reference in (None, "student_init"))
 
     def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
         ref_logp_BC = reference_token_logprobs(s, batch.rollouts) if s.reference is not None else None
-        return sampled_token_loss(
-            s, batch, lambda lp, tlp, mask: (gopd_advantages(lp, tlp, ref_logp_BC, mask, c.reward_scale, c.discount), mask, {})
-        )
+
+        def advantages(lp, tlp, mask):
+            ref = ref_logp_BC if ref_logp_BC is None or batch.spans is None else batch.spans.collapse(ref_logp_BC)  # per span
+            return gopd_advantages(lp, tlp, ref, mask, c.reward_scale, c.discount), mask, {}
+
+        return sampled_token_loss(s, batch, advantages)

@@ -25,6 +25,7 @@ from ..objectives import (
 from ..objectives.common import reduction_weights
 from ..objectives.fused import SparseTeacher, fused_divergence, output_head
 from ..teachers.base import HiddenStates, TopLogprobs
+from ..teachers.cross_tokenizer import CrossTokenizerTeacher
 from . import token_views
 from .base import Session
 from .batch import Batch
@@ -55,20 +56,36 @@ def sampled_token_loss(s: Session, batch: Batch, advantages: AdvantageFn, teache
     may narrow the loss mask (REOPOLD: to the batch's ``train_mask_BC``, which the step's
     normaliser counts). Teacher log-probs already in ``batch.teacher_logp_BC`` are reused;
     ``teacher_rollouts`` are the same completions behind the teacher's own prompts (OPSD).
+
+    A teacher with its own tokenizer (``teachers.cross_tokenizer``) scores spans: the advantage function then sees one
+    entry per span — the span's summed student and teacher log-probs, on its last token — and each student token of
+    a span is trained with its span's advantage (docs/methods.md, "A teacher with another tokenizer").
     """
     r = batch.rollouts
     mask_BC = r.loss_mask_BC.float()
     teacher_logp_BC = batch.teacher_logp_BC
-    if teacher_logp_BC is None:
+    batch.spans = None
+    if teacher_logp_BC is None and teacher_rollouts is None and isinstance(s.teacher, CrossTokenizerTeacher):
+        with s.timer.phase("teacher"):
+            batch.spans = s.teacher.span_scores(r, batch.examples, s.cfg.teacher.temperature)
+        teacher_logp_BC = batch.spans.teacher_logp_BC
+    elif teacher_logp_BC is None:
         teacher_logp_BC = teacher_token_logprobs(s, teacher_rollouts if teacher_rollouts is not None else r)
     logp_BC, _ = student_token_logprobs(s, r)
     old_logp_BC = old_logprobs(batch, logp_BC)
-    advantages_BC, train_mask_BC, metrics = advantages(old_logp_BC, teacher_logp_BC, mask_BC)
-    impossible = int((~torch.isfinite(teacher_logp_BC) & r.loss_mask_BC.bool()).sum())
+    spans = batch.spans
+    scored_mask_BC = mask_BC if spans is None else spans.span_mask(mask_BC)  # per token, or per span (its last token)
+    scored_logp_BC = logp_BC.detach() if spans is None else spans.collapse(logp_BC.detach())
+    advantages_BC, train_mask_BC, metrics = advantages(old_logp_BC if spans is None else spans.collapse(old_logp_BC), teacher_logp_BC, scored_mask_BC)
+    if spans is not None:  # every student token of a span takes its span's advantage
+        advantages_BC, train_mask_BC = spans.spread(advantages_BC) * mask_BC, spans.spread(train_mask_BC) * mask_BC
+        metrics["spans_per_token"] = float(scored_mask_BC.sum() / mask_BC.sum().clamp(min=1))
+    impossible = int((~torch.isfinite(teacher_logp_BC) & scored_mask_BC.bool()).sum())
     if impossible:  # the teacher gives probability 0 to tokens the student sampled
         metrics["teacher_impossible_tokens"] = float(impossible)
-    loss, pg_metrics = policy_gradient_surrogate(s, batch, logp_BC, old_logp_BC, advantages_BC, train_mask_BC, teacher_logp_BC)
-    metrics.update(pg_metrics, kl=float(masked_mean(logp_BC.detach() - teacher_logp_BC, mask_BC)))
+    shown_teacher_BC = teacher_logp_BC if spans is None else spans.spread(teacher_logp_BC)
+    loss, pg_metrics = policy_gradient_surrogate(s, batch, logp_BC, old_logp_BC, advantages_BC, train_mask_BC, shown_teacher_BC)
+    metrics.update(pg_metrics, kl=float(masked_mean(scored_logp_BC - teacher_logp_BC, scored_mask_BC)))
     return loss, metrics
 
 

@@ -36,7 +36,7 @@ class OPD(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(teacher=True, routable=True)
+        return Needs(teacher=True, routable=True, spans=True)
 
     def loss(self, s: Session, batch: Batch, step: int):
         c = self.config

@@ -44,7 +44,7 @@ class OPDPlus(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(teacher=True, routable=True)
+        return Needs(teacher=True, routable=True, spans=True)
 
     @classmethod
     def default_reduction(cls, cfg) -> str:

@@ -63,7 +63,7 @@ class OPDTaskReward(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(teacher=True, group=True, routable=True, answers=True)
+        return Needs(teacher=True, group=True, routable=True, answers=True, spans=True)
 
     def row_advantages(self, batch: Batch):
         return reward_advantages(batch, self.config.scale_by_std, self.config.std)

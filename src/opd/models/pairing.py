@@ -47,7 +47,9 @@ def tokenizer_problems(student_tok, teacher_tok, pairing: PairingConfig = Pairin
     problems, notes = [], []
     same_vocab = student_tok.get_vocab() == teacher_tok.get_vocab()
     if not same_vocab:
-        problems.append(f"tokenizer vocabularies differ (student {len(student_tok)} tokens, teacher {len(teacher_tok)})")
+        problems.append(f"tokenizer vocabularies differ (student {len(student_tok)} tokens, teacher {len(teacher_tok)}; "
+                        "a teacher may read the student's completions as text through its own tokenizer: "
+                        "teacher.tokenizer=own, with the sampled-token methods)")
     if student_tok.eos_token_id != teacher_tok.eos_token_id:
         problems.append(f"EOS ids differ (student {student_tok.eos_token_id}, teacher {teacher_tok.eos_token_id})")
     if student_tok.pad_token_id != teacher_tok.pad_token_id:
@@ -89,6 +91,21 @@ def tokenizer_problems(student_tok, teacher_tok, pairing: PairingConfig = Pairin
         else:
             problems.append(message + " (set pairing.allow_chat_template_mismatch=true if that is intended)")
     return problems, notes
+
+
+def check_own_tokenizer(teacher_tok, key: str = "teacher.path") -> None:
+    """``teacher.tokenizer=own``: what the teacher's own tokenizer must do — split text with character offsets (a
+    fast tokenizer), end a reply (an EOS token) and render the prompt in its own chat template."""
+    problems = []
+    if not getattr(teacher_tok, "is_fast", False):
+        problems.append(f"its tokenizer ({type(teacher_tok).__name__}) gives no character offsets (a fast tokenizer, "
+                        "tokenizer.json, is needed to align it with the student's)")
+    if teacher_tok.eos_token_id is None:
+        problems.append("its tokenizer has no EOS token (the end of the student's reply has nothing to map to)")
+    if _render(teacher_tok) is None:
+        problems.append("its tokenizer has no chat template to render the student's prompts in (add chat_template.jinja to it)")
+    if problems:
+        raise PairingError(f"{key}: a teacher with its own tokenizer (teacher.tokenizer=own) cannot be used: " + "; ".join(problems))
 
 
 def raise_pairing(problems: list[str], notes: list[str]) -> list[str]:

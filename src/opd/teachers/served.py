@@ -35,8 +35,8 @@ from .base import StatelessTeacher, TopLogprobs
 def served_teacher(teacher_cfg, url: str, key: str, student_tok, vocab_size: int, eos_ids, pairing, device):
     """``(ServedTeacher, ServedSampler)`` for the model at ``url``, after the pairing check against the student."""
     served = ServedModel(teacher_cfg, url, key)
-    if teacher_cfg.tokenizer is not None:
-        served_tok = load_tokenizer(teacher_cfg.tokenizer, "teacher.tokenizer", teacher_cfg.trust_remote_code)
+    if teacher_cfg.tokenizer_path is not None:
+        served_tok = load_tokenizer(teacher_cfg.tokenizer_path, "teacher.tokenizer_path", teacher_cfg.trust_remote_code)
     else:
         served_tok = student_tok
     check_served_pairing(served, student_tok, served_tok, pairing)

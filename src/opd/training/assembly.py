@@ -32,10 +32,11 @@ from ..models.loading import (
     set_activation_checkpointing,
     student_tokenizer,
 )
-from ..models.pairing import check_pairing
+from ..models.pairing import check_own_tokenizer, check_pairing
 from ..parallel.ranks import SINGLE, Ranks
 from ..parallel.sharding import shard_model
 from ..tasks.reward_functions import build_graded_task as build_task
+from ..teachers.cross_tokenizer import CrossTokenizerTeacher
 from ..teachers.model import ModelTeacher, initial_student
 from ..teachers.routed import RoutedTeacher
 from ..teachers.served import served_teacher
@@ -103,7 +104,7 @@ def build_session(cfg, ranks: Ranks = SINGLE) -> Session:
     for served_model, _ in served.values():  # top-k ids must index the student's output layer itself
         served_model.vocab_size = output_size(student)
     teacher_device = torch.device(cfg.teacher.device) if cfg.teacher.device else device
-    teacher, teacher_sampler = build_teachers(cfg, needs, method, served, tokenizer, student, autocast, teacher_device)
+    teacher, teacher_sampler = build_teachers(cfg, needs, method, served, tokenizer, student, autocast, teacher_device, task)
     reference = None
     if needs.reference:
         reference = served[needs.reference_key][0] if needs.reference_key in served else build_reference(cfg, needs, tokenizer, student, autocast, teacher_device)
@@ -160,12 +161,14 @@ def load_student(cfg, device: torch.device, ranks: Ranks) -> torch.nn.Module:
     return student
 
 
-def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, student, autocast, device):
+def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, student, autocast, device, task=None):
     """``(teacher, teacher_sampler)``: a served or local teacher (its sampler for demonstrations and its evaluation),
     routes by example, or the student as its own teacher (``Method.make_teacher``)."""
     teacher = teacher_sampler = None
     if needs.teacher and "teacher.url" in served:
         teacher, teacher_sampler = served["teacher.url"]
+    elif needs.teacher and cfg.teacher.path is not None and cfg.teacher.tokenizer == "own":
+        teacher = own_tokenizer_teacher(cfg, task, tokenizer, student, autocast, device)
     elif needs.teacher and cfg.teacher.path is not None:
         teacher_model = load_paired(cfg, needs, cfg.teacher.path, "teacher.path", tokenizer, student, device)
         teacher = ModelTeacher(teacher_model, autocast, packed=cfg.train.packing)
@@ -180,6 +183,22 @@ def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, s
     if needs.self_teacher:
         teacher = method.make_teacher(student, autocast, device)
     return teacher, teacher_sampler
+
+
+def own_tokenizer_teacher(cfg, task, tokenizer, student, autocast, device) -> CrossTokenizerTeacher:
+    """``teacher.tokenizer=own``: the teacher with its own tokenizer, which must give character offsets, an EOS and a
+    chat template (``models.pairing.check_own_tokenizer``). It has no sampler: its demonstrations and its own
+    evaluation would need prompts in its tokenizer, which the loop does not make yet."""
+    te = cfg.teacher
+    teacher_tok = load_tokenizer(te.path, "teacher.path", te.trust_remote_code)
+    check_own_tokenizer(teacher_tok)
+    if teacher_tok.get_vocab() == tokenizer.get_vocab():
+        log.info("teacher.tokenizer=own with a teacher whose vocabulary is the student's: every span will be one token")
+    model = load_model(te.path, "teacher.path", te.dtype, te.trust_remote_code, device, te.attn_implementation)
+    return CrossTokenizerTeacher(
+        ModelTeacher(model, autocast, packed=cfg.train.packing), tokenizer, teacher_tok, task.messages,
+        cfg.task.chat_template_kwargs, eos_token_ids(student, tokenizer),
+    )
 
 
 def connect_served(cfg, needs: Needs, tokenizer, vocab_size: int, device) -> dict:

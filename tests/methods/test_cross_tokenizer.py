@@ -1,0 +1,148 @@
+"""A teacher with a tokenizer of its own (teacher.tokenizer=own, teachers/cross_tokenizer.py).
+
+- With the student's own tokenizer read as the teacher's, every span is one token and the losses and gradients are
+  those of the shared-tokenizer path, bit for bit, for every sampled-token method that takes it.
+- With a byte-level BPE teacher whose chat template differs from the student's, the gradient is the one of an
+  independent formula: every student token of a span (a teacher token's characters, here) is trained with
+  A = −(Σ_span ℓ^S − ℓ^T(teacher token)), the teacher's log-prob taken from its own forward pass over the prompt in
+  its own chat template and its own split of the completion's text.
+- The pairing check's refusal of a different vocabulary names teacher.tokenizer, and the key refuses what it does
+  not cover yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from conftest import TINY, TINY_SPEC, make_config
+
+from opd.config.sections import ConfigError
+from opd.models.pairing import PairingError
+from opd.training.assembly import build_session
+from opd.training.loop import SUMMED_METRICS, accumulate_gradients
+from opd.worlds.build.common import init_model
+from opd.worlds.tokenizer import build_byte_bpe_tokenizer
+
+SAMPLED = ["sampling.samples_per_prompt=2", "sampling.max_new_tokens=16", "method.reduction=token_mean"]
+
+
+def step_gradients(s, batches):
+    s.student.zero_grad(set_to_none=True)
+    sums, counts, finite = accumulate_gradients(s, batches, 0)
+    assert finite
+    return [p.grad.clone() for p in s.student.parameters() if p.grad is not None], s.ranks.merge_metrics(sums, counts, SUMMED_METRICS)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.name=opd"],
+        ["method.name=opd", "method.opd.discount=0.9"],
+        ["method.name=gopd", "method.gopd.reward_scale=1.25"],
+        ["method.name=opd_plus", "method.opd_plus.divergence=forward_kl"],
+        ["method.name=opd_task_reward"],
+    ],
+    ids=["opd", "opd_discounted", "exopd", "opd_plus_forward_kl", "opd_task_reward"],
+)
+def test_the_students_tokenizer_read_as_the_teachers_own_gives_the_shared_gradient(tmp_path, tiny_models, overrides):
+    shared = build_session(make_config(tmp_path / "shared", tiny_models, *SAMPLED, *overrides))
+    own = build_session(make_config(tmp_path / "own", tiny_models, *SAMPLED, *overrides, "teacher.tokenizer=own"))
+    batch = shared.method.data(shared, shared.task.sample_train(4, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
+    assert len(set(batch.rollouts.completion_lengths_B.tolist())) > 1  # rows of different lengths: padding is exercised
+    expected, expected_metrics = step_gradients(shared, [copy.deepcopy(batch)])
+    got, metrics = step_gradients(own, [copy.deepcopy(batch)])
+    assert len(expected) == len(got) > 0
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert metrics["loss"] == expected_metrics["loss"] and metrics["kl"] == expected_metrics["kl"]
+    assert metrics["spans_per_token"] == 1.0
+
+
+# a chat template of the teacher's own, unlike the student's (<|user|>…<|assistant|>)
+TEACHER_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def bpe_teacher(tmp_path_factory):
+    """A tiny random Llama whose tokenizer is a byte-level BPE trained on the arithmetic world's kind of text, with
+    a chat template of its own."""
+    texts = [f"{a % 10}+{b % 10}={a % 10 + b % 10},{a}+{b}|{a + b}" for a in range(100, 999, 7) for b in range(100, 999, 53)]
+    tokenizer = build_byte_bpe_tokenizer(texts, vocab_size=300)
+    tokenizer.chat_template = TEACHER_TEMPLATE
+    return init_model(tmp_path_factory.mktemp("bpe") / "teacher", TINY, tokenizer, TINY_SPEC, seed=3)
+
+
+def test_a_byte_bpe_teacher_trains_each_span_with_its_own_advantage(tmp_path, tiny_models, bpe_teacher):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = build_session(make_config(tmp_path, tiny_models, *SAMPLED, "method.name=opd", f"teacher.path={bpe_teacher}", "teacher.tokenizer=own",
+                                  "student.path=world:student", "sampling.max_new_tokens=40"))  # completions the BPE has merges for
+    batch = s.method.data(s, s.task.sample_train(4, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
+    got, metrics = step_gradients(s, [copy.deepcopy(batch)])
+    assert 0.3 < metrics["spans_per_token"] < 1.0  # the teacher merges characters: fewer spans than student tokens
+
+    teacher_tok = AutoTokenizer.from_pretrained(bpe_teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(bpe_teacher).eval()
+    r = batch.rollouts
+    s.student.zero_grad(set_to_none=True)
+    surrogate, trained = 0.0, 0
+    for b, example in enumerate(batch.examples):
+        prompt = r.prompt_ids_BP[b][r.prompt_mask_BP[b].bool()].tolist()
+        completion = r.completion_ids_BC[b][r.completion_mask_BC[b].bool()].tolist()
+        logits = s.student(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+        logp_C = logits.log_softmax(-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+        text = s.tokenizer.decode(completion, skip_special_tokens=True)
+        encoded = teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        t_ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+        ends_with_eos = completion[-1] == s.tokenizer.eos_token_id
+        rendered = teacher_tok.apply_chat_template(s.task.messages(example), tokenize=False, add_generation_prompt=True)
+        assert rendered.startswith("<bos>user: ") and rendered.endswith("\nassistant: ")  # the teacher's own template
+        t_prompt = teacher_tok(rendered, add_special_tokens=False)["input_ids"]
+        t_completion = t_ids + ([teacher_tok.eos_token_id] if ends_with_eos else [])
+        with torch.no_grad():
+            t_logits = teacher(torch.tensor([t_prompt + t_completion])).logits[0, len(t_prompt) - 1 : -1]
+        t_logp = t_logits.log_softmax(-1).gather(1, torch.tensor(t_completion)[:, None])[:, 0]
+        # the student is character-level: a teacher token's span is the characters its offsets cover, one token each
+        groups = [list(range(start, end)) for start, end in offsets] + ([[len(text)]] if ends_with_eos else [])
+        assert sum(len(g) for g in groups) == len(completion)
+        for k, group in enumerate(groups):
+            advantage = -(float(logp_C[group].detach().sum()) - float(t_logp[k]))
+            surrogate = surrogate + advantage * logp_C[group].sum()
+        trained += len(completion)
+    (-surrogate / trained).backward()
+    expected = [p.grad.clone() for p in s.student.parameters() if p.grad is not None]
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_different_vocabulary_is_refused_naming_teacher_tokenizer(tmp_path, tiny_models, bpe_teacher):
+    with pytest.raises(PairingError, match="teacher.tokenizer=own"):
+        build_session(make_config(tmp_path, tiny_models, "method.name=opd", f"teacher.path={bpe_teacher}"))
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["method.name=gkd"], "sampled-token methods"),
+        (["method.name=reopold"], "not 'reopold'"),
+        (["teacher.tokenizer=/models/qwen"], "teacher.tokenizer_path"),
+        (["teacher.routes={a: /x}"], "teacher.routes"),
+    ],
+)
+def test_what_teacher_tokenizer_own_does_not_cover_yet_is_one_line(tmp_path, tiny_models, overrides, named):
+    with pytest.raises(ConfigError, match="teacher.tokenizer") as err:
+        make_config(tmp_path, tiny_models, "teacher.tokenizer=own", *overrides)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_teacher_tokenizer_without_a_chat_template_is_refused_before_its_weights_load(tmp_path, tiny_models, bpe_teacher):
+    import shutil
+
+    teacher = shutil.copytree(bpe_teacher, tmp_path / "teacher")
+    (teacher / "chat_template.jinja").unlink()
+    (teacher / "model.safetensors").write_bytes(b"not weights")  # never read: the tokenizer is refused first
+    with pytest.raises(PairingError, match="teacher.path: .*teacher.tokenizer=own.*no chat template"):
+        build_session(make_config(tmp_path, tiny_models, "method.name=opd", f"teacher.path={teacher}", "teacher.tokenizer=own"))
