@@ -42,3 +42,13 @@ def test_the_gpu_check_runs_at_tiny_sizes_without_a_gpu(tmp_path):
         assert losses[(method, "on")] == pytest.approx(losses[(method, "off")], rel=1e-4)
     assert re.search(r"^\| opd \| [\d.]+ GiB \| [\d.]+ s \|$", table, re.M) and re.search(r"^\| materialised \| ", table, re.M)
     assert re.search(r"^\| opd HF sampler \(KV cache\) \| [\d,]+ \| ", table, re.M)
+
+
+def test_bench_cross_tokenizer_runs_and_the_bpe_teacher_reads_fewer_tokens(tmp_path):
+    out = tmp_path / "cross.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_cross_tokenizer.py"), "--rows", "2", "--tokens", "64", "--repeats", "1",
+           "--hidden", "16", "--threads", "1", "--out", str(out)]
+    printed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    results = json.loads(out.read_text())
+    assert all(results[f"{path}_s"] > 0 for path in ("shared", "own_same", "own_bpe", "align_same", "align_bpe"))
+    assert results["bpe_tokens_per_char"] < 1.0 and "own_bpe" in printed

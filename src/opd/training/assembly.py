@@ -194,6 +194,8 @@ def own_tokenizer_teacher(cfg, task, tokenizer, student, autocast, device) -> Cr
     check_own_tokenizer(teacher_tok)
     if teacher_tok.get_vocab() == tokenizer.get_vocab():
         log.info("teacher.tokenizer=own with a teacher whose vocabulary is the student's: every span will be one token")
+    if cfg.eval.teacher:
+        log.info("teacher.tokenizer=own: the teacher is not evaluated on its own (its sampler would need prompts in its tokenizer)")
     model = load_model(te.path, "teacher.path", te.dtype, te.trust_remote_code, device, te.attn_implementation)
     return CrossTokenizerTeacher(
         ModelTeacher(model, autocast, packed=cfg.train.packing), tokenizer, teacher_tok, task.messages,
