@@ -44,8 +44,9 @@ def step_gradients(s, batches):
         ["method.name=gopd", "method.gopd.reward_scale=1.25"],
         ["method.name=opd_plus", "method.opd_plus.divergence=forward_kl"],
         ["method.name=opd_task_reward"],
+        ["method.name=reopold", "method.reopold.switch_step=0"],
     ],
-    ids=["opd", "opd_discounted", "exopd", "opd_plus_forward_kl", "opd_task_reward"],
+    ids=["opd", "opd_discounted", "exopd", "opd_plus_forward_kl", "opd_task_reward", "reopold_entropy_selection"],
 )
 def test_the_students_tokenizer_read_as_the_teachers_own_gives_the_shared_gradient(tmp_path, tiny_models, overrides):
     shared = build_session(make_config(tmp_path / "shared", tiny_models, *SAMPLED, *overrides))
@@ -127,7 +128,7 @@ def test_a_different_vocabulary_is_refused_naming_teacher_tokenizer(tmp_path, ti
     "overrides, named",
     [
         (["method.name=gkd"], "sampled-token methods"),
-        (["method.name=reopold"], "not 'reopold'"),
+        (["teacher.path=null", "teacher.url=http://127.0.0.1:9"], "not a served one"),
         (["teacher.tokenizer=/models/qwen"], "teacher.tokenizer_path"),
         (["teacher.routes={a: /x}"], "teacher.routes"),
     ],

@@ -63,13 +63,12 @@ def sampled_token_loss(s: Session, batch: Batch, advantages: AdvantageFn, teache
     """
     r = batch.rollouts
     mask_BC = r.loss_mask_BC.float()
-    teacher_logp_BC = batch.teacher_logp_BC
-    batch.spans = None
+    teacher_logp_BC = batch.teacher_logp_BC  # with its spans, where prepare_step scored them (REOPOLD)
     if teacher_logp_BC is None and teacher_rollouts is None and isinstance(s.teacher, CrossTokenizerTeacher):
-        with s.timer.phase("teacher"):
-            batch.spans = s.teacher.span_scores(r, batch.examples, s.cfg.teacher.temperature)
+        batch.spans = teacher_span_scores(s, batch)
         teacher_logp_BC = batch.spans.teacher_logp_BC
     elif teacher_logp_BC is None:
+        batch.spans = None
         teacher_logp_BC = teacher_token_logprobs(s, teacher_rollouts if teacher_rollouts is not None else r)
     logp_BC, _ = student_token_logprobs(s, r)
     old_logp_BC = old_logprobs(batch, logp_BC)
@@ -130,6 +129,12 @@ def teacher_token_logprobs(s: Session, r: Rollouts) -> torch.Tensor:
     """``ℓ^T_BC``: the teacher's log-probs of the sampled tokens at its own scoring temperature (``teacher.temperature``)."""
     with s.timer.phase("teacher"):
         return s.teacher.token_logprobs(r, s.cfg.teacher.temperature)
+
+
+def teacher_span_scores(s: Session, batch: Batch):
+    """A teacher with its own tokenizer: the batch's spans and the teacher's log-prob of each (``SpanScores``)."""
+    with s.timer.phase("teacher"):
+        return s.teacher.span_scores(batch.rollouts, batch.examples, s.cfg.teacher.temperature)
 
 
 def reference_token_logprobs(s: Session, r: Rollouts) -> torch.Tensor:

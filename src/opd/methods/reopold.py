@@ -15,9 +15,10 @@ import torch
 
 from ..config.sections import require
 from ..objectives import reopold_rewards_and_mask, reward_floor
+from ..teachers.cross_tokenizer import CrossTokenizerTeacher
 from .base import Method, Needs, Session, register
 from .batch import Batch
-from .losses import sampled_token_loss, student_token_logprobs, teacher_token_logprobs
+from .losses import sampled_token_loss, student_token_logprobs, teacher_span_scores, teacher_token_logprobs
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Reopold(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(teacher=True, routable=True)
+        return Needs(teacher=True, routable=True, spans=True)
 
     def prepare_step(self, s: Session, batches: list[Batch], step: int):
         """Choose the trained tokens over the whole step (all micro-batches, every rank's): the exploration mask,
@@ -58,10 +59,14 @@ class Reopold(Method):
         student, teacher, entropy, mask = [], [], [], []
         for batch in batches:
             r = batch.rollouts
-            batch.teacher_logp_BC = teacher_token_logprobs(s, r)
+            spans = batch.spans = teacher_span_scores(s, batch) if isinstance(s.teacher, CrossTokenizerTeacher) else None
+            batch.teacher_logp_BC = teacher_token_logprobs(s, r) if spans is None else spans.teacher_logp_BC
             with torch.no_grad(), batch.rng(PREPARE_SALT):  # entropy at the training (sampling) temperature
                 logp_BC, entropy_BC = student_token_logprobs(s, r, with_entropy=True)
-            student.append(logp_BC), teacher.append(batch.teacher_logp_BC), entropy.append(entropy_BC), mask.append(r.loss_mask_BC.float())
+            mask_BC = r.loss_mask_BC.float()
+            if spans is not None:  # a teacher with its own tokenizer: spans are chosen, by their most uncertain token
+                logp_BC, entropy_BC, mask_BC = spans.collapse(logp_BC), spans.span_max(entropy_BC), spans.span_mask(mask_BC)
+            student.append(logp_BC), teacher.append(batch.teacher_logp_BC), entropy.append(entropy_BC), mask.append(mask_BC)
         width = max((m.shape[1] for m in mask), default=0)  # a rank the token budget gave no micro-batch sends no rows
         stacked = [
             torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]) if ts else torch.zeros(0, 0, device=s.device)
@@ -72,6 +77,8 @@ class Reopold(Method):
         _, keep_BC, metrics = reopold_rewards_and_mask(*gathered, step, switch, c.mixture_lambda, c.entropy_fraction, c.floor_form)
         for batch, m in zip(batches, mask):
             batch.train_mask_BC = keep_BC[start : start + m.shape[0], : m.shape[1]].contiguous()
+            if batch.spans is not None:  # every student token of a chosen span
+                batch.train_mask_BC = batch.spans.spread(batch.train_mask_BC) * batch.rollouts.loss_mask_BC.to(batch.train_mask_BC.dtype)
             start += m.shape[0]
         return metrics
 

@@ -44,6 +44,13 @@ class SpanScores:
         summed_BC = torch.zeros_like(values_BC).scatter_add(1, self.end_BC, torch.where(in_span_BC, values_BC, 0.0))
         return torch.where(self.last_BC, summed_BC, 0.0)
 
+    def span_max(self, values_BC: torch.Tensor) -> torch.Tensor:
+        """Each span's largest value of ``values_BC`` over its student tokens, on its last token; 0 elsewhere."""
+        in_span_BC = (self.end_BC != torch.arange(values_BC.shape[1], device=values_BC.device)) | self.last_BC
+        low = torch.finfo(values_BC.dtype).min
+        largest_BC = torch.full_like(values_BC, low).scatter_reduce(1, self.end_BC, torch.where(in_span_BC, values_BC, low), "amax")
+        return torch.where(self.last_BC, largest_BC, 0.0)
+
     def spread(self, values_BC: torch.Tensor) -> torch.Tensor:
         """Each student token gets the value its span's last token holds."""
         return values_BC.gather(1, self.end_BC)
