@@ -61,8 +61,10 @@ def test_the_students_tokenizer_read_as_the_teachers_own_gives_the_shared_gradie
     assert metrics["spans_per_token"] == 1.0
 
 
-# a chat template of the teacher's own, unlike the student's (<|user|>…<|assistant|>)
-TEACHER_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+# a chat template of the teacher's own, unlike the student's (<|user|>…<|assistant|>): it closes a reply with <|user|>, not
+# with its EOS, as Gemma closes one with <end_of_turn>
+TEACHER_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                    "{% if m['role'] == 'assistant' %}<|user|>{% endif %}{{ '\\n' }}{% endfor %}"
                     "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
@@ -102,7 +104,7 @@ def test_a_byte_bpe_teacher_trains_each_span_with_its_own_advantage(tmp_path, ti
         rendered = teacher_tok.apply_chat_template(s.task.messages(example), tokenize=False, add_generation_prompt=True)
         assert rendered.startswith("<bos>user: ") and rendered.endswith("\nassistant: ")  # the teacher's own template
         t_prompt = teacher_tok(rendered, add_special_tokens=False)["input_ids"]
-        t_completion = t_ids + ([teacher_tok.eos_token_id] if ends_with_eos else [])
+        t_completion = t_ids + ([teacher_tok.convert_tokens_to_ids("<|user|>")] if ends_with_eos else [])  # its template's reply end
         with torch.no_grad():
             t_logits = teacher(torch.tensor([t_prompt + t_completion])).logits[0, len(t_prompt) - 1 : -1]
         t_logp = t_logits.log_softmax(-1).gather(1, torch.tensor(t_completion)[:, None])[:, 0]
@@ -115,6 +117,7 @@ def test_a_byte_bpe_teacher_trains_each_span_with_its_own_advantage(tmp_path, ti
         trained += len(completion)
     (-surrogate / trained).backward()
     expected = [p.grad.clone() for p in s.student.parameters() if p.grad is not None]
+    assert len(expected) == len(got) > 0
     for a, b in zip(expected, got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
@@ -131,6 +134,7 @@ def test_a_different_vocabulary_is_refused_naming_teacher_tokenizer(tmp_path, ti
         (["teacher.path=null", "teacher.url=http://127.0.0.1:9"], "not a served one"),
         (["teacher.tokenizer=/models/qwen"], "teacher.tokenizer_path"),
         (["teacher.routes={a: /x}"], "teacher.routes"),
+        (["method.name=gopd", "method.gopd.reference=/models/base"], "method.gopd.reference"),
     ],
 )
 def test_what_teacher_tokenizer_own_does_not_cover_yet_is_one_line(tmp_path, tiny_models, overrides, named):
@@ -147,3 +151,20 @@ def test_a_teacher_tokenizer_without_a_chat_template_is_refused_before_its_weigh
     (teacher / "model.safetensors").write_bytes(b"not weights")  # never read: the tokenizer is refused first
     with pytest.raises(PairingError, match="teacher.path: .*teacher.tokenizer=own.*no chat template"):
         build_session(make_config(tmp_path, tiny_models, "method.name=opd", f"teacher.path={teacher}", "teacher.tokenizer=own"))
+
+
+def test_a_teacher_template_that_refuses_the_tasks_turns_is_one_line_before_its_weights_load(tmp_path, tiny_models, bpe_teacher):
+    """A task with a system prompt and a teacher whose template refuses system turns (as Gemma-2's does)."""
+    import json
+    import shutil
+
+    teacher = shutil.copytree(bpe_teacher, tmp_path / "teacher")
+    (teacher / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}: {% endif %}")
+    (teacher / "model.safetensors").write_bytes(b"not weights")  # never read
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{a}+{a}", "answer": str(2 * a)}) + "\n" for a in range(20)))
+    with pytest.raises(PairingError, match="cannot render this task's prompts: TemplateError: System role not supported"):
+        build_session(make_config(tmp_path, tiny_models, "method.name=opd", f"teacher.path={teacher}", "teacher.tokenizer=own",
+                                  "task.name=math", f"task.path={data}", "task.system_prompt=Be brief."))

@@ -139,3 +139,42 @@ def test_a_sentencepiece_style_tokenizer_keeps_the_spaces_its_pieces_carry():
     pieces = [sp.convert_ids_to_tokens(i).replace("▁", " ") for i in ids]
     assert [text[a:b] for a, b in intervals[:-1]] == [pieces[0].lstrip(), *pieces[1:]]  # the text's first space is not in it
     assert intervals[-1] == (len(text), len(text))
+
+
+class ByteTokens:
+    """A tokenizer whose tokens are byte strings (ids 0-255 single bytes, then a few pairs), decoded as UTF-8 with
+    replacement characters, as byte-level tokenizers decode; id 999 is its EOS."""
+
+    EOS = 999
+    all_special_ids = [EOS]
+
+    def __init__(self, pairs: list[bytes]):
+        self.bytes_of = {i: bytes([i]) for i in range(256)} | {256 + n: pair for n, pair in enumerate(pairs)}
+        self.id_of = {b: i for i, b in self.bytes_of.items()}
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        return b"".join(self.bytes_of[i] for i in ids if i != self.EOS).decode("utf-8", errors="replace")
+
+    def batch_decode(self, lists, **kwargs):
+        return [self.decode(ids, **kwargs) for ids in lists]
+
+
+def test_a_token_that_ends_one_character_and_starts_the_next_is_decoded_from_where_its_run_began(monkeypatch):
+    from opd.models import alignment
+
+    # "a你好": 你 = e4 bd a0, 好 = e5 a5 bd, split as  a | e4 bd | a0 e5 | a5 bd
+    tok = ByteTokens([b"\xe4\xbd", b"\xa0\xe5", b"\xa5\xbd"])
+    ids = [ord("a"), 256, 257, 258]
+    monkeypatch.setattr(alignment, "_by_prefix", lambda *a: pytest.fail("the windowed decoding should not need the fallback"))
+    text, intervals = decoded_intervals(tok, ids * 200 + [tok.EOS])  # long: a quadratic fallback would show
+    assert text == "a你好" * 200
+    assert intervals[:4] == [(0, 1), (1, 3), (1, 3), (1, 3)] and intervals[4:8] == [(3, 4), (4, 6), (4, 6), (4, 6)]
+    assert intervals[-1] == (600, 600)
+
+
+def test_a_character_cut_short_by_the_end_of_the_reply_keeps_its_replacement_character():
+    tok = ByteTokens([b"\xe4\xbd"])
+    text, intervals = decoded_intervals(tok, [ord("a"), 256, tok.EOS])
+    assert text == "a\ufffd" and intervals == [(0, 1), (1, 2), (2, 2)]
+    spans = align(intervals, [(0, 1), (1, 2), (2, 2)])  # the teacher reads the replacement character, then its EOS
+    assert spans.of_a == spans.of_b == (0, 1, 2)

@@ -264,6 +264,9 @@ def validate_teacher_tokenizer(c: Config, name: str, needs) -> None:
                                             "which this key once named, are teacher.tokenizer_path)")
     if te.tokenizer != "own":
         return
+    if needs.reference and needs.reference != "student_init":
+        require(False, needs.reference_key, f"must be student_init with teacher.tokenizer=own, got {needs.reference!r}: "
+                                            "another reference model would need the student's tokenizer too, and its spans")
     spans = [n for n, cls in METHOD_REGISTRY.items() if cls.needs(c).spans]
     require(
         needs.spans, "teacher.tokenizer",

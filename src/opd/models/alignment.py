@@ -78,13 +78,14 @@ def decoded_intervals(tokenizer, ids: list[int], special: set[int] | None = None
 
     Where the tokens decoded one by one add up to the text (character and byte-level BPE tokenizers on whole
     characters), that is the answer, in one call. Otherwise each token is decoded behind ``DECODE_WINDOW`` tokens of
-    context (so that a SentencePiece piece keeps its leading space and the work stays linear in the length). Tokens whose text ends in an incomplete UTF-8 sequence wait for the
-    tokens that complete it and then share their interval. Ids in ``special`` (default: the tokenizer's special ids)
-    are empty. If the pieces do not add up to the whole decoded text (a tokenizer whose decoding of a piece depends on
-    more than the window), every prefix is decoded instead: exact, quadratic."""
+    context (so that a SentencePiece piece keeps its leading space and the work stays linear in the length). Tokens
+    whose text ends in an incomplete UTF-8 sequence wait for the tokens that complete it and then share their
+    interval. Ids in ``special`` (default: the tokenizer's special ids) are empty. If the pieces do not add up to the
+    whole decoded text (a tokenizer whose decoding of a piece depends on more than the window), every prefix is
+    decoded instead: exact, quadratic."""
     special = set(tokenizer.all_special_ids) if special is None else special
     text = _decode(tokenizer, ids, special)
-    pieces = tokenizer.batch_decode([[t] for t in ids if t not in special], skip_special_tokens=False)
+    pieces = tokenizer.batch_decode([[t] for t in ids if t not in special], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     if "".join(pieces) == text and not any(REPLACEMENT in p for p in pieces):  # each token's text is its own: one call
         intervals, pos, it = [], 0, iter(pieces)
         for token in ids:
@@ -99,33 +100,48 @@ def decoded_intervals(tokenizer, ids: list[int], special: set[int] | None = None
 
 
 def _decode(tokenizer, ids: list[int], special: set[int]) -> str:
-    return tokenizer.decode([t for t in ids if t not in special], skip_special_tokens=False)
+    """The ids' text as written: no special token but ``special`` dropped, and no clean-up of spaces (some tokenizers'
+    default would turn the student's "f(a , b) ." into text it never wrote)."""
+    return tokenizer.decode([t for t in ids if t not in special], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _waits(ids: list[int], k: int, text: str, special: set[int]) -> bool:
+    """Whether token ``k``, whose text so far ends in an incomplete character, waits for the next token to complete
+    it (not at the end, and not before a special token, which completes nothing)."""
+    return text.endswith(REPLACEMENT) and k + 1 < len(ids) and ids[k + 1] not in special
 
 
 def _windowed(tokenizer, ids: list[int], special: set[int]) -> tuple[str, list[Interval]] | None:
-    """``(the pieces joined, intervals)``, or None where a piece's decoding is not an extension of its context's."""
+    """``(the pieces joined, intervals)``, or None where a piece's decoding is not an extension of its context's.
+
+    A run of tokens that only together make whole characters is decoded from where it began, behind the
+    ``DECODE_WINDOW`` tokens before it (a run may end in the middle of the next character: its tokens then share the
+    characters up to where the run could close)."""
     intervals: list[Interval] = []
     pieces: list[str] = []
-    pending: list[int] = []  # tokens whose characters are not complete yet
+    run: list[int] = []  # indices into ``intervals`` of the tokens waiting for the rest of a character
+    run_start = 0  # the index into ``ids`` where the current run (or token) began
     pos = 0
     for k, token in enumerate(ids):
         if token in special:
             intervals.append((pos, pos))
             continue
-        context = ids[max(0, k - DECODE_WINDOW):k]
-        before = _decode(tokenizer, context, special)
-        after = _decode(tokenizer, [*context, token], special)
-        if not after.startswith(before.rstrip(REPLACEMENT)):
+        if not run:
+            run_start = k
+        window = max(0, run_start - DECODE_WINDOW)
+        before = _decode(tokenizer, ids[window:run_start], special)
+        after = _decode(tokenizer, ids[window:k + 1], special)
+        if not after.startswith(before):
             return None
-        if after.endswith(REPLACEMENT) and k + 1 < len(ids):  # an incomplete character: wait for the rest of it
-            pending.append(len(intervals))
+        if _waits(ids, k, after, special):
+            run.append(len(intervals))
             intervals.append((pos, pos))
             continue
-        piece = after[len(before.rstrip(REPLACEMENT)):] if pending else after[len(before):]
+        piece = after[len(before):]
         end = pos + len(piece)
-        for index in pending:
+        for index in run:
             intervals[index] = (pos, end)
-        pending.clear()
+        run.clear()
         intervals.append((pos, end))
         pieces.append(piece)
         pos = end
@@ -134,23 +150,23 @@ def _windowed(tokenizer, ids: list[int], special: set[int]) -> tuple[str, list[I
 
 def _by_prefix(tokenizer, ids: list[int], special: set[int]) -> list[Interval]:
     intervals: list[Interval] = []
-    pending: list[int] = []
+    run: list[int] = []
     pos = 0
     for k, token in enumerate(ids):
         if token in special:
             intervals.append((pos, pos))
             continue
         prefix = _decode(tokenizer, ids[:k + 1], special)
-        if prefix.endswith(REPLACEMENT) and k + 1 < len(ids):
-            pending.append(len(intervals))
+        if _waits(ids, k, prefix, special):
+            run.append(len(intervals))
             intervals.append((pos, pos))
             continue
-        end = len(prefix)
-        for index in pending:
+        end = max(pos, len(prefix))
+        for index in run:
             intervals[index] = (pos, end)
-        pending.clear()
-        intervals.append((pos, max(pos, end)))
-        pos = max(pos, end)
+        run.clear()
+        intervals.append((pos, end))
+        pos = end
     return intervals
 
 

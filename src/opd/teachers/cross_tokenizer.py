@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..models.alignment import align, decoded_intervals, encoded_intervals
-from ..models.prompts import encode_prompt
+from ..models.prompts import encode_prompt, render_prompt
 from ..models.rollouts import Rollouts, build_rollouts
 from ..tasks.base import Example
 from .base import StatelessTeacher, Teacher
@@ -60,11 +60,31 @@ class SpanScores:
         return (self.last_BC & (self.collapse(1.0 - mask_BC) == 0)).to(mask_BC.dtype)
 
 
+def reply_end_ids(tokenizer, template_kwargs: dict | None = None) -> list[int]:
+    """The tokens a chat template closes an assistant reply with, up to its first special token (Gemma's
+    ``<end_of_turn>``, Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``: not always the tokenizer's EOS), read from a
+    sample conversation rendered with and without the reply; the tokenizer's EOS where that shows none."""
+    eos = [tokenizer.eos_token_id]
+    conversation, reply = [{"role": "user", "content": "What is 2+2?"}], "4"
+    try:
+        prefix = render_prompt(tokenizer, conversation, template_kwargs)
+        full = tokenizer.apply_chat_template(conversation + [{"role": "assistant", "content": reply}], tokenize=False, **(template_kwargs or {}))
+    except Exception:  # noqa: BLE001 - a template that cannot render the sample: the EOS
+        return eos
+    if not full.startswith(prefix + reply):
+        return eos
+    ids = tokenizer(full[len(prefix) + len(reply):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
+    ends = [n for n, token in enumerate(ids) if token in special]
+    return ids[: ends[0] + 1] if ends else eos
+
+
 class CrossTokenizerTeacher(StatelessTeacher):
     """``teacher`` (a local model teacher) scoring completions through its own tokenizer.
 
     ``messages(example)`` gives the chat turns the student's prompt was rendered from (the task's), and
-    ``template_kwargs`` the chat template's arguments; ``context`` caps the teacher's prompt length."""
+    ``template_kwargs`` the chat template's arguments. Where the student's completion ended with its EOS, the
+    teacher's copy ends with what the teacher's own template closes a reply with (``reply_end_ids``)."""
 
     def __init__(self, teacher: Teacher, student_tokenizer, teacher_tokenizer, messages: Callable[[Example], list[dict]],
                  template_kwargs: dict | None = None, student_eos: Sequence[int] = ()):
@@ -76,6 +96,7 @@ class CrossTokenizerTeacher(StatelessTeacher):
         # token the student wrote is written out, for the teacher's tokenizer to read as it reads that text
         self.student_special = set(self.student_eos)
         self.teacher_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
+        self.teacher_end = reply_end_ids(teacher_tokenizer, template_kwargs)
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
         raise TypeError("a teacher with its own tokenizer scores spans (span_scores), not the student's tokens")
@@ -92,8 +113,8 @@ class CrossTokenizerTeacher(StatelessTeacher):
             text, student_intervals = decoded_intervals(self.student_tokenizer, ids, self.student_special)
             teacher_ids, teacher_intervals = encoded_intervals(self.teacher_tokenizer, text)
             if ids and ids[-1] in self.student_eos:  # the student ended its reply: so does the teacher's copy of it
-                teacher_ids.append(self.teacher_tokenizer.eos_token_id)
-                teacher_intervals.append((len(text), len(text)))
+                teacher_ids += self.teacher_end
+                teacher_intervals += [(len(text), len(text))] * len(self.teacher_end)
             prompts.append(encode_prompt(self.teacher_tokenizer, self.messages(example), None, self.template_kwargs))
             completions.append(teacher_ids)
             alignments.append(align(student_intervals, teacher_intervals))

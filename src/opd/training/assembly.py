@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ from ..models.loading import (
     set_activation_checkpointing,
     student_tokenizer,
 )
-from ..models.pairing import check_own_tokenizer, check_pairing
+from ..models.pairing import PairingError, check_own_tokenizer, check_pairing
+from ..models.prompts import render_prompt
 from ..parallel.ranks import SINGLE, Ranks
 from ..parallel.sharding import shard_model
 from ..tasks.reward_functions import build_graded_task as build_task
@@ -192,6 +194,12 @@ def own_tokenizer_teacher(cfg, task, tokenizer, student, autocast, device) -> Cr
     te = cfg.teacher
     teacher_tok = load_tokenizer(te.path, "teacher.path", te.trust_remote_code)
     check_own_tokenizer(teacher_tok)
+    example = task.sample_train(1, random.Random(0))[0]
+    try:  # a template that refuses this task's turns (a system prompt, say) fails here, not at the first step
+        render_prompt(teacher_tok, task.messages(example), cfg.task.chat_template_kwargs)
+    except Exception as err:  # noqa: BLE001 - whatever the template raised, in one line
+        raise PairingError(f"teacher.path: the teacher's own chat template (teacher.tokenizer=own) cannot render this task's "
+                           f"prompts: {type(err).__name__}: {err}") from None
     if teacher_tok.get_vocab() == tokenizer.get_vocab():
         log.info("teacher.tokenizer=own with a teacher whose vocabulary is the student's: every span will be one token")
     if cfg.eval.teacher:
