@@ -36,16 +36,17 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides)
     summary = train(cfg)
     if launched_rank() == 0:  # one table per job, not one per rank (the whole summary is in summary.json)
-        print_result(summary, cfg.run.output_dir, cfg.task.name == "search_qa")
+        print_result(summary, cfg.run.output_dir, SCORED.get(cfg.task.name, ""))
     return 0
 
 
-def print_result(summary: dict, output_dir: str, exact_match: bool = False) -> None:
-    """The end of ``opd train`` and ``opd demo``: teacher / before / after accuracy (and the user's reward where a
-    reward function graded the run), the wall time and where the run is."""
+def print_result(summary: dict, output_dir: str, measure: str = "") -> None:
+    """The end of ``opd train`` and ``opd demo``: teacher / before / after accuracy (``measure``: what it is, where the
+    task names it: exact match, pass@1), the user's reward where a reward function graded the run, the wall time and
+    where the run is."""
     from .training.curves import format_table
 
-    scored = " (exact match)" if exact_match else ""
+    scored = f" ({measure})" if measure else ""
     after = f"student after {summary['steps']} {summary['method'].upper()} steps"
     rows = [(f"teacher{scored}", summary["teacher_accuracy"]), (f"student before{scored}", summary["student_accuracy_before"]),
             (f"{after}{scored}", summary["student_accuracy_after"])]
@@ -89,13 +90,16 @@ def cmd_demo(args) -> int:
     from .config.loading import load_config
     from .training.loop import train
 
-    search = args.world == "search"
-    output_dir = args.output_dir or ("runs/demo_search" if search else "runs/demo")
-    overrides = [f"run.output_dir={output_dir}", "run.overwrite=true"] + list(args.overrides)
-    cfg = load_config(CONFIG_DIR / ("search_qa/demo.yaml" if search else "demo.yaml"), overrides)
+    config, default_dir = DEMOS[args.world]
+    overrides = [f"run.output_dir={args.output_dir or default_dir}", "run.overwrite=true"] + list(args.overrides)
+    cfg = load_config(CONFIG_DIR / config, overrides)
     summary = train(cfg)
-    print_result(summary, cfg.run.output_dir, search)
+    print_result(summary, cfg.run.output_dir, SCORED.get(cfg.task.name, ""))
     return 0
+
+
+DEMOS = {"arithmetic": ("demo.yaml", "runs/demo"), "search": ("search_qa/demo.yaml", "runs/demo_search"), "code": ("code/demo.yaml", "runs/demo_code")}
+SCORED = {"search_qa": "exact match", "code": "pass@1"}  # what a task's accuracy is, where it has a name of its own
 
 
 def cmd_eval(args) -> int:
@@ -107,7 +111,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_world(args) -> int:
-    """``opd world build | verify | path [--world arithmetic | search]``: the embedded worlds, one command for both."""
+    """``opd world build | verify | path [--world arithmetic | search | code]``: the embedded worlds, one command for all."""
     from .worlds.locate import WORLDS, cache_dir, world_dir
 
     world = WORLDS[args.world]
@@ -142,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="distil the embedded teacher into the embedded student with OPD")
-    demo.add_argument("--world", choices=sorted(WORLDS), default="arithmetic", help="search: the tool-using search-QA world")
-    demo.add_argument("--output-dir", help="default: runs/demo (runs/demo_search for --world search)")
+    demo.add_argument("--world", choices=sorted(WORLDS), default="arithmetic", help="search: the tool-using search-QA world; code: Python functions run in the sandbox")
+    demo.add_argument("--output-dir", help="default: runs/demo (runs/demo_search, runs/demo_code for the other worlds)")
     demo.add_argument("overrides", nargs="*", help="key.path=value overrides of configs/demo.yaml")
     demo.set_defaults(func=cmd_demo)
 
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--output", help="build into this directory (default: $OPD_WORLD_DIR or ~/.cache/opd)")
     world.add_argument("--force", action="store_true", help="rebuild even if already built there")
     world.add_argument("--reuse", help="copy the roles whose build inputs are unchanged from this earlier world instead of training them")
-    world.add_argument("--world", choices=sorted(WORLDS), default="arithmetic", help="search: the embedded search-QA world")
+    world.add_argument("--world", choices=sorted(WORLDS), default="arithmetic", help="search: the embedded search-QA world; code: the code world")
     world.set_defaults(func=cmd_world)
 
     cmp = sub.add_parser("compare", help="run claim sets over several seeds and write the evidence report")

@@ -93,6 +93,23 @@ def test_final_at_least_pairs_seeds():
     assert judge(claim({"kind": "final_at_least", "better": "exopd", "than": "opd"}, *far), far).holds is False
 
 
+def test_final_at_least_on_another_measure_of_the_last_evaluation():
+    """A merged student against an expert on the expert's own family: ``metric`` names the measure compared."""
+    def with_family(label, seed, accuracy, family_pass):
+        c = curve(label, seed, [0.3, accuracy])
+        c.final_eval = {"accuracy": accuracy, "pass@1_numbers": family_pass}
+        return c
+
+    curves = {"merged": [with_family("merged", s, 0.9, 0.95) for s in range(2)],
+              "expert": [with_family("expert", s, 0.6, 0.97) for s in range(2)]}
+    test = {"kind": "final_at_least", "better": "merged", "than": "expert"}
+    assert judge(claim(test, *curves), curves).holds is True  # overall accuracy: far ahead
+    v = judge(claim({**test, "metric": "pass@1_numbers"}, *curves), curves)
+    assert v.holds is False and "-2.0 ± 0.0 points of pass@1_numbers" in v.words  # on the expert's family: behind
+    with pytest.raises(ValueError, match="has no 'pass@1_text'"):
+        judge(claim({**test, "metric": "pass@1_text"}, *curves), curves)
+
+
 def test_collapse_compares_the_end_with_the_best_so_far():
     curves = {"standard": [curve("standard", s, [0.5, 0.8, 0.0]) for s in range(3)],
               "plus": [curve("plus", s, [0.5, 0.9, 0.85]) for s in range(3)]}

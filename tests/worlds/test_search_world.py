@@ -322,7 +322,7 @@ def test_the_script_judge_scores_each_turn_against_the_script():
 def test_a_search_world_that_is_not_built_is_named_with_the_command_that_builds_it(tmp_path, monkeypatch):
     from opd.models.loading import ModelLoadError, resolve_path
     from opd.tasks.rows import DataError
-    from opd.tasks.search_qa import world_file
+    from opd.tasks.rows import world_file
 
     monkeypatch.setenv("OPD_WORLD_DIR", str(tmp_path))
     with pytest.raises(ModelLoadError, match=r"student\.path: the embedded search world is not built .*opd world build --world search"):

@@ -11,7 +11,8 @@ A claim set is a directory holding ``claim.yaml`` and the arms' configs::
 The kinds of test (``TESTS``): ``tokens_to_target`` (baseline tokens ÷ arm tokens to the first evaluation at each
 target, paired by seed; several baseline arms are a tuning sweep and the best one per target is the baseline; arms
 under ``shown`` are tabulated and plotted, not judged),
-``final_at_least`` (arm ``better`` ends at least as accurate as arm ``than``, paired by seed), ``collapse`` (the
+``final_at_least`` (arm ``better`` ends at least as accurate as arm ``than`` — or as high on another measure of the last
+evaluation, ``metric`` — paired by seed), ``collapse`` (the
 arms in ``collapses`` fall more than ``drop`` below their best accuracy so far at some evaluation, those in
 ``stable`` do not) and ``lower``
 (arm ``lower`` has a smaller mean per-step ``metric`` than arm ``than``, e.g. ``peak_memory_mb``).
@@ -54,6 +55,15 @@ class Curve:
     seconds_E: list[float]  # training seconds (steps only, evaluations excluded) before it
     teacher_accuracy: float | None = None
     step_means: dict[str, float] = field(default_factory=dict)  # mean over steps of each numeric train metric
+    final_eval: dict[str, float] = field(default_factory=dict)  # the last evaluation's numeric measures
+
+    def final(self, metric: str = "accuracy") -> float:
+        """The last evaluation's ``metric`` (a measure the task reports beside accuracy: pass@1_numbers, f1, ...)."""
+        if metric == "accuracy":
+            return self.after
+        if metric not in self.final_eval:
+            raise ValueError(f"{self.label} (seed {self.seed}): its last evaluation has no '{metric}' (it has {', '.join(sorted(self.final_eval))})")
+        return self.final_eval[metric]
 
     @property
     def before(self) -> float:
@@ -134,6 +144,7 @@ def read_curve(run_dir: str | Path, label: str, seed: int) -> Curve:
         [seconds.get(k, total) for k in steps],
         teacher[0].get("accuracy") if teacher else None,
         {key: statistics.fmean(values) for key, values in numeric.items()},
+        {k: float(v) for k, v in evals[steps[-1]].items() if k not in ("kind", "step") and isinstance(v, (int, float)) and math.isfinite(v)},
     )
 
 
@@ -312,20 +323,23 @@ def _standard_error(spread: Spread) -> float:
 
 
 def _final_at_least(test: dict, curves: dict[str, list[Curve]]) -> Verdict:
-    """Holds if the mean over seeds of (final accuracy of ``better`` − that of ``than``) is ≥ 0; does not hold if it is
-    below 0 by more than two standard errors of that mean; otherwise undecided (within the seeds' noise)."""
-    better, than = test["better"], test["than"]
+    """Holds if the mean over seeds of (final ``metric`` — accuracy unless the test names another measure of the
+    last evaluation — of ``better`` − that of ``than``) is ≥ 0; does not hold if it is below 0 by more than two
+    standard errors of that mean; otherwise undecided (within the seeds' noise)."""
+    better, than, metric = test["better"], test["than"], test.get("metric", "accuracy")
     pairs = _paired(curves[better], curves[than])
     if not pairs:
         return Verdict(None, f"no seed has finished runs of both {better} and {than}", [["comparison"], [f"{better} − {than}"]])
-    diffs = Spread(tuple(a.after - b.after for a, b in pairs))
-    wins = sum(a.after >= b.after for a, b in pairs)
+    diffs = Spread(tuple(a.final(metric) - b.final(metric) for a, b in pairs))
+    wins = sum(a.final(metric) >= b.final(metric) for a, b in pairs)
     se = _standard_error(diffs)
     holds = True if diffs.mean >= 0 else (False if diffs.mean + 2 * se < 0 else None)
-    rows = [["comparison", "final accuracy difference (mean ± std)", "standard error", f"seeds with {better} ≥ {than}"],
+    what = "accuracy" if metric == "accuracy" else metric
+    rows = [["comparison", f"final {what} difference (mean ± std)", "standard error", f"seeds with {better} ≥ {than}"],
             [f"{better} − {than}", f"{100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points", f"{100 * se:.1f} points", f"{wins}/{len(pairs)}"]]
     status = {True: "holds", False: "does not hold", None: "undecided (behind by less than two standard errors)"}[holds]
-    words = f"{status}: {better} ends {100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points against {than} (at least as accurate on {wins} of {len(pairs)} seeds)"
+    words = (f"{status}: {better} ends {100 * diffs.mean:+.1f} ± {100 * diffs.std:.1f} points of {what} against {than} "
+             f"(at least as high on {wins} of {len(pairs)} seeds)")
     return Verdict(holds, words, rows)
 
 

@@ -13,13 +13,13 @@ import functools
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from ..config.sections import require
 from .base import Example, RewardsOneByOne, TaskConfig, register_task
-from .rows import DataError, Fields, dataset_splits, final_boxed, read_examples
+from .rows import DataError, Fields, dataset_splits, final_boxed, read_examples, world_file
 from .splits import FixedSplits
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,9 @@ class MathTask(RewardsOneByOne, FixedSplits):
 
     def __post_init__(self) -> None:
         c = self.config = self.config or MathConfig(path=self.path)
+        self.path = world_file(self.path)  # world:code/train.jsonl: a data file of an embedded world
+        if c.eval_path:
+            c = self.config = replace(c, eval_path=world_file(c.eval_path))
         self._unreadable: set[str] = set()
         self._pattern = re.compile(c.answer_pattern) if c.answer_pattern else None
         fields = c.fields()

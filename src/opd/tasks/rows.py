@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..services.hub import cache_location, cached_snapshot, looks_like_hub_id
+from ..worlds.locate import world_part
 from .base import Example
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -27,6 +28,15 @@ ROLES = ("system", "user", "assistant", "tool")
 
 class DataError(ValueError):
     """A malformed data file or row; the message names the file, row and field."""
+
+
+def world_file(path: str) -> str:
+    """A data path, with ``world:search/NAME`` or ``world:code/NAME`` meaning a file of an embedded world."""
+    try:
+        found = world_part(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return path if found is None else str(found)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,8 @@ from ..episodes.environments import EpisodeLimits, EpisodicTask, ToolEnvironment
 from ..episodes.search import BM25Index, HTTPRetriever, Passage
 from ..episodes.tool_calls import CLOSE, SearchTool, parse_tool_calls
 from ..services.http import OutagePolicy
-from ..worlds.locate import world_part
 from .base import Example, RewardsOneByOne, TaskConfig, episodes_lack, register_task
-from .rows import DataError, read_rows
+from .rows import DataError, read_rows, world_file
 from .splits import FixedSplits
 
 log = logging.getLogger(__name__)
@@ -89,15 +88,6 @@ class SearchQAConfig(TaskConfig):
         # reference solutions: the rows' scripted turns; the judge: ScriptJudge, or a model / HTTP one on the episode
         # text; the privileged view: the question with the row's script or answers (privileged_messages)
         return episodes_lack(replace(needs, solutions=False, judge=False, privileged=False), "task.name=search_qa")
-
-
-def world_file(path: str) -> str:
-    """A data path, with ``world:search/NAME`` meaning a file of the embedded search world."""
-    try:
-        found = world_part(path)
-    except ValueError as err:
-        raise DataError(str(err)) from None
-    return path if found is None else str(found)
 
 
 def read_corpus(path: Path | str) -> list[Passage]:

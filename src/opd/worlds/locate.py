@@ -6,7 +6,7 @@ spec asked for (its ``world.json`` holds the fingerprint); else ``~/.cache/opd/<
 not built where it is looked for is an error that names the command that builds it.
 
 Configs name a world's parts by prefix: ``world:teacher`` (the arithmetic world's models), ``world:search/student``
-(the search world's models and data files). This module imports nothing of opd but the worlds' specs.
+and ``world:code/student`` (the search and code worlds' models and data files). This module imports nothing of opd but the worlds' specs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .arithmetic import DEFAULT_SPEC, SHIPPED_FILES, WORLD_MODELS
+from .code import CODE_WORLD_FILES, DEFAULT_CODE_SPEC
 from .search import DEFAULT_SEARCH_SPEC, SEARCH_WORLD_FILES
 
 ASSETS = Path(__file__).parent.parent / "assets"
@@ -45,6 +46,10 @@ WORLDS = {
     "search": World(
         "search", "world:search/", "search-world", ASSETS / "search_world", SEARCH_WORLD_FILES, SEARCH_WORLD_FILES,
         "search-world file", "the embedded search world", "opd world build --world search", "once", DEFAULT_SEARCH_SPEC,
+    ),
+    "code": World(
+        "code", "world:code/", "code-world", ASSETS / "code_world", CODE_WORLD_FILES, CODE_WORLD_FILES, "code-world file",
+        "the embedded code world", "opd world build --world code", "once", DEFAULT_CODE_SPEC,
     ),
 }
 

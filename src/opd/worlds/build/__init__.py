@@ -1,7 +1,7 @@
 """Building the embedded worlds with opd's own SFT (``opd world build``), and checking a rebuild (``opd world verify``).
 
 ``build(world, directory)`` and ``verify(world, reference)`` take a world's name (``worlds.locate.WORLDS``) and call
-its own builder: ``arithmetic.build_world`` / ``search.build_search_world``.
+its own builder: ``arithmetic.build_world`` / ``search.build_search_world`` / ``code.build_code_world``.
 """
 
 from __future__ import annotations
@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .arithmetic import build_world, verify_world
+from .code import build_code_world, verify_code_world
 from .search import build_search_world, verify_search_world
 
-BUILDERS = {"arithmetic": (build_world, verify_world), "search": (build_search_world, verify_search_world)}
+BUILDERS = {
+    "arithmetic": (build_world, verify_world), "search": (build_search_world, verify_search_world),
+    "code": (build_code_world, verify_code_world),
+}
 
 
 def build(world: str, directory: Path, reuse: Path | None = None) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -16,7 +15,7 @@ from ...training.loop import train
 from ..arithmetic import DEFAULT_SPEC, SHIPPED_FILES, WorldSpec
 from ..locate import world_dir
 from ..tokenizer import build_char_tokenizer
-from .common import differing_files, earlier_build, init_model, machine, parameter_count
+from .common import differing_files, earlier_build, init_model, machine, parameter_count, work_directory
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,7 @@ def build_world(
     (equal ``WorldSpec.role_fingerprint``) is copied instead of trained again.
     """
     directory = Path(directory or world_dir("arithmetic", spec))
-    work = directory.with_name(directory.name + f".building-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = work_directory(directory)
     tokenizer = build_char_tokenizer()
     tokenizer.save_pretrained(work / "tokenizer")
     report = {"spec": asdict(spec), "fingerprint": spec.fingerprint()}

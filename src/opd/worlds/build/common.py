@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +29,15 @@ def model_config(shape: ModelShape, tokenizer, max_positions: int) -> LlamaConfi
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def work_directory(directory: Path) -> Path:
+    """A fresh directory beside ``directory`` for one build (this process's), renamed into place when it ends: an
+    interrupted build never leaves a half-written world where opd looks for one."""
+    work = directory.with_name(directory.name + f".building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
 
 
 def init_model(directory: Path, shape: ModelShape, tokenizer, spec, seed: int) -> Path:
