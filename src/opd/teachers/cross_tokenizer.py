@@ -40,16 +40,17 @@ class SpanScores:
 
     def collapse(self, values_BC: torch.Tensor) -> torch.Tensor:
         """Each span's sum of ``values_BC`` over its student tokens, on its last token; 0 elsewhere."""
-        in_span_BC = (self.end_BC != torch.arange(values_BC.shape[1], device=values_BC.device)) | self.last_BC
-        summed_BC = torch.zeros_like(values_BC).scatter_add(1, self.end_BC, torch.where(in_span_BC, values_BC, 0.0))
-        return torch.where(self.last_BC, summed_BC, 0.0)
+        return self._per_span(values_BC, 0.0, "sum")
 
     def span_max(self, values_BC: torch.Tensor) -> torch.Tensor:
         """Each span's largest value of ``values_BC`` over its student tokens, on its last token; 0 elsewhere."""
-        in_span_BC = (self.end_BC != torch.arange(values_BC.shape[1], device=values_BC.device)) | self.last_BC
-        low = torch.finfo(values_BC.dtype).min
-        largest_BC = torch.full_like(values_BC, low).scatter_reduce(1, self.end_BC, torch.where(in_span_BC, values_BC, low), "amax")
-        return torch.where(self.last_BC, largest_BC, 0.0)
+        return self._per_span(values_BC, torch.finfo(values_BC.dtype).min, "amax")
+
+    def _per_span(self, values_BC: torch.Tensor, empty: float, reduce: str) -> torch.Tensor:
+        columns_BC = torch.arange(values_BC.shape[1], device=values_BC.device).expand_as(self.end_BC)
+        in_span_BC = (self.end_BC != columns_BC) | self.last_BC  # a token in no span points at itself, not a last token
+        reduced_BC = torch.full_like(values_BC, empty).scatter_reduce(1, self.end_BC, torch.where(in_span_BC, values_BC, empty), reduce)
+        return torch.where(self.last_BC, reduced_BC, 0.0)
 
     def spread(self, values_BC: torch.Tensor) -> torch.Tensor:
         """Each student token gets the value its span's last token holds."""

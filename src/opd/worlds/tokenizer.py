@@ -30,6 +30,15 @@ CHAT_TEMPLATE = (
 )
 
 
+def with_chat_template(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """``backend`` as a transformers tokenizer with the worlds' special tokens, chat template and left padding (for
+    batched sampling)."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="left",
+        chat_template=CHAT_TEMPLATE, model_max_length=512,
+    )
+
+
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """Return the embedded world's character tokenizer (left padding, for batched sampling)."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
@@ -37,16 +46,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
-    )
+    return with_chat_template(backend)
 
 
 def build_byte_bpe_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
@@ -61,13 +61,4 @@ def build_byte_bpe_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrai
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
-    )
+    return with_chat_template(backend)
