@@ -36,19 +36,22 @@ def base_url(url: str) -> str:
 class ServedModel:
     """One model on one OpenAI-compatible server: its name, context length and a client for its endpoints.
 
-    ``key``: the config key that named the server (``teacher.url``, ``teacher.routes.<name>``), used in errors.
+    ``key``: the config key that named the server (``teacher.url``, ``teacher.routes.<name>``), used in errors;
+    ``keys``: the prefix of the keys ``cfg`` holds (``teacher.``), and ``outage_keys`` that of its outage policy's
+    keys ("" where it has none and always stops).
     """
 
-    def __init__(self, cfg, url: str, key: str = "teacher.url"):
-        self.key, self.base = key, base_url(url)
+    def __init__(self, cfg, url: str, key: str = "teacher.url", keys: str = "teacher.", outage_keys: str | None = None):
+        self.key, self.keys, self.base = key, keys, base_url(url)
         api_key = None
         if cfg.api_key_env:
             api_key = os.environ.get(cfg.api_key_env)
             if not api_key:
-                raise ServiceError(f"{key}: teacher.api_key_env names {cfg.api_key_env}, which is not set")
+                raise ServiceError(f"{key}: {keys}api_key_env names {cfg.api_key_env}, which is not set")
+        outage = OutagePolicy(key, keys if outage_keys is None else outage_keys, cfg.outage, cfg.outage_seconds)
         self.client = JSONClient(
             self.base + "/v1/completions", api_key, cfg.deadline, cfg.retries, backoff=1.0,
-            max_reply_bytes=int(cfg.max_reply_mb * (1 << 20)), outage=OutagePolicy(key, "teacher.", cfg.outage, cfg.outage_seconds),
+            max_reply_bytes=int(cfg.max_reply_mb * (1 << 20)), outage=outage,
         )
         self.concurrency = cfg.concurrency
         self.name, self.context = self._model_card(cfg.model)
@@ -64,10 +67,10 @@ class ServedModel:
         names = [c["id"] for c in cards]
         if wanted is None:
             if len(names) != 1:
-                raise ServiceError(f"{self.key}: the server serves {len(names)} models ({', '.join(names)}); set teacher.model")
+                raise ServiceError(f"{self.key}: the server serves {len(names)} models ({', '.join(names)}); set {self.keys}model")
             wanted = names[0]
         if wanted not in names:
-            raise ServiceError(f"{self.key}: the server does not serve '{wanted}' (teacher.model); it serves {', '.join(names)}")
+            raise ServiceError(f"{self.key}: the server does not serve '{wanted}' ({self.keys}model); it serves {', '.join(names)}")
         card = cards[names.index(wanted)]
         context = card.get("max_model_len")
         return wanted, int(context) if isinstance(context, int) else None

@@ -40,6 +40,7 @@ from ..models.loading import resolve_path
 from ..models.rollouts import Rollouts, build_rollouts
 from ..parallel.sharding import full_tensor, is_sharded
 from .base import Engine, Sampler, register_engine, row_seeds
+from .weight_files import retie_output_layer
 
 log = logging.getLogger(__name__)
 
@@ -182,23 +183,6 @@ def engine_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         yield clean, merged.get(clean) if clean in merged else full_tensor(param.detach())
 
 
-def _retie_output_layer(model: torch.nn.Module) -> bool:
-    """With tied input/output embeddings the checkpoint has no ``lm_head``: vLLM's in-place reload finds nothing to
-    load there and puts the output layer's old tensors back (on CPU also its old prepacked GEMM weights). Tie it
-    to the new embedding again and let its kernel re-prepare. True when the model ties them."""
-    head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
-    embed = getattr(inner, "embed_tokens", None)
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if not tied or head is None or embed is None or not hasattr(head, "weight"):
-        return False
-    if head.weight is not embed.weight:
-        head.weight = embed.weight
-    method = getattr(head, "quant_method", None)
-    if method is not None and hasattr(method, "process_weights_after_loading"):
-        method.process_weights_after_loading(head)
-    return True
-
-
 class VLLMSampler(Sampler):
     """``Sampler`` over an in-process vLLM engine built from ``model_path`` (the student's checkpoint)."""
 
@@ -259,7 +243,7 @@ class VLLMSampler(Sampler):
         with torch.no_grad():
             weights = engine_weights(self._pending)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-            self.llm.apply_model(_retie_output_layer)
+            self.llm.apply_model(retie_output_layer)
         self.llm.reset_prefix_cache()  # cached keys and values belong to the old weights
         self._pending, self.pushes = None, self.pushes + 1
 

@@ -187,6 +187,9 @@ class Session:
     # a remote teacher's or reference's failure in the current step (``Teacher.take_failure``): the step is skipped
     # on every rank and the run stops at its boundary (training.loop)
     service_failure: Exception | None = None
+    # the engine's failure to take the weights after a finished step (its server stopped answering): the run stops
+    # at that step's boundary, with a checkpoint (training.loop)
+    sync_failure: Exception | None = None
 
     @property
     def max_prompt_tokens(self) -> int | None:

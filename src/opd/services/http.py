@@ -68,7 +68,10 @@ class OutagePolicy:
     seconds: float = 600.0
 
     def gives_up(self, url: str, problem: str, waited_s: float) -> ServiceOutage:
-        waited = f" for {waited_s:.0f} s ({self.keys}outage_seconds={self.seconds:g})" if self.action == "wait" else f" ({self.keys}outage=stop)"
+        if self.action == "wait":
+            waited = f" for {waited_s:.0f} s ({self.keys}outage_seconds={self.seconds:g})"
+        else:
+            waited = f" ({self.keys}outage=stop)" if self.keys else ""
         return ServiceOutage(f"an outage of {self.service} ({url}): no reply{waited}; last error: {problem}", self.service, url, problem)
 
 

@@ -147,9 +147,9 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
             "no step of this run changed the student: every gradient was exactly zero or non-finite "
             "(e.g. GRPO/OVD groups whose samples all got the same reward); the final model is the initial one"
         )
-    if s.sampler_behind:
-        sync_sampler(s)
     with stop_if_service_fails(s, run_dir, cfg.train.steps, optimizer, scheduler, state, checkpointed), memory_named(s, run_dir, cfg.train.steps, "evaluation"):
+        if s.sampler_behind:
+            sync_sampler(s)
         after = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
     metrics_log.write("eval", cfg.train.steps, after)
     metrics_log.close()
@@ -290,6 +290,11 @@ def run_steps(
             metrics.update(lr=scheduler.get_last_lr()[0], step_seconds=time.time() - step_start, skipped=float(status != "applied"), generated_tokens=state["generated_tokens"])
             done = step + 1
             metrics_log.write("train", done, metrics)  # the step that stops the run gets its row too
+            if s.sync_failure is not None:  # the engine did not take this step's weights: stop here, checkpointed
+                failure, s.sync_failure = s.sync_failure, None
+                state["wall_seconds"] += time.time() - segment_start
+                segment_start = time.time()
+                stop_for_service(s, run_dir, done, optimizer, scheduler, state, checkpointed, failure)
             if state["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
                 raise TrainingError(
                     f"{state['consecutive_nonfinite']} steps in a row had a non-finite loss or gradient "
@@ -473,7 +478,10 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     if status == "applied":
         s.sampler_behind = True
     if s.sampler_behind and (step + 1) % cfg.sampling.sync_every == 0:
-        sync_sampler(s)
+        try:
+            sync_sampler(s)
+        except ServiceError as err:  # (on every rank) the step is done; the run stops at its boundary
+            s.sync_failure = err
     return totals, status
 
 
@@ -522,10 +530,14 @@ def tally(metrics: Iterable[dict[str, float]]) -> tuple[dict[str, float], dict[s
 
 
 def sync_sampler(s: Session) -> None:
-    """Sample from the student's current weights from now on (an engine gets them pushed; opd's own sampler has them)."""
-    with s.timer.phase("sync"):
-        s.sampler.update_weights(s.student)
-    s.sampler_behind = False
+    """Sample from the student's current weights from now on (an engine gets them pushed; opd's own sampler has them).
+    A push that fails (an engine server that stopped answering) is raised; the sampler then counts as up to date,
+    since a checkpoint of this moment is what a resumed run's engine starts from — what the push would have given."""
+    try:
+        with s.timer.phase("sync"):
+            s.sampler.update_weights(s.student)
+    finally:
+        s.sampler_behind = False
 
 
 def optimizer_update(

@@ -1,0 +1,251 @@
+"""``sampling.engine: vllm_server``: the student's samples from a vLLM server in a process of its own.
+
+The server runs beside the trainer, on devices of its own: one that opd starts from the student's
+checkpoint (``sampling.vllm_server.python``, ``devices``, ``args``), or one the user started
+(``sampling.vllm_server.url``) with the flags docs/engines.md lists. Every rank sends its own prompts
+(``/v1/completions``, one request per row with its own seed, ``concurrency`` at a time) and gets the
+sampled tokens with the server's log-probs of them (``--logprobs-mode processed_logprobs``), as the
+in-process ``vllm`` engine does.
+
+After each update the student's weights reach the server through files (``engines.weight_files``):
+written as safetensors parts into ``sampling.vllm_server.transfer_dir`` (``/dev/shm``: shared memory),
+then loaded in place by the server's workers (``/collective_rpc`` → ``WeightFiles.opd_load_weights``,
+the worker extension in ``engines.vllm_worker``), the prefix cache reset. vLLM's own weight-transfer
+backends (NCCL, CUDA IPC) need GPUs. A sharded (FSDP) student is gathered one parameter at a time
+and written by rank 0; a LoRA student is pushed merged (``W + ΔW``).
+
+A server that cannot be reached at the start is a one-line error naming its URL. One that stops
+answering mid-run stops the run at the step boundary with a checkpoint (exit status 75, as for any
+outage, docs/cluster.md); the resumed run starts a server again (or reconnects to the user's) and
+pushes the checkpoint's weights before its first step.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Literal, Sequence
+
+import torch
+
+from ..config.sections import SamplingConfig, require
+from ..models.loading import resolve_path
+from ..models.rollouts import Rollouts
+from ..parallel.ranks import Ranks
+from ..parallel.sharding import is_sharded
+from ..services.http import ServiceError, check_url
+from .base import Engine, Sampler, register_engine
+from .served import ServedModel, ServedSampler, check_served_pairing, is_url
+from .vllm import engine_weights
+from .vllm_process import VLLMProcess
+from .weight_files import write_weight_files
+
+log = logging.getLogger(__name__)
+
+SERVED_NAME = "opd-student"
+WORKER_EXTENSION = "opd.engines.vllm_worker.WeightFiles"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class VLLMServerConfig:
+    """A vLLM server as the student's engine, section ``sampling.vllm_server`` (docs/engines.md)."""
+
+    url: str | None = None  # a server the user started (with the flags docs/engines.md lists); None = opd starts one
+    model: str | None = None  # the served model's name on the user's server; None = the only one it serves
+    api_key_env: str | None = None  # the environment variable holding the user's server's API key (never the key)
+    # the server opd starts: its Python (an environment with vllm and opd; None = this one), the devices it may use
+    # (CUDA_VISIBLE_DEVICES; None = inherited), and further `vllm serve` arguments (e.g. ["--tensor-parallel-size", "4"])
+    python: str | None = None
+    devices: str | None = None
+    args: list[str] = field(default_factory=list)
+    port: int | None = None  # None = a free port on loopback
+    startup_seconds: float = 900.0  # how long it may take to load and answer
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = student.dtype
+    max_model_len: int | None = None  # None = the student's context length
+    gpu_memory_utilization: float = 0.9  # its GPUs are its own
+    kv_cache_gb: float | None = None  # None = 1 GiB on CPU, gpu_memory_utilization's rest on GPU
+    # the weights after each update: safetensors parts of at most chunk_mb in transfer_dir, which the server must see
+    transfer_dir: str = "/dev/shm"
+    chunk_mb: float = 1024.0
+    deadline: float = 1800.0  # seconds per request (a 16k-token completion, a weight load), everything included
+    retries: int = 2  # further attempts after a transient failure
+    concurrency: int = 64  # requests in flight at once from each rank
+    max_reply_mb: float = 64.0
+
+
+@register_engine
+class VLLMServerEngine(Engine):
+    name = "vllm_server"
+    config_class = VLLMServerConfig
+    takes_stop_strings = True  # the server matches stop strings on its detokenized text
+    holds_weights = True
+    logprobs = "engine"
+
+    @classmethod
+    def validate(cls, cfg, world_size: int) -> None:
+        v = cls.section(cfg)
+        if v.url is not None:
+            require(is_url(v.url), "sampling.vllm_server.url", f"must be an http(s):// URL, got {v.url!r}")
+            try:
+                check_url(v.url, with_credentials=v.api_key_env is not None)
+            except ServiceError as err:
+                require(False, "sampling.vllm_server.url", str(err))
+        else:
+            require(v.api_key_env is None, "sampling.vllm_server.api_key_env", "is for a server the user started (sampling.vllm_server.url)")
+            require(v.model is None, "sampling.vllm_server.model", "is for a server the user started (sampling.vllm_server.url)")
+        require(v.port is None or 0 < v.port < 65536, "sampling.vllm_server.port", f"must be a TCP port, got {v.port}")
+        require(v.startup_seconds > 0, "sampling.vllm_server.startup_seconds", f"must be > 0, got {v.startup_seconds}")
+        require(0 < v.gpu_memory_utilization <= 1, "sampling.vllm_server.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
+        require(v.kv_cache_gb is None or v.kv_cache_gb > 0, "sampling.vllm_server.kv_cache_gb", f"must be > 0 or null, got {v.kv_cache_gb}")
+        require(v.max_model_len is None or v.max_model_len >= 2, "sampling.vllm_server.max_model_len", f"must be >= 2 or null, got {v.max_model_len}")
+        require(v.chunk_mb > 0, "sampling.vllm_server.chunk_mb", f"must be > 0, got {v.chunk_mb}")
+        require(v.deadline > 0, "sampling.vllm_server.deadline", f"must be > 0, got {v.deadline}")
+        require(v.retries >= 0, "sampling.vllm_server.retries", f"must be >= 0, got {v.retries}")
+        require(v.concurrency >= 1, "sampling.vllm_server.concurrency", f"must be >= 1, got {v.concurrency}")
+        require(v.max_reply_mb > 0, "sampling.vllm_server.max_reply_mb", f"must be > 0, got {v.max_reply_mb}")
+        require(
+            tempfile_dir_usable(v.transfer_dir), "sampling.vllm_server.transfer_dir",
+            f"is {v.transfer_dir!r}, which is not a writable directory here; the weights reach the server through it",
+        )
+
+    @classmethod
+    def build(cls, cfg, student, tokenizer, eos_ids, autocast, device, context) -> Sampler:
+        v = cls.section(cfg)
+        ranks = current_ranks(device)
+        dtype = cfg.student.dtype if v.dtype == "auto" else v.dtype
+        process = None
+        if v.url is None:
+            path = resolve_path(cfg.student.path, "student.path")
+            started: list[VLLMProcess] = []
+
+            def start() -> str:  # on rank 0; the others get its URL, or its error
+                started.append(start_server(v, path, dtype, context, cfg.run.seed, device))
+                return started[0].url
+
+            url = ranks.from_main(start)
+            process = started[0] if started else None
+            key = "the student's vLLM server" + (f" (its log: {process.log_path})" if process is not None else "")
+        else:
+            url, key = v.url, "sampling.vllm_server.url"
+        client_cfg = SimpleNamespace(
+            api_key_env=v.api_key_env, deadline=v.deadline, retries=v.retries, concurrency=v.concurrency, max_reply_mb=v.max_reply_mb,
+            model=v.model if v.url is not None else SERVED_NAME, outage="stop", outage_seconds=0.0,  # no waiting: see update_weights
+        )
+        try:
+            served = ServedModel(client_cfg, url, key, keys="sampling.vllm_server.", outage_keys="")
+            check_served_pairing(served, tokenizer, tokenizer, cfg.pairing)
+        except Exception:
+            if process is not None:
+                process.stop()
+            raise
+        return VLLMServerSampler(served, tokenizer, eos_ids, device, ranks, process, v, DTYPES.get(dtype))
+
+
+def tempfile_dir_usable(directory: str) -> bool:
+    try:
+        with tempfile.TemporaryDirectory(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def current_ranks(device: torch.device) -> Ranks:
+    """This process's ``Ranks`` in the run's process group (one rank when there is none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks(device=device)
+    on_cuda = dist.get_backend() == "nccl"
+    return Ranks(dist.get_rank(), dist.get_world_size(), device=device if on_cuda else torch.device("cpu"))
+
+
+def server_arguments(v: VLLMServerConfig, path: str, dtype: str, context: int | None, seed: int, on_cpu: bool) -> list[str]:
+    """The ``vllm serve`` arguments of the server opd starts from the student's checkpoint at ``path``."""
+    args = [
+        "--model", path, "--served-model-name", SERVED_NAME, "--dtype", dtype, "--seed", str(seed),
+        "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", WORKER_EXTENSION,
+        "--gpu-memory-utilization", str(v.gpu_memory_utilization), "--disable-log-stats",
+    ]
+    if v.max_model_len or context:
+        args += ["--max-model-len", str(v.max_model_len or context)]
+    if on_cpu:
+        args.append("--enforce-eager")
+    elif v.kv_cache_gb is not None:
+        args += ["--kv-cache-memory-bytes", str(int(v.kv_cache_gb * (1 << 30)))]
+    return args + list(v.args)
+
+
+def start_server(v: VLLMServerConfig, path: str, dtype: str, context: int | None, seed: int, device: torch.device) -> VLLMProcess:
+    """Start the student's server and wait until it answers (``ServiceError`` naming its log otherwise)."""
+    on_cpu = device.type == "cpu"
+    env = {"VLLM_SERVER_DEV_MODE": "1"}  # the /collective_rpc and /reset_prefix_cache routes the weight push uses
+    if v.devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = v.devices
+    if on_cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{v.kv_cache_gb or 1.0:g}"
+    process = VLLMProcess(server_arguments(v, path, dtype, context, seed, on_cpu), env, v.python, v.port).start()
+    log.info("sampling.engine=vllm_server: starting the student's vLLM server on %s (log: %s)", process.url, process.log_path)
+    started = time.monotonic()
+    try:
+        process.wait_ready(v.startup_seconds)
+    except RuntimeError as err:
+        process.stop()
+        raise ServiceError(f"sampling.engine=vllm_server: {err}") from None
+    log.info("sampling.engine=vllm_server: the server answered after %.0f s", time.monotonic() - started)
+    return process
+
+
+class VLLMServerSampler(Sampler):
+    """``Sampler`` over a vLLM server: sampling by ``ServedSampler``, weights pushed through files."""
+
+    def __init__(self, served: ServedModel, tokenizer, eos_ids: Sequence[int], device: torch.device, ranks: Ranks,
+                 process: VLLMProcess | None, cfg: VLLMServerConfig, dtype: torch.dtype | None):
+        self.served, self.ranks, self.process, self.cfg, self.dtype = served, ranks, process, cfg, dtype
+        self.sampler = ServedSampler(served, tokenizer, eos_ids, device)
+        self.eos_ids = self.sampler.eos_ids
+        self.pushes, self.pushed_bytes, self.push_seconds = 0, 0, 0.0
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
+    ) -> Rollouts:
+        return self.sampler.sample(prompts, params, generator, stop)
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Push ``model``'s weights to the server: every rank takes part in gathering a sharded model; rank 0 writes the
+        files and has the server load them; every rank returns once the server samples from them (a failure is
+        raised on every rank, a ``ServiceOutage`` when the server stopped answering)."""
+        started = time.monotonic()
+        if not self.ranks.main and is_sharded(model):  # its part of gathering each parameter for rank 0
+            write_weight_files(engine_weights(model), ".", None, self.cfg.chunk_mb, write=False)
+        self.pushed_bytes = self.ranks.from_main(lambda: self._push(model))
+        self.pushes += 1
+        self.push_seconds += time.monotonic() - started
+
+    def _push(self, model: torch.nn.Module) -> int:
+        """Write the weights, have the server load them, reset its prefix cache; the bytes written."""
+        directory = tempfile.mkdtemp(prefix="opd-weights-", dir=self.cfg.transfer_dir)
+        try:
+            with torch.no_grad():
+                _, written = write_weight_files(engine_weights(model), directory, self.dtype, self.cfg.chunk_mb)
+            reply = self.served.post("/collective_rpc", {"method": "opd_load_weights", "kwargs": {"directory": directory}})
+            loaded = reply.get("results") if isinstance(reply, dict) else None
+            if not isinstance(loaded, list) or not loaded or any(not str(n).isdigit() or int(n) == 0 for n in loaded):  # (the route sends str(result))
+                raise ServiceError(
+                    f"{self.served.key}: the server did not load the pushed weights (reply {str(reply)[:200]}); it needs opd's worker "
+                    f"extension (--worker-extension-cls {WORKER_EXTENSION}) and VLLM_SERVER_DEV_MODE=1 (docs/engines.md)"
+                )
+            self.served.post("/reset_prefix_cache", {})  # cached keys and values belong to the old weights
+            return written
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def close(self) -> None:
+        self.served.close()
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
