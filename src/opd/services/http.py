@@ -98,9 +98,14 @@ class _Outage:
         self.lock = threading.Lock()
         self.began: float | None = None
         self.reported = 0.0
+        self.ended = float("-inf")  # when a reply last ended an outage
 
-    def enter(self, began: float) -> float:
+    def enter(self, began: float, attempted: float | None = None) -> float | None:
+        """The outage's start (``began`` if none is under way). An attempt made before another thread's reply ended the
+        last outage (``attempted``) starts no new one: None, and it asks again at once."""
         with self.lock:
+            if attempted is not None and attempted <= self.ended:
+                return None
             if self.began is None:
                 self.began = began
             return self.began
@@ -112,11 +117,17 @@ class _Outage:
             self.reported = now
             return True
 
-    def leave(self) -> float | None:
-        """The outage is over: how long it lasted (None when another thread already said so)."""
+    def leave(self, sent: float) -> float | None:
+        """A reply to a request sent at ``sent`` came: the outage is over, unless that request was sent before the
+        outage began (it was in flight; its reply says nothing of the service now). How long the outage lasted
+        (None when there was none, or another thread already said so)."""
+        now = time.monotonic()
         with self.lock:
+            if self.began is not None and sent < self.began:
+                return None
             began, self.began, self.reported = self.began, None, 0.0
-        return None if began is None else time.monotonic() - began
+            self.ended = now
+        return None if began is None else now - began
 
 
 def is_loopback(host: str) -> bool:
@@ -188,9 +199,10 @@ class JSONClient:
         raise ServiceError(f"{named}: no usable reply after {self.retries + 1} attempts: {last}", problem=str(last), unavailable=last.unavailable)
 
     def _attempt(self, payload: Any, read, target: str, method: str) -> Any:
+        sent = time.monotonic()
         reply = self.post_once(payload, target, method)
         self.answered = True
-        lasted = self._outage.leave()  # any reply, usable or not, ends an outage (for every thread of this client)
+        lasted = self._outage.leave(sent)  # a reply, usable or not, ends an outage (for every thread of this client)
         if lasted is not None and self.outage is not None:
             log.warning("%s (%s) answers again, after %.0f s", self.outage.service, target, lasted)
         return read(reply) if read is not None else reply
@@ -216,6 +228,7 @@ class JSONClient:
                                 policy.seconds, policy.keys)
                 time.sleep(min(pause, WAIT_POLL_S, max(0.0, began + policy.seconds - now)))
                 pause *= 2
+            attempted = time.monotonic()
             try:
                 return self._attempt(payload, read, target, method)
             except ServiceError as err:
@@ -224,7 +237,8 @@ class JSONClient:
                 if not err.unavailable:  # it answers again, but not usably: the usual retries of such a reply
                     return self._retry_unusable(payload, read, target, method, err)
                 problem = str(err)
-                self._outage.enter(time.monotonic())  # (a new outage, if another thread's reply had ended the last)
+                # a new outage, if another thread's reply had ended the last before this attempt was made
+                self._outage.enter(time.monotonic(), attempted)
 
     def _retry_unusable(self, payload: Any, read, target: str, method: str, err: ServiceError) -> Any:
         """A service back from an outage whose first reply was unusable: ``retries`` more attempts, then its error."""
