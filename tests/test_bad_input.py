@@ -51,6 +51,16 @@ CASES = [
     # engines and served teachers (issue 12): refused when the config is read, before any model or server is touched
     (GOOD, ["sampling.sync_every=4"], "'sampling.sync_every' only applies to sampling.engine=vllm"),
     (GOOD, ["sampling.engine=vllm", "sampling.vllm.sleep=true", "train.device=cpu"], "'sampling.vllm.sleep' needs a GPU: vLLM's sleep mode frees"),
+    # a student engine in its own process, overlapped with training (issue 30)
+    (GOOD, ["sampling.max_staleness=-1"], "'sampling.max_staleness' must be >= 0, got -1"),
+    (GOOD, ["sampling.max_staleness=1"], "'sampling.max_staleness' is 1, which generates while the trainer trains: that needs an engine in a process of its own (sampling.engine=vllm_server)"),
+    (GOOD, ["sampling.engine=vllm_server", "sampling.max_staleness=1", "sampling.sync_every=2"], "'sampling.sync_every' must be 1 with sampling.max_staleness=1"),
+    (GOOD, ["sampling.engine=vllm_server"], "'sampling.engine' is 'vllm_server', which starts a vLLM server with this Python, but the vllm package is not installed here"),
+    (GOOD, ["sampling.engine=vllm_server", "sampling.vllm_server.python=/no/such/python"], "'sampling.vllm_server.python' is '/no/such/python', which is not an executable file"),
+    (GOOD, ["sampling.engine=vllm_server", "sampling.vllm_server.url=127.0.0.1:8000"], "'sampling.vllm_server.url' must be an http(s):// URL, got '127.0.0.1:8000'"),
+    (GOOD, ["sampling.engine=vllm_server", "sampling.vllm_server.model=m"], "'sampling.vllm_server.model' is for a server the user started (sampling.vllm_server.url)"),
+    (GOOD, ["sampling.engine=vllm_server", "sampling.vllm_server.url=http://127.0.0.1:9", "sampling.vllm_server.transfer_dir=/no/such/dir"],
+     "'sampling.vllm_server.transfer_dir' is '/no/such/dir', which is not a writable directory here"),
     # one spelling for the HTTP client's settings: the old keys name the new ones
     (GOOD, ["method.ovd.http.timeout=2"], "'method.ovd.http.timeout' is now 'method.ovd.http.deadline'"),
     (GOOD, ["method.ovd.http.max_reply_bytes=2048"], "'method.ovd.http.max_reply_bytes' is now 'method.ovd.http.max_reply_mb'"),

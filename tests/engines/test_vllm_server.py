@@ -155,3 +155,40 @@ def test_a_trainer_killed_with_sigkill_takes_the_server_it_started_with_it(tmp_p
             return
         time.sleep(0.5)
     pytest.fail(f"the server on port {port} outlived its trainer by 60 s")
+
+
+# ----------------------------------------------------------------------------- generation overlapped with training
+
+
+def train_metrics(run: Path) -> list[dict]:
+    return [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if row["kind"] == "train"]
+
+
+def test_with_a_lag_a_trainer_killed_mid_step_resumes_to_the_uninterrupted_weights(server, tmp_path):
+    """``sampling.max_staleness=2``: step k trains on rows of the weights after step k − 2 (the first steps on the
+    start's), generated while earlier steps trained. The trainer is SIGKILLed during step 4 of 6; the checkpoint of
+    step 2 holds the rows of steps 3 and 4 generated ahead, so the resumed run ends on the uninterrupted weights."""
+    common = [f"sampling.vllm_server.url={server.url}", "sampling.max_staleness=2", "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=5"]
+    whole = tmp_path / "whole"
+    train(config(whole, *common))
+    assert [row["lag"] for row in train_metrics(whole)] == [0, 1, 2, 2, 2, 2]
+    assert all(0 <= row["overlap"] <= 1 and row["is_weight_clipped"] <= 1 for row in train_metrics(whole))
+    assert (whole / "checkpoints" / "step-000002" / "pending_rows" / "rows.json").is_file()
+
+    run = tmp_path / "run"
+    args = [f"run.output_dir={run}", "sampling.engine=vllm_server", "sampling.vllm_server.concurrency=1", "sampling.vllm_server.retries=0",
+            "sampling.vllm_server.max_model_len=128", "train.prompts_per_step=8", "eval.every=0", "eval.num_prompts=16", "eval.teacher=false",
+            "checkpoint.at_end=false", "log.progress_bar=false", "log.tensorboard=false", "log.plot=false", "train.threads=1", *common]
+    trainer = subprocess.Popen([sys.executable, "-m", "opd", "train", str(ROOT / "configs/demo.yaml"), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not ((run / "metrics.jsonl").exists() and len(train_metrics(run)) >= 3):
+            assert trainer.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        trainer.kill()  # during step 4, with step 5's rows being generated
+        trainer.wait(30)
+    assert len(train_metrics(run)) < 6
+    train(config(run, *common, "run.resume=true"))
+    assert same(final_weights(run), final_weights(whole))

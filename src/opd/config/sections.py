@@ -175,6 +175,9 @@ class SamplingConfig:
     # weights); in between the engine samples from older weights and the truncated importance weight
     # (method.is_correction_cap) corrects for it
     sync_every: int = 1
+    # generation overlapped with training: step k trains on rows the weights after step k - max_staleness generated,
+    # while the engine generates the rows of step k + max_staleness (0 = sample each step's rows when it starts)
+    max_staleness: int = 0
 
 
 @dataclass

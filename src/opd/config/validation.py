@@ -176,6 +176,16 @@ def validate_engine(c: Config, world: int) -> None:
             False, "sampling.engine",
             f"must be {' or '.join(takers)} for task.name={c.task.name} (turns end at stop strings, which the {s.engine} engine does not take yet)",
         )
+    lag = s.max_staleness
+    require(lag >= 0, "sampling.max_staleness", f"must be >= 0, got {lag}")
+    if lag:
+        apart = [name for name, cls in ENGINE_REGISTRY.items() if cls.runs_apart]
+        require(
+            engine.runs_apart, "sampling.max_staleness",
+            f"is {lag}, which generates while the trainer trains: that needs an engine in a process of its own "
+            f"(sampling.engine={' / '.join(apart)}), and the {s.engine} engine runs in the trainer's",
+        )
+        require(s.sync_every == 1, "sampling.sync_every", f"must be 1 with sampling.max_staleness={lag} (the lag sets when the engine gets the weights)")
     engine.validate(c, world)
     if s.sync_every > 1:
         for key, every in (("eval.every", c.eval.every), ("checkpoint.every", c.checkpoint.every)):

@@ -15,7 +15,9 @@ An ``Engine`` is a kind of student sampler that a config can name (``sampling.en
   ``sampling.sync_every`` steps (``hf`` samples from the module being trained: nothing to push);
 - ``logprobs``: ``"trainer"`` when its sampled-token log-probs are the trainer's own (same module,
   same kernels, same weights), ``"engine"`` when they come from other kernels (and, between pushes,
-  older weights), so the truncated importance weight is on by default (``method.is_correction_cap``).
+  older weights), so the truncated importance weight is on by default (``method.is_correction_cap``);
+- ``runs_apart``: it generates in a process of its own, so a step's rows can be generated while the
+  trainer trains (``sampling.max_staleness``).
 
 Two members have defaults, which a sampler inherits by subclassing ``Sampler``: ``finish_round()``, which
 the loop calls (through ``sampling_round``) at the end of each phase that samples, so that ranks sharing
@@ -75,6 +77,7 @@ class Engine:
     takes_stop_strings: ClassVar[bool] = False
     holds_weights: ClassVar[bool] = True
     logprobs: ClassVar[Literal["trainer", "engine"]] = "engine"
+    runs_apart: ClassVar[bool] = False  # it generates in a process of its own, so it can while the trainer trains
 
     @classmethod
     def section(cls, cfg: AnyConfig):

@@ -22,7 +22,9 @@ pushes the checkpoint's weights before its first step.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -85,6 +87,7 @@ class VLLMServerEngine(Engine):
     takes_stop_strings = True  # the server matches stop strings on its detokenized text
     holds_weights = True
     logprobs = "engine"
+    runs_apart = True
 
     @classmethod
     def validate(cls, cfg, world_size: int) -> None:
@@ -98,6 +101,18 @@ class VLLMServerEngine(Engine):
         else:
             require(v.api_key_env is None, "sampling.vllm_server.api_key_env", "is for a server the user started (sampling.vllm_server.url)")
             require(v.model is None, "sampling.vllm_server.model", "is for a server the user started (sampling.vllm_server.url)")
+            if v.python is None:
+                require(
+                    importlib.util.find_spec("vllm") is not None, "sampling.engine",
+                    "is 'vllm_server', which starts a vLLM server with this Python, but the vllm package is not installed here "
+                    "(pip install vllm; or name an environment that has it, sampling.vllm_server.python; or a running server, "
+                    "sampling.vllm_server.url)",
+                )
+            else:
+                require(
+                    os.path.isfile(v.python) and os.access(v.python, os.X_OK), "sampling.vllm_server.python",
+                    f"is {v.python!r}, which is not an executable file",
+                )
         require(v.port is None or 0 < v.port < 65536, "sampling.vllm_server.port", f"must be a TCP port, got {v.port}")
         require(v.startup_seconds > 0, "sampling.vllm_server.startup_seconds", f"must be > 0, got {v.startup_seconds}")
         require(0 < v.gpu_memory_utilization <= 1, "sampling.vllm_server.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")

@@ -190,6 +190,7 @@ class Session:
     # the engine's failure to take the weights after a finished step (its server stopped answering): the run stops
     # at that step's boundary, with a checkpoint (training.loop)
     sync_failure: Exception | None = None
+    pipeline: Any = None  # where each step's rows come from (training.rollout_pipeline.RolloutPipeline), set by the loop
 
     @property
     def max_prompt_tokens(self) -> int | None:

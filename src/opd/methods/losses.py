@@ -45,6 +45,9 @@ def policy_gradient_surrogate(
     loss, metrics = policy_gradient_loss(
         logp_BC, old_logp_BC, advantages_BC, train_mask_BC, s.cfg.method.clip_eps, s.method.normaliser(batch), weights
     )
+    if weights is not None and (trained := train_mask_BC.bool()).any():  # how far the sampler's weights were from these
+        metrics["is_weight_mean"] = float(weights[trained].mean())
+        metrics["is_weight_clipped"] = float((weights[trained] >= s.method.importance_cap()).float().mean())
     token_views.record(batch.rollouts, advantages_BC, train_mask_BC, teacher_logp_BC, logp_BC)
     return loss, metrics
 

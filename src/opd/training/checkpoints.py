@@ -25,6 +25,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -177,9 +178,11 @@ def save_checkpoint(
     keep_last: int,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     whole: FullState | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``<run>/checkpoints/step-NNNNNN``; ``whole`` is ``full_state(model, optimizer)`` (taken here when not
-    given; a sharded model's must be taken on every rank first)."""
+    given; a sharded model's must be taken on every rank first); ``write_more(directory)`` adds files of its own
+    (the rows of the steps ahead, ``training.pending_rows``) before the manifest."""
     whole = whole if whole is not None else full_state(model, optimizer)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -204,6 +207,8 @@ def save_checkpoint(
         version, internal, gauss = random.getstate()
         saved_state = dict(state, step=step, scheduler=scheduler.state_dict(), python_rng=[version, list(internal), gauss])
         (tmp / "state.json").write_text(json.dumps(saved_state))
+        if write_more is not None:
+            write_more(tmp)
         write_manifest(tmp)
         fsync_tree(tmp)
     except write_errors() as err:

@@ -24,7 +24,6 @@ import torch
 
 from ..config.saving import redact, save_config, to_dict
 from ..config.sections import parse_duration
-from ..engines.base import sampling_round, whole_for
 from ..tasks.reward_functions import reward_errors
 from ..methods.base import Session
 from ..methods.batch import Batch
@@ -47,11 +46,12 @@ from .optimizer import apply_optimizer_settings, build_optimizer, weights_finite
 from .profiling import PeakMemory, phase_shares
 from .progress import progress
 from .resume import check_micro_batches
+from .rollout_pipeline import RolloutPipeline
 from .resume import record as record_resume_changes
 from .run_dir import prepare_run_dir
 from .run_lock import RunDirLock
 from .micro_batches import regroup
-from .seeds import micro_seed, step_generators
+from .seeds import micro_seed
 from .stopping import PREEMPTED_EXIT, STOPPED_FILE, Preempted, StepAbandoned, StopRequests
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,10 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
     state = restore(s, optimizer, scheduler, resume_from)
     start_step = state.get("step", 0)
     sync_sampler(s)  # an engine starts from the checkpoint on disk; the student may be a resumed one
+    s.pipeline = RolloutPipeline(s, cfg.sampling.max_staleness, cfg.train.steps)
+    s.pipeline.engine_version = start_step
+    if resume_from is not None:
+        s.pipeline.restore(resume_from, start_step)
     trackers = functools.partial(open_trackers, cfg.log.trackers(), run_dir, cfg.run.name, redact(to_dict(cfg)))
     metrics_log = MetricsLog(run_dir, trackers, start_step if resume_from is not None else None, cfg.train.steps) if s.ranks.main else NoMetrics()
     eval_examples = s.task.eval_examples()[: cfg.eval.num_prompts]
@@ -148,8 +152,7 @@ def run_session(s: Session, run_dir: Path, resume_from: Path | None, started: fl
             "(e.g. GRPO/OVD groups whose samples all got the same reward); the final model is the initial one"
         )
     with stop_if_service_fails(s, run_dir, cfg.train.steps, optimizer, scheduler, state, checkpointed), memory_named(s, run_dir, cfg.train.steps, "evaluation"):
-        if s.sampler_behind:
-            sync_sampler(s)
+        engine_current(s, cfg.train.steps)
         after = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
     metrics_log.write("eval", cfg.train.steps, after)
     metrics_log.close()
@@ -302,6 +305,7 @@ def run_steps(
                 )
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
                 with stop_if_service_fails(s, run_dir, done, optimizer, scheduler, state, checkpointed), memory_named(s, run_dir, done, "evaluation"):
+                    engine_current(s, done)
                     last_eval = evaluate_session(s, s.sampler, eval_examples, cfg.run.seed)
                 metrics_log.write("eval", done, last_eval)
             bar.set_postfix(_postfix(metrics, last_eval))
@@ -352,8 +356,10 @@ def count_step(s: Session, state: dict, metrics: dict, status: str, step: int) -
 def checkpoint(s: Session, run_dir: Path, done: int, optimizer, scheduler, state: dict) -> None:
     """The checkpoint after ``done`` steps, written by rank 0 (a sharded student's tensors gathered from every rank)."""
     whole = full_state(s.student, optimizer)  # every rank: a sharded student's tensors are gathered to rank 0
+    ahead = s.pipeline.gather() if s.pipeline is not None else None  # every rank: the rows of the steps ahead (a lag)
     s.ranks.from_main(lambda: save_checkpoint(
         run_dir, done, s.student, s.tokenizer, optimizer, scheduler, state, s.cfg.checkpoint.keep_last, teacher_tensors(s), whole,
+        (lambda directory: RolloutPipeline.write(ahead, directory)) if ahead else None,
     ))
 
 
@@ -434,28 +440,14 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
     ``no_signal`` (every gradient exactly zero, e.g. a GRPO/OVD batch whose groups all got
     the same reward: no update, since Adam would otherwise keep moving on stale momentum).
     """
-    cfg, method, ranks = s.cfg, s.method, s.ranks
-    step_rng, step_generator = step_generators(cfg.run.seed, step, s.device)
-    examples = s.task.sample_train(cfg.train.prompts_per_step, step_rng)
-    accum = cfg.train.grad_accum
-    per_micro = len(examples) // (accum * ranks.world_size)
+    cfg, ranks = s.cfg, s.ranks
     optimizer.zero_grad(set_to_none=True)
-    batches, failure = [], None
-    try:
-        with whole_for(s.sampler, s.student), sampling_round(s.sampler):  # a sharded student gathered for opd's own sampler
-            for micro in range(ranks.rank * accum, (ranks.rank + 1) * accum):  # this rank's share of the step's micro-batches
-                rng, generator = (step_rng, step_generator) if micro == 0 else step_generators(cfg.run.seed, step, s.device, micro)
-                with s.timer.phase("sample"):
-                    batch = method.data(s, examples[micro * per_micro : (micro + 1) * per_micro], rng, generator)
-                batch.seed = micro_seed(cfg.run.seed, step, micro)
-                batch.advantages_B = method.row_advantages(batch)  # over the groups as sampled, before any regrouping
-                batches.append(batch)
-    except (ServiceError, JudgeError) as err:  # a judge, retriever or served model that failed: every rank gives the step up
-        failure = err
-    abandon_if_failed(s, failure)
+    taken = s.pipeline.take(step)  # sampled now, or (sampling.max_staleness) generated ahead while earlier steps trained
+    abandon_if_failed(s, taken.failure)
+    batches = taken.rows.batches
     data_tally = tally(batch_metrics(b) for b in batches)  # what the sampled micro-batches hold, whatever trains them
     if cfg.train.micro_batch_tokens is not None:
-        batches = training_micro_batches(s, batches, step, ranks.rank * accum)
+        batches = training_micro_batches(s, batches, step, ranks.rank * cfg.train.grad_accum)
     if cfg.train.updates_per_batch > 1:  # the ratio's denominator: the policy that made the batch, before any update
         with s.timer.phase("student"):
             for batch in batches:
@@ -475,7 +467,8 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
             break
         if update_status == "applied":
             status = "applied"
-    if status == "applied":
+    totals.update(lag_metrics(step, taken))
+    if status == "applied" and not s.pipeline.lag:  # (with a lag the pipeline pushes, at the next step's start)
         s.sampler_behind = True
     if s.sampler_behind and (step + 1) % cfg.sampling.sync_every == 0:
         try:
@@ -483,6 +476,26 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
         except ServiceError as err:  # (on every rank) the step is done; the run stops at its boundary
             s.sync_failure = err
     return totals, status
+
+
+def lag_metrics(step: int, taken) -> dict[str, float]:
+    """With ``sampling.max_staleness``: the rows' lag in steps, the seconds the trainer waited for them, and the share
+    of their generation hidden behind training (``overlap``)."""
+    if not taken.generate_s:
+        return {}
+    return {
+        "lag": float(step - taken.rows.version), "time/rollout_wait": taken.wait_s, "time/generate": taken.generate_s,
+        "overlap": max(0.0, 1.0 - taken.wait_s / taken.generate_s),
+    }
+
+
+def engine_current(s: Session, done: int) -> None:
+    """Before an evaluation after ``done`` steps: the engine samples from the student's current weights (with a lag,
+    once the generation in flight is done)."""
+    if s.pipeline.lag:
+        s.pipeline.settle(done)
+    elif s.sampler_behind:
+        sync_sampler(s)
 
 
 def abandon_if_failed(s: Session, failure: Exception | None, weights_changed: bool = False) -> None:
