@@ -62,13 +62,16 @@ $(VLLM_BIN)/.opd-vllm: pyproject.toml
 
 vllm-env: $(VLLM_BIN)/.opd-vllm
 
-# The real-engine tests: the vLLM sampler and a stock vLLM OpenAI server on loopback as the teacher.
+# The real-engine tests: the vLLM sampler, a stock vLLM OpenAI server on loopback as the teacher, and one as the
+# student's engine (sampling.engine=vllm_server, started by opd and by the tests, weights pushed, lag, resume).
 test-vllm: vllm-env
 	OPD_VLLM_PYTHON=$(abspath $(VLLM_BIN))/python $(VLLM_BIN)/python -m pytest -q -m vllm
 
-# BENCHMARKS.md section 4: generation tokens/s, opd's sampler vs vLLM (weight push included), then OPD steps
+# BENCHMARKS.md section 4: generation tokens/s, opd's sampler vs vLLM (weight push included), then OPD steps;
+# section 13: an OPD step with generation overlapped with training (sampling.max_staleness=1) against 0 (~12 min)
 bench-vllm: vllm-env
 	$(VLLM_BIN)/python benchmarks/bench_engine.py --opd-steps 2
+	$(VLLM_BIN)/python benchmarks/bench_overlap.py --steps 3
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

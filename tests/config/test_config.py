@@ -95,6 +95,8 @@ def test_base_config_is_overlaid(tmp_path):
 
 
 def test_every_shipped_config_validates():
+    import importlib.util
+    import sys
     from pathlib import Path
 
     import opd.cli
@@ -110,6 +112,9 @@ def test_every_shipped_config_validates():
             cfg = load_config(path, ["student.path=/models/s", "teacher.path=/models/t", "task.path=train.jsonl"]
                               if path.stem not in ("opsd", "grpo") else ["student.path=/models/s", "task.path=train.jsonl"])
             assert cfg.task.name == "math" and cfg.method.name == (path.stem.removeprefix("gpu_") if path.stem != "base" else "opd")
+        elif path.parent.name == "lag_costs_nothing":  # a vLLM server opd starts: its Python must have vllm
+            with_vllm = [] if importlib.util.find_spec("vllm") else [f"sampling.vllm_server.python={sys.executable}"]
+            assert load_config(path, with_vllm).sampling.engine == "vllm_server"
         elif path.parent.name == "search_qa":  # the user's questions and corpus
             teacher = [] if path.stem == "world_opsd" else ["teacher.path=/models/t"]  # OPSD's teacher is the student
             cfg = load_config(path, ["student.path=/models/s", *teacher, "task.questions=q.jsonl", "task.corpus=c.jsonl"])

@@ -8,6 +8,7 @@ and so its numbers, are then the same in every run. Needs the optional environme
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -95,6 +96,26 @@ def test_after_a_push_the_server_samples_from_the_trainers_weights(server, tmp_p
         unique = {p.data_ptr(): p for p in student.parameters()}.values()  # the tied output layer once
         assert sampler.pushed_bytes == sum(p.numel() * 4 for p in unique)
         assert not list(Path(cfg.sampling.vllm_server.transfer_dir).glob("opd-weights-*"))  # the files are gone
+    finally:
+        sampler.close()
+
+
+def test_a_lora_students_adapters_are_pushed_as_an_adapter_to_a_server_opd_starts(tmp_path):
+    """With ``student.lora.enabled`` opd starts the server with LoRA, and each push loads the adapters in place of the
+    last ones: the server then samples the adapted model's distribution (within 1e-3 of the trainer's), not the
+    base model's, and the push carries the adapters' bytes only."""
+    from test_vllm import change_adapters, lora_student, sample_and_check_the_adapted_model
+
+    cfg = config(tmp_path / "run", "student.lora.enabled=true", "student.lora.r=4", "student.lora.alpha=8")
+    tokenizer, student = load_tokenizer("world:student"), lora_student()
+    sampler = VLLMServerEngine.build(cfg, student, tokenizer, eos_token_ids(student, tokenizer), None, torch.device("cpu"), 128)
+    try:
+        change_adapters(student)
+        sampler.update_weights(student)
+        assert sampler.push_kind == "adapter"
+        sample_and_check_the_adapted_model(sampler, student, tokenizer)
+        adapters = sum(p.numel() * 4 for n, p in student.named_parameters() if "lora_" in n)
+        assert adapters <= sampler.pushed_bytes < adapters + 100_000  # the adapters' file, not the model
     finally:
         sampler.close()
 
@@ -192,3 +213,19 @@ def test_with_a_lag_a_trainer_killed_mid_step_resumes_to_the_uninterrupted_weigh
     assert len(train_metrics(run)) < 6
     train(config(run, *common, "run.resume=true"))
     assert same(final_weights(run), final_weights(whole))
+
+
+@pytest.mark.parametrize("method", ["grpo", "gkd", "opsd", "reopold", "ovd", "opd_plus_jsd"])
+def test_every_method_that_samples_the_student_trains_with_a_lag(server, tmp_path, method):
+    """GRPO, GKD's on-policy half, OPSD (its teacher the student itself), REOPOLD, OVD (its judge the task's own
+    checker) and OPD+ on rows generated one step ahead by the server: each step's rows come from the weights one
+    step back, and every loss is finite."""
+    run = tmp_path / "run"
+    cfg = load_config(ROOT / "configs/arithmetic" / f"{method}.yaml", [
+        f"run.output_dir={run}", "sampling.engine=vllm_server", f"sampling.vllm_server.url={server.url}", "sampling.vllm_server.max_model_len=128",
+        "sampling.max_staleness=1", "train.steps=3", "train.prompts_per_step=8", "eval.every=0", "eval.num_prompts=16", "eval.teacher=false",
+        "checkpoint.every=0", "checkpoint.at_end=false", "log.progress_bar=false", "log.tensorboard=false", "log.plot=false", "train.threads=1",
+    ])
+    train(cfg)
+    rows = train_metrics(run)
+    assert [row["lag"] for row in rows] == [0, 1, 1] and all(math.isfinite(row["loss"]) for row in rows)

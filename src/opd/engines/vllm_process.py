@@ -2,7 +2,7 @@
 
 ``VLLMProcess`` runs ``python -m vllm.entrypoints.openai.api_server`` with the given arguments on loopback,
 in its own process group (so stopping it stops its engine core too), with the parent-death signal set on
-Linux (a trainer killed with SIGKILL takes its server with it), its caches and sockets in a scratch
+Linux (a trainer killed with SIGKILL takes its server with it), on the CPU cores it is given, its caches and sockets in a scratch
 directory (emptied when it stops), and its log in a file that outlives it (named in every error about it).
 """
 
@@ -30,22 +30,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _child_setup(cpus: Sequence[int] | None):
+    def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+        os.setsid()
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
 
 
 class VLLMProcess:
     """One vLLM server process: ``start()`` launches it, ``wait_ready()`` waits for its model list, ``stop()`` ends it.
 
     ``args``: the server's arguments after the module (``--model …``); ``env``: variables set for it on top of
-    this process's environment; ``python``: the interpreter (None: this one)."""
+    this process's environment; ``python``: the interpreter (None: this one); ``cpus``: the CPU cores it and its
+    children may run on (None: this process's)."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, python: str | None = None, port: int | None = None):
-        self.port = port or free_port()
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, python: str | None = None, port: int | None = None,
+                 cpus: Sequence[int] | None = None):
+        self.port, self.cpus = port or free_port(), list(cpus) if cpus else None
         self.scratch = tempfile.mkdtemp(prefix="opd-vllm-server-")
         self.log_path = Path(self.scratch) / "server.log"
         self.command = [python or sys.executable, "-m", SERVER_MODULE, *args, "--host", "127.0.0.1", "--port", str(self.port)]
@@ -64,7 +71,7 @@ class VLLMProcess:
     def start(self) -> VLLMProcess:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_child_setup(self.cpus),
         )
         return self
 

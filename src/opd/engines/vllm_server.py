@@ -12,7 +12,9 @@ written as safetensors parts into ``sampling.vllm_server.transfer_dir`` (``/dev/
 then loaded in place by the server's workers (``/collective_rpc`` → ``WeightFiles.opd_load_weights``,
 the worker extension in ``engines.vllm_worker``), the prefix cache reset. vLLM's own weight-transfer
 backends (NCCL, CUDA IPC) need GPUs. A sharded (FSDP) student is gathered one parameter at a time
-and written by rank 0; a LoRA student is pushed merged (``W + ΔW``).
+and written by rank 0. A LoRA student's adapters are loaded as one adapter on the server
+(``/v1/load_lora_adapter``, replaced in place at each push), or pushed merged (``W + ΔW``) where the server
+cannot take them.
 
 A server that cannot be reached at the start is a one-line error naming its URL. One that stops
 answering mid-run stops the run at the step boundary with a checkpoint (exit status 75, as for any
@@ -29,6 +31,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Sequence
 
@@ -39,16 +42,17 @@ from ..models.loading import resolve_path
 from ..models.rollouts import Rollouts
 from ..parallel.ranks import Ranks
 from ..parallel.sharding import is_sharded
-from ..services.http import ServiceError, check_url
+from ..services.http import ServiceError, check_url, text_reply
 from .base import Engine, Sampler, register_engine
 from .served import ServedModel, ServedSampler, check_served_pairing, is_url
-from .vllm import engine_weights
+from .vllm import engine_lora_rank, engine_weights
 from .vllm_process import VLLMProcess
 from .weight_files import write_weight_files
 
 log = logging.getLogger(__name__)
 
 SERVED_NAME = "opd-student"
+ADAPTER_NAME = "opd-student-adapter"  # the LoRA student's adapters on the server
 WORKER_EXTENSION = "opd.engines.vllm_worker.WeightFiles"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,6 +69,9 @@ class VLLMServerConfig:
     python: str | None = None
     devices: str | None = None
     args: list[str] = field(default_factory=list)
+    # more environment for the server opd starts (e.g. VLLM_CPU_OMP_THREADS_BIND on CPU, NCCL_* on GPUs)
+    env: dict[str, str] = field(default_factory=dict)
+    cpus: list[int] | None = None  # the CPU cores the server opd starts may run on (None = the trainer's)
     port: int | None = None  # None = a free port on loopback
     startup_seconds: float = 900.0  # how long it may take to load and answer
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = student.dtype
@@ -118,6 +125,11 @@ class VLLMServerEngine(Engine):
         require(0 < v.gpu_memory_utilization <= 1, "sampling.vllm_server.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
         require(v.kv_cache_gb is None or v.kv_cache_gb > 0, "sampling.vllm_server.kv_cache_gb", f"must be > 0 or null, got {v.kv_cache_gb}")
         require(v.max_model_len is None or v.max_model_len >= 2, "sampling.vllm_server.max_model_len", f"must be >= 2 or null, got {v.max_model_len}")
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        require(
+            v.cpus is None or (v.cpus and set(v.cpus) <= set(range(os.cpu_count() or 1))), "sampling.vllm_server.cpus",
+            f"must list CPU cores of this machine (0 … {(os.cpu_count() or 1) - 1}; this process may use {sorted(usable)}), got {v.cpus}",
+        )
         require(v.chunk_mb > 0, "sampling.vllm_server.chunk_mb", f"must be > 0, got {v.chunk_mb}")
         require(v.deadline > 0, "sampling.vllm_server.deadline", f"must be > 0, got {v.deadline}")
         require(v.retries >= 0, "sampling.vllm_server.retries", f"must be >= 0, got {v.retries}")
@@ -138,8 +150,10 @@ class VLLMServerEngine(Engine):
             path = resolve_path(cfg.student.path, "student.path")
             started: list[VLLMProcess] = []
 
+            lora_rank = cfg.student.lora.r if cfg.student.lora.enabled else None
+
             def start() -> str:  # on rank 0; the others get its URL, or its error
-                started.append(start_server(v, path, dtype, context, cfg.run.seed, device))
+                started.append(start_server(v, path, dtype, context, cfg.run.seed, device, lora_rank))
                 return started[0].url
 
             url = ranks.from_main(start)
@@ -158,7 +172,8 @@ class VLLMServerEngine(Engine):
             if process is not None:
                 process.stop()
             raise
-        return VLLMServerSampler(served, tokenizer, eos_ids, device, ranks, process, v, DTYPES.get(dtype))
+        lora = cfg.student.lora.r if cfg.student.lora.enabled else None
+        return VLLMServerSampler(served, tokenizer, eos_ids, device, ranks, process, v, DTYPES.get(dtype), lora is not None)
 
 
 def tempfile_dir_usable(directory: str) -> bool:
@@ -179,8 +194,10 @@ def current_ranks(device: torch.device) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), device=device if on_cuda else torch.device("cpu"))
 
 
-def server_arguments(v: VLLMServerConfig, path: str, dtype: str, context: int | None, seed: int, on_cpu: bool) -> list[str]:
-    """The ``vllm serve`` arguments of the server opd starts from the student's checkpoint at ``path``."""
+def server_arguments(v: VLLMServerConfig, path: str, dtype: str, context: int | None, seed: int, on_cpu: bool,
+                     lora_rank: int | None = None) -> list[str]:
+    """The ``vllm serve`` arguments of the server opd starts from the student's checkpoint at ``path`` (for a LoRA
+    student of rank ``lora_rank``: LoRA enabled, one adapter, the smallest rank vLLM accepts that holds it)."""
     args = [
         "--model", path, "--served-model-name", SERVED_NAME, "--dtype", dtype, "--seed", str(seed),
         "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", WORKER_EXTENSION,
@@ -188,6 +205,8 @@ def server_arguments(v: VLLMServerConfig, path: str, dtype: str, context: int | 
     ]
     if v.max_model_len or context:
         args += ["--max-model-len", str(v.max_model_len or context)]
+    if lora_rank is not None:
+        args += ["--enable-lora", "--max-lora-rank", str(engine_lora_rank(lora_rank)), "--max-loras", "1"]
     if on_cpu:
         args.append("--enforce-eager")
     elif v.kv_cache_gb is not None:
@@ -195,15 +214,19 @@ def server_arguments(v: VLLMServerConfig, path: str, dtype: str, context: int | 
     return args + list(v.args)
 
 
-def start_server(v: VLLMServerConfig, path: str, dtype: str, context: int | None, seed: int, device: torch.device) -> VLLMProcess:
+def start_server(v: VLLMServerConfig, path: str, dtype: str, context: int | None, seed: int, device: torch.device,
+                 lora_rank: int | None = None) -> VLLMProcess:
     """Start the student's server and wait until it answers (``ServiceError`` naming its log otherwise)."""
     on_cpu = device.type == "cpu"
     env = {"VLLM_SERVER_DEV_MODE": "1"}  # the /collective_rpc and /reset_prefix_cache routes the weight push uses
+    if lora_rank is not None:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # /v1/load_lora_adapter, for the adapters' pushes
     if v.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = v.devices
     if on_cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{v.kv_cache_gb or 1.0:g}"
-    process = VLLMProcess(server_arguments(v, path, dtype, context, seed, on_cpu), env, v.python, v.port).start()
+    env.update({str(k): str(value) for k, value in v.env.items()})
+    process = VLLMProcess(server_arguments(v, path, dtype, context, seed, on_cpu, lora_rank), env, v.python, v.port, v.cpus).start()
     log.info("sampling.engine=vllm_server: starting the student's vLLM server on %s (log: %s)", process.url, process.log_path)
     started = time.monotonic()
     try:
@@ -219,11 +242,14 @@ class VLLMServerSampler(Sampler):
     """``Sampler`` over a vLLM server: sampling by ``ServedSampler``, weights pushed through files."""
 
     def __init__(self, served: ServedModel, tokenizer, eos_ids: Sequence[int], device: torch.device, ranks: Ranks,
-                 process: VLLMProcess | None, cfg: VLLMServerConfig, dtype: torch.dtype | None):
+                 process: VLLMProcess | None, cfg: VLLMServerConfig, dtype: torch.dtype | None, lora: bool = False):
         self.served, self.ranks, self.process, self.cfg, self.dtype = served, ranks, process, cfg, dtype
         self.sampler = ServedSampler(served, tokenizer, eos_ids, device)
         self.eos_ids = self.sampler.eos_ids
         self.pushes, self.pushed_bytes, self.push_seconds = 0, 0, 0.0
+        # "adapter": a LoRA student's adapters loaded into the server as one adapter, replaced in place at each push
+        self.push_kind = "adapter" if lora else "merged"
+        self._adapter_dir: str | None = None  # the files of the adapter the server holds (kept until replaced)
 
     def sample(
         self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
@@ -242,7 +268,11 @@ class VLLMServerSampler(Sampler):
         self.push_seconds += time.monotonic() - started
 
     def _push(self, model: torch.nn.Module) -> int:
-        """Write the weights, have the server load them, reset its prefix cache; the bytes written."""
+        """Write the weights (a LoRA student's adapters, where the server takes them), have the server load them,
+        reset its prefix cache; the bytes written."""
+        if self.push_kind == "adapter" and (written := self._push_adapter(model)) is not None:
+            self.served.post("/reset_prefix_cache", {})  # cached keys and values belong to the old adapter
+            return written
         directory = tempfile.mkdtemp(prefix="opd-weights-", dir=self.cfg.transfer_dir)
         try:
             with torch.no_grad():
@@ -259,7 +289,36 @@ class VLLMServerSampler(Sampler):
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
+    def _push_adapter(self, model: torch.nn.Module) -> int | None:
+        """Save the student's LoRA adapters into ``transfer_dir`` and have the server load them in place of the last
+        ones (``/v1/load_lora_adapter``); sample with them from now on. None (and merged pushes from now on, logged)
+        where the server cannot take them: a student with modules trained whole beside its adapters, or a server
+        without runtime LoRA loading (``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``)."""
+        config = getattr(model, "peft_config", {}).get("default")
+        if config is None or getattr(config, "modules_to_save", None):
+            return self._merged_from_now("the student has no LoRA adapters alone to push")
+        directory = tempfile.mkdtemp(prefix="opd-adapter-", dir=self.cfg.transfer_dir)
+        model.save_pretrained(directory)
+        try:
+            self.served.post("/v1/load_lora_adapter", {"lora_name": ADAPTER_NAME, "lora_path": directory, "load_inplace": True}, text_reply)
+        except ServiceError as err:
+            shutil.rmtree(directory, ignore_errors=True)
+            if err.unavailable:  # the server is gone, not unwilling
+                raise
+            return self._merged_from_now(str(err).splitlines()[0][:300])
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+        self._adapter_dir, self.served.name = directory, ADAPTER_NAME
+        return sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file())
+
+    def _merged_from_now(self, why: str) -> None:
+        log.warning("sampling.engine=vllm_server: pushing the student's adapters merged from now on (%s)", why)
+        self.push_kind = "merged"
+        return None
+
     def close(self) -> None:
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
         self.served.close()
         if self.process is not None:
             self.process.stop()

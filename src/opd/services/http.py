@@ -200,7 +200,7 @@ class JSONClient:
 
     def _attempt(self, payload: Any, read, target: str, method: str) -> Any:
         sent = time.monotonic()
-        reply = self.post_once(payload, target, method)
+        reply = self.post_once(payload, target, method, text=read is text_reply)
         self.answered = True
         lasted = self._outage.leave(sent)  # a reply, usable or not, ends an outage (for every thread of this client)
         if lasted is not None and self.outage is not None:
@@ -257,8 +257,9 @@ class JSONClient:
         """``GET url`` (an endpoint of the configured server), with the same deadline, retries and caps."""
         return self.post(None, read, url=url, method="GET")
 
-    def post_once(self, payload: Any, url: str | None = None, method: str = "POST") -> Any:
-        """One attempt: the parsed reply, or ``ServiceError`` (``transient`` when worth retrying)."""
+    def post_once(self, payload: Any, url: str | None = None, method: str = "POST", text: bool = False) -> Any:
+        """One attempt: the parsed reply (its text, with ``text``), or ``ServiceError`` (``transient`` when worth
+        retrying)."""
         url = url or self.url
         if not same_origin(url, self.url):
             raise ServiceError(f"{url} is not on the configured server {self.url}; nothing is sent elsewhere")
@@ -285,7 +286,8 @@ class JSONClient:
         except httpx2.HTTPError as err:  # connection refused or reset, a truncated body, a protocol error
             raise _retry(f"request failed ({type(err).__name__}: {err})", unavailable=True) from None
         try:
-            return json.loads(bytes(body).decode("utf-8"))
+            decoded = bytes(body).decode("utf-8")
+            return decoded if text else json.loads(decoded)
         except UnicodeDecodeError:
             raise _retry("the reply is not UTF-8") from None
         except json.JSONDecodeError:
@@ -293,6 +295,11 @@ class JSONClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def text_reply(reply: str) -> str:
+    """``read`` for an endpoint whose reply is plain text (e.g. vLLM's ``/v1/load_lora_adapter``): the text as it is."""
+    return reply
 
 
 def _error_detail(response, limit: int = 300) -> str:

@@ -102,6 +102,8 @@ def train(cfg) -> dict:
         finally:
             if finished and ranks.several:  # every rank past its last collective: closing an engine inside the
                 ranks.barrier()  # process group may end the group (vLLM's external launcher does)
+            if s.pipeline is not None:
+                s.pipeline.close()
             for sampler in (s.sampler, s.teacher_sampler):
                 if sampler is not None:
                     sampler.close()

@@ -117,7 +117,8 @@ class RolloutPipeline:
             if error is not None:
                 raise error
         if self.engine_version != version:
-            self.s.sampler.update_weights(self.s.student)
+            with self.s.timer.phase("sync"):
+                self.s.sampler.update_weights(self.s.student)
             self.engine_version = version
 
     def wait(self) -> None:
@@ -175,5 +176,7 @@ class RolloutPipeline:
                 self.ahead[ahead] = done
 
     def close(self) -> None:
+        """Drop the generation not started; one in flight ends when its engine closes (a run that stops is not kept
+        waiting for rows it will not train)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
