@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 8 s: the default suite keeps to about a minute
 def test_bench_loss_runs_and_agrees_with_the_baseline(tmp_path):
     out = tmp_path / "rows.json"
     cmd = [
@@ -44,6 +45,7 @@ def test_the_gpu_check_runs_at_tiny_sizes_without_a_gpu(tmp_path):
     assert re.search(r"^\| opd HF sampler \(KV cache\) \| [\d,]+ \| ", table, re.M)
 
 
+@pytest.mark.slow  # 4 s
 def test_bench_cross_tokenizer_runs_and_the_bpe_teacher_reads_fewer_tokens(tmp_path):
     out = tmp_path / "cross.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_cross_tokenizer.py"), "--rows", "2", "--tokens", "64", "--repeats", "1",

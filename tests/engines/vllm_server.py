@@ -19,7 +19,9 @@ class VLLMServer:
             "--model", model, "--served-model-name", name, "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
             "--max-logprobs", "20", *args,
         ]
-        self.process = VLLMProcess(command, {"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, os.environ.get("OPD_VLLM_PYTHON"), port)
+        # a server the user runs outlives the thread that started it (tests restart it from a watcher thread)
+        self.process = VLLMProcess(command, {"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, os.environ.get("OPD_VLLM_PYTHON"), port,
+                                   die_with_parent=False)
 
     @property
     def url(self) -> str:

@@ -30,13 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_setup(cpus: Sequence[int] | None):
+def _child_setup(cpus: Sequence[int] | None, die_with_parent: bool):
     def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
         os.setsid()
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+        if die_with_parent:
+            try:
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            except OSError:
+                pass
         if cpus:
             os.sched_setaffinity(0, cpus)
 
@@ -48,11 +49,13 @@ class VLLMProcess:
 
     ``args``: the server's arguments after the module (``--model …``); ``env``: variables set for it on top of
     this process's environment; ``python``: the interpreter (None: this one); ``cpus``: the CPU cores it and its
-    children may run on (None: this process's)."""
+    children may run on (None: this process's); ``die_with_parent``: SIGTERM it when the thread that started it
+    ends (Linux's parent-death signal belongs to that thread, so start it from one that lives as long as the run:
+    opd starts it from the main thread)."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, python: str | None = None, port: int | None = None,
-                 cpus: Sequence[int] | None = None):
-        self.port, self.cpus = port or free_port(), list(cpus) if cpus else None
+                 cpus: Sequence[int] | None = None, die_with_parent: bool = True):
+        self.port, self.cpus, self.die_with_parent = port or free_port(), list(cpus) if cpus else None, die_with_parent
         self.scratch = tempfile.mkdtemp(prefix="opd-vllm-server-")
         self.log_path = Path(self.scratch) / "server.log"
         self.command = [python or sys.executable, "-m", SERVER_MODULE, *args, "--host", "127.0.0.1", "--port", str(self.port)]
@@ -71,7 +74,7 @@ class VLLMProcess:
     def start(self) -> VLLMProcess:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_child_setup(self.cpus),
+            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_child_setup(self.cpus, self.die_with_parent),
         )
         return self
 
