@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def test_after_a_push_the_server_samples_from_the_trainers_weights(server, tmp_p
         assert gap() < 1e-3  # and now the trainer's
         unique = {p.data_ptr(): p for p in student.parameters()}.values()  # the tied output layer once
         assert sampler.pushed_bytes == sum(p.numel() * 4 for p in unique)
-        assert not list(Path(cfg.sampling.vllm_server.transfer_dir).glob("opd-weights-*"))  # the files are gone
+        assert not list(Path(cfg.sampling.vllm_server.transfer_dir).glob(f"opd-weights-{os.getpid()}-*"))  # the files are gone
     finally:
         sampler.close()
 

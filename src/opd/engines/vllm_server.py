@@ -238,6 +238,22 @@ def start_server(v: VLLMServerConfig, path: str, dtype: str, context: int | None
     return process
 
 
+def remove_orphaned_pushes(transfer_dir: str) -> None:
+    """Remove the weight files a trainer killed mid-push left in ``transfer_dir`` (in ``/dev/shm`` they hold memory
+    until removed): the directories named after a process that no longer exists."""
+    for entry in Path(transfer_dir).glob("opd-[wa][ed][ia]*-*-*"):
+        parts = entry.name.split("-")
+        if len(parts) < 4 or parts[1] not in ("weights", "adapter") or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("sampling.vllm_server: removed %s, left by a trainer that is gone", entry)
+        except PermissionError:  # another user's process: alive
+            pass
+
+
 class VLLMServerSampler(Sampler):
     """``Sampler`` over a vLLM server: sampling by ``ServedSampler``, weights pushed through files."""
 
@@ -250,6 +266,8 @@ class VLLMServerSampler(Sampler):
         # "adapter": a LoRA student's adapters loaded into the server as one adapter, replaced in place at each push
         self.push_kind = "adapter" if lora else "merged"
         self._adapter_dir: str | None = None  # the files of the adapter the server holds (kept until replaced)
+        if ranks.main:
+            remove_orphaned_pushes(cfg.transfer_dir)
 
     def sample(
         self, prompts: Sequence[Sequence[int]], params: SamplingConfig, generator: torch.Generator | None = None, stop: Sequence[str] = (),
@@ -273,7 +291,7 @@ class VLLMServerSampler(Sampler):
         if self.push_kind == "adapter" and (written := self._push_adapter(model)) is not None:
             self.served.post("/reset_prefix_cache", {})  # cached keys and values belong to the old adapter
             return written
-        directory = tempfile.mkdtemp(prefix="opd-weights-", dir=self.cfg.transfer_dir)
+        directory = tempfile.mkdtemp(prefix=f"opd-weights-{os.getpid()}-", dir=self.cfg.transfer_dir)
         try:
             with torch.no_grad():
                 _, written = write_weight_files(engine_weights(model), directory, self.dtype, self.cfg.chunk_mb)
@@ -297,7 +315,7 @@ class VLLMServerSampler(Sampler):
         config = getattr(model, "peft_config", {}).get("default")
         if config is None or getattr(config, "modules_to_save", None):
             return self._merged_from_now("the student has no LoRA adapters alone to push")
-        directory = tempfile.mkdtemp(prefix="opd-adapter-", dir=self.cfg.transfer_dir)
+        directory = tempfile.mkdtemp(prefix=f"opd-adapter-{os.getpid()}-", dir=self.cfg.transfer_dir)
         model.save_pretrained(directory)
         try:
             self.served.post("/v1/load_lora_adapter", {"lora_name": ADAPTER_NAME, "lora_path": directory, "load_inplace": True}, text_reply)
