@@ -230,3 +230,19 @@ def test_every_method_that_samples_the_student_trains_with_a_lag(server, tmp_pat
     train(cfg)
     rows = train_metrics(run)
     assert [row["lag"] for row in rows] == [0, 1, 1] and all(math.isfinite(row["loss"]) for row in rows)
+
+
+def test_two_ranks_with_a_lag_share_the_server_opd_starts_and_checkpoint_both_ranks_rows(tmp_path):
+    """torchrun, 2 ranks, lag 1: rank 0 starts the server and pushes, both ranks generate their own rows ahead, and
+    the checkpoint holds each rank's rows of the step after it."""
+    from launch import torchrun
+
+    run = tmp_path / "run"
+    args = [f"run.output_dir={run}", "sampling.engine=vllm_server", "sampling.max_staleness=1", "sampling.vllm_server.max_model_len=128",
+            "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=5", "eval.every=2", "eval.num_prompts=16", "eval.teacher=false",
+            "log.progress_bar=false", "log.tensorboard=false", "log.plot=false", "train.threads=1"]
+    done = subprocess.run(torchrun(["-m", "opd", "train", str(ROOT / "configs/demo.yaml"), *args]), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [row["lag"] for row in train_metrics(run)] == [0, 1, 1, 1]
+    rows = json.loads((run / "checkpoints" / "step-000002" / "pending_rows" / "rows.json").read_text())["ranks"]
+    assert len(rows) == 2 and all(list(rank) == ["2"] for rank in rows)
