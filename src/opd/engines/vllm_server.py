@@ -145,12 +145,11 @@ class VLLMServerEngine(Engine):
         v = cls.section(cfg)
         ranks = current_ranks(device)
         dtype = cfg.student.dtype if v.dtype == "auto" else v.dtype
+        lora_rank = cfg.student.lora.r if cfg.student.lora.enabled else None
         process = None
         if v.url is None:
             path = resolve_path(cfg.student.path, "student.path")
             started: list[VLLMProcess] = []
-
-            lora_rank = cfg.student.lora.r if cfg.student.lora.enabled else None
 
             def start() -> str:  # on rank 0; the others get its URL, or its error
                 started.append(start_server(v, path, dtype, context, cfg.run.seed, device, lora_rank))
@@ -172,8 +171,7 @@ class VLLMServerEngine(Engine):
             if process is not None:
                 process.stop()
             raise
-        lora = cfg.student.lora.r if cfg.student.lora.enabled else None
-        return VLLMServerSampler(served, tokenizer, eos_ids, device, ranks, process, v, DTYPES.get(dtype), lora is not None)
+        return VLLMServerSampler(served, tokenizer, eos_ids, device, ranks, process, v, DTYPES.get(dtype), lora_rank is not None)
 
 
 def tempfile_dir_usable(directory: str) -> bool:
