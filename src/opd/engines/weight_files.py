@@ -22,12 +22,11 @@ PART = "part-{:05d}.safetensors"
 
 
 def write_weight_files(weights: Iterable[tuple[str, torch.Tensor]], directory: str | os.PathLike, dtype: torch.dtype | None,
-                       chunk_mb: float, write: bool = True) -> tuple[list[Path], int]:
+                       chunk_mb: float) -> tuple[list[Path], int]:
     """Write ``(name, tensor)`` pairs into ``directory`` as safetensors parts of at most ``chunk_mb`` MiB (a tensor
-    larger than that is a part of its own), floating-point tensors cast to ``dtype`` (None: as they are). With
-    ``write`` false the pairs are only consumed (a rank that must take part in gathering a sharded model's weights
-    but does not write them); a write that fails stops the writing, not the consuming (the other ranks' gathers
-    still find this one), and is raised at the end. Returns the parts, in order, and the bytes written."""
+    larger than that is a part of its own), floating-point tensors cast to ``dtype`` (None: as they are);
+    a write that fails stops the writing, not the consuming (a sharded model's other ranks still find this one in
+    each gather), and is raised at the end. Returns the parts, in order, and the bytes written."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -45,10 +44,6 @@ def write_weight_files(weights: Iterable[tuple[str, torch.Tensor]], directory: s
         chunk, size = {}, 0
 
     pairs = iter(weights)
-    if not write:
-        for _ in pairs:
-            pass
-        return parts, total
     try:
         for name, tensor in pairs:
             tensor = tensor.detach().to("cpu")

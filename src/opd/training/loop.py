@@ -469,7 +469,7 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
             break
         if update_status == "applied":
             status = "applied"
-    totals.update(lag_metrics(step, taken))
+    totals.update(lag_metrics(step, taken) if s.pipeline.lag else {})
     if status == "applied" and not s.pipeline.lag:  # (with a lag the pipeline pushes, at the next step's start)
         s.sampler_behind = True
     if s.sampler_behind and (step + 1) % cfg.sampling.sync_every == 0:
@@ -482,13 +482,11 @@ def train_step(s: Session, optimizer, step: int) -> tuple[dict[str, float], str]
 
 def lag_metrics(step: int, taken) -> dict[str, float]:
     """With ``sampling.max_staleness``: the rows' lag in steps, the seconds the trainer waited for them, and the share
-    of their generation hidden behind training (``overlap``)."""
-    if not taken.generate_s:
-        return {}
-    return {
-        "lag": float(step - taken.rows.version), "time/rollout_wait": taken.wait_s, "time/generate": taken.generate_s,
-        "overlap": max(0.0, 1.0 - taken.wait_s / taken.generate_s),
-    }
+    of their generation hidden behind training (``overlap``; not for rows a resumed run took from its checkpoint)."""
+    metrics = {"lag": float(step - taken.rows.version), "time/rollout_wait": taken.wait_s}
+    if taken.generate_s:
+        metrics.update({"time/generate": taken.generate_s, "overlap": max(0.0, 1.0 - taken.wait_s / taken.generate_s)})
+    return metrics
 
 
 def engine_current(s: Session, done: int) -> None:

@@ -40,13 +40,12 @@ PENDING_DIR = "pending_rows"
 @dataclasses.dataclass
 class Taken:
     """What ``RolloutPipeline.take`` gives a step: its rows (None when a service failed: ``failure``), how long the
-    trainer waited for them, and how long generating them took."""
+    trainer waited for them, and how long generating them took (0: not measured, rows from a checkpoint)."""
 
     rows: StepRows | None
     failure: Exception | None = None
     wait_s: float = 0.0
     generate_s: float = 0.0
-    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def sample_step(s: Session, step: int, version: int) -> StepRows:
@@ -99,48 +98,41 @@ class RolloutPipeline:
             return Taken(None, err, time.monotonic() - started)
         if step + self.lag < self.steps:
             self._launch(step + self.lag, step)
-        rows, generate_s, phases = self.ahead.pop(step).result()
+        rows, generate_s = self.ahead.pop(step).result()
         if not self._checked:  # rows a checkpoint could not hold: said at the first step, not at the first checkpoint
             try:
                 encode_step(rows, "check", {})
             except RowsNotSaved as err:
                 raise ConfigError(f"config key 'sampling.max_staleness' needs the rows of the steps ahead in each checkpoint: {err}") from None
             self._checked = True
-        return Taken(rows, None, time.monotonic() - started, generate_s, phases)
+        return Taken(rows, None, time.monotonic() - started, generate_s)
 
     def settle(self, version: int) -> None:
         """Wait for every generation in flight, then give the engine the student's weights after ``version`` steps
         (before an evaluation, the first step, or the next generation). A service's failure is raised."""
-        self.wait()
-        for future in self.ahead.values():
-            error = future.exception()
-            if error is not None:
+        for future in list(self.ahead.values()):
+            if (error := future.exception()) is not None:  # (waits for it)
                 raise error
         if self.engine_version != version:
             with self.s.timer.phase("sync"):
                 self.s.sampler.update_weights(self.s.student)
             self.engine_version = version
 
-    def wait(self) -> None:
-        for future in list(self.ahead.values()):
-            future.exception()  # waits; the error, if any, is raised by whoever takes the rows
-
     def _launch(self, step: int, version: int) -> None:
         background = self._background
 
         def generate():
             started = time.monotonic()
-            background.timer.pop()
             rows = sample_step(background, step, version)
-            return rows, time.monotonic() - started, background.timer.pop()
+            background.timer.pop()  # (its phases overlap the trainer's: the step reports their total, time/generate)
+            return rows, time.monotonic() - started
 
         self.ahead[step] = self._pool.submit(generate)
 
     # ------------------------------------------------------------------ checkpoints
 
     def pending(self) -> dict[int, StepRows]:
-        """The rows of the steps ahead, once generated (the generation in flight waited for)."""
-        self.wait()
+        """The rows of the steps ahead, once generated (the generation in flight waited for: ``exception`` waits)."""
         return {step: future.result()[0] for step, future in self.ahead.items() if future.exception() is None}
 
     def gather(self) -> list[dict[int, StepRows]] | None:
@@ -172,7 +164,7 @@ class RolloutPipeline:
         for ahead, step_rows in rows.items():
             if ahead >= step:
                 done: Future = Future()
-                done.set_result((step_rows, 0.0, {}))
+                done.set_result((step_rows, 0.0))
                 self.ahead[ahead] = done
 
     def close(self) -> None:
