@@ -105,7 +105,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     assert str(err.value) == (
         f"teacher.path: no model at '{tmp_path / 'nowhere'}' "
         "(give a local HF checkpoint directory, a Hub repo id in the local cache, or one of "
-        "world:teacher, world:student, world:teacher_base, world:student_privileged)"
+        "world:teacher, world:student, world:teacher_base, world:student_privileged, world:teacher_bpe)"
     )
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="holds no config.json"):
@@ -115,5 +115,5 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 
 def test_unknown_world_model_is_named():
-    with pytest.raises(ModelLoadError, match=r"teacher.path: unknown world model 'teachr' \(choose world:teacher, world:student, world:teacher_base, world:student_privileged\)"):
+    with pytest.raises(ModelLoadError, match=r"teacher.path: unknown world model 'teachr' \(choose world:teacher, world:student, world:teacher_base, world:student_privileged, world:teacher_bpe\)"):
         resolve_path("world:teachr", "teacher.path")

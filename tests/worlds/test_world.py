@@ -26,11 +26,16 @@ def test_build_world_is_deterministic_and_loadable(tmp_path):
     spec = replace(TINY_SPEC, teacher_steps=3, student_steps=1, batch_size=4, warmup_steps=0, teacher_base_step=2)
     first = build_world(tmp_path / "w1", spec, progress=False)
     second = build_world(tmp_path / "w2", spec, progress=False)
-    for role in ("teacher", "student", "student_privileged"):
+    for role in ("teacher", "student", "student_privileged", "teacher_bpe"):
         assert (first / role / "model.safetensors").read_bytes() == (second / role / "model.safetensors").read_bytes()
         model = AutoModelForCausalLM.from_pretrained(first / role)
         tok = AutoTokenizer.from_pretrained(first / role)
-        assert model.config.eos_token_id == tok.eos_token_id
+        assert model.config.eos_token_id == tok.eos_token_id and model.config.vocab_size == len(tok)
+    # teacher_bpe reads the same texts in tokens of its own: a digit fused with the operators after it
+    bpe, char = AutoTokenizer.from_pretrained(first / "teacher_bpe"), AutoTokenizer.from_pretrained(first / "student")
+    assert bpe.tokenize("7+9=16,4|936") == ["7+", "9=", "1", "6,", "4|", "9", "3", "6"]
+    assert bpe.get_vocab() != char.get_vocab() and bpe.decode(bpe("7+9=16|16")["input_ids"]) == "7+9=16|16"
+    assert (first / "teacher_bpe" / "tokenizer.json").read_bytes() == (second / "teacher_bpe" / "tokenizer.json").read_bytes()
     assert (first / "world.json").is_file() and not list(tmp_path.glob("*.building-*"))
     base = AutoModelForCausalLM.from_pretrained(first / "teacher_base").state_dict()
     final = AutoModelForCausalLM.from_pretrained(first / "teacher").state_dict()

@@ -9,6 +9,9 @@
                          can be its own OPSD teacher
     teacher_base/        the teacher part-way through its SFT: the "base before the teacher's final
                          training", the reference for G-OPD reward correction
+    teacher_bpe/         a teacher of the same shape and SFT budget with a tokenizer of its own: a byte-level BPE
+                         learnt from the task's texts, whose tokens span several characters and whose ids match
+                         nothing of the character tokenizer's (cross-tokenizer distillation, ``teacher.tokenizer: own``)
     world.json           the spec they were built from and their held-out accuracies
 
 The teacher (~2.7M parameters) is trained until it is nearly perfect on 3-digit addition;
@@ -64,6 +67,13 @@ class WorldSpec:
     privileged_fraction: float = 0.5
     # the line after the reference solution in the privileged prompt (``task.privileged_instruction``)
     privileged_instruction: str = PRIVILEGED_INSTRUCTION
+    # teacher_bpe: its byte-level BPE's vocabulary (special tokens + 256 bytes + merges), the problems it is learnt
+    # from, and the pieces merges stay within. Measured: with GPT-2's split, which merges digits into pairs ("16",
+    # "93"), the teacher reached 38.3% after 450 steps; here each digit keeps its own token, fused with the operators
+    # after it ("7+", "6,", "3|"): tokens that straddle the student's characters, and a teacher as easy to train
+    bpe_vocab_size: int = 400
+    bpe_problems: int = 4000
+    bpe_pieces: str = r"\d[^\d]*|[^\d]+"
 
     def fingerprint(self) -> str:
         text = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
@@ -82,6 +92,7 @@ class WorldSpec:
 _COMMON_FIELDS = ("batch_size", "warmup_steps", "schedule", "digits", "max_positions", "seed", "threads")
 _ROLE_FIELDS = {
     "teacher": _COMMON_FIELDS + ("teacher_shape", "teacher_steps", "teacher_lr", "teacher_base_step"),
+    "teacher_bpe": _COMMON_FIELDS + ("teacher_shape", "teacher_steps", "teacher_lr", "bpe_vocab_size", "bpe_problems", "bpe_pieces"),
     "student": _COMMON_FIELDS + ("student_shape", "student_steps", "student_lr"),
     "student_privileged": _COMMON_FIELDS
     + ("student_shape", "student_steps", "student_lr", "privileged_fraction", "privileged_instruction"),
@@ -91,7 +102,7 @@ _ROLE_FIELDS = {
 DEFAULT_SPEC = WorldSpec()
 
 
-WORLD_MODELS = ("teacher", "student", "teacher_base", "student_privileged")
+WORLD_MODELS = ("teacher", "student", "teacher_base", "student_privileged", "teacher_bpe")
 
 # the world's parts that a rebuild must reproduce byte for byte
-SHIPPED_FILES = ("tokenizer", "teacher", "student", "teacher_base", "student_privileged")
+SHIPPED_FILES = ("tokenizer", "teacher", "student", "teacher_base", "student_privileged", "teacher_bpe")

@@ -49,14 +49,22 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     return with_chat_template(backend)
 
 
-def build_byte_bpe_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def build_byte_bpe_tokenizer(texts: list[str], vocab_size: int = 400, pieces: str | None = None) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2's scheme: any text, multi-character tokens merged from ``texts``) with the character
     tokenizer's special tokens and chat template, but ids of its own: a teacher with another tokenizer
-    (``teacher.tokenizer=own``, docs/methods.md)."""
+    (``teacher.tokenizer=own``, docs/methods.md).
+
+    ``pieces``: a regex whose matches are the pre-tokens merges stay within (in place of GPT-2's split into words,
+    numbers and punctuation)."""
     from tokenizers import trainers
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pieces is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pieces), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)

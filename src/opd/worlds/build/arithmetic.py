@@ -14,7 +14,7 @@ from ...config.loading import load_config
 from ...training.loop import train
 from ..arithmetic import DEFAULT_SPEC, SHIPPED_FILES, WorldSpec
 from ..locate import world_dir
-from ..tokenizer import build_char_tokenizer
+from ..tokenizer import build_byte_bpe_tokenizer, build_char_tokenizer
 from .common import differing_files, earlier_build, init_model, machine, parameter_count, work_directory
 
 log = logging.getLogger(__name__)
@@ -69,22 +69,23 @@ def build_world(
     tokenizer.save_pretrained(work / "tokenizer")
     report = {"spec": asdict(spec), "fingerprint": spec.fingerprint()}
     earlier = _earlier_world(reuse) if reuse else None
-    # (name, shape, SFT steps, lr, init seed offset, fraction of privileged-prompt examples)
+    # (name, shape, SFT steps, lr, init seed offset, fraction of privileged-prompt examples, tokenizer)
     roles = [
-        ("teacher", spec.teacher_shape, spec.teacher_steps, spec.teacher_lr, 0, 0.0),
-        ("student", spec.student_shape, spec.student_steps, spec.student_lr, 1, 0.0),
-        ("student_privileged", spec.student_shape, spec.student_steps, spec.student_lr, 1, spec.privileged_fraction),
+        ("teacher", spec.teacher_shape, spec.teacher_steps, spec.teacher_lr, 0, 0.0, tokenizer),
+        ("student", spec.student_shape, spec.student_steps, spec.student_lr, 1, 0.0, tokenizer),
+        ("student_privileged", spec.student_shape, spec.student_steps, spec.student_lr, 1, spec.privileged_fraction, tokenizer),
+        ("teacher_bpe", spec.teacher_shape, spec.teacher_steps, spec.teacher_lr, 2, 0.0, None),
     ]
-    for role, shape, steps, lr, seed_offset, privileged in roles:
+    for role, shape, steps, lr, seed_offset, privileged, role_tokenizer in roles:
         keep_base = role == "teacher" and 0 < spec.teacher_base_step < steps
         fingerprint = spec.role_fingerprint(role)
-        if earlier is not None and earlier[1].role_fingerprint(role) == fingerprint:
+        if earlier is not None and earlier[1].role_fingerprint(role) == fingerprint and (reuse / role).is_dir():
             for name in (role, "teacher_base") if keep_base else (role,):
                 shutil.copytree(reuse / name, work / name)
                 report[name] = {**earlier[0].get(name, {}), "fingerprint": fingerprint, "reused_from": earlier[0]["fingerprint"]}
             log.info("world %s: inputs unchanged, copied from %s", role, reuse)
             continue
-        init = init_model(work / f"{role}-init", shape, tokenizer, spec, spec.seed + seed_offset)
+        init = init_model(work / f"{role}-init", shape, role_tokenizer or bpe_tokenizer(spec), spec, spec.seed + seed_offset)
         checkpoint_every = spec.teacher_base_step if keep_base else 0
         summary = train(sft_config(init, work / f"{role}-sft", steps, lr, spec, progress, checkpoint_every, privileged))
         (work / f"{role}-sft" / "final").rename(work / role)
@@ -104,6 +105,20 @@ def build_world(
         shutil.rmtree(directory)
     work.rename(directory)
     return directory
+
+
+def bpe_tokenizer(spec: WorldSpec):
+    """``teacher_bpe``'s tokenizer: a byte-level BPE of ``spec.bpe_vocab_size`` tokens learnt from ``spec.bpe_problems``
+    problems of the world's size and their worked solutions (seeded: the same merges on every build), merged within
+    ``spec.bpe_pieces``."""
+    import random
+
+    from ...tasks.arithmetic import scratchpad
+
+    rng = random.Random(spec.seed)
+    low, high = 10 ** (spec.digits - 1) if spec.digits > 1 else 0, 10**spec.digits - 1
+    pairs = [(rng.randint(low, high), rng.randint(low, high)) for _ in range(spec.bpe_problems)]
+    return build_byte_bpe_tokenizer([text for a, b in pairs for text in (f"{a}+{b}", scratchpad(a, b))], spec.bpe_vocab_size, spec.bpe_pieces)
 
 
 def _earlier_world(directory: Path) -> tuple[dict, WorldSpec]:

@@ -1,0 +1,136 @@
+"""A full-vocabulary divergence between two models whose vocabularies differ: the hybrid of GOLD (exact matching
+for the tokens both vocabularies hold) and ULD's sorted-probability distance (Boizard et al. 2024, arXiv 2402.12030)
+for the rest. docs/methods.md, "A teacher with another tokenizer", states where it applies.
+
+At a position where the student and the teacher predict their next token from the same text (an aligned span of one
+token on each side), with ``P_S`` over the student's vocabulary and ``P_T`` over the teacher's, both at temperature τ:
+
+    M        the pairs (i, j) of a student token i and a teacher token j that write the same text
+    P̃_S, P̃_T  P_S on M's student ids and P_T on M's teacher ids, each renormalised over M
+    D(n)     = w_m · D_β(P̃_T ‖ P̃_S) + w_u · Σ_k |sort↓(P_S on U_S)_k − sort↓(P_T on U_T)_k|
+
+with D_β GKD's generalised JSD (arXiv 2306.13649; β = 0 forward KL, β = 1 reverse KL), U_S and U_T each side's
+tokens outside M, and the shorter sorted vector padded with zeros. The second term is ULD's Wasserstein-1 distance
+between the two sorted distributions on the tokens that have no twin; it also carries any difference in how much
+mass each side puts outside M. With one vocabulary read on both sides, M holds every token, U is empty, and D(n) is
+GKD's D_β.
+
+Streamed like ``divergences.streamed_divergence``: both sides' logits exist for ``chunk_size`` positions at a time,
+and each chunk is recomputed in the backward pass (no ``[N, V_S + V_T]`` tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .divergences import generalized_jsd
+
+REPLACEMENT = "\ufffd"  # what a token that is only part of a UTF-8 character decodes to
+
+
+@dataclass(frozen=True)
+class VocabularyMatch:
+    """Which student ids and teacher ids write the same text (``student_M[k]`` ↔ ``teacher_M[k]``), and each side's
+    other output ids."""
+
+    student_M: torch.Tensor
+    teacher_M: torch.Tensor
+    student_rest_U: torch.Tensor
+    teacher_rest_W: torch.Tensor
+
+    def to(self, device) -> "VocabularyMatch":
+        return VocabularyMatch(*(t.to(device) for t in (self.student_M, self.teacher_M, self.student_rest_U, self.teacher_rest_W)))
+
+
+def token_texts(tokenizer, size: int) -> list[str | None]:
+    """The text each of ids ``0 .. size-1`` writes in the middle of a text, or None where it writes no whole text of
+    its own (part of a UTF-8 character, an id past the tokenizer, nothing at all). Special tokens are their written
+    form. Each id is decoded after an anchor token, so that a SentencePiece piece keeps its leading space."""
+    anchor_text = "a"
+    anchor = tokenizer.convert_tokens_to_ids(anchor_text)
+    if anchor is None or anchor == tokenizer.unk_token_id or tokenizer.decode([anchor]) != anchor_text:
+        anchor = tokenizer(anchor_text, add_special_tokens=False)["input_ids"][-1]
+        anchor_text = tokenizer.decode([anchor], clean_up_tokenization_spaces=False)
+    ids = list(range(min(size, len(tokenizer))))
+    decoded = tokenizer.batch_decode([[anchor, i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    texts: list[str | None] = []
+    for text in decoded:
+        piece = text[len(anchor_text):] if text.startswith(anchor_text) else None
+        texts.append(piece if piece and REPLACEMENT not in piece else None)
+    return texts + [None] * (size - len(ids))
+
+
+def match_vocabularies(student_tok, teacher_tok, student_size: int, teacher_size: int,
+                       extra_pairs: tuple[tuple[int, int], ...] = ()) -> VocabularyMatch:
+    """``VocabularyMatch`` of two tokenizers with ``student_size`` / ``teacher_size`` output rows: ids that write the
+    same text are paired (the lowest id where a side writes one text with several), and ``extra_pairs`` (student id,
+    teacher id) pair tokens of the same role whose texts differ — the student's EOS and the token the teacher's
+    template closes a reply with."""
+    teacher_by_text: dict[str, int] = {}
+    for j, text in enumerate(token_texts(teacher_tok, teacher_size)):
+        if text is not None:
+            teacher_by_text.setdefault(text, j)
+    pairs: dict[int, int] = {}
+    taken: set[int] = set()
+    for i, text in enumerate(token_texts(student_tok, student_size)):
+        j = teacher_by_text.get(text) if text is not None else None
+        if j is not None and j not in taken:
+            pairs[i] = j
+            taken.add(j)
+    for i, j in extra_pairs:
+        if i not in pairs and j not in taken and i < student_size and j < teacher_size:
+            pairs[i] = j
+            taken.add(j)
+    student_M = sorted(pairs)
+    return VocabularyMatch(
+        torch.tensor(student_M, dtype=torch.long), torch.tensor([pairs[i] for i in student_M], dtype=torch.long),
+        torch.tensor([i for i in range(student_size) if i not in pairs], dtype=torch.long),
+        torch.tensor([j for j in range(teacher_size) if j not in taken], dtype=torch.long),
+    )
+
+
+def hybrid_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.Tensor, match: VocabularyMatch,
+                      beta: float, temperature: float, matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> torch.Tensor:
+    """``[N, 3]``: D(n) of the module's docstring, its matched term D_β(P̃_T ‖ P̃_S) and its unmatched term (the
+    sorted distance), at each position; gradients flow into the student's logits."""
+    logp_s_NV = (student_logits_NV.float() / temperature).log_softmax(-1)
+    logp_t_NW = (teacher_logits_NW.float() / temperature).log_softmax(-1)
+    if match.student_M.numel():  # renormalised over M by the divergence's own log-softmax
+        matched_N = generalized_jsd(logp_s_NV[:, match.student_M], logp_t_NW[:, match.teacher_M], beta, 1.0)
+    else:
+        matched_N = logp_s_NV.new_zeros(logp_s_NV.shape[0])
+    rest_s_NU = logp_s_NV[:, match.student_rest_U].exp().sort(-1, descending=True).values
+    rest_t_NW = logp_t_NW[:, match.teacher_rest_W].exp().sort(-1, descending=True).values
+    width = max(rest_s_NU.shape[1], rest_t_NW.shape[1])
+    rest_s_NU = torch.nn.functional.pad(rest_s_NU, (0, width - rest_s_NU.shape[1]))
+    rest_t_NW = torch.nn.functional.pad(rest_t_NW, (0, width - rest_t_NW.shape[1]))
+    unmatched_N = (rest_s_NU - rest_t_NW).abs().sum(-1)
+    return torch.stack([matched_weight * matched_N + unmatched_weight * unmatched_N, matched_N, unmatched_N], -1)
+
+
+def _chunk(student_hidden, teacher_hidden, student_project, teacher_project, divergence):
+    with torch.no_grad():
+        teacher_logits = teacher_project(teacher_hidden)
+    return divergence(student_project(student_hidden), teacher_logits)
+
+
+def streamed_hybrid(
+    student_hidden_NH: torch.Tensor, teacher_hidden_NH: torch.Tensor,
+    student_project: Callable[[torch.Tensor], torch.Tensor], teacher_project: Callable[[torch.Tensor], torch.Tensor],
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``divergence(student_logits, teacher_logits)`` (``[n, 3]`` per chunk) for every position, ``chunk_size`` rows
+    at a time, each chunk checkpointed where gradients are wanted."""
+    out = []
+    for start in range(0, student_hidden_NH.shape[0], chunk_size):
+        args = (student_hidden_NH[start:start + chunk_size], teacher_hidden_NH[start:start + chunk_size].detach(),
+                student_project, teacher_project, divergence)
+        if torch.is_grad_enabled() and student_hidden_NH.requires_grad:
+            out.append(checkpoint(_chunk, *args, use_reentrant=False))
+        else:
+            out.append(_chunk(*args))
+    return torch.cat(out) if out else student_hidden_NH.new_zeros(0, 3, dtype=torch.float32)
