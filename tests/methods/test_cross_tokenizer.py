@@ -130,7 +130,9 @@ def test_a_different_vocabulary_is_refused_naming_teacher_tokenizer(tmp_path, ti
 @pytest.mark.parametrize(
     "overrides, named",
     [
-        (["method.name=gkd"], "sampled-token methods"),
+        (["method.name=ovd"], "not 'ovd'"),
+        (["method.name=gkd", "method.gkd.top_k=5"], "method.gkd.top_k"),
+        (["method.name=gkd", "method.gkd.seq_kd=true"], "method.gkd.seq_kd"),
         (["teacher.path=null", "teacher.url=http://127.0.0.1:9"], "not a served one"),
         (["teacher.tokenizer=/models/qwen"], "teacher.tokenizer_path"),
         (["teacher.routes={a: /x}"], "teacher.routes"),
@@ -141,6 +143,53 @@ def test_what_teacher_tokenizer_own_does_not_cover_yet_is_one_line(tmp_path, tin
     with pytest.raises(ConfigError, match="teacher.tokenizer") as err:
         make_config(tmp_path, tiny_models, "teacher.tokenizer=own", *overrides)
     assert named in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("lambda_onpolicy", [1.0, 0.0], ids=["on_policy", "reference_solutions"])
+def test_gkd_with_the_students_tokenizer_read_as_the_teachers_own_gives_the_shared_gradient(tmp_path, tiny_models, lambda_onpolicy):
+    """Every span is one token and every token is matched: the hybrid is GKD's D_β (to float rounding: the hybrid
+    renormalises over the matched tokens, here all of them, and takes autograd's gradient, not the fused one)."""
+    overrides = [*SAMPLED, "method.name=gkd", "method.gkd.beta=0.5", f"method.gkd.lambda_onpolicy={lambda_onpolicy}"]
+    shared = build_session(make_config(tmp_path / "shared", tiny_models, *overrides))
+    own = build_session(make_config(tmp_path / "own", tiny_models, *overrides, "teacher.tokenizer=own"))
+    assert len(own.teacher.match.student_rest_U) == 0 and len(own.teacher.match.teacher_rest_W) == 0
+    examples = shared.task.sample_train(4, random.Random(0))
+    batch = shared.method.data(shared, examples, random.Random(1), torch.Generator().manual_seed(0))
+    expected, expected_metrics = step_gradients(shared, [copy.deepcopy(batch)])
+    got, metrics = step_gradients(own, [copy.deepcopy(batch)])
+    assert len(expected) == len(got) > 0
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    assert metrics["jsd"] == pytest.approx(expected_metrics["jsd"], rel=1e-5)
+    assert metrics["aligned_tokens"] == 1.0 and metrics["hybrid_unmatched"] == 0.0
+
+
+def test_gkd_with_a_byte_bpe_teacher_compares_the_positions_where_both_read_the_same_text(tmp_path, tiny_models, bpe_teacher):
+    """The hybrid sits at the student tokens whose span is one token on each side: there the teacher's token writes
+    the student's character, and both models have read the same text before it. The loss trains the student."""
+    from transformers import AutoTokenizer
+
+    s = build_session(make_config(tmp_path, tiny_models, *SAMPLED, "method.name=gkd", "method.gkd.lambda_onpolicy=1.0",
+                                  f"teacher.path={bpe_teacher}", "teacher.tokenizer=own", "student.path=world:student",
+                                  "sampling.max_new_tokens=40"))
+    teacher_tok = AutoTokenizer.from_pretrained(bpe_teacher)
+    batch = s.method.data(s, s.task.sample_train(4, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
+    aligned = s.teacher.aligned_distributions(batch.rollouts, batch.examples)
+    r, checked = batch.rollouts, 0
+    for b in range(r.completion_ids_BC.shape[0]):
+        completion = r.completion_ids_BC[b][r.completion_mask_BC[b].bool()].tolist()
+        text = s.tokenizer.decode(completion, skip_special_tokens=True)
+        t_ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
+        for c, u in enumerate(aligned.column_BC[b].tolist()):
+            if u < 0 or c >= len(completion) or completion[c] == s.tokenizer.eos_token_id:
+                continue
+            assert teacher_tok.decode([t_ids[u]]) == s.tokenizer.decode([completion[c]])  # one character, written by both
+            assert teacher_tok.decode(t_ids[:u]) == s.tokenizer.decode(completion[:c])  # after the same text
+            checked += 1
+    assert checked > 0
+    got, metrics = step_gradients(s, [copy.deepcopy(batch)])
+    assert 0.0 < metrics["aligned_tokens"] < 1.0 and metrics["hybrid_unmatched"] > 0.0
+    assert any(float(g.abs().sum()) > 0 for g in got)
 
 
 def test_a_teacher_tokenizer_without_a_chat_template_is_refused_before_its_weights_load(tmp_path, tiny_models, bpe_teacher):
@@ -168,3 +217,40 @@ def test_a_teacher_template_that_refuses_the_tasks_turns_is_one_line_before_its_
     with pytest.raises(PairingError, match="cannot render this task's prompts: TemplateError: System role not supported"):
         build_session(make_config(tmp_path, tiny_models, "method.name=opd", f"teacher.path={teacher}", "teacher.tokenizer=own",
                                   "task.name=math", f"task.path={data}", "task.system_prompt=Be brief."))
+
+
+def test_a_copy_past_the_teachers_context_keeps_the_spans_that_fit_and_leaves_the_rest_untrained(tmp_path, tiny_models, bpe_teacher):
+    """The teacher's context counts its own tokens. A row whose teacher copy runs past it keeps the whole spans that
+    fit, scored exactly as without the cut (a causal teacher's prefix does not see what follows); the student tokens
+    of the spans cut are in no span; the teacher is never given more positions than its context."""
+    s = build_session(make_config(tmp_path, tiny_models, *SAMPLED, "method.name=opd", f"teacher.path={bpe_teacher}", "teacher.tokenizer=own",
+                                  "student.path=world:student", "sampling.max_new_tokens=40"))
+    assert s.teacher.context == 128  # the teacher's max_position_embeddings, in its own tokens
+    batch = s.method.data(s, s.task.sample_train(4, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
+    lengths, prompts = [], []
+    score = s.teacher.teacher.token_logprobs
+
+    def recording(r, t=1.0):
+        lengths.append(int((r.prompt_mask_BP.sum(1) + r.completion_mask_BC.sum(1)).max()))
+        prompts.append(int(r.prompt_mask_BP.sum(1).max()))
+        return score(r, t)
+
+    s.teacher.teacher.token_logprobs = recording
+    whole = s.teacher.span_scores(batch.rollouts, batch.examples)
+    context = prompts[0] + 6  # a few spans of each row fit
+    assert lengths[0] > context
+    s.teacher.context = context
+    cut = s.teacher.span_scores(batch.rollouts, batch.examples)
+    assert lengths[1] <= context  # no row's tokens (so no position) past the context
+    mask_BC = batch.rollouts.completion_mask_BC.bool()
+    kept_BC = cut.last_BC | (cut.end_BC != torch.arange(mask_BC.shape[1]))
+    assert (kept_BC <= mask_BC).all() and 0 < int(kept_BC.sum()) < int(mask_BC.sum())
+    assert cut.cut_tokens == int(mask_BC.sum() - kept_BC.sum())
+    for b in range(mask_BC.shape[0]):  # the kept tokens are a prefix of each row, and their spans are the whole run's
+        kept = int(kept_BC[b].sum())
+        assert kept_BC[b, :kept].all()
+        assert torch.equal(cut.end_BC[b, :kept], whole.end_BC[b, :kept]) and torch.equal(cut.last_BC[b, :kept], whole.last_BC[b, :kept])
+        torch.testing.assert_close(cut.teacher_logp_BC[b, :kept], whole.teacher_logp_BC[b, :kept], rtol=1e-5, atol=1e-5)
+    s.teacher.context = 3  # shorter than the teacher's prompt: nothing of any row is scored, and nothing breaks
+    none = s.teacher.span_scores(batch.rollouts, batch.examples)
+    assert not none.last_BC.any() and none.cut_tokens == int(mask_BC.sum()) and lengths[2] <= 3

@@ -280,7 +280,7 @@ def validate_teacher_tokenizer(c: Config, name: str, needs) -> None:
     spans = [n for n, cls in METHOD_REGISTRY.items() if cls.needs(c).spans]
     require(
         needs.spans, "teacher.tokenizer",
-        f"is 'own', which works with the sampled-token methods {', '.join(spans)} so far, not '{name}'",
+        f"is 'own', which works with the methods {', '.join(spans)} so far, not '{name}'",
     )
     require(te.url is None, "teacher.tokenizer", "is 'own', which works with a local teacher (teacher.path) so far, not a served one")
     require(not te.routes, "teacher.tokenizer", "is 'own', which works with one teacher so far, not with teacher.routes")

@@ -53,7 +53,7 @@ class Needs:
     full_vocabulary: bool = False  # the teacher's whole next-token distribution (pairing checks output sizes)
     group: bool = False  # a group baseline: at least 2 samples per prompt
     routable: bool = False  # accepts per-example teacher routes (teacher.routes)
-    spans: bool = False  # its loss can score spans: a teacher with a tokenizer of its own (teacher.tokenizer=own)
+    spans: bool = False  # its loss can take a teacher with a tokenizer of its own (teacher.tokenizer=own): spans, or GKD's hybrid
 
 
 class Method:

@@ -14,7 +14,8 @@ from ..config.sections import require
 from .base import Method, Needs, Session, register, student_samples
 from .batch import Batch
 from .data import offline_data
-from .losses import full_vocabulary_loss
+from ..teachers.cross_tokenizer import CrossTokenizerTeacher
+from .losses import cross_vocabulary_loss, full_vocabulary_loss
 
 
 @dataclass
@@ -28,6 +29,10 @@ class GKDConfig:
     top_k: int | None = None  # restrict both distributions to the teacher's top-K tokens
     top_k_tail: bool = False  # with top_k: keep the rest of the mass as one extra class instead of renormalising
     chunk_size: int | None = None  # token rows per chunk of the fused loss; None = about 2^25 logits per chunk
+    # teacher.tokenizer=own: the hybrid divergence's weights on the tokens both vocabularies write (D_β) and on the
+    # rest (ULD's sorted distance); docs/methods.md, "A teacher with another tokenizer"
+    hybrid_matched_weight: float = 1.0
+    hybrid_unmatched_weight: float = 1.0
 
 
 def validate_full_vocabulary_keys(c, prefix: str) -> None:
@@ -49,11 +54,18 @@ class GKD(Method):
         validate_full_vocabulary_keys(c, "method.gkd")
         require(c.temperature > 0, "method.gkd.temperature", f"must be > 0, got {c.temperature}")
         require(0 <= c.lambda_onpolicy <= 1, "method.gkd.lambda_onpolicy", f"must be in [0, 1], got {c.lambda_onpolicy}")
+        for key in ("hybrid_matched_weight", "hybrid_unmatched_weight"):
+            require(getattr(c, key) >= 0, f"method.gkd.{key}", f"must be >= 0, got {getattr(c, key)}")
+        if cfg.teacher.tokenizer == "own":
+            require(c.top_k is None, "method.gkd.top_k", "must be null with teacher.tokenizer=own (the hybrid divergence reads "
+                    "both full vocabularies)")
+            require(not c.seq_kd, "method.gkd.seq_kd", "must be false with teacher.tokenizer=own (the teacher does not sample "
+                    "in the student's tokens)")
 
     @classmethod
     def needs(cls, cfg) -> Needs:
         c = cls.section(cfg)
-        return Needs(teacher=True, full_vocabulary=True, solutions=c.lambda_onpolicy < 1 and not c.seq_kd)
+        return Needs(teacher=True, full_vocabulary=True, solutions=c.lambda_onpolicy < 1 and not c.seq_kd, spans=True)
 
     @classmethod
     def loss_temperature(cls, cfg) -> tuple[str, float]:
@@ -67,4 +79,6 @@ class GKD(Method):
 
     def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
+        if isinstance(s.teacher, CrossTokenizerTeacher):
+            return cross_vocabulary_loss(s, batch, c.beta, c.temperature, c.chunk_size, c.hybrid_matched_weight, c.hybrid_unmatched_weight)
         return full_vocabulary_loss(s, batch, batch.rollouts, c.beta, c.temperature, c.chunk_size, c.top_k, c.top_k_tail)

@@ -8,6 +8,7 @@ docs/methods.md, "The shared update rule").
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ from ..objectives import (
     truncated_importance_weights,
 )
 from ..objectives.common import reduction_weights
+from ..objectives.cross_vocab import hybrid_divergence, streamed_hybrid
 from ..objectives.fused import SparseTeacher, fused_divergence, output_head
 from ..teachers.base import HiddenStates, TopLogprobs
 from ..teachers.cross_tokenizer import CrossTokenizerTeacher
@@ -82,6 +84,8 @@ def sampled_token_loss(s: Session, batch: Batch, advantages: AdvantageFn, teache
     if spans is not None:  # every student token of a span takes its span's advantage
         advantages_BC, train_mask_BC = spans.spread(advantages_BC) * mask_BC, spans.spread(train_mask_BC) * mask_BC
         metrics["spans_per_token"] = float(scored_mask_BC.sum() / mask_BC.sum().clamp(min=1))
+        if spans.cut_tokens:  # the teacher's copy of some rows ran past its context
+            metrics["teacher_context_cut_tokens"] = float(spans.cut_tokens)
     impossible = int((~torch.isfinite(teacher_logp_BC) & scored_mask_BC.bool()).sum())
     if impossible:  # the teacher gives probability 0 to tokens the student sampled
         metrics["teacher_impossible_tokens"] = float(impossible)
@@ -182,6 +186,34 @@ def full_vocabulary_loss(
     if result.teacher_mass is not None:  # how much of the teacher's probability the kept top-k tokens cover
         metrics["teacher_topk_mass"] = result.teacher_mass
     return result.loss, metrics
+
+
+def cross_vocabulary_loss(s: Session, batch: Batch, beta: float, temperature: float, chunk_size: int | None,
+                          matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """GKD with a teacher of its own tokenizer (``teachers.cross_tokenizer``): the hybrid divergence of
+    ``objectives.cross_vocab`` at every trained student token whose span is one token on each side, weighted by the
+    step's reduction as GKD's positions are. The other trained tokens get no gradient and still count in the
+    reduction's N (docs/methods.md, "A teacher with another tokenizer")."""
+    r = batch.rollouts
+    with s.timer.phase("teacher"):
+        aligned = s.teacher.aligned_distributions(r, batch.examples)
+    with s.autocast():
+        student_hidden_BCH = completion_hidden_states(s.student, r, s.cfg.train.packing)
+    mask_BC = r.loss_mask_BC
+    rows_N, columns_N = (mask_BC.bool() & (aligned.column_BC >= 0)).nonzero(as_tuple=True)
+    weight_N = reduction_weights(mask_BC, s.method.normaliser(batch), torch.float32)[rows_N, columns_N]
+    divergence = partial(hybrid_divergence, match=s.teacher.match.to(student_hidden_BCH.device), beta=beta, temperature=temperature,
+                         matched_weight=matched_weight, unmatched_weight=unmatched_weight)
+    values_N3 = streamed_hybrid(student_hidden_BCH[rows_N, columns_N], aligned.hidden_BTH[rows_N, aligned.column_BC[rows_N, columns_N]],
+                                projection(s.student), aligned.project, divergence, chunk_size or 1024)
+    loss = (values_N3[:, 0] * weight_N).sum() + 0.0 * student_hidden_BCH.sum()  # reaches the student with no aligned token
+    trained = float(mask_BC.sum().clamp(min=1))
+    metrics = {"jsd": float(loss.detach()), "aligned_tokens": len(rows_N) / trained}
+    if len(rows_N):
+        metrics.update(hybrid_matched=float(values_N3[:, 1].detach().mean()), hybrid_unmatched=float(values_N3[:, 2].detach().mean()))
+    if aligned.cut_tokens:
+        metrics["teacher_context_cut_tokens"] = float(aligned.cut_tokens)
+    return loss, metrics
 
 
 def _sparse_teacher_loss(s: Session, batch: Batch, student_hidden_BCH, teacher: TopLogprobs, beta, temperature, chunk_size, top_k):

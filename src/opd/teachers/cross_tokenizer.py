@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..models.alignment import align, decoded_intervals, encoded_intervals
+from ..models.alignment import Spans, align, decoded_intervals, encoded_intervals
 from ..models.prompts import encode_prompt, render_prompt
 from ..models.rollouts import Rollouts, build_rollouts
 from ..tasks.base import Example
@@ -31,12 +31,13 @@ class SpanScores:
 
     ``last_BC`` marks the last student token of each span; ``end_BC`` gives each student token the column of its
     span's last token (a token in no span — past the completion, or special tokens with no text where the teacher
-    has nothing — points at itself and is never a last token); ``teacher_logp_BC`` holds each span's teacher log-prob
-    on its last token and 0 elsewhere."""
+    has nothing, or past the teacher's context — points at itself and is never a last token); ``teacher_logp_BC``
+    holds each span's teacher log-prob on its last token and 0 elsewhere."""
 
     teacher_logp_BC: torch.Tensor
     last_BC: torch.Tensor
     end_BC: torch.Tensor
+    cut_tokens: int = 0  # student tokens left in no span because the teacher's copy ran past its context
 
     def collapse(self, values_BC: torch.Tensor) -> torch.Tensor:
         """Each span's sum of ``values_BC`` over its student tokens, on its last token; 0 elsewhere."""
@@ -59,6 +60,18 @@ class SpanScores:
     def span_mask(self, mask_BC: torch.Tensor) -> torch.Tensor:
         """1 on the last token of each span all of whose student tokens the loss trains on, else 0."""
         return (self.last_BC & (self.collapse(1.0 - mask_BC) == 0)).to(mask_BC.dtype)
+
+
+@dataclass(frozen=True)
+class AlignedDistributions:
+    """The teacher's next-token distributions beside the student's: ``hidden_BTH`` over the teacher's own copy of the
+    completions, its output layer, and for each student token the teacher column that predicts the same text
+    (``column_BC``; -1 where the token's span is not one token on each side, or is cut for the teacher's context)."""
+
+    hidden_BTH: torch.Tensor
+    project: Callable[[torch.Tensor], torch.Tensor]
+    column_BC: torch.Tensor
+    cut_tokens: int = 0
 
 
 def reply_end_ids(tokenizer, template_kwargs: dict | None = None) -> list[int]:
@@ -85,11 +98,16 @@ class CrossTokenizerTeacher(StatelessTeacher):
 
     ``messages(example)`` gives the chat turns the student's prompt was rendered from (the task's), and
     ``template_kwargs`` the chat template's arguments. Where the student's completion ended with its EOS, the
-    teacher's copy ends with what the teacher's own template closes a reply with (``reply_end_ids``)."""
+    teacher's copy ends with what the teacher's own template closes a reply with (``reply_end_ids``).
+
+    ``context`` is the teacher's context in its own tokens (None: unknown, nothing is cut). A row whose copy would run
+    past it keeps the spans that fit whole; the student tokens of the spans cut are in no span (no gradient, still
+    counted in the loss's N); ``SpanScores.cut_tokens`` counts them (the step's ``teacher_context_cut_tokens``)."""
 
     def __init__(self, teacher: Teacher, student_tokenizer, teacher_tokenizer, messages: Callable[[Example], list[dict]],
-                 template_kwargs: dict | None = None, student_eos: Sequence[int] = ()):
-        self.teacher = teacher
+                 template_kwargs: dict | None = None, student_eos: Sequence[int] = (), context: int | None = None):
+        self.teacher, self.context = teacher, context
+        self.match = None  # objectives.cross_vocab.VocabularyMatch, set where a full-vocabulary loss reads the teacher
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.messages, self.template_kwargs = messages, template_kwargs
         self.student_eos = set(student_eos) or {student_tokenizer.eos_token_id}
@@ -103,12 +121,12 @@ class CrossTokenizerTeacher(StatelessTeacher):
         raise TypeError("a teacher with its own tokenizer scores spans (span_scores), not the student's tokens")
 
     def distributions(self, rollouts: Rollouts):
-        raise TypeError("a teacher with its own tokenizer has no distribution over the student's vocabulary")
+        raise TypeError("a teacher with its own tokenizer has no distribution over the student's vocabulary (aligned_distributions)")
 
-    def span_scores(self, rollouts: Rollouts, examples: Sequence[Example], temperature: float = 1.0) -> SpanScores:
-        """The rows' spans and the teacher's log-prob of each (``temperature``: the teacher's scoring temperature)."""
-        B, C = rollouts.completion_ids_BC.shape
-        prompts, completions, alignments = [], [], []
+    def _teacher_copy(self, rollouts: Rollouts, examples: Sequence[Example]) -> tuple[Rollouts, list[Spans], int]:
+        """The rows as the teacher reads them (its prompts and its split of the completions' text), each row's spans,
+        and the student tokens cut for the teacher's context (see the class's docstring)."""
+        prompts, completions, alignments, cut = [], [], [], 0
         for b, example in enumerate(examples):
             ids = rollouts.completion_ids_BC[b][rollouts.completion_mask_BC[b].bool()].tolist()
             text, student_intervals = decoded_intervals(self.student_tokenizer, ids, self.student_special)
@@ -116,11 +134,23 @@ class CrossTokenizerTeacher(StatelessTeacher):
             if ids and ids[-1] in self.student_eos:  # the student ended its reply: so does the teacher's copy of it
                 teacher_ids += self.teacher_end
                 teacher_intervals += [(len(text), len(text))] * len(self.teacher_end)
-            prompts.append(encode_prompt(self.teacher_tokenizer, self.messages(example), None, self.template_kwargs))
+            prompt = encode_prompt(self.teacher_tokenizer, self.messages(example), None, self.template_kwargs)
+            spans = align(student_intervals, teacher_intervals)
+            if self.context is not None and len(prompt) + len(teacher_ids) > self.context:
+                whole = len(spans.of_a)
+                spans = spans.first(self.context - len(prompt))
+                teacher_ids, cut = teacher_ids[: len(spans.of_b)], cut + whole - len(spans.of_a)
+                prompt = prompt[: self.context]  # a prompt the teacher cannot even read: nothing of the row is scored
+            prompts.append(prompt)
             completions.append(teacher_ids)
-            alignments.append(align(student_intervals, teacher_intervals))
+            alignments.append(spans)
+        return build_rollouts(prompts, completions, self.teacher_pad, device=rollouts.completion_ids_BC.device), alignments, cut
+
+    def span_scores(self, rollouts: Rollouts, examples: Sequence[Example], temperature: float = 1.0) -> SpanScores:
+        """The rows' spans and the teacher's log-prob of each (``temperature``: the teacher's scoring temperature)."""
+        B, C = rollouts.completion_ids_BC.shape
+        teacher_rollouts, alignments, cut = self._teacher_copy(rollouts, examples)
         device = rollouts.completion_ids_BC.device
-        teacher_rollouts = build_rollouts(prompts, completions, self.teacher_pad, device=device)
         teacher_logp_BT = self.teacher.token_logprobs(teacher_rollouts, temperature)
         span_logp_BC = torch.zeros(B, C, dtype=teacher_logp_BT.dtype, device=device)
         last_BC = torch.zeros(B, C, dtype=torch.bool, device=device)
@@ -137,7 +167,21 @@ class CrossTokenizerTeacher(StatelessTeacher):
             end_BC[b, : len(spans.of_a)] = ends_S[of_student]
             last_BC[b, ends_S] = True
             span_logp_BC[b, ends_S] = sums_S
-        return SpanScores(span_logp_BC, last_BC, end_BC)
+        return SpanScores(span_logp_BC, last_BC, end_BC, cut)
+
+    def aligned_distributions(self, rollouts: Rollouts, examples: Sequence[Example]) -> AlignedDistributions:
+        """The teacher's next-token distributions where they can be set beside the student's: at each span of one
+        token on each side, both models predict their next token from the same text."""
+        B, C = rollouts.completion_ids_BC.shape
+        teacher_rollouts, alignments, cut = self._teacher_copy(rollouts, examples)
+        teacher = self.teacher.distributions(teacher_rollouts)
+        column_BC = torch.full((B, C), -1, dtype=torch.long)
+        for b, spans in enumerate(alignments):
+            student_members, teacher_members = spans.members("a"), spans.members("b")
+            for student_tokens, teacher_tokens in zip(student_members, teacher_members):
+                if len(student_tokens) == len(teacher_tokens) == 1:
+                    column_BC[b, student_tokens[0]] = teacher_tokens[0]
+        return AlignedDistributions(teacher.hidden_BCH, teacher.project, column_BC.to(rollouts.completion_ids_BC.device), cut)
 
     def after_optimizer_step(self, student: torch.nn.Module) -> None:
         self.teacher.after_optimizer_step(student)

@@ -38,6 +38,7 @@ from ..models.prompts import render_prompt
 from ..parallel.ranks import SINGLE, Ranks
 from ..parallel.sharding import shard_model
 from ..tasks.reward_functions import build_graded_task as build_task
+from ..objectives.cross_vocab import match_vocabularies
 from ..teachers.cross_tokenizer import CrossTokenizerTeacher
 from ..teachers.model import ModelTeacher, initial_student
 from ..teachers.routed import RoutedTeacher
@@ -99,7 +100,9 @@ def build_session(cfg, ranks: Ranks = SINGLE) -> Session:
     context = min_context(context, [t.served.context - 1 for t, _ in served.values() if t.served.context])  # +1 scored
     teacher_configs = local_teacher_configs(cfg, needs)
     check_model_options(cfg, student_config, teacher_configs)
-    context = min_context(context, [context_length(c, tokenizer) for c in teacher_configs.values()])
+    # a teacher with its own tokenizer counts its context in its own tokens: it cuts the spans past it (CrossTokenizerTeacher)
+    own = cfg.teacher.tokenizer == "own"
+    context = min_context(context, [context_length(c, tokenizer) for key, c in teacher_configs.items() if not (own and key == "teacher.path")])
     require_prompt_room(cfg, context)
     data_report = check_task_data(task, tokenizer, needs, cfg, context)  # before any model is loaded
     student = load_student(cfg, device, ranks)
@@ -170,7 +173,7 @@ def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, s
     if needs.teacher and "teacher.url" in served:
         teacher, teacher_sampler = served["teacher.url"]
     elif needs.teacher and cfg.teacher.path is not None and cfg.teacher.tokenizer == "own":
-        teacher = own_tokenizer_teacher(cfg, task, tokenizer, student, autocast, device)
+        teacher = own_tokenizer_teacher(cfg, needs, task, tokenizer, student, autocast, device)
     elif needs.teacher and cfg.teacher.path is not None:
         teacher_model = load_paired(cfg, needs, cfg.teacher.path, "teacher.path", tokenizer, student, device)
         teacher = ModelTeacher(teacher_model, autocast, packed=cfg.train.packing)
@@ -187,7 +190,7 @@ def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, s
     return teacher, teacher_sampler
 
 
-def own_tokenizer_teacher(cfg, task, tokenizer, student, autocast, device) -> CrossTokenizerTeacher:
+def own_tokenizer_teacher(cfg, needs: Needs, task, tokenizer, student, autocast, device) -> CrossTokenizerTeacher:
     """``teacher.tokenizer=own``: the teacher with its own tokenizer, which must give character offsets, an EOS and a
     chat template (``models.pairing.check_own_tokenizer``). It has no sampler: its demonstrations and its own
     evaluation would need prompts in its tokenizer, which the loop does not make yet."""
@@ -205,10 +208,16 @@ def own_tokenizer_teacher(cfg, task, tokenizer, student, autocast, device) -> Cr
     if cfg.eval.teacher:
         log.info("teacher.tokenizer=own: the teacher is not evaluated on its own (its sampler would need prompts in its tokenizer)")
     model = load_model(te.path, "teacher.path", te.dtype, te.trust_remote_code, device, te.attn_implementation)
-    return CrossTokenizerTeacher(
+    teacher = CrossTokenizerTeacher(
         ModelTeacher(model, autocast, packed=cfg.train.packing), tokenizer, teacher_tok, task.messages,
-        cfg.task.chat_template_kwargs, eos_token_ids(student, tokenizer),
+        cfg.task.chat_template_kwargs, eos_token_ids(student, tokenizer), context_length(model.config, teacher_tok),
     )
+    if needs.full_vocabulary:  # GKD's hybrid divergence: which tokens of the two vocabularies write the same text
+        ends = [(eos, teacher.teacher_end[0]) for eos in sorted(teacher.student_eos)] if len(teacher.teacher_end) == 1 else []
+        teacher.match = match_vocabularies(tokenizer, teacher_tok, output_size(student), output_size(model), tuple(ends))
+        log.info("teacher.tokenizer=own: %d tokens write the same text in both vocabularies (student %d, teacher %d)",
+                 len(teacher.match.student_M), output_size(student), output_size(model))
+    return teacher
 
 
 def connect_served(cfg, needs: Needs, tokenizer, vocab_size: int, device) -> dict:
