@@ -135,7 +135,7 @@ def test_a_different_vocabulary_is_refused_naming_teacher_tokenizer(tmp_path, ti
         (["method.name=gkd", "method.gkd.seq_kd=true"], "method.gkd.seq_kd"),
         (["teacher.path=null", "teacher.url=http://127.0.0.1:9"], "not a served one"),
         (["teacher.tokenizer=/models/qwen"], "teacher.tokenizer_path"),
-        (["teacher.routes={a: /x}"], "teacher.routes"),
+        (["teacher.routes={a: /x, b: 'http://127.0.0.1:9'}"], "teacher.routes.b"),
         (["method.name=gopd", "method.gopd.reference=/models/base"], "method.gopd.reference"),
     ],
 )
@@ -254,3 +254,35 @@ def test_a_copy_past_the_teachers_context_keeps_the_spans_that_fit_and_leaves_th
     s.teacher.context = 3  # shorter than the teacher's prompt: nothing of any row is scored, and nothing breaks
     none = s.teacher.span_scores(batch.rollouts, batch.examples)
     assert not none.last_BC.any() and none.cut_tokens == int(mask_BC.sum()) and lengths[2] <= 3
+
+
+def test_routes_of_their_own_tokenizers_score_each_row_with_its_own_teacher(tmp_path, tiny_models, bpe_teacher):
+    """teacher.routes with teacher.tokenizer=own: each row's spans and span log-probs are its route's own (a byte-level
+    BPE teacher for one family, a teacher of the student's tokenizer for the other), and the routed run trains."""
+    import json
+
+    from opd.training.loop import train
+
+    teacher, _ = tiny_models
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{a}+{a}", "answer": str(2 * a), "domain": "ab"[a % 2]}) + "\n" for a in range(100, 140)))
+    common = [*SAMPLED, "method.name=opd", "teacher.tokenizer=own", "task.name=math", f"task.path={data}", "task.solution_field=null",
+              "student.path=world:student", "sampling.max_new_tokens=40"]  # completions the BPE has merges for
+    cfg = make_config(tmp_path / "routed", tiny_models, *common, "teacher.path=null", "task.teacher_field=domain",
+                      f"teacher.routes={{a: {bpe_teacher}, b: {teacher}}}")
+    s = build_session(cfg)
+    alone = {"a": build_session(make_config(tmp_path / "a", tiny_models, *common, f"teacher.path={bpe_teacher}")).teacher,
+             "b": build_session(make_config(tmp_path / "b", tiny_models, *common, f"teacher.path={teacher}")).teacher}
+    batch = s.method.data(s, s.task.sample_train(6, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
+    routes = batch.rollouts.route_B
+    assert set(routes) == {"a", "b"}
+    routed = s.teacher.span_scores(batch.rollouts, batch.examples)
+    for i, route in enumerate(routes):
+        own = alone[route].span_scores(batch.rollouts.select([i]), [batch.examples[i]])
+        torch.testing.assert_close(routed.teacher_logp_BC[i : i + 1], own.teacher_logp_BC)
+        assert torch.equal(routed.last_BC[i : i + 1], own.last_BC) and torch.equal(routed.end_BC[i : i + 1], own.end_BC)
+    spans_a = int(routed.last_BC[[i for i, r in enumerate(routes) if r == "a"]].sum())
+    tokens_a = int(batch.rollouts.completion_mask_BC[[i for i, r in enumerate(routes) if r == "a"]].sum())
+    assert spans_a < tokens_a  # the BPE route merges characters; the other route's spans are its tokens
+    summary = train(cfg)
+    assert summary["nonfinite_skips"] == 0

@@ -14,7 +14,7 @@ from ..config.sections import require
 from .base import Method, Needs, Session, register, student_samples
 from .batch import Batch
 from .data import offline_data
-from ..teachers.cross_tokenizer import CrossTokenizerTeacher
+from ..teachers.cross_tokenizer import reads_text
 from .losses import cross_vocabulary_loss, full_vocabulary_loss
 
 
@@ -79,6 +79,6 @@ class GKD(Method):
 
     def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
-        if isinstance(s.teacher, CrossTokenizerTeacher):
+        if reads_text(s.teacher):
             return cross_vocabulary_loss(s, batch, c.beta, c.temperature, c.chunk_size, c.hybrid_matched_weight, c.hybrid_unmatched_weight)
         return full_vocabulary_loss(s, batch, batch.rollouts, c.beta, c.temperature, c.chunk_size, c.top_k, c.top_k_tail)

@@ -93,6 +93,12 @@ def reply_end_ids(tokenizer, template_kwargs: dict | None = None) -> list[int]:
     return ids[: ends[0] + 1] if ends else eos
 
 
+def reads_text(teacher) -> bool:
+    """Whether ``teacher`` reads the student's completions as text in a tokenizer of its own (``span_scores``): a
+    ``CrossTokenizerTeacher``, or routes that all are."""
+    return bool(getattr(teacher, "reads_text", False))
+
+
 class CrossTokenizerTeacher(StatelessTeacher):
     """``teacher`` (a local model teacher) scoring completions through its own tokenizer.
 
@@ -116,6 +122,8 @@ class CrossTokenizerTeacher(StatelessTeacher):
         self.student_special = set(self.student_eos)
         self.teacher_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
         self.teacher_end = reply_end_ids(teacher_tokenizer, template_kwargs)
+
+    reads_text = True
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
         raise TypeError("a teacher with its own tokenizer scores spans (span_scores), not the student's tokens")

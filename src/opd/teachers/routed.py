@@ -35,6 +35,31 @@ class RoutedTeacher(StatelessTeacher):
             logp_BC[rows] = self._teacher(route).token_logprobs(rollouts.select(rows), temperature).to(logp_BC.dtype)
         return logp_BC
 
+    @property
+    def reads_text(self) -> bool:
+        """Every route reads the completions as text in a tokenizer of its own (``teacher.tokenizer: own``)."""
+        teachers = [*self.routes.values(), *([self.default] if self.default is not None else [])]
+        return bool(teachers) and all(getattr(t, "reads_text", False) for t in teachers)
+
+    def span_scores(self, rollouts: Rollouts, examples, temperature: float = 1.0):
+        """Each route's spans and span log-probs on its own rows (``CrossTokenizerTeacher.span_scores``), in the batch's
+        row order."""
+        from .cross_tokenizer import SpanScores
+
+        routes = rollouts.route_B or [None] * rollouts.batch_size
+        parts = []
+        for route in dict.fromkeys(routes):
+            rows = [i for i, r in enumerate(routes) if r == route]
+            parts.append((rows, self._teacher(route).span_scores(rollouts.select(rows), [examples[i] for i in rows], temperature)))
+        first = parts[0][1]
+        merged = [torch.empty((rollouts.batch_size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                  for t in (first.teacher_logp_BC, first.last_BC, first.end_BC)]
+        for rows, scores in parts:
+            index = torch.tensor(rows, device=first.end_BC.device)
+            for whole, part in zip(merged, (scores.teacher_logp_BC, scores.last_BC, scores.end_BC)):
+                whole[index] = part.to(whole.dtype)
+        return SpanScores(*merged, sum(scores.cut_tokens for _, scores in parts))
+
     def take_failure(self) -> Exception | None:
         failures = [t.take_failure() for t in [*self.routes.values(), self.default] if t is not None]
         return next((f for f in failures if f is not None), None)

@@ -102,7 +102,8 @@ def build_session(cfg, ranks: Ranks = SINGLE) -> Session:
     check_model_options(cfg, student_config, teacher_configs)
     # a teacher with its own tokenizer counts its context in its own tokens: it cuts the spans past it (CrossTokenizerTeacher)
     own = cfg.teacher.tokenizer == "own"
-    context = min_context(context, [context_length(c, tokenizer) for key, c in teacher_configs.items() if not (own and key == "teacher.path")])
+    context = min_context(context, [context_length(c, tokenizer) for key, c in teacher_configs.items()
+                                    if not (own and (key == "teacher.path" or key.startswith("teacher.routes.")))])
     require_prompt_room(cfg, context)
     data_report = check_task_data(task, tokenizer, needs, cfg, context)  # before any model is loaded
     student = load_student(cfg, device, ranks)
@@ -178,7 +179,11 @@ def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, s
         teacher_model = load_paired(cfg, needs, cfg.teacher.path, "teacher.path", tokenizer, student, device)
         teacher = ModelTeacher(teacher_model, autocast, packed=cfg.train.packing)
         teacher_sampler = HFSampler(teacher_model, tokenizer, eos_token_ids(teacher_model, tokenizer), autocast)
-    if cfg.teacher.routes:
+    if cfg.teacher.routes and cfg.teacher.tokenizer == "own":  # each route reads the text in its own tokenizer
+        routes = {name: own_tokenizer_teacher(cfg, needs, task, tokenizer, student, autocast, device, path, f"teacher.routes.{name}")
+                  for name, path in cfg.teacher.routes.items()}
+        teacher = RoutedTeacher(routes, default=teacher)
+    elif cfg.teacher.routes:
         routes = {
             name: served[f"teacher.routes.{name}"][0] if f"teacher.routes.{name}" in served
             else ModelTeacher(load_paired(cfg, needs, path, f"teacher.routes.{name}", tokenizer, student, device), autocast, packed=cfg.train.packing)
@@ -190,24 +195,27 @@ def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, s
     return teacher, teacher_sampler
 
 
-def own_tokenizer_teacher(cfg, needs: Needs, task, tokenizer, student, autocast, device) -> CrossTokenizerTeacher:
-    """``teacher.tokenizer=own``: the teacher with its own tokenizer, which must give character offsets, an EOS and a
-    chat template (``models.pairing.check_own_tokenizer``). It has no sampler: its demonstrations and its own
-    evaluation would need prompts in its tokenizer, which the loop does not make yet."""
+def own_tokenizer_teacher(cfg, needs: Needs, task, tokenizer, student, autocast, device, path: str | None = None,
+                          key: str = "teacher.path") -> CrossTokenizerTeacher:
+    """``teacher.tokenizer=own``: the teacher at ``path`` (``teacher.path`` unless a route's) with its own tokenizer,
+    which must give character offsets, an EOS and a chat template (``models.pairing.check_own_tokenizer``). It has no
+    sampler: its demonstrations and its own evaluation would need prompts in its tokenizer, which the loop does not
+    make yet."""
     te = cfg.teacher
-    teacher_tok = load_tokenizer(te.path, "teacher.path", te.trust_remote_code)
-    check_own_tokenizer(teacher_tok)
+    path = te.path if path is None else path
+    teacher_tok = load_tokenizer(path, key, te.trust_remote_code)
+    check_own_tokenizer(teacher_tok, key)
     example = task.sample_train(1, random.Random(0))[0]
     try:  # a template that refuses this task's turns (a system prompt, say) fails here, not at the first step
         render_prompt(teacher_tok, task.messages(example), cfg.task.chat_template_kwargs)
     except Exception as err:  # noqa: BLE001 - whatever the template raised, in one line
-        raise PairingError(f"teacher.path: the teacher's own chat template (teacher.tokenizer=own) cannot render this task's "
+        raise PairingError(f"{key}: the teacher's own chat template (teacher.tokenizer=own) cannot render this task's "
                            f"prompts: {type(err).__name__}: {err}") from None
     if teacher_tok.get_vocab() == tokenizer.get_vocab():
         log.info("teacher.tokenizer=own with a teacher whose vocabulary is the student's: every span will be one token")
     if cfg.eval.teacher:
         log.info("teacher.tokenizer=own: the teacher is not evaluated on its own (its sampler would need prompts in its tokenizer)")
-    model = load_model(te.path, "teacher.path", te.dtype, te.trust_remote_code, device, te.attn_implementation)
+    model = load_model(path, key, te.dtype, te.trust_remote_code, device, te.attn_implementation)
     teacher = CrossTokenizerTeacher(
         ModelTeacher(model, autocast, packed=cfg.train.packing), tokenizer, teacher_tok, task.messages,
         cfg.task.chat_template_kwargs, eos_token_ids(student, tokenizer), context_length(model.config, teacher_tok),
