@@ -369,3 +369,40 @@ def test_a_lora_student_is_pushed_as_adapters_to_an_engine_built_for_them(tokeni
         sample_and_check_the_adapted_model(sampler, student, tokenizer)
     finally:
         sampler.close()
+
+
+# ----------------------------------------------------------------------------- a served teacher with its own tokenizer
+
+
+@pytest.fixture(scope="module")
+def bpe_server():
+    """The world's byte-level BPE teacher (a vocabulary of its own) behind a stock vLLM server."""
+    server = VLLMServer(str(resolve_path("world:teacher_bpe", "teacher.path")), name="teacher_bpe").start()
+    yield server.url
+    server.close()
+
+
+def test_a_served_teacher_with_its_own_tokenizer_scores_the_spans_the_local_one_does(bpe_server, tmp_path):
+    """teacher.tokenizer=own with teacher.url: the server scores the teacher's own split of the student's text (a local
+    copy of its tokenizer gives the offsets, checked against the server's /tokenize first), and the spans' log-probs
+    equal those of the same teacher loaded locally. Then a run trains through it."""
+    import random
+
+    from opd.training.assembly import build_session
+
+    bpe = str(resolve_path("world:teacher_bpe", "teacher.path"))
+    common = [f"run.output_dir={tmp_path / 'run'}", "teacher.tokenizer=own", "train.steps=2", "train.prompts_per_step=4",
+              "eval.every=0", "eval.num_prompts=8", "eval.teacher=false", "log.progress_bar=false", "log.tensorboard=false",
+              "log.plot=false", "checkpoint.at_end=false", "train.threads=1"]
+    served = load_config(ROOT / "configs/demo.yaml", [*common, "teacher.path=null", f"teacher.url={bpe_server}", f"teacher.tokenizer_path={bpe}"])
+    local = load_config(ROOT / "configs/demo.yaml", [*common, f"teacher.path={bpe}"])
+    s, here = build_session(served), build_session(local)
+    assert s.teacher.context == 128 and type(s.teacher.teacher).__name__ == "ServedTeacher"
+    batch = s.method.data(s, s.task.sample_train(8, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
+    remote, near = s.teacher.span_scores(batch.rollouts, batch.examples), here.teacher.span_scores(batch.rollouts, batch.examples)
+    assert torch.equal(remote.last_BC, near.last_BC) and torch.equal(remote.end_BC, near.end_BC)
+    spans = remote.last_BC
+    assert int(spans.sum()) < int(batch.rollouts.completion_mask_BC.sum())  # the BPE merges characters
+    assert (remote.teacher_logp_BC - near.teacher_logp_BC)[spans].abs().max() < 1e-3
+    summary = train(served)
+    assert summary["nonfinite_skips"] == 0 and summary["steps"] == 2

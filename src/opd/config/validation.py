@@ -282,7 +282,11 @@ def validate_teacher_tokenizer(c: Config, name: str, needs) -> None:
         needs.spans, "teacher.tokenizer",
         f"is 'own', which works with the methods {', '.join(spans)} so far, not '{name}'",
     )
-    require(te.url is None, "teacher.tokenizer", "is 'own', which works with a local teacher (teacher.path) so far, not a served one")
+    if te.url is not None:  # a served teacher: its tokenizer read from a local copy, which the server is checked against
+        require(te.tokenizer_path is not None, "teacher.tokenizer_path", "is required with teacher.tokenizer=own and teacher.url: "
+                "a local copy of the served teacher's tokenizer splits the text and gives the offsets the spans are cut at")
+        require(not needs.full_vocabulary, "teacher.tokenizer", f"is 'own' with a served teacher, which gives sampled-token "
+                f"log-probs only: '{name}' compares full distributions (a local teacher, teacher.path, can)")
     served_routes = [name for name, path in te.routes.items() if is_url(path)]
     require(not served_routes, "teacher.tokenizer", f"is 'own', which works with local routes so far, not the served "
                                                     f"teacher.routes.{served_routes[0] if served_routes else ''}")

@@ -193,3 +193,7 @@ class CrossTokenizerTeacher(StatelessTeacher):
 
     def after_optimizer_step(self, student: torch.nn.Module) -> None:
         self.teacher.after_optimizer_step(student)
+
+    def take_failure(self) -> Exception | None:
+        """A served teacher's failure since the last call (its rows were scored NaN: the step is given up)."""
+        return self.teacher.take_failure()

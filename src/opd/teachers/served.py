@@ -32,9 +32,16 @@ from ..services.http import ServiceError
 from .base import StatelessTeacher, TopLogprobs
 
 
-def served_teacher(teacher_cfg, url: str, key: str, student_tok, vocab_size: int, eos_ids, pairing, device):
-    """``(ServedTeacher, ServedSampler)`` for the model at ``url``, after the pairing check against the student."""
+def served_teacher(teacher_cfg, url: str, key: str, student_tok, vocab_size: int, eos_ids, pairing, device, own: bool = False):
+    """``(ServedTeacher, ServedSampler)`` for the model at ``url``, after the pairing check against the student.
+
+    ``own`` (``teacher.tokenizer=own``): the teacher reads text in its own tokenizer, whose local copy
+    (``teacher.tokenizer_path``) is checked against the server's instead; it has no sampler (None)."""
     served = ServedModel(teacher_cfg, url, key)
+    if own:
+        served_tok = load_tokenizer(teacher_cfg.tokenizer_path, "teacher.tokenizer_path", teacher_cfg.trust_remote_code)
+        check_served_pairing(served, served_tok, served_tok, pairing)
+        return ServedTeacher(served, min(teacher_cfg.top_k, len(served_tok)), len(served_tok)), None
     if teacher_cfg.tokenizer_path is not None:
         served_tok = load_tokenizer(teacher_cfg.tokenizer_path, "teacher.tokenizer_path", teacher_cfg.trust_remote_code)
     else:

@@ -97,18 +97,20 @@ def build_session(cfg, ranks: Ranks = SINGLE) -> Session:
     student_config = load_model_config(st.path, "student.path", st.trust_remote_code)
     context = context_length(student_config, tokenizer)
     served = connect_served(cfg, needs, tokenizer, getattr(student_config, "vocab_size", None) or len(tokenizer), device)
-    context = min_context(context, [t.served.context - 1 for t, _ in served.values() if t.served.context])  # +1 scored
+    own = cfg.teacher.tokenizer == "own"  # a teacher with its own tokenizer counts its context in its own tokens
+    context = min_context(context, [t.served.context - 1 for key, (t, _) in served.items() if t.served.context
+                                    and not (own and key == "teacher.url")])  # +1 scored
     teacher_configs = local_teacher_configs(cfg, needs)
     check_model_options(cfg, student_config, teacher_configs)
-    # a teacher with its own tokenizer counts its context in its own tokens: it cuts the spans past it (CrossTokenizerTeacher)
-    own = cfg.teacher.tokenizer == "own"
+    # (it cuts the spans past its context: CrossTokenizerTeacher)
     context = min_context(context, [context_length(c, tokenizer) for key, c in teacher_configs.items()
                                     if not (own and (key == "teacher.path" or key.startswith("teacher.routes.")))])
     require_prompt_room(cfg, context)
     data_report = check_task_data(task, tokenizer, needs, cfg, context)  # before any model is loaded
     student = load_student(cfg, device, ranks)
-    for served_model, _ in served.values():  # top-k ids must index the student's output layer itself
-        served_model.vocab_size = output_size(student)
+    for key, (served_model, _) in served.items():  # top-k ids must index the student's output layer itself
+        if not (own and key == "teacher.url"):  # (not a teacher that reads text: its ids are its own)
+            served_model.vocab_size = output_size(student)
     teacher_device = torch.device(cfg.teacher.device) if cfg.teacher.device else device
     teacher, teacher_sampler = build_teachers(cfg, needs, method, served, tokenizer, student, autocast, teacher_device, task)
     reference = None
@@ -171,7 +173,10 @@ def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, s
     """``(teacher, teacher_sampler)``: a served or local teacher (its sampler for demonstrations and its evaluation),
     routes by example, or the student as its own teacher (``Method.make_teacher``)."""
     teacher = teacher_sampler = None
-    if needs.teacher and "teacher.url" in served:
+    if needs.teacher and "teacher.url" in served and cfg.teacher.tokenizer == "own":
+        teacher = own_tokenizer_teacher(cfg, needs, task, tokenizer, student, autocast, device, cfg.teacher.tokenizer_path,
+                                        "teacher.tokenizer_path", scorer=served["teacher.url"][0])
+    elif needs.teacher and "teacher.url" in served:
         teacher, teacher_sampler = served["teacher.url"]
     elif needs.teacher and cfg.teacher.path is not None and cfg.teacher.tokenizer == "own":
         teacher = own_tokenizer_teacher(cfg, needs, task, tokenizer, student, autocast, device)
@@ -196,11 +201,12 @@ def build_teachers(cfg, needs: Needs, method: Method, served: dict, tokenizer, s
 
 
 def own_tokenizer_teacher(cfg, needs: Needs, task, tokenizer, student, autocast, device, path: str | None = None,
-                          key: str = "teacher.path") -> CrossTokenizerTeacher:
+                          key: str = "teacher.path", scorer=None) -> CrossTokenizerTeacher:
     """``teacher.tokenizer=own``: the teacher at ``path`` (``teacher.path`` unless a route's) with its own tokenizer,
-    which must give character offsets, an EOS and a chat template (``models.pairing.check_own_tokenizer``). It has no
-    sampler: its demonstrations and its own evaluation would need prompts in its tokenizer, which the loop does not
-    make yet."""
+    which must give character offsets, an EOS and a chat template (``models.pairing.check_own_tokenizer``). ``scorer``:
+    a served teacher (``ServedTeacher``) that scores the teacher's tokens, ``path`` then being the local copy of its
+    tokenizer. It has no sampler: its demonstrations and its own evaluation would need prompts in its tokenizer, which
+    the loop does not make yet."""
     te = cfg.teacher
     path = te.path if path is None else path
     teacher_tok = load_tokenizer(path, key, te.trust_remote_code)
@@ -215,6 +221,9 @@ def own_tokenizer_teacher(cfg, needs: Needs, task, tokenizer, student, autocast,
         log.info("teacher.tokenizer=own with a teacher whose vocabulary is the student's: every span will be one token")
     if cfg.eval.teacher:
         log.info("teacher.tokenizer=own: the teacher is not evaluated on its own (its sampler would need prompts in its tokenizer)")
+    if scorer is not None:
+        return CrossTokenizerTeacher(scorer, tokenizer, teacher_tok, task.messages, cfg.task.chat_template_kwargs,
+                                     eos_token_ids(student, tokenizer), scorer.served.context)
     model = load_model(path, key, te.dtype, te.trust_remote_code, device, te.attn_implementation)
     teacher = CrossTokenizerTeacher(
         ModelTeacher(model, autocast, packed=cfg.train.packing), tokenizer, teacher_tok, task.messages,
@@ -240,7 +249,8 @@ def connect_served(cfg, needs: Needs, tokenizer, vocab_size: int, device) -> dic
     if needs.reference and is_url(needs.reference):
         urls[needs.reference_key] = needs.reference
     eos = [tokenizer.eos_token_id]
-    return {key: served_teacher(te, url, key, tokenizer, vocab_size, eos, cfg.pairing, device) for key, url in urls.items()}
+    own = {"teacher.url"} if te.tokenizer == "own" else set()  # read through its own tokenizer's local copy
+    return {key: served_teacher(te, url, key, tokenizer, vocab_size, eos, cfg.pairing, device, key in own) for key, url in urls.items()}
 
 
 def min_context(context: int | None, others) -> int | None:
