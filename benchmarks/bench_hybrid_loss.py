@@ -20,24 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from bench_cross_tokenizer import best_of  # (benchmarks/ is the script's own folder)
 
 from opd.objectives.cross_vocab import VocabularyMatch, hybrid_divergence, streamed_hybrid
 from opd.objectives.fused import OutputHead
 from opd.objectives.gkd import gkd_loss
-
-
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
