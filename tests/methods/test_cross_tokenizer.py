@@ -17,14 +17,14 @@ import random
 
 import pytest
 import torch
-from conftest import TINY, TINY_SPEC, make_config
+from conftest import TINY, TINY_SPEC, TOOL_TEMPLATE, make_config
 
 from opd.config.sections import ConfigError
 from opd.models.pairing import PairingError
 from opd.training.assembly import build_session
 from opd.training.loop import SUMMED_METRICS, accumulate_gradients
 from opd.worlds.build.common import init_model
-from opd.worlds.tokenizer import build_byte_bpe_tokenizer
+from opd.worlds.tokenizer import build_byte_bpe_tokenizer, build_char_tokenizer
 
 SAMPLED = ["sampling.samples_per_prompt=2", "sampling.max_new_tokens=16", "method.reduction=token_mean"]
 
@@ -288,3 +288,80 @@ def test_routes_of_their_own_tokenizers_score_each_row_with_its_own_teacher(tmp_
     assert spans_a < tokens_a  # the BPE route merges characters; the other route's spans are its tokens
     summary = train(cfg)
     assert summary["nonfinite_skips"] == 0
+
+
+def played_episodes():
+    """Two scripted search episodes of the character tokenizer behind the tool template (tests/episodes' driver): one
+    of two turns (a tool call cut at its stop string, then an answer closed by EOS), one of a single answer; and the
+    examples with the episodes they played."""
+    from conftest import SEARCH
+    from episodes.test_episodes import driver
+
+    from opd.tasks.base import Example
+
+    tok = build_char_tokenizer()
+    tok.chat_template = TOOL_TEMPLATE
+    examples = [Example("When was Mirentor founded?", "1204"), Example("Where does the Kalo flow?", "grey sea")]
+    episodes, _ = driver(tok, examples, [[SEARCH, "It was founded in 1204."], ["The grey sea, I think."]])
+    return tok, episodes, episodes.played(examples)
+
+
+def test_a_tool_episode_read_by_the_students_own_tokenizer_is_its_own_ids_and_scores(tiny_models):
+    """A teacher that renders each episode again in its own template and tokens, given the student's template and
+    tokenizer: its copy is the row's own ids, every agent token is a span of one, the tool results are in no span,
+    and the span log-probs are the teacher's log-probs of the student's tokens, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.teachers.cross_tokenizer import CrossTokenizerTeacher
+    from opd.teachers.model import ModelTeacher
+
+    tok, episodes, played = played_episodes()
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[0])
+    teacher = CrossTokenizerTeacher(ModelTeacher(model), tok, tok, lambda e: [], None, [tok.eos_token_id])
+    r = episodes.rollouts
+    copy_, spans, cut = teacher._teacher_copy(r, played)
+    assert cut == 0 and torch.equal(copy_.prompt_ids_BP, r.prompt_ids_BP) and torch.equal(copy_.completion_ids_BC, r.completion_ids_BC)
+    scores = teacher.span_scores(r, played)
+    trained = r.loss_mask_BC.bool()
+    assert torch.equal(scores.last_BC, trained)  # one span per agent token; observations and padding in none
+    expected = ModelTeacher(model).token_logprobs(r)
+    assert torch.equal(scores.teacher_logp_BC[trained], expected[trained])
+
+
+EPISODE_TEMPLATE = ("{{ bos_token }}{% if tools %}tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}\n{% endif %}"
+                    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}<|user|>{% endif %}"
+                    "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def test_a_tool_episode_is_rendered_again_in_the_teachers_template_and_aligned_turn_by_turn(tiny_models, bpe_teacher):
+    """A byte-level BPE teacher with a template of its own: its copy of each episode is its template's rendering of the
+    whole conversation (tool results included), and every span joins student and teacher tokens of the same text of
+    one agent turn; the tool results are context, in no span."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.episodes.tool_calls import SearchTool
+    from opd.teachers.cross_tokenizer import CrossTokenizerTeacher
+    from opd.teachers.model import ModelTeacher
+
+    tok, episodes, played = played_episodes()
+    teacher_tok = AutoTokenizer.from_pretrained(bpe_teacher)
+    teacher_tok.chat_template = EPISODE_TEMPLATE
+    teacher = CrossTokenizerTeacher(ModelTeacher(AutoModelForCausalLM.from_pretrained(bpe_teacher)), tok, teacher_tok, lambda e: [], None,
+                                    [tok.eos_token_id])
+    r = episodes.rollouts
+    copy_, spans, _ = teacher._teacher_copy(r, played)
+    for b, messages in enumerate(episodes.messages):
+        prompt = copy_.prompt_ids_BP[b][copy_.prompt_mask_BP[b].bool()].tolist()
+        completion = copy_.completion_ids_BC[b][copy_.completion_mask_BC[b].bool()].tolist()
+        rendered = teacher_tok.apply_chat_template(messages, tools=[SearchTool(None).schema()], tokenize=False)
+        assert teacher_tok.decode(prompt + completion, skip_special_tokens=False) + "\n" == rendered  # up to its last line end
+        student = r.completion_ids_BC[b].tolist()
+        student_cols, teacher_cols = spans[b].members(spans[b].student_cols, spans[b].student_span), spans[b].members(spans[b].teacher_cols, spans[b].teacher_span)
+        for s_cols, t_cols in zip(student_cols, teacher_cols):
+            s_text = tok.decode([student[c] for c in s_cols], skip_special_tokens=False).replace("<eos>", "")
+            t_text = teacher_tok.decode([completion[c] for c in t_cols], skip_special_tokens=False).replace("<|user|>", "")
+            assert s_text == t_text
+        trained = [c for c, m in enumerate(r.loss_mask_BC[b].tolist()) if m]
+        assert sorted(spans[b].student_cols) == trained  # every agent token in a span, no observation token
+    assert "Doc 1 (Mirentor)" in teacher_tok.decode(copy_.completion_ids_BC[0].tolist())
+    assert spans[0].count < len(spans[0].student_cols)  # the BPE merges characters of the replies

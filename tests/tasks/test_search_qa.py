@@ -103,3 +103,34 @@ def test_a_bad_question_row_names_file_line_and_field(tmp_path, world):
     (tmp_path / "questions.jsonl").write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n" + json.dumps({"question": "q?", "answer": []}) + "\n")
     with pytest.raises(DataError, match=r"questions.jsonl:2: field 'answer' must be a non-empty string or list"):
         build_task(search_config(tmp_path, world).task)
+
+
+def test_a_teacher_reading_the_episodes_in_its_own_tokenizer_gives_the_shared_gradient(tmp_path, world):
+    """teacher.tokenizer=own on tool episodes, with the student's own tokenizer and template as the teacher's: each
+    episode the student played is rendered again turn by turn in the teacher's template and tokens, which are then the
+    row's own, so every agent token is a span of one and the step's gradient is the shared path's, bit for bit."""
+    import copy
+    import random
+
+    from opd.training.assembly import build_session
+    from opd.training.loop import SUMMED_METRICS, accumulate_gradients
+
+    def gradients(s, batch):
+        s.student.zero_grad(set_to_none=True)
+        sums, counts, _ = accumulate_gradients(s, [copy.deepcopy(batch)], 0)
+        return [p.grad.clone() for p in s.student.parameters() if p.grad is not None], s.ranks.merge_metrics(sums, counts, SUMMED_METRICS)
+
+    common = ["method.name=opd", "sampling.samples_per_prompt=1", "sampling.max_new_tokens=100", "task.max_tokens=400"]
+    shared = build_session(search_config(tmp_path, world, *common, f"run.output_dir={tmp_path / 'shared'}"))
+    own = build_session(search_config(tmp_path, world, *common, "teacher.tokenizer=own", f"run.output_dir={tmp_path / 'own'}"))
+    examples = shared.task.splits()["train"][:2]
+    prompts = [shared.tokenizer(shared.tokenizer.apply_chat_template(shared.task.messages(e), tools=[t.schema() for t in shared.task.tools],
+                                                                   tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for e in examples]
+    shared.sampler = ScriptedPolicy(shared.tokenizer, prompts, [[SEARCH, "Answer: 1204"], ["Answer: grey sea"]])
+    batch = shared.method.data(shared, examples, random.Random(1), torch.Generator().manual_seed(0))
+    assert all("episode" in e.meta for e in batch.examples) and batch.info["episode_turns"] == 1.5
+    expected, expected_metrics = gradients(shared, batch)
+    got, metrics = gradients(own, batch)
+    assert len(expected) == len(got) > 0 and all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert metrics["kl"] == expected_metrics["kl"] and metrics["spans_per_token"] == 1.0

@@ -290,10 +290,6 @@ def validate_teacher_tokenizer(c: Config, name: str, needs) -> None:
     served_routes = [name for name, path in te.routes.items() if is_url(path)]
     require(not served_routes, "teacher.tokenizer", f"is 'own', which works with local routes so far, not the served "
                                                     f"teacher.routes.{served_routes[0] if served_routes else ''}")
-    require(
-        not issubclass(TASK_REGISTRY[c.task.name].task_class, EpisodicTask), "teacher.tokenizer",
-        f"is 'own', which works with single-turn tasks so far, not task.name={c.task.name}'s episodes",
-    )
 
 
 def validate_needs(c: Config, name: str, needs) -> None:

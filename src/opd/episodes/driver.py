@@ -44,6 +44,13 @@ class Episodes:
     failed_calls: list[int]
     cut: list[str | None]  # "max_turns" / "max_tokens" (or the context) where a limit ended the episode, else None
     messages: list[list[dict]]  # each episode's conversation
+    tools: list[list[dict]] = field(default_factory=list)  # each episode's tool schemas
+
+    def played(self, examples: Sequence) -> list:
+        """``examples`` (one per episode), each with the episode it played under ``meta["episode"]`` (its messages and
+        tools): what a teacher that renders the conversation in a chat template of its own reads
+        (``teachers.cross_tokenizer``)."""
+        return [replace(e, meta={**e.meta, "episode": {"messages": m, "tools": t}}) for e, m, t in zip(examples, self.messages, self.tools)]
 
     def metrics(self) -> dict[str, float]:
         n = max(len(self.rewards), 1)
@@ -146,21 +153,28 @@ def template_kwargs_with_tools(template_kwargs: dict | None, tools: list[dict]) 
     return {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
 
 
-def _append_observations(tokenizer, row: _Row, ended_eos: bool, observations: list[dict], template_kwargs, limits: EpisodeLimits) -> None:
-    """Append, untrained, the tokens the template puts after this turn's reply: the turn's closing (unless the
-    model sampled it), the observations and the next generation prompt."""
-    marked = row.messages[:-1] + [{"role": "assistant", "content": MARK}] + observations
-    rendered = render_prompt(tokenizer, marked, template_kwargs_with_tools(template_kwargs, row.tools))
+def text_after_reply(tokenizer, earlier: list[dict], observations: list[dict], template_kwargs: dict | None,
+                     closed_with: str = "", turn: int = 0) -> str:
+    """The text a chat template puts after an assistant reply that follows ``earlier``: the turn's closing (less
+    ``closed_with``, the closing the model sampled itself), the ``observations`` and the next generation prompt
+    (``template_kwargs``: with the episode's tools). Found by rendering a marker in the reply's place; a template
+    that does not render the reply verbatim is an ``EpisodeError`` (``turn``: which, for the message)."""
+    rendered = render_prompt(tokenizer, earlier + [{"role": "assistant", "content": MARK}] + observations, template_kwargs)
     if rendered.count(MARK) != 1:
         raise EpisodeError(
-            f"the chat template does not render an assistant reply as it is (turn {row.turns}), so what follows the reply "
+            f"the chat template does not render an assistant reply as it is (turn {turn}), so what follows the reply "
             "cannot be found; use a template that renders assistant content verbatim"
         )
     between = rendered[rendered.index(MARK) + len(MARK) :]
-    if ended_eos:  # the model sampled the turn's closing itself: only what follows it is appended
-        eos_text = tokenizer.decode(row.ids[-1:], skip_special_tokens=False)
-        if between.startswith(eos_text):
-            between = between[len(eos_text) :]
+    return between[len(closed_with):] if closed_with and between.startswith(closed_with) else between
+
+
+def _append_observations(tokenizer, row: _Row, ended_eos: bool, observations: list[dict], template_kwargs, limits: EpisodeLimits) -> None:
+    """Append, untrained, the tokens the template puts after this turn's reply: the turn's closing (unless the
+    model sampled it), the observations and the next generation prompt."""
+    closed_with = tokenizer.decode(row.ids[-1:], skip_special_tokens=False) if ended_eos else ""
+    between = text_after_reply(tokenizer, row.messages[:-1], observations, template_kwargs_with_tools(template_kwargs, row.tools),
+                               closed_with, row.turns)
     row.messages += observations
     new_ids = tokenizer(between, add_special_tokens=False)["input_ids"]
     if len(row.ids) + len(new_ids) >= row.budget:  # no room left for another reply
@@ -178,7 +192,7 @@ def _episodes(rows: list[_Row], tokenizer) -> Episodes:
     )
     return Episodes(
         rollouts, [r.reward for r in rows], [r.turns for r in rows], [r.tool_calls for r in rows], [r.failed_calls for r in rows],
-        [r.cut for r in rows], [r.messages for r in rows],
+        [r.cut for r in rows], [r.messages for r in rows], [r.tools for r in rows],
     )
 
 

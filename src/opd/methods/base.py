@@ -223,7 +223,7 @@ def student_samples(s: Session, examples: list[Example], generator: torch.Genera
     """``sampling.samples_per_prompt`` completions of each example by the student, graded by the task once."""
     k = s.cfg.sampling.samples_per_prompt
     rows = [e for e in examples for _ in range(k)]
-    rollouts, rewards, info = sample_rows(s, s.sampler, rows, generator)
+    rollouts, rewards, info, rows = sample_rows(s, s.sampler, rows, generator)
     rollouts.group_B = [i // k for i in range(len(rows))]  # rows of one prompt share a group
     rollouts.route_B = [e.meta.get("teacher") for e in rows]
     return Batch(rollouts, rows, on_policy=True, rewards=rewards, info=info)
@@ -231,18 +231,19 @@ def student_samples(s: Session, examples: list[Example], generator: torch.Genera
 
 def sample_rows(
     s: Session, sampler: Sampler, rows: list[Example], generator: torch.Generator, grade: bool = True,
-) -> tuple[Rollouts, list[float] | None, dict[str, float]]:
-    """``(rollouts, rewards, metrics)`` of ``sampler`` on ``rows``: one completion each, graded by the task (unless
-    ``grade`` is false: rewards None); or, for a task whose examples are environments (multi-turn tools), one whole
-    episode each, graded by its environment."""
+) -> tuple[Rollouts, list[float] | None, dict[str, float], list[Example]]:
+    """``(rollouts, rewards, metrics, rows)`` of ``sampler`` on ``rows``: one completion each, graded by the task
+    (unless ``grade`` is false: rewards None); or, for a task whose examples are environments (multi-turn tools), one
+    whole episode each, graded by its environment, each row's example then carrying the episode it played
+    (``Episodes.played``)."""
     if is_episodic(s.task):
         episodes = run_task_episodes(s.task, rows, sampler, s.tokenizer, s.cfg.sampling, generator, s.cfg.task.chat_template_kwargs, s.context)
-        return episodes.rollouts.to(s.device), episodes.rewards, episodes.metrics()
+        return episodes.rollouts.to(s.device), episodes.rewards, episodes.metrics(), episodes.played(rows)
     rollouts = sampler.sample(encode_prompts(s, rows), s.cfg.sampling, generator).to(s.device)  # a teacher's may be elsewhere
     if not grade:
-        return rollouts, None, {}
+        return rollouts, None, {}, rows
     rewards, metrics = s.task.rewards(rollouts.texts, rows)
-    return rollouts, rewards, metrics
+    return rollouts, rewards, metrics, rows
 
 
 METHOD_REGISTRY = Registry("method.name", "method")  # name -> Method subclass

@@ -18,7 +18,7 @@ from .batch import Batch
 def teacher_samples(s: Session, examples: list[Example], generator: torch.Generator) -> Batch:
     if s.teacher_sampler is None:
         raise RuntimeError("teacher samples were requested but no teacher is loaded")
-    rollouts, _, info = sample_rows(s, s.teacher_sampler, list(examples), generator, grade=False)
+    rollouts, _, info, _ = sample_rows(s, s.teacher_sampler, list(examples), generator, grade=False)
     return Batch(rollouts, list(examples), on_policy=False, info=info)
 
 

@@ -37,12 +37,6 @@ class Spans:
     of_b: tuple[int, ...]
     count: int
 
-    def first(self, room_b: int) -> "Spans":
-        """The spans whose B tokens all lie among B's first ``room_b`` tokens (a context B cannot run past), with the
-        tokens of both sides they hold: a prefix of each side, as spans follow the text."""
-        kept = self.count if room_b >= len(self.of_b) else self.of_b[room_b] if room_b > 0 else 0
-        return Spans(tuple(i for i in self.of_a if i < kept), tuple(i for i in self.of_b if i < kept), kept)
-
     def members(self, side: str) -> list[list[int]]:
         """The token indices of each span on one side (``"a"`` or ``"b"``)."""
         out: list[list[int]] = [[] for _ in range(self.count)]

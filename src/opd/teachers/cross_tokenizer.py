@@ -8,7 +8,8 @@ ended with one), and the two tokenizations are aligned into spans whose boundari
 What the loss gets (``SpanScores``) keeps the student's ``[B, C]`` layout: each span's value sits on the span's
 last student token, and ``spread`` hands a per-span result back to every student token of the span. With two
 identical tokenizers every span is one token and everything here is the identity (docs/methods.md, "A teacher with
-another tokenizer").
+another tokenizer"). For GKD, ``aligned_distributions`` gives the teacher's next-token distributions at the spans of
+one token on each side, where both models predict from the same text (``objectives.cross_vocab``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..models.alignment import Spans, align, decoded_intervals, encoded_intervals
-from ..models.prompts import encode_prompt, render_prompt
+from ..episodes.driver import template_kwargs_with_tools, text_after_reply
+from ..models.prompts import encode_prompt, prompt_ids, render_prompt
 from ..models.rollouts import Rollouts, build_rollouts
 from ..tasks.base import Example
 from .base import StatelessTeacher, Teacher
@@ -93,6 +95,59 @@ def reply_end_ids(tokenizer, template_kwargs: dict | None = None) -> list[int]:
     return ids[: ends[0] + 1] if ends else eos
 
 
+@dataclass(frozen=True)
+class RowSpans:
+    """One row's spans, placed in its two completions: the student token at column ``student_cols[i]`` is in span
+    ``student_span[i]``, the teacher token at column ``teacher_cols[j]`` in span ``teacher_span[j]``; spans are numbered
+    0 .. count-1 in text order. Tokens in no column list (a tool episode's observations) are in no span."""
+
+    student_cols: tuple[int, ...]
+    student_span: tuple[int, ...]
+    teacher_cols: tuple[int, ...]
+    teacher_span: tuple[int, ...]
+    count: int
+
+    @classmethod
+    def of(cls, spans: Spans, student_start: int = 0, teacher_start: int = 0, first_span: int = 0) -> "RowSpans":
+        """``spans`` of two token lists that start at columns ``student_start`` / ``teacher_start``, numbered from
+        ``first_span``."""
+        return cls(tuple(range(student_start, student_start + len(spans.of_a))), tuple(first_span + i for i in spans.of_a),
+                   tuple(range(teacher_start, teacher_start + len(spans.of_b))), tuple(first_span + i for i in spans.of_b), spans.count)
+
+    def then(self, more: "RowSpans") -> "RowSpans":
+        """These spans followed by ``more`` (placed and numbered after them already)."""
+        return RowSpans(self.student_cols + more.student_cols, self.student_span + more.student_span,
+                        self.teacher_cols + more.teacher_cols, self.teacher_span + more.teacher_span, self.count + more.count)
+
+    def first(self, room: int) -> "RowSpans":
+        """The spans all of whose teacher tokens lie in the teacher's first ``room`` columns (a context it cannot run
+        past), with both sides' tokens of them: a prefix of each, as spans follow the text."""
+        kept = next((span for col, span in zip(self.teacher_cols, self.teacher_span) if col >= room), self.count)
+        students = sum(span < kept for span in self.student_span)  # spans are in text order: both sides keep a prefix
+        teachers = sum(span < kept for span in self.teacher_span)
+        return RowSpans(self.student_cols[:students], self.student_span[:students], self.teacher_cols[:teachers],
+                        self.teacher_span[:teachers], kept)
+
+    def members(self, cols: tuple[int, ...], spans: tuple[int, ...]) -> list[list[int]]:
+        """The columns of each span, for one side (``cols`` and ``spans`` of it)."""
+        out: list[list[int]] = [[] for _ in range(self.count)]
+        for col, span in zip(cols, spans):
+            out[span].append(col)
+        return out
+
+
+def trained_runs(trained: list[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of 1s: a tool episode's agent turns, between its observations."""
+    runs, start = [], None
+    for i, flag in enumerate(trained + [0]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
 def reads_text(teacher) -> bool:
     """Whether ``teacher`` reads the student's completions as text in a tokenizer of its own (``span_scores``): a
     ``CrossTokenizerTeacher``, or routes that all are."""
@@ -100,7 +155,7 @@ def reads_text(teacher) -> bool:
 
 
 class CrossTokenizerTeacher(StatelessTeacher):
-    """``teacher`` (a local model teacher) scoring completions through its own tokenizer.
+    """``teacher`` (a local model teacher, or a served one) scoring completions through its own tokenizer.
 
     ``messages(example)`` gives the chat turns the student's prompt was rendered from (the task's), and
     ``template_kwargs`` the chat template's arguments. Where the student's completion ended with its EOS, the
@@ -109,6 +164,8 @@ class CrossTokenizerTeacher(StatelessTeacher):
     ``context`` is the teacher's context in its own tokens (None: unknown, nothing is cut). A row whose copy would run
     past it keeps the spans that fit whole; the student tokens of the spans cut are in no span (no gradient, still
     counted in the loss's N); ``SpanScores.cut_tokens`` counts them (the step's ``teacher_context_cut_tokens``)."""
+
+    reads_text = True
 
     def __init__(self, teacher: Teacher, student_tokenizer, teacher_tokenizer, messages: Callable[[Example], list[dict]],
                  template_kwargs: dict | None = None, student_eos: Sequence[int] = (), context: int | None = None):
@@ -123,36 +180,73 @@ class CrossTokenizerTeacher(StatelessTeacher):
         self.teacher_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else teacher_tokenizer.eos_token_id
         self.teacher_end = reply_end_ids(teacher_tokenizer, template_kwargs)
 
-    reads_text = True
-
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
         raise TypeError("a teacher with its own tokenizer scores spans (span_scores), not the student's tokens")
 
     def distributions(self, rollouts: Rollouts):
         raise TypeError("a teacher with its own tokenizer has no distribution over the student's vocabulary (aligned_distributions)")
 
-    def _teacher_copy(self, rollouts: Rollouts, examples: Sequence[Example]) -> tuple[Rollouts, list[Spans], int]:
+    def _teacher_copy(self, rollouts: Rollouts, examples: Sequence[Example]) -> tuple[Rollouts, list[RowSpans], int]:
         """The rows as the teacher reads them (its prompts and its split of the completions' text), each row's spans,
         and the student tokens cut for the teacher's context (see the class's docstring)."""
         prompts, completions, alignments, cut = [], [], [], 0
         for b, example in enumerate(examples):
-            ids = rollouts.completion_ids_BC[b][rollouts.completion_mask_BC[b].bool()].tolist()
-            text, student_intervals = decoded_intervals(self.student_tokenizer, ids, self.student_special)
-            teacher_ids, teacher_intervals = encoded_intervals(self.teacher_tokenizer, text)
-            if ids and ids[-1] in self.student_eos:  # the student ended its reply: so does the teacher's copy of it
-                teacher_ids += self.teacher_end
-                teacher_intervals += [(len(text), len(text))] * len(self.teacher_end)
-            prompt = encode_prompt(self.teacher_tokenizer, self.messages(example), None, self.template_kwargs)
-            spans = align(student_intervals, teacher_intervals)
+            n = int(rollouts.completion_mask_BC[b].sum())
+            ids = rollouts.completion_ids_BC[b, :n].tolist()
+            if "episode" in example.meta:
+                prompt, teacher_ids, spans = self._episode(ids, rollouts.loss_mask_BC[b, :n].tolist(), example.meta["episode"])
+            else:
+                prompt, teacher_ids, spans = self._reply(ids, example)
             if self.context is not None and len(prompt) + len(teacher_ids) > self.context:
-                whole = len(spans.of_a)
+                whole = len(spans.student_cols)
                 spans = spans.first(self.context - len(prompt))
-                teacher_ids, cut = teacher_ids[: len(spans.of_b)], cut + whole - len(spans.of_a)
+                teacher_ids, cut = teacher_ids[: max(0, self.context - len(prompt))], cut + whole - len(spans.student_cols)
                 prompt = prompt[: self.context]  # a prompt the teacher cannot even read: nothing of the row is scored
             prompts.append(prompt)
             completions.append(teacher_ids)
             alignments.append(spans)
         return build_rollouts(prompts, completions, self.teacher_pad, device=rollouts.completion_ids_BC.device), alignments, cut
+
+    def _turn(self, ids: list[int]) -> tuple[list[int], Spans]:
+        """One reply of the student (its ids) in the teacher's tokens, and the two aligned: the reply's text split by
+        the teacher, closed as the teacher's template closes a reply where the student closed it with its EOS."""
+        text, student_intervals = decoded_intervals(self.student_tokenizer, ids, self.student_special)
+        teacher_ids, teacher_intervals = encoded_intervals(self.teacher_tokenizer, text)
+        if ids and ids[-1] in self.student_eos:  # the student ended its reply: so does the teacher's copy of it
+            teacher_ids += self.teacher_end
+            teacher_intervals += [(len(text), len(text))] * len(self.teacher_end)
+        return teacher_ids, align(student_intervals, teacher_intervals)
+
+    def _reply(self, ids: list[int], example: Example) -> tuple[list[int], list[int], RowSpans]:
+        """A single-turn row: the task's prompt messages in the teacher's template, the completion as one reply."""
+        prompt = encode_prompt(self.teacher_tokenizer, self.messages(example), None, self.template_kwargs)
+        teacher_ids, spans = self._turn(ids)
+        return prompt, teacher_ids, RowSpans.of(spans)
+
+    def _episode(self, ids: list[int], trained: list[int], episode: dict) -> tuple[list[int], list[int], RowSpans]:
+        """A tool episode (``Episodes.played``), rendered turn by turn in the teacher's template: its first messages
+        (and tools) as the prompt, then each agent reply in the teacher's tokens, aligned with the student's tokens of
+        that turn (a run of trained tokens), followed by what the teacher's template puts after a reply (its closing,
+        the tool results, the next generation prompt). Those are context, in no span, as the student's are."""
+        messages, kwargs = episode["messages"], template_kwargs_with_tools(self.template_kwargs, episode["tools"])
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        first = replies[0] if replies else len(messages)
+        prompt = prompt_ids(self.teacher_tokenizer, messages[:first], kwargs)
+        runs = trained_runs(trained)
+        if len(runs) != len(replies):  # a turn whose tokens cannot be told apart: the row is not scored
+            return prompt, [], RowSpans.of(Spans((), (), 0))
+        teacher_ids: list[int] = []
+        spans = RowSpans.of(Spans((), (), 0))
+        for turn, ((start, stop), at) in enumerate(zip(runs, replies)):
+            turn_ids, turn_spans = self._turn(ids[start:stop])
+            spans = spans.then(RowSpans.of(turn_spans, start, len(teacher_ids), spans.count))
+            teacher_ids += turn_ids
+            following = replies[turn + 1] if turn + 1 < len(replies) else len(messages)
+            if following > at + 1 or turn + 1 < len(replies):  # tool results (and another turn) after this reply
+                closed = self.teacher_tokenizer.decode(self.teacher_end, skip_special_tokens=False) if ids[stop - 1] in self.student_eos else ""
+                between = text_after_reply(self.teacher_tokenizer, messages[:at], messages[at + 1:following], kwargs, closed, turn + 1)
+                teacher_ids += self.teacher_tokenizer(between, add_special_tokens=False)["input_ids"]
+        return prompt, teacher_ids, spans
 
     def span_scores(self, rollouts: Rollouts, examples: Sequence[Example], temperature: float = 1.0) -> SpanScores:
         """The rows' spans and the teacher's log-prob of each (``temperature``: the teacher's scoring temperature)."""
@@ -166,13 +260,11 @@ class CrossTokenizerTeacher(StatelessTeacher):
         for b, spans in enumerate(alignments):
             if not spans.count:
                 continue
-            of_student = torch.tensor(spans.of_a, device=device)
-            of_teacher = torch.tensor(spans.of_b, device=device)
+            student_span, student_cols = torch.tensor(spans.student_span, device=device), torch.tensor(spans.student_cols, device=device)
             sums_S = torch.zeros(spans.count, dtype=teacher_logp_BT.dtype, device=device)
-            sums_S.scatter_add_(0, of_teacher, teacher_logp_BT[b, : len(spans.of_b)])
-            ends_S = torch.zeros(spans.count, dtype=torch.long, device=device).scatter_reduce(
-                0, of_student, torch.arange(len(spans.of_a), device=device), "amax", include_self=False)
-            end_BC[b, : len(spans.of_a)] = ends_S[of_student]
+            sums_S.scatter_add_(0, torch.tensor(spans.teacher_span, device=device), teacher_logp_BT[b, list(spans.teacher_cols)])
+            ends_S = torch.zeros(spans.count, dtype=torch.long, device=device).scatter_reduce(0, student_span, student_cols, "amax", include_self=False)
+            end_BC[b, student_cols] = ends_S[student_span]
             last_BC[b, ends_S] = True
             span_logp_BC[b, ends_S] = sums_S
         return SpanScores(span_logp_BC, last_BC, end_BC, cut)
@@ -185,10 +277,9 @@ class CrossTokenizerTeacher(StatelessTeacher):
         teacher = self.teacher.distributions(teacher_rollouts)
         column_BC = torch.full((B, C), -1, dtype=torch.long)
         for b, spans in enumerate(alignments):
-            student_members, teacher_members = spans.members("a"), spans.members("b")
-            for student_tokens, teacher_tokens in zip(student_members, teacher_members):
-                if len(student_tokens) == len(teacher_tokens) == 1:
-                    column_BC[b, student_tokens[0]] = teacher_tokens[0]
+            for student_cols, teacher_cols in zip(spans.members(spans.student_cols, spans.student_span), spans.members(spans.teacher_cols, spans.teacher_span)):
+                if len(student_cols) == len(teacher_cols) == 1:
+                    column_BC[b, student_cols[0]] = teacher_cols[0]
         return AlignedDistributions(teacher.hidden_BCH, teacher.project, column_BC.to(rollouts.completion_ids_BC.device), cut)
 
     def after_optimizer_step(self, student: torch.nn.Module) -> None:
