@@ -1,16 +1,17 @@
-"""What GKD's cross-tokenizer hybrid costs (``objectives.cross_vocab``) against GKD's fused loss with one shared
-vocabulary, at real vocabulary sizes, in the same run.
+"""What GKD across two vocabularies costs (``objectives.cross_vocab``: the projection and GOLD/ULD's hybrid) against
+GKD's fused loss with one shared vocabulary, at real vocabulary sizes, in the same run.
 
     .venv/bin/python benchmarks/bench_hybrid_loss.py --threads 2     # 1024 positions, Qwen-sized student, Llama-3-sized teacher
 
 Synthetic and model-free: random final hidden states ``[N, H]`` and random output layers stand in for a student of
 ``--student-vocab`` rows and a teacher of ``--teacher-vocab`` rows, ``--matched`` of whose tokens are paired (the
-tokens both vocabularies write). Timed, forward + backward into the student's hidden states, best of ``--repeats``:
+tokens both vocabularies write; every teacher token maps to a random student token for the projection). Timed, forward + backward into the student's hidden states, best of ``--repeats``:
 
 - ``fused``: GKD's fused chunked D_β (``objectives.gkd.gkd_loss``) with a teacher of the student's own vocabulary,
   the shared-tokenizer baseline;
-- ``hybrid``: the hybrid divergence streamed in checkpointed chunks (``streamed_hybrid``), D_β on the matched
-  tokens plus ULD's sorted distance on the rest.
+- ``projection``: the teacher's distribution mapped onto the student's vocabulary, then D_β, streamed in
+  checkpointed chunks (``streamed_cross_vocab``);
+- ``hybrid``: D_β on the matched tokens plus ULD's sorted distance on the rest, streamed the same way.
 
 Printed: seconds per batch, positions per second, the ratio to ``fused``.
 """
@@ -26,7 +27,13 @@ from pathlib import Path
 import torch
 from bench_cross_tokenizer import best_of  # (benchmarks/ is the script's own folder)
 
-from opd.objectives.cross_vocab import VocabularyMatch, hybrid_divergence, streamed_hybrid
+from opd.objectives.cross_vocab import (
+    VocabularyMatch,
+    VocabularyProjection,
+    hybrid_divergence,
+    projected_divergence,
+    streamed_cross_vocab,
+)
 from opd.objectives.fused import OutputHead
 from opd.objectives.gkd import gkd_loss
 
@@ -62,21 +69,23 @@ def main() -> None:
                           beta=0.5, temperature=0.9, chunk_size=args.chunk)
         result.loss.backward()
 
-    def hybrid():
+    projection = VocabularyProjection(torch.randint(0, V, (W,), generator=g))
+
+    def streamed(divergence):
         h = hidden.clone().requires_grad_(True)
-        divergence = partial(hybrid_divergence, match=match, beta=0.5, temperature=0.9)
-        values = streamed_hybrid(h, teacher_hidden, lambda x: x @ student_head.T, lambda x: x @ teacher_head.T, divergence, args.chunk)
+        values = streamed_cross_vocab(h, teacher_hidden, lambda x: x @ student_head.T, lambda x: x @ teacher_head.T, divergence, args.chunk)
         (values[:, 0].sum() / N).backward()
 
     results = {**vars(args), "threads": torch.get_num_threads()}
     results["fused_s"] = best_of(args.repeats, fused)
-    results["hybrid_s"] = best_of(args.repeats, hybrid)
+    results["projection_s"] = best_of(args.repeats, lambda: streamed(partial(projected_divergence, projection=projection, beta=0.5, temperature=0.9)))
+    results["hybrid_s"] = best_of(args.repeats, lambda: streamed(partial(hybrid_divergence, match=match, beta=0.5, temperature=0.9)))
     print(f"{N} positions, H={H}, student V={V}, teacher V={W}, {args.matched} matched, chunks of {args.chunk}, "
           f"{results['threads']} thread(s)")
-    print(f"{'loss':<8} {'s/batch':>8} {'pos/s':>8} {'vs fused':>9}")
-    for name in ("fused", "hybrid"):
+    print(f"{'loss':<10} {'s/batch':>8} {'pos/s':>8} {'vs fused':>9}")
+    for name in ("fused", "projection", "hybrid"):
         seconds = results[f"{name}_s"]
-        print(f"{name:<8} {seconds:>8.3f} {N / seconds:>8.0f} {seconds / results['fused_s']:>8.2f}x")
+        print(f"{name:<10} {seconds:>8.3f} {N / seconds:>8.0f} {seconds / results['fused_s']:>8.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

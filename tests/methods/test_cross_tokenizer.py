@@ -147,14 +147,19 @@ def test_what_teacher_tokenizer_own_does_not_cover_yet_is_one_line(tmp_path, tin
     assert named in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("mode", ["projection", "hybrid"])
 @pytest.mark.parametrize("lambda_onpolicy", [1.0, 0.0], ids=["on_policy", "reference_solutions"])
-def test_gkd_with_the_students_tokenizer_read_as_the_teachers_own_gives_the_shared_gradient(tmp_path, tiny_models, lambda_onpolicy):
-    """Every span is one token and every token is matched: the hybrid is GKD's D_β (to float rounding: the hybrid
-    renormalises over the matched tokens, here all of them, and takes autograd's gradient, not the fused one)."""
+def test_gkd_with_the_students_tokenizer_read_as_the_teachers_own_gives_the_shared_gradient(tmp_path, tiny_models, lambda_onpolicy, mode):
+    """Every span is one token and every token maps to itself: the projection and the hybrid are both GKD's D_β (to
+    float rounding: they renormalise over the tokens mapped or matched, here all of them, and take autograd's
+    gradient, not the fused one)."""
     overrides = [*SAMPLED, "method.name=gkd", "method.gkd.beta=0.5", f"method.gkd.lambda_onpolicy={lambda_onpolicy}"]
     shared = build_session(make_config(tmp_path / "shared", tiny_models, *overrides))
-    own = build_session(make_config(tmp_path / "own", tiny_models, *overrides, "teacher.tokenizer=own"))
-    assert len(own.teacher.match.student_rest_U) == 0 and len(own.teacher.match.teacher_rest_W) == 0
+    own = build_session(make_config(tmp_path / "own", tiny_models, *overrides, "teacher.tokenizer=own", f"method.gkd.cross_vocab={mode}"))
+    if mode == "hybrid":
+        assert len(own.teacher.match.student_rest_U) == 0 and len(own.teacher.match.teacher_rest_W) == 0
+    else:
+        assert own.teacher.match.student_of_W.tolist() == list(range(len(own.teacher.match.student_of_W)))
     examples = shared.task.sample_train(4, random.Random(0))
     batch = shared.method.data(shared, examples, random.Random(1), torch.Generator().manual_seed(0))
     expected, expected_metrics = step_gradients(shared, [copy.deepcopy(batch)])
@@ -163,21 +168,24 @@ def test_gkd_with_the_students_tokenizer_read_as_the_teachers_own_gives_the_shar
     for a, b in zip(expected, got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
     assert metrics["jsd"] == pytest.approx(expected_metrics["jsd"], rel=1e-5)
-    assert metrics["aligned_tokens"] == 1.0 and metrics["hybrid_unmatched"] == 0.0
+    assert metrics["aligned_tokens"] == 1.0
+    assert metrics["hybrid_unmatched"] == 0.0 if mode == "hybrid" else metrics["teacher_mapped_mass"] == pytest.approx(1.0)
 
 
-def test_gkd_with_a_byte_bpe_teacher_compares_the_positions_where_both_read_the_same_text(tmp_path, tiny_models, bpe_teacher):
-    """The hybrid sits at the student tokens whose span is one token on each side: there the teacher's token writes
-    the student's character, and both models have read the same text before it. The loss trains the student."""
+@pytest.mark.parametrize("mode", ["projection", "hybrid"])
+def test_gkd_with_a_byte_bpe_teacher_compares_the_positions_where_both_read_the_same_text(tmp_path, tiny_models, bpe_teacher, mode):
+    """The divergence sits at student tokens where both models predict from the same text: each span's first token
+    on both sides (projection), or the spans of one token on each side (hybrid), where the teacher's token also
+    writes the student's character. The loss trains the student."""
     from transformers import AutoTokenizer
 
     s = build_session(make_config(tmp_path, tiny_models, *SAMPLED, "method.name=gkd", "method.gkd.lambda_onpolicy=1.0",
                                   f"teacher.path={bpe_teacher}", "teacher.tokenizer=own", "student.path=world:student",
-                                  "sampling.max_new_tokens=40"))
+                                  "sampling.max_new_tokens=40", f"method.gkd.cross_vocab={mode}"))
     teacher_tok = AutoTokenizer.from_pretrained(bpe_teacher)
     batch = s.method.data(s, s.task.sample_train(4, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
-    aligned = s.teacher.aligned_distributions(batch.rollouts, batch.examples)
-    r, checked = batch.rollouts, 0
+    aligned = s.teacher.aligned_distributions(batch.rollouts, batch.examples, span_starts=mode == "projection")
+    r, checked, longer = batch.rollouts, 0, 0
     for b in range(r.completion_ids_BC.shape[0]):
         completion = r.completion_ids_BC[b][r.completion_mask_BC[b].bool()].tolist()
         text = s.tokenizer.decode(completion, skip_special_tokens=True)
@@ -185,12 +193,14 @@ def test_gkd_with_a_byte_bpe_teacher_compares_the_positions_where_both_read_the_
         for c, u in enumerate(aligned.column_BC[b].tolist()):
             if u < 0 or c >= len(completion) or completion[c] == s.tokenizer.eos_token_id:
                 continue
-            assert teacher_tok.decode([t_ids[u]]) == s.tokenizer.decode([completion[c]])  # one character, written by both
+            teacher_text, student_text = teacher_tok.decode([t_ids[u]]), s.tokenizer.decode([completion[c]])
+            assert teacher_text.startswith(student_text) and (mode == "projection" or teacher_text == student_text)
             assert teacher_tok.decode(t_ids[:u]) == s.tokenizer.decode(completion[:c])  # after the same text
-            checked += 1
-    assert checked > 0
+            checked, longer = checked + 1, longer + (teacher_text != student_text)
+    assert checked > 0 and (longer > 0) == (mode == "projection")  # the projection also reads the teacher's merged tokens
     got, metrics = step_gradients(s, [copy.deepcopy(batch)])
-    assert 0.0 < metrics["aligned_tokens"] < 1.0 and metrics["hybrid_unmatched"] > 0.0
+    assert 0.0 < metrics["aligned_tokens"] < 1.0
+    assert metrics["hybrid_unmatched"] > 0.0 if mode == "hybrid" else 0.0 < metrics["teacher_mapped_mass"] <= 1.0 + 1e-6  # (random: bytes of no character)
     assert any(float(g.abs().sum()) > 0 for g in got)
 
 

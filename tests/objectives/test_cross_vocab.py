@@ -13,7 +13,16 @@ import math
 import pytest
 import torch
 
-from opd.objectives.cross_vocab import VocabularyMatch, hybrid_divergence, match_vocabularies, streamed_hybrid, token_texts
+from opd.objectives.cross_vocab import (
+    VocabularyMatch,
+    VocabularyProjection,
+    hybrid_divergence,
+    match_vocabularies,
+    project_vocabularies,
+    projected_divergence,
+    streamed_cross_vocab,
+    token_texts,
+)
 from opd.objectives.divergences import generalized_jsd
 from opd.worlds.tokenizer import build_byte_bpe_tokenizer, build_char_tokenizer
 
@@ -85,7 +94,7 @@ def test_streaming_in_chunks_gives_the_unchunked_values_and_gradient():
     def divergence(s, t):
         return hybrid_divergence(s, t, match, 0.5, 1.0)
 
-    chunked = streamed_hybrid(hidden, teacher_hidden, lambda h: h @ student_head.T, lambda h: h @ teacher_head.T, divergence, chunk_size=4)
+    chunked = streamed_cross_vocab(hidden, teacher_hidden, lambda h: h @ student_head.T, lambda h: h @ teacher_head.T, divergence, chunk_size=4)
     chunked[:, 0].sum().backward()
     grad = hidden.grad.clone()
     hidden.grad = None
@@ -111,3 +120,61 @@ def test_tokens_are_matched_by_the_text_they_write():
     assert sorted(match.student_M.tolist() + match.student_rest_U.tolist()) == list(range(len(student) + 2))
     assert sorted(match.teacher_M.tolist() + match.teacher_rest_W.tolist()) == list(range(len(teacher)))
     assert math.isclose(len(pairs), len(set(pairs.values())))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_the_projection_and_its_gradient_equal_the_token_by_token_formula(beta):
+    """D_β(P_T→S ‖ P_S) with P_T→S(i) the teacher's probability of its tokens that start with student token i,
+    renormalised over the teacher tokens that map anywhere; a student token nothing maps to gets 1e-12 first."""
+    torch.manual_seed(3)
+    student_of = [0, 2, 2, -1, 1, 0, 2]  # teacher id -> student id (-1: a teacher token of no whole text)
+    projection = VocabularyProjection(torch.tensor(student_of))
+    s_logits = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # student id 3: no teacher token maps to it
+    t_logits = torch.randn(3, 7, dtype=torch.float64)
+    got = projected_divergence(s_logits, t_logits, projection, beta, 0.8)
+    got[:, 0].sum().backward()
+    got_grad, s_logits.grad = s_logits.grad.clone(), None
+    total = 0.0
+    for n in range(3):
+        p = torch.softmax(s_logits[n] / 0.8, -1)
+        t = torch.softmax(t_logits[n] / 0.8, -1)
+        q = [sum(float(t[j]) for j, i in enumerate(student_of) if i == k) for k in range(4)]
+        mass = sum(q)
+        q = torch.tensor([max(x / mass, 1e-12) for x in q], dtype=torch.float64)
+        q = q / q.sum()
+        mix = beta * q + (1 - beta) * p
+        kl = lambda a, b: (a * (a.log() - b.log())).sum()  # noqa: E731
+        value = kl(q, p) if beta == 0 else kl(p, q) if beta == 1 else beta * kl(q, mix) + (1 - beta) * kl(p, mix)
+        torch.testing.assert_close(got[n, 0].double(), value.detach(), rtol=1e-5, atol=1e-7)
+        assert float(got[n, 1].detach()) == pytest.approx(mass, rel=1e-6)
+        total = total + value
+    total.backward()
+    torch.testing.assert_close(got_grad, s_logits.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_one_vocabulary_projected_onto_itself_gives_gkds_divergence():
+    torch.manual_seed(4)
+    itself = VocabularyProjection(torch.arange(9))
+    s_logits, t_logits = torch.randn(5, 9), torch.randn(5, 9)
+    for beta in (0.0, 0.3, 1.0):
+        torch.testing.assert_close(projected_divergence(s_logits, t_logits, itself, beta, 0.9)[:, 0],
+                                   generalized_jsd(s_logits, t_logits, beta, 0.9), rtol=1e-5, atol=1e-6)
+
+
+def test_each_teacher_token_maps_to_the_student_token_its_text_starts_with():
+    student = build_char_tokenizer()
+    teacher = build_byte_bpe_tokenizer(["7+9=16,4+8+1=13|936 hello world"] * 20, vocab_size=300, pieces=r"\d[^\d]*|[^\d]+")
+    projection = project_vocabularies(student, teacher, len(student), len(teacher), ((student.eos_token_id, teacher.convert_tokens_to_ids("<|user|>")),))
+    texts = token_texts(teacher, len(teacher))
+    mapped = 0
+    for j, i in enumerate(projection.student_of_W.tolist()):
+        if texts[j] is None:
+            assert i == -1  # a byte of no whole character
+        elif j == teacher.convert_tokens_to_ids("<|user|>"):
+            assert i == student.eos_token_id  # the role pair wins
+        elif i == -1:  # a character the student cannot write (a control byte)
+            assert student.convert_tokens_to_ids(texts[j][0]) == student.unk_token_id
+        elif not texts[j].startswith("<"):
+            assert student.convert_ids_to_tokens(i) == texts[j][0]  # a character student: the first character
+            mapped += len(texts[j]) > 1
+    assert mapped > 0 and projection.student_of_W[teacher.convert_tokens_to_ids("6,")] == student.convert_tokens_to_ids("6")

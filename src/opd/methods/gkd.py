@@ -29,8 +29,10 @@ class GKDConfig:
     top_k: int | None = None  # restrict both distributions to the teacher's top-K tokens
     top_k_tail: bool = False  # with top_k: keep the rest of the mass as one extra class instead of renormalising
     chunk_size: int | None = None  # token rows per chunk of the fused loss; None = about 2^25 logits per chunk
-    # teacher.tokenizer=own: the hybrid divergence's weights on the tokens both vocabularies write (D_β) and on the
-    # rest (ULD's sorted distance); docs/methods.md, "A teacher with another tokenizer"
+    # teacher.tokenizer=own (docs/methods.md, "A teacher with another tokenizer"): projection maps the teacher's
+    # distribution onto the student's vocabulary at every span start; hybrid is GOLD's (D_β on the tokens both
+    # vocabularies write, ULD's sorted distance on the rest, at spans of one token on each side), with its weights
+    cross_vocab: str = "projection"
     hybrid_matched_weight: float = 1.0
     hybrid_unmatched_weight: float = 1.0
 
@@ -54,6 +56,7 @@ class GKD(Method):
         validate_full_vocabulary_keys(c, "method.gkd")
         require(c.temperature > 0, "method.gkd.temperature", f"must be > 0, got {c.temperature}")
         require(0 <= c.lambda_onpolicy <= 1, "method.gkd.lambda_onpolicy", f"must be in [0, 1], got {c.lambda_onpolicy}")
+        require(c.cross_vocab in ("projection", "hybrid"), "method.gkd.cross_vocab", f"must be projection or hybrid, got {c.cross_vocab!r}")
         for key in ("hybrid_matched_weight", "hybrid_unmatched_weight"):
             require(getattr(c, key) >= 0, f"method.gkd.{key}", f"must be >= 0, got {getattr(c, key)}")
         if cfg.teacher.tokenizer == "own":
@@ -80,5 +83,6 @@ class GKD(Method):
     def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
         if reads_text(s.teacher):
-            return cross_vocabulary_loss(s, batch, c.beta, c.temperature, c.chunk_size, c.hybrid_matched_weight, c.hybrid_unmatched_weight)
+            return cross_vocabulary_loss(s, batch, c.beta, c.temperature, c.chunk_size, c.cross_vocab, c.hybrid_matched_weight,
+                                         c.hybrid_unmatched_weight)
         return full_vocabulary_loss(s, batch, batch.rollouts, c.beta, c.temperature, c.chunk_size, c.top_k, c.top_k_tail)

@@ -24,7 +24,7 @@ from ..objectives import (
     truncated_importance_weights,
 )
 from ..objectives.common import reduction_weights
-from ..objectives.cross_vocab import hybrid_divergence, streamed_hybrid
+from ..objectives.cross_vocab import hybrid_divergence, projected_divergence, streamed_cross_vocab
 from ..objectives.fused import SparseTeacher, fused_divergence, output_head
 from ..teachers.base import HiddenStates, TopLogprobs
 from ..teachers.cross_tokenizer import reads_text
@@ -188,28 +188,35 @@ def full_vocabulary_loss(
     return result.loss, metrics
 
 
-def cross_vocabulary_loss(s: Session, batch: Batch, beta: float, temperature: float, chunk_size: int | None,
+def cross_vocabulary_loss(s: Session, batch: Batch, beta: float, temperature: float, chunk_size: int | None, mode: str = "projection",
                           matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """GKD with a teacher of its own tokenizer (``teachers.cross_tokenizer``): the hybrid divergence of
-    ``objectives.cross_vocab`` at every trained student token whose span is one token on each side, weighted by the
-    step's reduction as GKD's positions are. The other trained tokens get no gradient and still count in the
-    reduction's N (docs/methods.md, "A teacher with another tokenizer")."""
+    """GKD with a teacher of its own tokenizer (``teachers.cross_tokenizer``), by ``mode`` (``method.gkd.cross_vocab``):
+    ``projection`` — D_β between the student and the teacher's distribution mapped onto the student's vocabulary, at
+    every span's first token — or ``hybrid`` — GOLD/ULD's hybrid at the spans of one token on each side
+    (``objectives.cross_vocab``). Positions are weighted by the step's reduction as GKD's are; the other trained
+    tokens get no gradient and still count in the reduction's N (docs/methods.md, "A teacher with another tokenizer")."""
     r = batch.rollouts
     with s.timer.phase("teacher"):
-        aligned = s.teacher.aligned_distributions(r, batch.examples)
+        aligned = s.teacher.aligned_distributions(r, batch.examples, span_starts=mode == "projection")
     with s.autocast():
         student_hidden_BCH = completion_hidden_states(s.student, r, s.cfg.train.packing)
     mask_BC = r.loss_mask_BC
     rows_N, columns_N = (mask_BC.bool() & (aligned.column_BC >= 0)).nonzero(as_tuple=True)
     weight_N = reduction_weights(mask_BC, s.method.normaliser(batch), torch.float32)[rows_N, columns_N]
-    divergence = partial(hybrid_divergence, match=s.teacher.match.to(student_hidden_BCH.device), beta=beta, temperature=temperature,
-                         matched_weight=matched_weight, unmatched_weight=unmatched_weight)
-    values_N3 = streamed_hybrid(student_hidden_BCH[rows_N, columns_N], aligned.hidden_BTH[rows_N, aligned.column_BC[rows_N, columns_N]],
+    relation = s.teacher.match.to(student_hidden_BCH.device)
+    if mode == "projection":
+        divergence = partial(projected_divergence, projection=relation, beta=beta, temperature=temperature)
+    else:
+        divergence = partial(hybrid_divergence, match=relation, beta=beta, temperature=temperature,
+                             matched_weight=matched_weight, unmatched_weight=unmatched_weight)
+    values_N3 = streamed_cross_vocab(student_hidden_BCH[rows_N, columns_N], aligned.hidden_BTH[rows_N, aligned.column_BC[rows_N, columns_N]],
                                 projection(s.student), aligned.project, divergence, chunk_size or 1024)
     loss = (values_N3[:, 0] * weight_N).sum() + 0.0 * student_hidden_BCH.sum()  # reaches the student with no aligned token
     trained = float(mask_BC.sum().clamp(min=1))
     metrics = {"jsd": float(loss.detach()), "aligned_tokens": len(rows_N) / trained}
-    if len(rows_N):
+    if len(rows_N) and mode == "projection":  # how much of the teacher's probability maps onto the student's tokens
+        metrics["teacher_mapped_mass"] = float(values_N3[:, 1].detach().mean())
+    elif len(rows_N):
         metrics.update(hybrid_matched=float(values_N3[:, 1].detach().mean()), hybrid_unmatched=float(values_N3[:, 2].detach().mean()))
     if aligned.cut_tokens:
         metrics["teacher_context_cut_tokens"] = float(aligned.cut_tokens)

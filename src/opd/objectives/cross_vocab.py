@@ -1,19 +1,24 @@
-"""A full-vocabulary divergence between two models whose vocabularies differ: the hybrid of GOLD (exact matching
-for the tokens both vocabularies hold) and ULD's sorted-probability distance (Boizard et al. 2024, arXiv 2402.12030)
-for the rest. docs/methods.md, "A teacher with another tokenizer", states where it applies.
+"""Full-vocabulary divergences between two models whose vocabularies differ (``method.gkd.cross_vocab``), at positions
+where both predict their next token from the same text. docs/methods.md, "A teacher with another tokenizer", states
+where each applies and what it costs.
 
-At a position where the student and the teacher predict their next token from the same text (an aligned span of one
-token on each side), with ``P_S`` over the student's vocabulary and ``P_T`` over the teacher's, both at temperature τ:
+``projection`` maps the teacher's distribution onto the student's vocabulary: each teacher token j goes to the
+student token s(j) its text starts with (``project_vocabularies``), and
+
+    P_T→S(i) = Σ_{j : s(j) = i} P_T(j) / Σ_{j : s(j) exists} P_T(j),     D(n) = D_β(P_T→S ‖ P_S)
+
+with D_β GKD's generalised JSD (arXiv 2306.13649; β = 0 forward KL, β = 1 reverse KL), both sides at temperature τ.
+
+``hybrid`` is GOLD's exact matching for the tokens both vocabularies hold with ULD's sorted-probability distance
+(Boizard et al. 2024, arXiv 2402.12030) for the rest:
 
     M        the pairs (i, j) of a student token i and a teacher token j that write the same text
     P̃_S, P̃_T  P_S on M's student ids and P_T on M's teacher ids, each renormalised over M
     D(n)     = w_m · D_β(P̃_T ‖ P̃_S) + w_u · Σ_k |sort↓(P_S on U_S)_k − sort↓(P_T on U_T)_k|
 
-with D_β GKD's generalised JSD (arXiv 2306.13649; β = 0 forward KL, β = 1 reverse KL), U_S and U_T each side's
-tokens outside M, and the shorter sorted vector padded with zeros. The second term is ULD's Wasserstein-1 distance
-between the two sorted distributions on the tokens that have no twin; it also carries any difference in how much
-mass each side puts outside M. With one vocabulary read on both sides, M holds every token, U is empty, and D(n) is
-GKD's D_β.
+with U_S and U_T each side's tokens outside M and the shorter sorted vector padded with zeros (ULD's Wasserstein-1
+distance between sorted distributions). With one vocabulary read on both sides, the projection is the identity, M
+holds every token and U is empty: both are GKD's D_β.
 
 Streamed like ``divergences.streamed_divergence``: both sides' logits exist for ``chunk_size`` positions at a time,
 and each chunk is recomputed in the backward pass (no ``[N, V_S + V_T]`` tensor).
@@ -21,6 +26,7 @@ and each chunk is recomputed in the backward pass (no ``[N, V_S + V_T]`` tensor)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from .divergences import generalized_jsd
 
 REPLACEMENT = "\ufffd"  # what a token that is only part of a UTF-8 character decodes to
+UNMAPPED_LOGP = math.log(1e-12)  # the projection's log-prob of a student token no teacher token starts with
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,62 @@ def match_vocabularies(student_tok, teacher_tok, student_size: int, teacher_size
     )
 
 
+@dataclass(frozen=True)
+class VocabularyProjection:
+    """For each teacher id, the student id its text starts with (``student_of_W``; -1 for a teacher id that writes
+    no whole text of its own): what maps the teacher's next-token distribution onto the student's vocabulary."""
+
+    student_of_W: torch.Tensor
+
+    def to(self, device) -> "VocabularyProjection":
+        return VocabularyProjection(self.student_of_W.to(device))
+
+
+def project_vocabularies(student_tok, teacher_tok, student_size: int, teacher_size: int,
+                         extra_pairs: tuple[tuple[int, int], ...] = ()) -> VocabularyProjection:
+    """``VocabularyProjection`` of two tokenizers: each teacher token's text (``token_texts``) is split by the
+    student's tokenizer behind an anchor character (so that it is split as in the middle of a text), and its first
+    token is the student token it maps to (none where that is the student's unknown token); ``extra_pairs`` (student id, teacher id) map tokens of the same role (the
+    teacher's reply end to the student's EOS) and win over the split."""
+    texts = token_texts(teacher_tok, teacher_size)
+    anchor = "a"
+    anchor_ids = student_tok(anchor, add_special_tokens=False)["input_ids"]
+    split = student_tok([anchor + (t or "") for t in texts], add_special_tokens=False)["input_ids"]
+    student_of = []
+    for text, ids in zip(texts, split):
+        if text is None:
+            student_of.append(-1)
+        elif ids[: len(anchor_ids)] == anchor_ids and len(ids) > len(anchor_ids):
+            student_of.append(ids[len(anchor_ids)])
+        else:  # the anchor merged with the text's start: the text alone
+            alone = student_tok(text, add_special_tokens=False)["input_ids"]
+            student_of.append(alone[0] if alone else -1)
+    unknown = student_tok.unk_token_id  # a text the student cannot write maps nowhere, not to its unknown token
+    student_of = [-1 if i == unknown and text != student_tok.unk_token else i for i, text in zip(student_of, texts)]
+    for i, j in extra_pairs:
+        if j < teacher_size:
+            student_of[j] = i
+    student_of_W = torch.tensor(student_of, dtype=torch.long)
+    return VocabularyProjection(torch.where(student_of_W < student_size, student_of_W, -1))
+
+
+def projected_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.Tensor, projection: VocabularyProjection,
+                         beta: float, temperature: float) -> torch.Tensor:
+    """``[N, 3]``: D_β(P_T→S ‖ P_S) at each position (then the mass of P_T that maps to a student token, and 0), where
+    ``P_T→S(i) = Σ_{j: student_of(j) = i} P_T(j)``, renormalised over the teacher tokens that map anywhere: the
+    teacher's probability that the student's next token is ``i``, read as the probability that the teacher's next
+    token starts with it (docs/methods.md, "A teacher with another tokenizer"). Gradients flow into the student."""
+    logp_s_NV = (student_logits_NV.float() / temperature).log_softmax(-1)
+    p_t_NW = (teacher_logits_NW.float() / temperature).softmax(-1)
+    mapped_W = projection.student_of_W >= 0
+    q_NV = torch.zeros_like(logp_s_NV).index_add_(1, projection.student_of_W[mapped_W], p_t_NW[:, mapped_W])
+    mass_N = q_NV.sum(-1)
+    # a student token no teacher token starts with gets 1e-12 (then renormalised): a reverse KL stays finite
+    log_q_NV = (q_NV / mass_N.clamp(min=torch.finfo(q_NV.dtype).tiny)[:, None]).log().clamp(min=UNMAPPED_LOGP)
+    values_N = generalized_jsd(logp_s_NV, log_q_NV, beta, 1.0)
+    return torch.stack([values_N, mass_N, torch.zeros_like(values_N)], -1)
+
+
 def hybrid_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.Tensor, match: VocabularyMatch,
                       beta: float, temperature: float, matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> torch.Tensor:
     """``[N, 3]``: D(n) of the module's docstring, its matched term D_β(P̃_T ‖ P̃_S) and its unmatched term (the
@@ -118,7 +181,7 @@ def _chunk(student_hidden, teacher_hidden, student_project, teacher_project, div
     return divergence(student_project(student_hidden), teacher_logits)
 
 
-def streamed_hybrid(
+def streamed_cross_vocab(
     student_hidden_NH: torch.Tensor, teacher_hidden_NH: torch.Tensor,
     student_project: Callable[[torch.Tensor], torch.Tensor], teacher_project: Callable[[torch.Tensor], torch.Tensor],
     divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk_size: int = 1024,

@@ -170,7 +170,9 @@ class CrossTokenizerTeacher(StatelessTeacher):
     def __init__(self, teacher: Teacher, student_tokenizer, teacher_tokenizer, messages: Callable[[Example], list[dict]],
                  template_kwargs: dict | None = None, student_eos: Sequence[int] = (), context: int | None = None):
         self.teacher, self.context = teacher, context
-        self.match = None  # objectives.cross_vocab.VocabularyMatch, set where a full-vocabulary loss reads the teacher
+        # objectives.cross_vocab's VocabularyMatch (method.gkd.cross_vocab=hybrid) or VocabularyProjection
+        # (projection), set where a full-vocabulary loss reads the teacher
+        self.match = None
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.messages, self.template_kwargs = messages, template_kwargs
         self.student_eos = set(student_eos) or {student_tokenizer.eos_token_id}
@@ -269,16 +271,18 @@ class CrossTokenizerTeacher(StatelessTeacher):
             span_logp_BC[b, ends_S] = sums_S
         return SpanScores(span_logp_BC, last_BC, end_BC, cut)
 
-    def aligned_distributions(self, rollouts: Rollouts, examples: Sequence[Example]) -> AlignedDistributions:
-        """The teacher's next-token distributions where they can be set beside the student's: at each span of one
-        token on each side, both models predict their next token from the same text."""
+    def aligned_distributions(self, rollouts: Rollouts, examples: Sequence[Example], span_starts: bool = False) -> AlignedDistributions:
+        """The teacher's next-token distributions where they can be set beside the student's: at the first token of
+        each span on both sides both models predict their next token from the same text. ``span_starts``: there, at
+        every span (each side's first token of it); else only at the spans of one token on each side, where both
+        also predict the same stretch of text."""
         B, C = rollouts.completion_ids_BC.shape
         teacher_rollouts, alignments, cut = self._teacher_copy(rollouts, examples)
         teacher = self.teacher.distributions(teacher_rollouts)
         column_BC = torch.full((B, C), -1, dtype=torch.long)
         for b, spans in enumerate(alignments):
             for student_cols, teacher_cols in zip(spans.members(spans.student_cols, spans.student_span), spans.members(spans.teacher_cols, spans.teacher_span)):
-                if len(student_cols) == len(teacher_cols) == 1:
+                if span_starts or len(student_cols) == len(teacher_cols) == 1:
                     column_BC[b, student_cols[0]] = teacher_cols[0]
         return AlignedDistributions(teacher.hidden_BCH, teacher.project, column_BC.to(rollouts.completion_ids_BC.device), cut)
 

@@ -38,7 +38,7 @@ from ..models.prompts import render_prompt
 from ..parallel.ranks import SINGLE, Ranks
 from ..parallel.sharding import shard_model
 from ..tasks.reward_functions import build_graded_task as build_task
-from ..objectives.cross_vocab import match_vocabularies
+from ..objectives.cross_vocab import match_vocabularies, project_vocabularies
 from ..teachers.cross_tokenizer import CrossTokenizerTeacher
 from ..teachers.model import ModelTeacher, initial_student
 from ..teachers.routed import RoutedTeacher
@@ -229,11 +229,17 @@ def own_tokenizer_teacher(cfg, needs: Needs, task, tokenizer, student, autocast,
         ModelTeacher(model, autocast, packed=cfg.train.packing), tokenizer, teacher_tok, task.messages,
         cfg.task.chat_template_kwargs, eos_token_ids(student, tokenizer), context_length(model.config, teacher_tok),
     )
-    if needs.full_vocabulary:  # GKD's hybrid divergence: which tokens of the two vocabularies write the same text
+    if needs.full_vocabulary:  # GKD across vocabularies (objectives.cross_vocab): how the two relate
         ends = [(eos, teacher.teacher_end[0]) for eos in sorted(teacher.student_eos)] if len(teacher.teacher_end) == 1 else []
-        teacher.match = match_vocabularies(tokenizer, teacher_tok, output_size(student), output_size(model), tuple(ends))
-        log.info("teacher.tokenizer=own: %d tokens write the same text in both vocabularies (student %d, teacher %d)",
-                 len(teacher.match.student_M), output_size(student), output_size(model))
+        sizes = (output_size(student), output_size(model))
+        if getattr(getattr(cfg.method, cfg.method.name, None), "cross_vocab", "projection") == "hybrid":
+            teacher.match = match_vocabularies(tokenizer, teacher_tok, *sizes, tuple(ends))
+            log.info("teacher.tokenizer=own: %d tokens write the same text in both vocabularies (student %d, teacher %d)",
+                     len(teacher.match.student_M), *sizes)
+        else:
+            teacher.match = project_vocabularies(tokenizer, teacher_tok, *sizes, tuple(ends[:1]))
+            log.info("teacher.tokenizer=own: %d of the teacher's %d tokens map to the student token their text starts with",
+                     int((teacher.match.student_of_W >= 0).sum()), sizes[1])
     return teacher
 
 
