@@ -174,9 +174,10 @@ def test_gkd_with_the_students_tokenizer_read_as_the_teachers_own_gives_the_shar
 
 @pytest.mark.parametrize("mode", ["projection", "hybrid"])
 def test_gkd_with_a_byte_bpe_teacher_compares_the_positions_where_both_read_the_same_text(tmp_path, tiny_models, bpe_teacher, mode):
-    """The divergence sits at student tokens where both models predict from the same text: each span's first token
-    on both sides (projection), or the spans of one token on each side (hybrid), where the teacher's token also
-    writes the student's character. The loss trains the student."""
+    """Projection: every student token is set beside the teacher token it starts in, after the same text, with the
+    part of that teacher token the student has written already as its prefix ("6" for the "," of "6,"). Hybrid: only
+    the spans of one token on each side, where the teacher's token writes the student's character. The loss trains
+    the student."""
     from transformers import AutoTokenizer
 
     s = build_session(make_config(tmp_path, tiny_models, *SAMPLED, "method.name=gkd", "method.gkd.lambda_onpolicy=1.0",
@@ -184,8 +185,8 @@ def test_gkd_with_a_byte_bpe_teacher_compares_the_positions_where_both_read_the_
                                   "sampling.max_new_tokens=40", f"method.gkd.cross_vocab={mode}"))
     teacher_tok = AutoTokenizer.from_pretrained(bpe_teacher)
     batch = s.method.data(s, s.task.sample_train(4, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
-    aligned = s.teacher.aligned_distributions(batch.rollouts, batch.examples, span_starts=mode == "projection")
-    r, checked, longer = batch.rollouts, 0, 0
+    aligned = s.teacher.aligned_distributions(batch.rollouts, batch.examples, every_token=mode == "projection")
+    r, checked, inside = batch.rollouts, 0, 0
     for b in range(r.completion_ids_BC.shape[0]):
         completion = r.completion_ids_BC[b][r.completion_mask_BC[b].bool()].tolist()
         text = s.tokenizer.decode(completion, skip_special_tokens=True)
@@ -193,13 +194,14 @@ def test_gkd_with_a_byte_bpe_teacher_compares_the_positions_where_both_read_the_
         for c, u in enumerate(aligned.column_BC[b].tolist()):
             if u < 0 or c >= len(completion) or completion[c] == s.tokenizer.eos_token_id:
                 continue
+            prefix = aligned.prefixes[int(aligned.key_BC[b, c])]
             teacher_text, student_text = teacher_tok.decode([t_ids[u]]), s.tokenizer.decode([completion[c]])
-            assert teacher_text.startswith(student_text) and (mode == "projection" or teacher_text == student_text)
-            assert teacher_tok.decode(t_ids[:u]) == s.tokenizer.decode(completion[:c])  # after the same text
-            checked, longer = checked + 1, longer + (teacher_text != student_text)
-    assert checked > 0 and (longer > 0) == (mode == "projection")  # the projection also reads the teacher's merged tokens
+            assert teacher_text.startswith(prefix + student_text) and (mode == "projection" or teacher_text == student_text)
+            assert teacher_tok.decode(t_ids[:u]) + prefix == s.tokenizer.decode(completion[:c])  # after the same text
+            checked, inside = checked + 1, inside + bool(prefix)
+    assert checked > 0 and (inside > 0) == (mode == "projection")  # the projection also trains the inside of merged tokens
     got, metrics = step_gradients(s, [copy.deepcopy(batch)])
-    assert 0.0 < metrics["aligned_tokens"] < 1.0
+    assert metrics["aligned_tokens"] == 1.0 if mode == "projection" else 0.0 < metrics["aligned_tokens"] < 1.0
     assert metrics["hybrid_unmatched"] > 0.0 if mode == "hybrid" else 0.0 < metrics["teacher_mapped_mass"] <= 1.0 + 1e-6  # (random: bytes of no character)
     assert any(float(g.abs().sum()) > 0 for g in got)
 

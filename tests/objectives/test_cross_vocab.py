@@ -59,7 +59,7 @@ def test_the_hybrid_and_its_gradient_equal_the_token_by_token_formula(beta):
     match = VocabularyMatch(torch.tensor([0, 2, 5]), torch.tensor([3, 0, 7]), torch.tensor([1, 3, 4]), torch.tensor([1, 2, 4, 5, 6]))
     s_logits = torch.randn(4, student_V, dtype=torch.float64, requires_grad=True)
     t_logits = torch.randn(4, teacher_W, dtype=torch.float64)
-    got = hybrid_divergence(s_logits, t_logits, match, beta, 0.9, 0.7, 1.3)
+    got = hybrid_divergence(s_logits, t_logits, None, match, beta, 0.9, 0.7, 1.3)
     got[:, 0].sum().backward()
     got_grad = s_logits.grad.clone()
     s_logits.grad = None
@@ -78,7 +78,7 @@ def test_one_vocabulary_on_both_sides_gives_gkds_divergence():
     everything = VocabularyMatch(torch.arange(V), torch.arange(V), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     s_logits, t_logits = torch.randn(5, V), torch.randn(5, V)
     for beta in (0.0, 0.3, 1.0):
-        got = hybrid_divergence(s_logits, t_logits, everything, beta, 0.9)
+        got = hybrid_divergence(s_logits, t_logits, None, everything, beta, 0.9)
         torch.testing.assert_close(got[:, 0], generalized_jsd(s_logits, t_logits, beta, 0.9), rtol=1e-5, atol=1e-6)
         assert float(got[:, 2].abs().max()) == 0.0
 
@@ -91,14 +91,14 @@ def test_streaming_in_chunks_gives_the_unchunked_values_and_gradient():
     hidden = torch.randn(9, H, requires_grad=True)
     teacher_hidden = torch.randn(9, H)
 
-    def divergence(s, t):
-        return hybrid_divergence(s, t, match, 0.5, 1.0)
+    def divergence(s, t, keys):
+        return hybrid_divergence(s, t, keys, match, 0.5, 1.0)
 
     chunked = streamed_cross_vocab(hidden, teacher_hidden, lambda h: h @ student_head.T, lambda h: h @ teacher_head.T, divergence, chunk_size=4)
     chunked[:, 0].sum().backward()
     grad = hidden.grad.clone()
     hidden.grad = None
-    whole = divergence(hidden @ student_head.T, teacher_hidden @ teacher_head.T)
+    whole = divergence(hidden @ student_head.T, teacher_hidden @ teacher_head.T, None)
     whole[:, 0].sum().backward()
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(grad, hidden.grad)
@@ -131,7 +131,7 @@ def test_the_projection_and_its_gradient_equal_the_token_by_token_formula(beta):
     projection = VocabularyProjection(torch.tensor(student_of))
     s_logits = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # student id 3: no teacher token maps to it
     t_logits = torch.randn(3, 7, dtype=torch.float64)
-    got = projected_divergence(s_logits, t_logits, projection, beta, 0.8)
+    got = projected_divergence(s_logits, t_logits, None, projection, beta, 0.8)
     got[:, 0].sum().backward()
     got_grad, s_logits.grad = s_logits.grad.clone(), None
     total = 0.0
@@ -157,7 +157,7 @@ def test_one_vocabulary_projected_onto_itself_gives_gkds_divergence():
     itself = VocabularyProjection(torch.arange(9))
     s_logits, t_logits = torch.randn(5, 9), torch.randn(5, 9)
     for beta in (0.0, 0.3, 1.0):
-        torch.testing.assert_close(projected_divergence(s_logits, t_logits, itself, beta, 0.9)[:, 0],
+        torch.testing.assert_close(projected_divergence(s_logits, t_logits, None, itself, beta, 0.9)[:, 0],
                                    generalized_jsd(s_logits, t_logits, beta, 0.9), rtol=1e-5, atol=1e-6)
 
 
@@ -178,3 +178,23 @@ def test_each_teacher_token_maps_to_the_student_token_its_text_starts_with():
             assert student.convert_ids_to_tokens(i) == texts[j][0]  # a character student: the first character
             mapped += len(texts[j]) > 1
     assert mapped > 0 and projection.student_of_W[teacher.convert_tokens_to_ids("6,")] == student.convert_tokens_to_ids("6")
+
+
+def test_inside_a_teacher_token_the_projection_reads_what_its_text_goes_on_with():
+    """After the student has written "6" of the teacher's "6," (a student position inside a teacher token), the
+    teacher tokens that start with "6" and go on past it map to the student token their rest starts with: "6," to ",",
+    "6=" to "="; the token "6" itself (which no longer goes on) and tokens of other starts map nowhere."""
+    student = build_char_tokenizer()
+    teacher = build_byte_bpe_tokenizer(["7+9=16,4+8+1=13|936 6=6|"] * 20, vocab_size=300, pieces=r"\d[^\d]*|[^\d]+")
+    projection = project_vocabularies(student, teacher, len(student), len(teacher))
+    teacher_ids, student_ids = projection.within("6", "cpu")
+    pairs = {teacher.convert_ids_to_tokens(j): student.convert_ids_to_tokens(i) for j, i in zip(teacher_ids.tolist(), student_ids.tolist())}
+    assert pairs and pairs.get("6,") == "," and pairs.get("6=") == "=" and pairs.get("6|") == "|"
+    assert "6" not in pairs and all(t.startswith("6") for t in pairs)
+    s_logits, t_logits = torch.randn(2, len(student)), torch.randn(2, len(teacher))
+    got = projected_divergence(s_logits, t_logits, torch.tensor([0, 1]), projection, 0.0, 1.0, ["", "6"])
+    p_t = t_logits.softmax(-1)
+    q = torch.zeros(len(student)).index_add_(0, student_ids, p_t[1, teacher_ids])
+    q = (q / q.sum()).clamp(min=1e-12)
+    q = q / q.sum()
+    torch.testing.assert_close(got[1, 0], (q * (q.log() - s_logits[1].log_softmax(-1))).sum(), rtol=1e-4, atol=1e-6)  # forward KL

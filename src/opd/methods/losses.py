@@ -192,12 +192,12 @@ def cross_vocabulary_loss(s: Session, batch: Batch, beta: float, temperature: fl
                           matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """GKD with a teacher of its own tokenizer (``teachers.cross_tokenizer``), by ``mode`` (``method.gkd.cross_vocab``):
     ``projection`` — D_β between the student and the teacher's distribution mapped onto the student's vocabulary, at
-    every span's first token — or ``hybrid`` — GOLD/ULD's hybrid at the spans of one token on each side
+    every student token of a span (past the text of the teacher token the student has written already) — or ``hybrid`` — GOLD/ULD's hybrid at the spans of one token on each side
     (``objectives.cross_vocab``). Positions are weighted by the step's reduction as GKD's are; the other trained
     tokens get no gradient and still count in the reduction's N (docs/methods.md, "A teacher with another tokenizer")."""
     r = batch.rollouts
     with s.timer.phase("teacher"):
-        aligned = s.teacher.aligned_distributions(r, batch.examples, span_starts=mode == "projection")
+        aligned = s.teacher.aligned_distributions(r, batch.examples, every_token=mode == "projection")
     with s.autocast():
         student_hidden_BCH = completion_hidden_states(s.student, r, s.cfg.train.packing)
     mask_BC = r.loss_mask_BC
@@ -205,12 +205,13 @@ def cross_vocabulary_loss(s: Session, batch: Batch, beta: float, temperature: fl
     weight_N = reduction_weights(mask_BC, s.method.normaliser(batch), torch.float32)[rows_N, columns_N]
     relation = s.teacher.match.to(student_hidden_BCH.device)
     if mode == "projection":
-        divergence = partial(projected_divergence, projection=relation, beta=beta, temperature=temperature)
+        divergence = partial(projected_divergence, projection=relation, beta=beta, temperature=temperature, prefixes=aligned.prefixes)
     else:
         divergence = partial(hybrid_divergence, match=relation, beta=beta, temperature=temperature,
                              matched_weight=matched_weight, unmatched_weight=unmatched_weight)
+    keys_N = aligned.key_BC[rows_N, columns_N] if aligned.key_BC is not None else None
     values_N3 = streamed_cross_vocab(student_hidden_BCH[rows_N, columns_N], aligned.hidden_BTH[rows_N, aligned.column_BC[rows_N, columns_N]],
-                                projection(s.student), aligned.project, divergence, chunk_size or 1024)
+                                     projection(s.student), aligned.project, divergence, chunk_size or 1024, keys_N)
     loss = (values_N3[:, 0] * weight_N).sum() + 0.0 * student_hidden_BCH.sum()  # reaches the student with no aligned token
     trained = float(mask_BC.sum().clamp(min=1))
     metrics = {"jsd": float(loss.detach()), "aligned_tokens": len(rows_N) / trained}

@@ -100,55 +100,92 @@ def match_vocabularies(student_tok, teacher_tok, student_size: int, teacher_size
     )
 
 
-@dataclass(frozen=True)
 class VocabularyProjection:
-    """For each teacher id, the student id its text starts with (``student_of_W``; -1 for a teacher id that writes
-    no whole text of its own): what maps the teacher's next-token distribution onto the student's vocabulary."""
+    """How the teacher's next-token distribution maps onto the student's vocabulary: for a teacher token whose text
+    starts with ``prefix`` (the part of it the student has written already; "" at a span's start), the student token
+    the rest of its text starts with. ``base`` (``student_of_W``) is the map for "": each teacher id's student id, -1
+    for one that writes no whole text or a text the student cannot write; ``pairs`` (student id, teacher id) map
+    tokens of the same role (the teacher's reply end to the student's EOS) and win over the text."""
 
-    student_of_W: torch.Tensor
+    ANCHOR = "a"
+
+    def __init__(self, student_of_W: torch.Tensor, texts: list[str | None] | None = None, student_tok=None, student_size: int | None = None):
+        self.student_of_W, self.texts, self.student_tok = student_of_W, texts, student_tok
+        self.student_size = student_size if student_size is not None else int(student_of_W.max()) + 1
+        self._maps: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to(self, device) -> "VocabularyProjection":
-        return VocabularyProjection(self.student_of_W.to(device))
+        return self  # the maps are made on the device that asks for them (``within``)
+
+    def within(self, prefix: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(teacher_ids_K, student_ids_K)``: the teacher tokens whose text starts with ``prefix`` and goes on past
+        it, and the student token the rest of each starts with (cached)."""
+        key = (prefix, str(device))
+        if key not in self._maps:
+            if not prefix:
+                teacher_ids = (self.student_of_W >= 0).nonzero().squeeze(-1)
+                student_ids = self.student_of_W[teacher_ids]
+            else:
+                rests = {j: t[len(prefix):] for j, t in enumerate(self.texts) if t is not None and len(t) > len(prefix) and t.startswith(prefix)}
+                firsts = first_student_tokens(self.student_tok, list(rests.values()))
+                kept = [(j, i) for j, i in zip(rests, firsts) if i >= 0 and i < self.student_size]
+                teacher_ids = torch.tensor([j for j, _ in kept], dtype=torch.long)
+                student_ids = torch.tensor([i for _, i in kept], dtype=torch.long)
+            self._maps[key] = (teacher_ids.to(device), student_ids.to(device))
+        return self._maps[key]
+
+
+def first_student_tokens(student_tok, texts: list[str | None]) -> list[int]:
+    """The student token each text starts with, split behind an anchor character (as in the middle of a text); -1 for
+    None, for nothing, and for a text the student can only write as its unknown token."""
+    anchor = VocabularyProjection.ANCHOR
+    anchor_ids = student_tok(anchor, add_special_tokens=False)["input_ids"]
+    split = student_tok([anchor + (t or "") for t in texts], add_special_tokens=False)["input_ids"] if texts else []
+    firsts = []
+    for text, ids in zip(texts, split):
+        if text is None:
+            firsts.append(-1)
+        elif ids[: len(anchor_ids)] == anchor_ids and len(ids) > len(anchor_ids):
+            firsts.append(ids[len(anchor_ids)])
+        else:  # the anchor merged with the text's start: the text alone
+            alone = student_tok(text, add_special_tokens=False)["input_ids"]
+            firsts.append(alone[0] if alone else -1)
+    unknown = student_tok.unk_token_id  # a text the student cannot write maps nowhere, not to its unknown token
+    return [-1 if i == unknown and text != student_tok.unk_token else i for i, text in zip(firsts, texts)]
 
 
 def project_vocabularies(student_tok, teacher_tok, student_size: int, teacher_size: int,
                          extra_pairs: tuple[tuple[int, int], ...] = ()) -> VocabularyProjection:
     """``VocabularyProjection`` of two tokenizers: each teacher token's text (``token_texts``) is split by the
     student's tokenizer behind an anchor character (so that it is split as in the middle of a text), and its first
-    token is the student token it maps to (none where that is the student's unknown token); ``extra_pairs`` (student id, teacher id) map tokens of the same role (the
-    teacher's reply end to the student's EOS) and win over the split."""
+    token is the student token it maps to (none where that is the student's unknown token); ``extra_pairs`` (student
+    id, teacher id) map tokens of the same role (the teacher's reply end to the student's EOS) and win over the
+    split."""
     texts = token_texts(teacher_tok, teacher_size)
-    anchor = "a"
-    anchor_ids = student_tok(anchor, add_special_tokens=False)["input_ids"]
-    split = student_tok([anchor + (t or "") for t in texts], add_special_tokens=False)["input_ids"]
-    student_of = []
-    for text, ids in zip(texts, split):
-        if text is None:
-            student_of.append(-1)
-        elif ids[: len(anchor_ids)] == anchor_ids and len(ids) > len(anchor_ids):
-            student_of.append(ids[len(anchor_ids)])
-        else:  # the anchor merged with the text's start: the text alone
-            alone = student_tok(text, add_special_tokens=False)["input_ids"]
-            student_of.append(alone[0] if alone else -1)
-    unknown = student_tok.unk_token_id  # a text the student cannot write maps nowhere, not to its unknown token
-    student_of = [-1 if i == unknown and text != student_tok.unk_token else i for i, text in zip(student_of, texts)]
+    student_of = first_student_tokens(student_tok, texts)
     for i, j in extra_pairs:
         if j < teacher_size:
             student_of[j] = i
     student_of_W = torch.tensor(student_of, dtype=torch.long)
-    return VocabularyProjection(torch.where(student_of_W < student_size, student_of_W, -1))
+    return VocabularyProjection(torch.where(student_of_W < student_size, student_of_W, -1), texts, student_tok, student_size)
 
 
-def projected_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.Tensor, projection: VocabularyProjection,
-                         beta: float, temperature: float) -> torch.Tensor:
+def projected_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.Tensor, keys_N: torch.Tensor | None,
+                         projection: VocabularyProjection, beta: float, temperature: float, prefixes: list[str] = ("",)) -> torch.Tensor:
     """``[N, 3]``: D_β(P_T→S ‖ P_S) at each position (then the mass of P_T that maps to a student token, and 0), where
-    ``P_T→S(i) = Σ_{j: student_of(j) = i} P_T(j)``, renormalised over the teacher tokens that map anywhere: the
-    teacher's probability that the student's next token is ``i``, read as the probability that the teacher's next
-    token starts with it (docs/methods.md, "A teacher with another tokenizer"). Gradients flow into the student."""
+    ``P_T→S(i) = Σ_{j: s(j) = i} P_T(j)``, renormalised over the teacher tokens that map anywhere: the teacher's
+    probability that the student's next token is ``i``, read as the probability that the teacher's next token (the
+    rest of it past ``prefixes[keys_N[n]]``, what the student has written of it already) starts with it
+    (docs/methods.md, "A teacher with another tokenizer"). ``keys_N`` None: every position at a span's start.
+    Gradients flow into the student."""
     logp_s_NV = (student_logits_NV.float() / temperature).log_softmax(-1)
     p_t_NW = (teacher_logits_NW.float() / temperature).softmax(-1)
-    mapped_W = projection.student_of_W >= 0
-    q_NV = torch.zeros_like(logp_s_NV).index_add_(1, projection.student_of_W[mapped_W], p_t_NW[:, mapped_W])
+    q_NV = torch.zeros_like(logp_s_NV)
+    keys_N = torch.zeros(len(q_NV), dtype=torch.long, device=q_NV.device) if keys_N is None else keys_N
+    for key in keys_N.unique().tolist():
+        rows = (keys_N == key).nonzero().squeeze(-1)
+        teacher_ids, student_ids = projection.within(prefixes[key], q_NV.device)
+        q_NV[rows] = torch.zeros_like(q_NV[rows]).index_add_(1, student_ids, p_t_NW[rows][:, teacher_ids])
     mass_N = q_NV.sum(-1)
     # a student token no teacher token starts with gets 1e-12 (then renormalised): a reverse KL stays finite
     log_q_NV = (q_NV / mass_N.clamp(min=torch.finfo(q_NV.dtype).tiny)[:, None]).log().clamp(min=UNMAPPED_LOGP)
@@ -156,10 +193,11 @@ def projected_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: tor
     return torch.stack([values_N, mass_N, torch.zeros_like(values_N)], -1)
 
 
-def hybrid_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.Tensor, match: VocabularyMatch,
+def hybrid_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.Tensor, keys_N: torch.Tensor | None, match: VocabularyMatch,
                       beta: float, temperature: float, matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> torch.Tensor:
     """``[N, 3]``: D(n) of the module's docstring, its matched term D_β(P̃_T ‖ P̃_S) and its unmatched term (the
-    sorted distance), at each position; gradients flow into the student's logits."""
+    sorted distance), at each position (``keys_N``: unused, positions are spans of one token on each side);
+    gradients flow into the student's logits."""
     logp_s_NV = (student_logits_NV.float() / temperature).log_softmax(-1)
     logp_t_NW = (teacher_logits_NW.float() / temperature).log_softmax(-1)
     if match.student_M.numel():  # renormalised over M by the divergence's own log-softmax
@@ -175,22 +213,24 @@ def hybrid_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.
     return torch.stack([matched_weight * matched_N + unmatched_weight * unmatched_N, matched_N, unmatched_N], -1)
 
 
-def _chunk(student_hidden, teacher_hidden, student_project, teacher_project, divergence):
+def _chunk(student_hidden, teacher_hidden, keys, student_project, teacher_project, divergence):
     with torch.no_grad():
         teacher_logits = teacher_project(teacher_hidden)
-    return divergence(student_project(student_hidden), teacher_logits)
+    return divergence(student_project(student_hidden), teacher_logits, keys)
 
 
 def streamed_cross_vocab(
     student_hidden_NH: torch.Tensor, teacher_hidden_NH: torch.Tensor,
     student_project: Callable[[torch.Tensor], torch.Tensor], teacher_project: Callable[[torch.Tensor], torch.Tensor],
-    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk_size: int = 1024,
+    divergence: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor], chunk_size: int = 1024,
+    keys_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``divergence(student_logits, teacher_logits)`` (``[n, 3]`` per chunk) for every position, ``chunk_size`` rows
-    at a time, each chunk checkpointed where gradients are wanted."""
+    """``divergence(student_logits, teacher_logits, keys)`` (``[n, 3]`` per chunk; ``keys``: that chunk's ``keys_N``,
+    or None) for every position, ``chunk_size`` rows at a time, each chunk checkpointed where gradients are wanted."""
     out = []
     for start in range(0, student_hidden_NH.shape[0], chunk_size):
-        args = (student_hidden_NH[start:start + chunk_size], teacher_hidden_NH[start:start + chunk_size].detach(),
+        keys = keys_N[start:start + chunk_size] if keys_N is not None else None
+        args = (student_hidden_NH[start:start + chunk_size], teacher_hidden_NH[start:start + chunk_size].detach(), keys,
                 student_project, teacher_project, divergence)
         if torch.is_grad_enabled() and student_hidden_NH.requires_grad:
             out.append(checkpoint(_chunk, *args, use_reentrant=False))

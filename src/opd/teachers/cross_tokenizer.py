@@ -14,7 +14,7 @@ one token on each side, where both models predict from the same text (``objectiv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -74,6 +74,8 @@ class AlignedDistributions:
     project: Callable[[torch.Tensor], torch.Tensor]
     column_BC: torch.Tensor
     cut_tokens: int = 0
+    key_BC: torch.Tensor | None = None  # each student token's index into ``prefixes`` (every_token)
+    prefixes: list[str] = field(default_factory=lambda: [""])  # the teacher token's text the student has written already
 
 
 def reply_end_ids(tokenizer, template_kwargs: dict | None = None) -> list[int]:
@@ -106,18 +108,25 @@ class RowSpans:
     teacher_cols: tuple[int, ...]
     teacher_span: tuple[int, ...]
     count: int
+    # for each student token: the teacher column whose next-token distribution predicts it, and the text of that
+    # teacher token the student has written already ("" at a span's start); (-1, "") for none
+    student_reads: tuple[tuple[int, str], ...] = ()
 
     @classmethod
-    def of(cls, spans: Spans, student_start: int = 0, teacher_start: int = 0, first_span: int = 0) -> "RowSpans":
+    def of(cls, spans: Spans, student_start: int = 0, teacher_start: int = 0, first_span: int = 0,
+           reads: list[tuple[int, str]] | None = None) -> "RowSpans":
         """``spans`` of two token lists that start at columns ``student_start`` / ``teacher_start``, numbered from
-        ``first_span``."""
+        ``first_span``; ``reads``: each student token's (teacher index in its list, prefix) (``spans_reads``)."""
+        placed = tuple((teacher_start + u if u >= 0 else -1, prefix) for u, prefix in (reads or [(-1, "")] * len(spans.of_a)))
         return cls(tuple(range(student_start, student_start + len(spans.of_a))), tuple(first_span + i for i in spans.of_a),
-                   tuple(range(teacher_start, teacher_start + len(spans.of_b))), tuple(first_span + i for i in spans.of_b), spans.count)
+                   tuple(range(teacher_start, teacher_start + len(spans.of_b))), tuple(first_span + i for i in spans.of_b), spans.count,
+                   placed)
 
     def then(self, more: "RowSpans") -> "RowSpans":
         """These spans followed by ``more`` (placed and numbered after them already)."""
         return RowSpans(self.student_cols + more.student_cols, self.student_span + more.student_span,
-                        self.teacher_cols + more.teacher_cols, self.teacher_span + more.teacher_span, self.count + more.count)
+                        self.teacher_cols + more.teacher_cols, self.teacher_span + more.teacher_span, self.count + more.count,
+                        self.student_reads + more.student_reads)
 
     def first(self, room: int) -> "RowSpans":
         """The spans all of whose teacher tokens lie in the teacher's first ``room`` columns (a context it cannot run
@@ -126,7 +135,7 @@ class RowSpans:
         students = sum(span < kept for span in self.student_span)  # spans are in text order: both sides keep a prefix
         teachers = sum(span < kept for span in self.teacher_span)
         return RowSpans(self.student_cols[:students], self.student_span[:students], self.teacher_cols[:teachers],
-                        self.teacher_span[:teachers], kept)
+                        self.teacher_span[:teachers], kept, self.student_reads[:students])
 
     def members(self, cols: tuple[int, ...], spans: tuple[int, ...]) -> list[list[int]]:
         """The columns of each span, for one side (``cols`` and ``spans`` of it)."""
@@ -134,6 +143,27 @@ class RowSpans:
         for col, span in zip(cols, spans):
             out[span].append(col)
         return out
+
+
+def spans_reads(spans: Spans, text: str, student: list[tuple[int, int]], teacher: list[tuple[int, int]]) -> list[tuple[int, str]]:
+    """For each student token (its character interval in ``text``), the teacher token of its span whose next-token
+    distribution predicts it — the one whose characters it starts in — and the text of that teacher token before it:
+    "" at a span's start, "6" for the "," of the teacher's "6,". A student token that starts no character of its own
+    (the second byte of a character) reads none: (-1, "")."""
+    members = spans.members("b")
+    reads, last_start = [], None
+    for a, (start, _) in enumerate(student):
+        span_teacher = members[spans.of_a[a]]
+        starts_span = a == 0 or spans.of_a[a - 1] != spans.of_a[a]
+        if starts_span:
+            reads.append((span_teacher[0], ""))
+        elif start == last_start:  # shares its character with the token before it
+            reads.append((-1, ""))
+        else:
+            covering = next((u for u in span_teacher if teacher[u][0] < start < teacher[u][1]), None)
+            reads.append((covering, text[teacher[covering][0]:start]) if covering is not None else (-1, ""))
+        last_start = start
+    return reads
 
 
 def trained_runs(trained: list[int]) -> list[tuple[int, int]]:
@@ -209,21 +239,24 @@ class CrossTokenizerTeacher(StatelessTeacher):
             alignments.append(spans)
         return build_rollouts(prompts, completions, self.teacher_pad, device=rollouts.completion_ids_BC.device), alignments, cut
 
-    def _turn(self, ids: list[int]) -> tuple[list[int], Spans]:
-        """One reply of the student (its ids) in the teacher's tokens, and the two aligned: the reply's text split by
-        the teacher, closed as the teacher's template closes a reply where the student closed it with its EOS."""
+    def _turn(self, ids: list[int], student_start: int = 0, teacher_start: int = 0, first_span: int = 0) -> tuple[list[int], RowSpans]:
+        """One reply of the student (its ids, from completion column ``student_start``) in the teacher's tokens (from
+        column ``teacher_start``), and the two aligned (spans numbered from ``first_span``): the reply's text split
+        by the teacher, closed as the teacher's template closes a reply where the student closed it with its EOS."""
         text, student_intervals = decoded_intervals(self.student_tokenizer, ids, self.student_special)
         teacher_ids, teacher_intervals = encoded_intervals(self.teacher_tokenizer, text)
         if ids and ids[-1] in self.student_eos:  # the student ended its reply: so does the teacher's copy of it
             teacher_ids += self.teacher_end
             teacher_intervals += [(len(text), len(text))] * len(self.teacher_end)
-        return teacher_ids, align(student_intervals, teacher_intervals)
+        spans = align(student_intervals, teacher_intervals)
+        reads = spans_reads(spans, text, student_intervals, teacher_intervals)
+        return teacher_ids, RowSpans.of(spans, student_start, teacher_start, first_span, reads)
 
     def _reply(self, ids: list[int], example: Example) -> tuple[list[int], list[int], RowSpans]:
         """A single-turn row: the task's prompt messages in the teacher's template, the completion as one reply."""
         prompt = encode_prompt(self.teacher_tokenizer, self.messages(example), None, self.template_kwargs)
         teacher_ids, spans = self._turn(ids)
-        return prompt, teacher_ids, RowSpans.of(spans)
+        return prompt, teacher_ids, spans
 
     def _episode(self, ids: list[int], trained: list[int], episode: dict) -> tuple[list[int], list[int], RowSpans]:
         """A tool episode (``Episodes.played``), rendered turn by turn in the teacher's template: its first messages
@@ -240,8 +273,8 @@ class CrossTokenizerTeacher(StatelessTeacher):
         teacher_ids: list[int] = []
         spans = RowSpans.of(Spans((), (), 0))
         for turn, ((start, stop), at) in enumerate(zip(runs, replies)):
-            turn_ids, turn_spans = self._turn(ids[start:stop])
-            spans = spans.then(RowSpans.of(turn_spans, start, len(teacher_ids), spans.count))
+            turn_ids, turn_spans = self._turn(ids[start:stop], start, len(teacher_ids), spans.count)
+            spans = spans.then(turn_spans)
             teacher_ids += turn_ids
             following = replies[turn + 1] if turn + 1 < len(replies) else len(messages)
             if following > at + 1 or turn + 1 < len(replies):  # tool results (and another turn) after this reply
@@ -271,20 +304,28 @@ class CrossTokenizerTeacher(StatelessTeacher):
             span_logp_BC[b, ends_S] = sums_S
         return SpanScores(span_logp_BC, last_BC, end_BC, cut)
 
-    def aligned_distributions(self, rollouts: Rollouts, examples: Sequence[Example], span_starts: bool = False) -> AlignedDistributions:
-        """The teacher's next-token distributions where they can be set beside the student's: at the first token of
-        each span on both sides both models predict their next token from the same text. ``span_starts``: there, at
-        every span (each side's first token of it); else only at the spans of one token on each side, where both
-        also predict the same stretch of text."""
+    def aligned_distributions(self, rollouts: Rollouts, examples: Sequence[Example], every_token: bool = False) -> AlignedDistributions:
+        """The teacher's next-token distributions where they can be set beside the student's. ``every_token``: at
+        each student token of a span, the distribution of the teacher token it starts in, with the text of that token
+        the student has written already (``prefix_BC``: "" at a span's start, where both predict from the same text).
+        Else only at the spans of one token on each side, where both also predict the same stretch of text."""
         B, C = rollouts.completion_ids_BC.shape
         teacher_rollouts, alignments, cut = self._teacher_copy(rollouts, examples)
         teacher = self.teacher.distributions(teacher_rollouts)
         column_BC = torch.full((B, C), -1, dtype=torch.long)
+        key_BC = torch.zeros((B, C), dtype=torch.long)
+        prefixes: dict[str, int] = {"": 0}
         for b, spans in enumerate(alignments):
+            if every_token:
+                for c, (u, prefix) in zip(spans.student_cols, spans.student_reads):
+                    if u >= 0:
+                        column_BC[b, c], key_BC[b, c] = u, prefixes.setdefault(prefix, len(prefixes))
+                continue
             for student_cols, teacher_cols in zip(spans.members(spans.student_cols, spans.student_span), spans.members(spans.teacher_cols, spans.teacher_span)):
-                if span_starts or len(student_cols) == len(teacher_cols) == 1:
+                if len(student_cols) == len(teacher_cols) == 1:
                     column_BC[b, student_cols[0]] = teacher_cols[0]
-        return AlignedDistributions(teacher.hidden_BCH, teacher.project, column_BC.to(rollouts.completion_ids_BC.device), cut)
+        device = rollouts.completion_ids_BC.device
+        return AlignedDistributions(teacher.hidden_BCH, teacher.project, column_BC.to(device), cut, key_BC.to(device), list(prefixes))
 
     def after_optimizer_step(self, student: torch.nn.Module) -> None:
         self.teacher.after_optimizer_step(student)
