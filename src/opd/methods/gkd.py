@@ -14,7 +14,6 @@ from ..config.sections import require
 from .base import Method, Needs, Session, register, student_samples
 from .batch import Batch
 from .data import offline_data
-from ..teachers.cross_tokenizer import reads_text
 from .losses import cross_vocabulary_loss, full_vocabulary_loss
 
 
@@ -82,7 +81,7 @@ class GKD(Method):
 
     def loss(self, s: Session, batch: Batch, step: int):
         c = self.config
-        if reads_text(s.teacher):
+        if s.teacher.reads_text:
             return cross_vocabulary_loss(s, batch, c.beta, c.temperature, c.chunk_size, c.cross_vocab, c.hybrid_matched_weight,
                                          c.hybrid_unmatched_weight)
         return full_vocabulary_loss(s, batch, batch.rollouts, c.beta, c.temperature, c.chunk_size, c.top_k, c.top_k_tail)

@@ -27,7 +27,6 @@ from ..objectives.common import reduction_weights
 from ..objectives.cross_vocab import hybrid_divergence, projected_divergence, streamed_cross_vocab
 from ..objectives.fused import SparseTeacher, fused_divergence, output_head
 from ..teachers.base import HiddenStates, TopLogprobs
-from ..teachers.cross_tokenizer import reads_text
 from . import token_views
 from .base import Session
 from .batch import Batch
@@ -69,7 +68,7 @@ def sampled_token_loss(s: Session, batch: Batch, advantages: AdvantageFn, teache
     r = batch.rollouts
     mask_BC = r.loss_mask_BC.float()
     teacher_logp_BC = batch.teacher_logp_BC  # with its spans, where prepare_step scored them (REOPOLD)
-    if teacher_logp_BC is None and teacher_rollouts is None and reads_text(s.teacher):
+    if teacher_logp_BC is None and teacher_rollouts is None and s.teacher.reads_text:
         batch.spans = teacher_span_scores(s, batch)
         teacher_logp_BC = batch.spans.teacher_logp_BC
     elif teacher_logp_BC is None:

@@ -15,7 +15,6 @@ import torch
 
 from ..config.sections import require
 from ..objectives import reopold_rewards_and_mask, reward_floor
-from ..teachers.cross_tokenizer import reads_text
 from .base import Method, Needs, Session, register
 from .batch import Batch
 from .losses import sampled_token_loss, student_token_logprobs, teacher_span_scores, teacher_token_logprobs
@@ -59,7 +58,7 @@ class Reopold(Method):
         student, teacher, entropy, mask = [], [], [], []
         for batch in batches:
             r = batch.rollouts
-            spans = batch.spans = teacher_span_scores(s, batch) if reads_text(s.teacher) else None
+            spans = batch.spans = teacher_span_scores(s, batch) if s.teacher.reads_text else None
             batch.teacher_logp_BC = teacher_token_logprobs(s, r) if spans is None else spans.teacher_logp_BC
             with torch.no_grad(), batch.rng(PREPARE_SALT):  # entropy at the training (sampling) temperature
                 logp_BC, entropy_BC = student_token_logprobs(s, r, with_entropy=True)

@@ -40,6 +40,10 @@ class TopLogprobs:
 
 
 class Teacher(Protocol):
+    # it reads the student's completions as text in a tokenizer of its own and scores spans (``span_scores``,
+    # ``aligned_distributions``: ``teachers.cross_tokenizer``), not the student's tokens
+    reads_text: bool
+
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
         """``[B, C]`` log-probs of the rollouts' completion tokens (0 where there is no token)."""
 
@@ -64,6 +68,8 @@ class Teacher(Protocol):
 
 class StatelessTeacher:
     """The hooks of a teacher that does not follow the student: nothing to update, nothing to checkpoint."""
+
+    reads_text = False  # it scores the student's own tokens
 
     def after_optimizer_step(self, student: torch.nn.Module) -> None:
         pass

@@ -178,12 +178,6 @@ def trained_runs(trained: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def reads_text(teacher) -> bool:
-    """Whether ``teacher`` reads the student's completions as text in a tokenizer of its own (``span_scores``): a
-    ``CrossTokenizerTeacher``, or routes that all are."""
-    return bool(getattr(teacher, "reads_text", False))
-
-
 class CrossTokenizerTeacher(StatelessTeacher):
     """``teacher`` (a local model teacher, or a served one) scoring completions through its own tokenizer.
 

@@ -39,7 +39,7 @@ class RoutedTeacher(StatelessTeacher):
     def reads_text(self) -> bool:
         """Every route reads the completions as text in a tokenizer of its own (``teacher.tokenizer: own``)."""
         teachers = [*self.routes.values(), *([self.default] if self.default is not None else [])]
-        return bool(teachers) and all(getattr(t, "reads_text", False) for t in teachers)
+        return bool(teachers) and all(t.reads_text for t in teachers)
 
     def span_scores(self, rollouts: Rollouts, examples, temperature: float = 1.0):
         """Each route's spans and span log-probs on its own rows (``CrossTokenizerTeacher.span_scores``), in the batch's

@@ -232,7 +232,7 @@ def own_tokenizer_teacher(cfg, needs: Needs, task, tokenizer, student, autocast,
     if needs.full_vocabulary:  # GKD across vocabularies (objectives.cross_vocab): how the two relate
         ends = [(eos, teacher.teacher_end[0]) for eos in sorted(teacher.student_eos)] if len(teacher.teacher_end) == 1 else []
         sizes = (output_size(student), output_size(model))
-        if getattr(getattr(cfg.method, cfg.method.name, None), "cross_vocab", "projection") == "hybrid":
+        if cfg.method.gkd.cross_vocab == "hybrid":  # (GKD is the one full-vocabulary method a teacher of its own reads)
             teacher.match = match_vocabularies(tokenizer, teacher_tok, *sizes, tuple(ends))
             log.info("teacher.tokenizer=own: %d tokens write the same text in both vocabularies (student %d, teacher %d)",
                      len(teacher.match.student_M), *sizes)
