@@ -377,3 +377,25 @@ def test_a_tool_episode_is_rendered_again_in_the_teachers_template_and_aligned_t
         assert sorted(spans[b].student_cols) == trained  # every agent token in a span, no observation token
     assert "Doc 1 (Mirentor)" in teacher_tok.decode(copy_.completion_ids_BC[0].tolist())
     assert spans[0].count < len(spans[0].student_cols)  # the BPE merges characters of the replies
+
+
+def test_the_teachers_reply_end_stands_for_the_token_the_students_template_closes_a_reply_with(tmp_path, tiny_models, bpe_teacher):
+    """A student with two ids that end its turn (as Qwen's <|endoftext|> and <|im_end|>), the lower one not what its
+    template closes a reply with: the teacher's reply end maps to the template's, for the projection and the hybrid."""
+    import json
+    import shutil
+
+    student = shutil.copytree(tiny_models[1], tmp_path / "student")
+    config = json.loads((student / "generation_config.json").read_text())
+    tok = build_char_tokenizer()
+    (student / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [tok.bos_token_id, tok.eos_token_id]}))
+    for mode in ("projection", "hybrid"):
+        s = build_session(make_config(tmp_path / mode, tiny_models, "method.name=gkd", f"teacher.path={bpe_teacher}", "teacher.tokenizer=own",
+                                      f"student.path={student}", f"method.gkd.cross_vocab={mode}"))
+        assert s.teacher.student_eos == {tok.bos_token_id, tok.eos_token_id} and len(s.teacher.teacher_end) == 1
+        end = s.teacher.teacher_end[0]
+        if mode == "projection":
+            assert int(s.teacher.match.student_of_W[end]) == tok.eos_token_id
+        else:
+            pairs = dict(zip(s.teacher.match.teacher_M.tolist(), s.teacher.match.student_M.tolist()))
+            assert pairs[end] == tok.eos_token_id

@@ -198,3 +198,18 @@ def test_inside_a_teacher_token_the_projection_reads_what_its_text_goes_on_with(
     q = (q / q.sum()).clamp(min=1e-12)
     q = q / q.sum()
     torch.testing.assert_close(got[1, 0], (q * (q.log() - s_logits[1].log_softmax(-1))).sum(), rtol=1e-4, atol=1e-6)  # forward KL
+
+
+def test_a_special_token_of_the_teacher_maps_to_the_same_special_token_or_nowhere():
+    """A teacher's special token is a role: "<|im_end|>", which the student lacks, is not read as the characters "<",
+    "|"…; one the student has as a special token of the same written form maps to it; the pairs given win."""
+    student = build_char_tokenizer()
+    teacher = build_byte_bpe_tokenizer(["7+9=16,4+8+1=13|936"] * 20, vocab_size=300)
+    teacher.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    im_end = teacher.convert_tokens_to_ids("<|im_end|>")
+    projection = project_vocabularies(student, teacher, len(student), len(teacher))
+    assert projection.student_of_W[im_end] == -1
+    assert projection.student_of_W[teacher.convert_tokens_to_ids("<|user|>")] == student.convert_tokens_to_ids("<|user|>")
+    paired = project_vocabularies(student, teacher, len(student), len(teacher), ((student.eos_token_id, im_end),))
+    assert paired.student_of_W[im_end] == student.eos_token_id
+    assert projection.within("<|im", "cpu")[0].numel() == 0  # a special token is never the rest of a prefix

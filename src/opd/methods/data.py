@@ -47,7 +47,7 @@ def scripted_solutions(s: Session, examples: list[Example]) -> Batch:
         where = missing[0].meta.get("source", "an example")
         raise ValueError(f"{where}: no scripted 'turns' (a list of assistant turns), which this method trains on")
     episodes = scripted_episodes(s.task, examples, [e.meta["turns"] for e in examples], s.tokenizer, s.cfg.task.chat_template_kwargs, s.context)
-    return Batch(episodes.rollouts.to(s.device), list(examples), on_policy=False, rewards=episodes.rewards, info=episodes.metrics())
+    return Batch(episodes.rollouts.to(s.device), episodes.played(examples), on_policy=False, rewards=episodes.rewards, info=episodes.metrics())
 
 
 def offline_data(s: Session, examples: list[Example], generator: torch.Generator, use_teacher: bool) -> Batch:

@@ -29,7 +29,7 @@ class GKDConfig:
     top_k_tail: bool = False  # with top_k: keep the rest of the mass as one extra class instead of renormalising
     chunk_size: int | None = None  # token rows per chunk of the fused loss; None = about 2^25 logits per chunk
     # teacher.tokenizer=own (docs/methods.md, "A teacher with another tokenizer"): projection maps the teacher's
-    # distribution onto the student's vocabulary at every span start; hybrid is GOLD's (D_β on the tokens both
+    # distribution onto the student's vocabulary at every student token; hybrid is GOLD's (D_β on the tokens both
     # vocabularies write, ULD's sorted distance on the rest, at spans of one token on each side), with its weights
     cross_vocab: str = "projection"
     hybrid_matched_weight: float = 1.0

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..models.loading import output_size
 from ..models.rollouts import Rollouts
 from ..models.scoring import completion_hidden_states, loss_head, projection, rollout_logprobs, token_logprobs
 from ..objectives import (
@@ -25,7 +26,7 @@ from ..objectives import (
 )
 from ..objectives.common import reduction_weights
 from ..objectives.cross_vocab import hybrid_divergence, projected_divergence, streamed_cross_vocab
-from ..objectives.fused import SparseTeacher, fused_divergence, output_head
+from ..objectives.fused import SparseTeacher, auto_chunk_size, fused_divergence, output_head
 from ..teachers.base import HiddenStates, TopLogprobs
 from . import token_views
 from .base import Session
@@ -210,12 +211,15 @@ def cross_vocabulary_loss(s: Session, batch: Batch, beta: float, temperature: fl
                              matched_weight=matched_weight, unmatched_weight=unmatched_weight)
     keys_N = aligned.key_BC[rows_N, columns_N] if aligned.key_BC is not None else None
     values_N3 = streamed_cross_vocab(student_hidden_BCH[rows_N, columns_N], aligned.hidden_BTH[rows_N, aligned.column_BC[rows_N, columns_N]],
-                                     projection(s.student), aligned.project, divergence, chunk_size or 1024, keys_N)
+                                     projection(s.student), aligned.project, divergence,
+                                     chunk_size or auto_chunk_size(2 * output_size(s.student)), keys_N)  # (both sides' logits)
     loss = (values_N3[:, 0] * weight_N).sum() + 0.0 * student_hidden_BCH.sum()  # reaches the student with no aligned token
     trained = float(mask_BC.sum().clamp(min=1))
     metrics = {"jsd": float(loss.detach()), "aligned_tokens": len(rows_N) / trained}
     if len(rows_N) and mode == "projection":  # how much of the teacher's probability maps onto the student's tokens
         metrics["teacher_mapped_mass"] = float(values_N3[:, 1].detach().mean())
+        if (unmapped := int((values_N3[:, 1] == 0).sum())):  # positions with no target at all (no loss there)
+            metrics["teacher_unmapped_positions"] = float(unmapped)
     elif len(rows_N):
         metrics.update(hybrid_matched=float(values_N3[:, 1].detach().mean()), hybrid_unmatched=float(values_N3[:, 2].detach().mean()))
     if aligned.cut_tokens:

@@ -26,7 +26,9 @@ and each chunk is recomputed in the backward pass (no ``[N, V_S + V_T]`` tensor)
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,21 +77,17 @@ def match_vocabularies(student_tok, teacher_tok, student_size: int, teacher_size
                        extra_pairs: tuple[tuple[int, int], ...] = ()) -> VocabularyMatch:
     """``VocabularyMatch`` of two tokenizers with ``student_size`` / ``teacher_size`` output rows: ids that write the
     same text are paired (the lowest id where a side writes one text with several), and ``extra_pairs`` (student id,
-    teacher id) pair tokens of the same role whose texts differ — the student's EOS and the token the teacher's
-    template closes a reply with."""
+    teacher id) pair tokens of the same role — the student's EOS and the token the teacher's template closes a reply
+    with — before any text is (a role wins over a written form the two may share)."""
     teacher_by_text: dict[str, int] = {}
     for j, text in enumerate(token_texts(teacher_tok, teacher_size)):
         if text is not None:
             teacher_by_text.setdefault(text, j)
-    pairs: dict[int, int] = {}
-    taken: set[int] = set()
+    pairs = {i: j for i, j in extra_pairs if i < student_size and j < teacher_size}
+    taken: set[int] = set(pairs.values())
     for i, text in enumerate(token_texts(student_tok, student_size)):
         j = teacher_by_text.get(text) if text is not None else None
-        if j is not None and j not in taken:
-            pairs[i] = j
-            taken.add(j)
-    for i, j in extra_pairs:
-        if i not in pairs and j not in taken and i < student_size and j < teacher_size:
+        if j is not None and j not in taken and i not in pairs:
             pairs[i] = j
             taken.add(j)
     student_M = sorted(pairs)
@@ -109,10 +107,15 @@ class VocabularyProjection:
 
     ANCHOR = "a"
 
+    MAPS_KEPT = 65536  # prefix maps cached (each holds only the teacher tokens that go on past its prefix)
+
     def __init__(self, student_of_W: torch.Tensor, texts: list[str | None] | None = None, student_tok=None, student_size: int | None = None):
-        self.student_of_W, self.texts, self.student_tok = student_of_W, texts, student_tok
+        self.student_of_W, self.student_tok = student_of_W, student_tok
         self.student_size = student_size if student_size is not None else int(student_of_W.max()) + 1
-        self._maps: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        # the teacher's texts sorted, so that the tokens a prefix starts are one range (bisect), not a vocabulary scan
+        ordered = sorted((t, j) for j, t in enumerate(texts or []) if t is not None)
+        self._sorted_texts, self._sorted_ids = [t for t, _ in ordered], [j for _, j in ordered]
+        self._maps: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def to(self, device) -> "VocabularyProjection":
         return self  # the maps are made on the device that asks for them (``within``)
@@ -121,17 +124,23 @@ class VocabularyProjection:
         """``(teacher_ids_K, student_ids_K)``: the teacher tokens whose text starts with ``prefix`` and goes on past
         it, and the student token the rest of each starts with (cached)."""
         key = (prefix, str(device))
-        if key not in self._maps:
-            if not prefix:
-                teacher_ids = (self.student_of_W >= 0).nonzero().squeeze(-1)
-                student_ids = self.student_of_W[teacher_ids]
-            else:
-                rests = {j: t[len(prefix):] for j, t in enumerate(self.texts) if t is not None and len(t) > len(prefix) and t.startswith(prefix)}
-                firsts = first_student_tokens(self.student_tok, list(rests.values()))
-                kept = [(j, i) for j, i in zip(rests, firsts) if i >= 0 and i < self.student_size]
-                teacher_ids = torch.tensor([j for j, _ in kept], dtype=torch.long)
-                student_ids = torch.tensor([i for _, i in kept], dtype=torch.long)
-            self._maps[key] = (teacher_ids.to(device), student_ids.to(device))
+        if key in self._maps:
+            self._maps.move_to_end(key)
+            return self._maps[key]
+        if not prefix:
+            teacher_ids = (self.student_of_W >= 0).nonzero().squeeze(-1)
+            student_ids = self.student_of_W[teacher_ids]
+        else:
+            lo = bisect.bisect_right(self._sorted_texts, prefix)  # past the text equal to the prefix: only those that go on
+            hi = bisect.bisect_left(self._sorted_texts, prefix + "\U0010ffff", lo)
+            rests = [(j, t[len(prefix):]) for t, j in zip(self._sorted_texts[lo:hi], self._sorted_ids[lo:hi]) if t.startswith(prefix)]
+            firsts = first_student_tokens(self.student_tok, [rest for _, rest in rests])
+            kept = [(j, i) for (j, _), i in zip(rests, firsts) if 0 <= i < self.student_size]
+            teacher_ids = torch.tensor([j for j, _ in kept], dtype=torch.long)
+            student_ids = torch.tensor([i for _, i in kept], dtype=torch.long)
+        self._maps[key] = (teacher_ids.to(device), student_ids.to(device))
+        if len(self._maps) > self.MAPS_KEPT:
+            self._maps.popitem(last=False)
         return self._maps[key]
 
 
@@ -163,11 +172,27 @@ def project_vocabularies(student_tok, teacher_tok, student_size: int, teacher_si
     split."""
     texts = token_texts(teacher_tok, teacher_size)
     student_of = first_student_tokens(student_tok, texts)
+    # a special token of the teacher is a role, not text: it maps to the student's special token of the same
+    # written form (one tokenizer read both ways) or nowhere, never to the characters its name is written with
+    student_specials = special_tokens(student_tok)
+    teacher_specials = [j for j in special_tokens(teacher_tok).values() if j < teacher_size]
+    for j in teacher_specials:
+        student_of[j] = student_specials.get(texts[j], -1) if texts[j] is not None else -1
     for i, j in extra_pairs:
         if j < teacher_size:
             student_of[j] = i
     student_of_W = torch.tensor(student_of, dtype=torch.long)
-    return VocabularyProjection(torch.where(student_of_W < student_size, student_of_W, -1), texts, student_tok, student_size)
+    rest_texts = list(texts)  # what may follow a prefix inside a teacher token: text, not a special token
+    for j in teacher_specials:
+        rest_texts[j] = None
+    return VocabularyProjection(torch.where(student_of_W < student_size, student_of_W, -1), rest_texts, student_tok, student_size)
+
+
+def special_tokens(tokenizer) -> dict[str, int]:
+    """``{written form: id}`` of a tokenizer's special tokens (its named ones and the added tokens marked special)."""
+    specials = {tokenizer.convert_ids_to_tokens(i): i for i in tokenizer.all_special_ids}
+    specials.update({added.content: i for i, added in tokenizer.added_tokens_decoder.items() if added.special})
+    return specials
 
 
 def projected_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: torch.Tensor, keys_N: torch.Tensor | None,
@@ -190,6 +215,8 @@ def projected_divergence(student_logits_NV: torch.Tensor, teacher_logits_NW: tor
     # a student token no teacher token starts with gets 1e-12 (then renormalised): a reverse KL stays finite
     log_q_NV = (q_NV / mass_N.clamp(min=torch.finfo(q_NV.dtype).tiny)[:, None]).log().clamp(min=UNMAPPED_LOGP)
     values_N = generalized_jsd(logp_s_NV, log_q_NV, beta, 1.0)
+    # where none of the teacher's probability maps anywhere there is no target (not a uniform one): no loss there
+    values_N = torch.where(mass_N > 0, values_N, torch.zeros_like(values_N))
     return torch.stack([values_N, mass_N, torch.zeros_like(values_N)], -1)
 
 

@@ -8,8 +8,9 @@ ended with one), and the two tokenizations are aligned into spans whose boundari
 What the loss gets (``SpanScores``) keeps the student's ``[B, C]`` layout: each span's value sits on the span's
 last student token, and ``spread`` hands a per-span result back to every student token of the span. With two
 identical tokenizers every span is one token and everything here is the identity (docs/methods.md, "A teacher with
-another tokenizer"). For GKD, ``aligned_distributions`` gives the teacher's next-token distributions at the spans of
-one token on each side, where both models predict from the same text (``objectives.cross_vocab``).
+another tokenizer"). For GKD, ``aligned_distributions`` gives the teacher's next-token distributions beside the
+student's: at every student token, from the teacher token it starts in (the projection), or at the spans of one
+token on each side (the hybrid; ``objectives.cross_vocab``).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def spans_reads(spans: Spans, text: str, student: list[tuple[int, int]], teacher
     distribution predicts it — the one whose characters it starts in — and the text of that teacher token before it:
     "" at a span's start, "6" for the "," of the teacher's "6,". A student token that starts no character of its own
     (the second byte of a character) reads none: (-1, "")."""
+    if not spans.count:  # one side wrote nothing the other can be set beside
+        return [(-1, "")] * len(student)
     members = spans.members("b")
     reads, last_start = [], None
     for a, (start, _) in enumerate(student):
@@ -219,8 +222,12 @@ class CrossTokenizerTeacher(StatelessTeacher):
         for b, example in enumerate(examples):
             n = int(rollouts.completion_mask_BC[b].sum())
             ids = rollouts.completion_ids_BC[b, :n].tolist()
+            trained = rollouts.loss_mask_BC[b, :n].tolist()
             if "episode" in example.meta:
-                prompt, teacher_ids, spans = self._episode(ids, rollouts.loss_mask_BC[b, :n].tolist(), example.meta["episode"])
+                prompt, teacher_ids, spans = self._episode(ids, trained, example.meta["episode"])
+            elif len(trained_runs(trained)) > 1:  # turns with context between them, but not the episode they were
+                raise ValueError("a row of several trained turns came without the episode it played (Episodes.played): "
+                                 "a teacher of its own tokenizer cannot render it")
             else:
                 prompt, teacher_ids, spans = self._reply(ids, example)
             if self.context is not None and len(prompt) + len(teacher_ids) > self.context:
@@ -311,13 +318,13 @@ class CrossTokenizerTeacher(StatelessTeacher):
         prefixes: dict[str, int] = {"": 0}
         for b, spans in enumerate(alignments):
             if every_token:
-                for c, (u, prefix) in zip(spans.student_cols, spans.student_reads):
-                    if u >= 0:
-                        column_BC[b, c], key_BC[b, c] = u, prefixes.setdefault(prefix, len(prefixes))
-                continue
-            for student_cols, teacher_cols in zip(spans.members(spans.student_cols, spans.student_span), spans.members(spans.teacher_cols, spans.teacher_span)):
-                if len(student_cols) == len(teacher_cols) == 1:
-                    column_BC[b, student_cols[0]] = teacher_cols[0]
+                read = [(c, u, prefixes.setdefault(prefix, len(prefixes))) for c, (u, prefix) in zip(spans.student_cols, spans.student_reads) if u >= 0]
+            else:
+                pairs = zip(spans.members(spans.student_cols, spans.student_span), spans.members(spans.teacher_cols, spans.teacher_span))
+                read = [(cols[0], us[0], 0) for cols, us in pairs if len(cols) == len(us) == 1]
+            if read:  # one write per row, not one per token
+                cols, us, keys = (torch.tensor(values) for values in zip(*read))
+                column_BC[b, cols], key_BC[b, cols] = us, keys
         device = rollouts.completion_ids_BC.device
         return AlignedDistributions(teacher.hidden_BCH, teacher.project, column_BC.to(device), cut, key_BC.to(device), list(prefixes))
 

@@ -39,7 +39,7 @@ from ..parallel.ranks import SINGLE, Ranks
 from ..parallel.sharding import shard_model
 from ..tasks.reward_functions import build_graded_task as build_task
 from ..objectives.cross_vocab import match_vocabularies, project_vocabularies
-from ..teachers.cross_tokenizer import CrossTokenizerTeacher
+from ..teachers.cross_tokenizer import CrossTokenizerTeacher, reply_end_ids
 from ..teachers.model import ModelTeacher, initial_student
 from ..teachers.routed import RoutedTeacher
 from ..teachers.served import served_teacher
@@ -222,22 +222,27 @@ def own_tokenizer_teacher(cfg, needs: Needs, task, tokenizer, student, autocast,
     if cfg.eval.teacher:
         log.info("teacher.tokenizer=own: the teacher is not evaluated on its own (its sampler would need prompts in its tokenizer)")
     if scorer is not None:
+        context = scorer.served.context - 1 if scorer.served.context else None  # +1: the server generates one token
         return CrossTokenizerTeacher(scorer, tokenizer, teacher_tok, task.messages, cfg.task.chat_template_kwargs,
-                                     eos_token_ids(student, tokenizer), scorer.served.context)
+                                     eos_token_ids(student, tokenizer), context)
     model = load_model(path, key, te.dtype, te.trust_remote_code, device, te.attn_implementation)
     teacher = CrossTokenizerTeacher(
         ModelTeacher(model, autocast, packed=cfg.train.packing), tokenizer, teacher_tok, task.messages,
         cfg.task.chat_template_kwargs, eos_token_ids(student, tokenizer), context_length(model.config, teacher_tok),
     )
     if needs.full_vocabulary:  # GKD across vocabularies (objectives.cross_vocab): how the two relate
-        ends = [(eos, teacher.teacher_end[0]) for eos in sorted(teacher.student_eos)] if len(teacher.teacher_end) == 1 else []
+        # the teacher's reply end stands for the token the student's own template closes a reply with (Qwen's
+        # <|im_end|>, not its <|endoftext|>), where that is one of the ids that end the student's turn
+        student_end = reply_end_ids(tokenizer, cfg.task.chat_template_kwargs)[0]
+        student_end = student_end if student_end in teacher.student_eos else tokenizer.eos_token_id
+        ends = [(student_end, teacher.teacher_end[0])] if len(teacher.teacher_end) == 1 else []
         sizes = (output_size(student), output_size(model))
         if cfg.method.gkd.cross_vocab == "hybrid":  # (GKD is the one full-vocabulary method a teacher of its own reads)
             teacher.match = match_vocabularies(tokenizer, teacher_tok, *sizes, tuple(ends))
             log.info("teacher.tokenizer=own: %d tokens write the same text in both vocabularies (student %d, teacher %d)",
                      len(teacher.match.student_M), *sizes)
         else:
-            teacher.match = project_vocabularies(tokenizer, teacher_tok, *sizes, tuple(ends[:1]))
+            teacher.match = project_vocabularies(tokenizer, teacher_tok, *sizes, tuple(ends))
             log.info("teacher.tokenizer=own: %d of the teacher's %d tokens map to the student token their text starts with",
                      int((teacher.match.student_of_W >= 0).sum()), sizes[1])
     return teacher
