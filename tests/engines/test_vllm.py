@@ -397,7 +397,7 @@ def test_a_served_teacher_with_its_own_tokenizer_scores_the_spans_the_local_one_
     served = load_config(ROOT / "configs/demo.yaml", [*common, "teacher.path=null", f"teacher.url={bpe_server}", f"teacher.tokenizer_path={bpe}"])
     local = load_config(ROOT / "configs/demo.yaml", [*common, f"teacher.path={bpe}"])
     s, here = build_session(served), build_session(local)
-    assert s.teacher.context == 128 and type(s.teacher.teacher).__name__ == "ServedTeacher"
+    assert s.teacher.context == 127 and type(s.teacher.teacher).__name__ == "ServedTeacher"  # max_model_len − 1: the server generates one
     batch = s.method.data(s, s.task.sample_train(8, random.Random(0)), random.Random(1), torch.Generator().manual_seed(0))
     remote, near = s.teacher.span_scores(batch.rollouts, batch.examples), here.teacher.span_scores(batch.rollouts, batch.examples)
     assert torch.equal(remote.last_BC, near.last_BC) and torch.equal(remote.end_BC, near.end_BC)
