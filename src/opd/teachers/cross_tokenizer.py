@@ -308,7 +308,8 @@ class CrossTokenizerTeacher(StatelessTeacher):
     def aligned_distributions(self, rollouts: Rollouts, examples: Sequence[Example], every_token: bool = False) -> AlignedDistributions:
         """The teacher's next-token distributions where they can be set beside the student's. ``every_token``: at
         each student token of a span, the distribution of the teacher token it starts in, with the text of that token
-        the student has written already (``prefix_BC``: "" at a span's start, where both predict from the same text).
+        the student has written already (``prefixes[key_BC]``: "" at a span's start, where both predict from the same
+        text).
         Else only at the spans of one token on each side, where both also predict the same stretch of text."""
         B, C = rollouts.completion_ids_BC.shape
         teacher_rollouts, alignments, cut = self._teacher_copy(rollouts, examples)
