@@ -11,7 +11,7 @@ TRL_NAMES: dict[str, tuple[str, str]] = {
     "model_name_or_path": ("student.path", "a local directory, world:student, or a repo id in the Hugging Face cache"),
     "teacher_model_name_or_path": ("teacher.path", ""),
     "teacher_tokenizer_name_or_path": ("teacher.tokenizer", "teacher.tokenizer=own: the teacher's own tokenizer, read from teacher.path (GOLD's cross-tokenizer case)"),
-    "uld_use_hybrid_loss": ("teacher.tokenizer", "teacher.tokenizer=own with method.name=gkd: always the hybrid (exact match + ULD)"),
+    "uld_use_hybrid_loss": ("method.gkd.cross_vocab", "hybrid: GOLD's exact match + ULD (with teacher.tokenizer=own); the default, projection, maps the teacher's distribution onto the student's vocabulary"),
     "uld_hybrid_matched_weight": ("method.gkd.hybrid_matched_weight", ""),
     "uld_hybrid_unmatched_weight": ("method.gkd.hybrid_unmatched_weight", ""),
     "dataset_name": ("task.path", "a file, a save_to_disk directory, or a dataset in the local datasets cache"),
