@@ -49,20 +49,25 @@ def test_search_ovd_teaches_the_second_search(tmp_path):
     assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.20
 
 
+def trained(out, config: str, steps: int) -> tuple[dict, list[dict]]:
+    """``(summary, metric rows)`` of a run of ``config`` (under the package's configs/) for ``steps`` steps, evaluated
+    only before and after."""
+    from opd.cli import CONFIG_DIR
+
+    args = [f"run.output_dir={out}", f"train.steps={steps}", "eval.every=0", "eval.teacher=false", "log.progress_bar=false"]
+    assert main(["train", str(CONFIG_DIR / config), *args]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), rows
+
+
 @pytest.mark.slow
 def test_a_teacher_with_its_own_tokenizer_lifts_the_student(tmp_path):
     """Issue 31's demonstration: OPD from the world's byte-level BPE teacher (teacher.tokenizer=own; its tokens fuse a
     digit with the operators after it, so about half the character student's tokens sit in spans of two) lifts the
     character-level student by at least 25 points held-out (configs/arithmetic/opd_cross_tokenizer.yaml, 150 of its
     200 steps)."""
-    from opd.cli import CONFIG_DIR
-
-    out = tmp_path / "own"
-    args = [f"run.output_dir={out}", "train.steps=150", "eval.every=0", "eval.teacher=false", "log.progress_bar=false"]
-    assert main(["train", str(CONFIG_DIR / "arithmetic/opd_cross_tokenizer.yaml"), *args]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary, rows = trained(tmp_path / "own", "arithmetic/opd_cross_tokenizer.yaml", 150)
     assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.25
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     spans = [r["spans_per_token"] for r in rows if r["kind"] == "train"]
     assert 0.5 < min(spans) and max(spans) < 0.8  # spans of two characters throughout
 
@@ -72,12 +77,6 @@ def test_gkd_through_a_teacher_with_its_own_tokenizer_lifts_the_student(tmp_path
     """GKD from the BPE teacher with the projection (configs/arithmetic/gkd_cross_tokenizer.yaml, 100 of its 200 steps):
     every student token is trained against the teacher's distribution mapped onto the character vocabulary, and the
     student gains at least 25 points held-out (GOLD/ULD's hybrid collapses it here: docs/methods.md)."""
-    from opd.cli import CONFIG_DIR
-
-    out = tmp_path / "gkd"
-    args = [f"run.output_dir={out}", "train.steps=100", "eval.every=0", "eval.teacher=false", "log.progress_bar=false"]
-    assert main(["train", str(CONFIG_DIR / "arithmetic/gkd_cross_tokenizer.yaml"), *args]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary, rows = trained(tmp_path / "gkd", "arithmetic/gkd_cross_tokenizer.yaml", 100)
     assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.25
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert min(r["aligned_tokens"] for r in rows if r["kind"] == "train" and "aligned_tokens" in r) == 1.0

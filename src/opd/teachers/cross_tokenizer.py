@@ -222,10 +222,10 @@ class CrossTokenizerTeacher(StatelessTeacher):
         for b, example in enumerate(examples):
             n = int(rollouts.completion_mask_BC[b].sum())
             ids = rollouts.completion_ids_BC[b, :n].tolist()
-            trained = rollouts.loss_mask_BC[b, :n].tolist()
+            trained_C = rollouts.loss_mask_BC[b, :n].bool()
             if "episode" in example.meta:
-                prompt, teacher_ids, spans = self._episode(ids, trained, example.meta["episode"])
-            elif len(trained_runs(trained)) > 1:  # turns with context between them, but not the episode they were
+                prompt, teacher_ids, spans = self._episode(ids, trained_C.tolist(), example.meta["episode"])
+            elif int((trained_C[1:] & ~trained_C[:-1]).sum()) > 0:  # a second run of trained tokens: turns, but no episode
                 raise ValueError("a row of several trained turns came without the episode it played (Episodes.played): "
                                  "a teacher of its own tokenizer cannot render it")
             else:

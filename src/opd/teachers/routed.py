@@ -6,6 +6,7 @@ import torch
 
 from ..models.rollouts import Rollouts
 from .base import HiddenStates, StatelessTeacher, Teacher
+from .cross_tokenizer import SpanScores
 
 
 class RoutedTeacher(StatelessTeacher):
@@ -44,8 +45,6 @@ class RoutedTeacher(StatelessTeacher):
     def span_scores(self, rollouts: Rollouts, examples, temperature: float = 1.0):
         """Each route's spans and span log-probs on its own rows (``CrossTokenizerTeacher.span_scores``), in the batch's
         row order."""
-        from .cross_tokenizer import SpanScores
-
         routes = rollouts.route_B or [None] * rollouts.batch_size
         parts = []
         for route in dict.fromkeys(routes):
