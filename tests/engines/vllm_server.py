@@ -32,7 +32,9 @@ class VLLMServer:
         return self.process.port
 
     def start(self, timeout: float = 240) -> VLLMServer:
-        self.process.start().wait_ready(timeout)
+        """Start the server and wait until it answers; a server already running is left as it is."""
+        if not self.process.alive():
+            self.process.start().wait_ready(timeout)
         return self
 
     def kill(self) -> None:
