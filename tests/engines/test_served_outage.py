@@ -77,10 +77,11 @@ def kill_after(server: VLLMServer, run: Path, rows: int, restart: bool) -> threa
     return thread
 
 
-def kill_at_row(monkeypatch, server: VLLMServer, rows: int, restart: bool) -> threading.Thread | None:
+def kill_at_row(monkeypatch, server: VLLMServer, rows: int, restart: bool) -> list[threading.Thread]:
     """SIGKILL the server inside the in-process run, right after it writes its ``rows``-th training row: the next
     step meets the outage whatever the machine's speed (a watcher thread polling the file can be scheduled late
-    enough for the run to finish first; seen in CI). With ``restart``, a thread starts the server again (returned)."""
+    enough for the run to finish first; seen in CI). With ``restart``, a thread starts the server again (appended to
+    the list returned when the kill happens)."""
     write, restarter = MetricsLog.write, []
 
     def write_then_kill(self, kind, step, values):
