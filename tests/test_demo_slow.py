@@ -56,6 +56,11 @@ def trained(out, config: str, steps: int) -> tuple[dict, list[dict]]:
 
     args = [f"run.output_dir={out}", f"train.steps={steps}", "eval.every=0", "eval.teacher=false", "log.progress_bar=false"]
     assert main(["train", str(CONFIG_DIR / config), *args]) == 0
+    return run_results(out)
+
+
+def run_results(out) -> tuple[dict, list[dict]]:
+    """``(summary, metric rows)`` of the finished run in ``out``."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return json.loads((out / "summary.json").read_text()), rows
 
@@ -90,9 +95,8 @@ def test_code_demo_lifts_held_out_pass_at_1(tmp_path):
     only."""
     out = tmp_path / "code"
     assert main(["demo", "--world", "code", "--output-dir", str(out), "eval.every=0", "eval.teacher=false", "log.plot=false"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary, rows = run_results(out)
     assert summary["task"] == "code" and summary["nonfinite_skips"] == 0
     assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.20, summary
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     passed = [r["code/passed"] for r in rows if r["kind"] == "train"]  # the sampled programs, run in the sandbox
     assert sum(passed[-25:]) > sum(passed[:25])
